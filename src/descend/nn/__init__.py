@@ -1,1 +1,56 @@
-"""descend.nn."""
+"""descend.nn: the networks.
+
+- :class:`Linear`: linear / logistic / softmax regression (``torch.nn.Linear`` with a choice of init).
+- :class:`MLP`: plain MLP with a choice of depth, activation, init and normalisation.
+- :class:`ResidualMLP`: pre-norm residual MLP ``z + s f(norm(z))``; ``residual=False`` is the plain
+  network with the same parameters.
+- :class:`PointSetTransformer` and :class:`PointSetDecoder`: attention over point sets
+  (``locations [B, N, d_loc]``, ``values [B, N, d_val]``, ``mask [B, N]``), with full or induced-point
+  self-attention, pooling by attention and a cross-attention decoder.
+"""
+
+from ._attention import (
+    AttentionPooling,
+    CrossAttentionBlock,
+    FeedForward,
+    InducedAttentionBlock,
+    MultiheadAttention,
+    PointEmbedding,
+    SelfAttentionBlock,
+)
+from ._mlp import (
+    ACTIVATIONS,
+    INITS,
+    MLP,
+    NORMS,
+    Linear,
+    MLPBlock,
+    ResidualBlock,
+    ResidualMLP,
+    count_parameters,
+    init_linear,
+)
+from ._pointset import PointSetDecoder, PointSetEncoder, PointSetTransformer
+
+__all__ = [
+    "ACTIVATIONS",
+    "INITS",
+    "MLP",
+    "NORMS",
+    "AttentionPooling",
+    "CrossAttentionBlock",
+    "FeedForward",
+    "InducedAttentionBlock",
+    "Linear",
+    "MLPBlock",
+    "MultiheadAttention",
+    "PointEmbedding",
+    "PointSetDecoder",
+    "PointSetEncoder",
+    "PointSetTransformer",
+    "ResidualBlock",
+    "ResidualMLP",
+    "SelfAttentionBlock",
+    "count_parameters",
+    "init_linear",
+]
