@@ -1,1 +1,73 @@
-"""descend.optim."""
+"""The optimizer family: update rules written once, chained into optimizers, run by engines.
+
+A step passes the gradient through a chain of elementwise rules and adds the result to the weights::
+
+    u <- g;  u <- rule_1(u);  ...;  u <- -lr * u;  w <- w + u;  (projection)
+
+Named optimizers are presets of the same chain; :func:`chain` composes your own::
+
+    from descend import optim
+    opt = optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    opt = optim.chain(model.parameters(), optim.ema(0.9), optim.sign(), optim.decoupled_decay(0.1), lr=1e-3)
+    print(optim.explain(opt))
+"""
+
+from descend.optim._chain import ChainOptimizer, chain, constraint_state, explain, implied_radius
+from descend.optim._presets import (
+    OPTIMIZERS,
+    SGD,
+    Adam,
+    AdamW,
+    Lion,
+    Momentum,
+    SignSGD,
+    Signum,
+    Softsign,
+    create,
+)
+from descend.optim._rules import (
+    Rule,
+    clip_by_global_norm,
+    decoupled_decay,
+    ema,
+    heavy_ball,
+    l2,
+    lion,
+    project_ball,
+    project_box,
+    scale_by_adam,
+    scale_by_lr,
+    sign,
+    softsign,
+)
+
+__all__ = [
+    "OPTIMIZERS",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "ChainOptimizer",
+    "Lion",
+    "Momentum",
+    "Rule",
+    "SignSGD",
+    "Signum",
+    "Softsign",
+    "chain",
+    "clip_by_global_norm",
+    "constraint_state",
+    "create",
+    "decoupled_decay",
+    "ema",
+    "explain",
+    "heavy_ball",
+    "implied_radius",
+    "l2",
+    "lion",
+    "project_ball",
+    "project_box",
+    "scale_by_adam",
+    "scale_by_lr",
+    "sign",
+    "softsign",
+]

@@ -1,0 +1,242 @@
+"""A chain of rules as a ``torch.optim.Optimizer``: what a step computes, separate from how it runs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from descend.optim._rules import EMA, ClipByGlobalNorm, Projection, Rule, ScaleByLR, WeightDecay
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+ENGINES = ("auto", "reference", "foreach", "compiled")
+
+
+def _normalise(rules: Sequence[Rule]) -> tuple[list[Rule], list[Projection]]:
+    """Split projections off, place ``scale_by_lr`` and check the order of the rest."""
+    transforms: list[Rule] = []
+    projections: list[Projection] = []
+    for rule in rules:
+        if not isinstance(rule, Rule):
+            raise TypeError(f"chain takes descend.optim rules (e.g. optim.ema(0.9)), got {rule!r}")
+        (projections if isinstance(rule, Projection) else transforms).append(rule)
+    if not any(isinstance(r, ScaleByLR) for r in transforms):
+        first_after = next((i for i, r in enumerate(transforms) if r.after_lr), len(transforms))
+        transforms.insert(first_after, ScaleByLR())
+    lr_at = next(i for i, r in enumerate(transforms) if isinstance(r, ScaleByLR))
+    for i, rule in enumerate(transforms):
+        if isinstance(rule, ClipByGlobalNorm) and i != 0:
+            raise ValueError("clip_by_global_norm must be the first rule of a chain (it clips the gradient)")
+        if rule.after_lr and i < lr_at:
+            raise ValueError(f"{rule.name} with lr_scaled=False must come after scale_by_lr")
+        if isinstance(rule, ScaleByLR) and i != lr_at:
+            raise ValueError("a chain takes scale_by_lr at most once")
+    return transforms, projections
+
+
+def _assign_keys(rules: Sequence[Rule]) -> dict[str, Any]:
+    """Give every rule's hyperparameters and states unique keys; return the group defaults."""
+    defaults: dict[str, Any] = {}
+    state_taken: set[str] = {"step"}
+    for rule in rules:
+        for name, value in rule.hyper.items():
+            key = name if name not in defaults else f"{rule.name}.{name}"
+            n = 2
+            while key in defaults:
+                key, n = f"{rule.name}{n}.{name}", n + 1
+            rule.keys[name] = key
+            defaults[key] = value
+        for name in rule.state_keys({**rule.hyper, "amsgrad": True}):
+            key = name if name not in state_taken else f"{rule.name}.{name}"
+            n = 2
+            while key in state_taken:
+                key, n = f"{rule.name}{n}.{name}", n + 1
+            rule.state_names[name] = key
+            state_taken.add(key)
+    return defaults
+
+
+class ChainOptimizer(torch.optim.Optimizer):
+    """An optimizer that runs a chain of rules: ``u <- g``, ``u <- rule_k(u)`` in order, ``w <- w + u``.
+
+    Speaks the ``torch.optim.Optimizer`` contract: param groups (every rule hyperparameter is a
+    group key, so it can differ per group and be scheduled), ``step(closure)``, ``zero_grad``,
+    ``state_dict``/``load_state_dict`` (state keys named as torch names them), LR schedulers.
+
+    Args:
+        params: parameters or param-group dicts.
+        rules: the chain (see :mod:`descend.optim`); ``scale_by_lr`` is appended if absent.
+        lr: learning rate (group key ``lr``).
+        maximize: ascend instead of descend (``g <- -g``).
+        engine: how steps execute: ``"reference"`` (readable per-tensor loop, the oracle),
+            ``"foreach"`` (multi-tensor), ``"compiled"`` (one fused kernel via ``torch.compile``) or
+            ``"auto"``. Every engine runs the same rule code.
+        state_dtype: dtype of the optimizer state (default: the parameter's dtype), e.g.
+            ``torch.bfloat16`` to halve the state memory.
+        **hyper: overrides of rule hyperparameters by group key (e.g. ``beta=0.95``).
+    """
+
+    def __init__(self, params: ParamsT, rules: Sequence[Rule], *, lr: float = 1e-3, maximize: bool = False,
+                 engine: str = "auto", state_dtype: torch.dtype | None = None, **hyper: Any) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
+                                            and state_dtype.is_floating_point):
+            raise ValueError(f"state_dtype must be a floating torch.dtype or None, got {state_dtype!r}")
+        self.rules, self.projections = _normalise(rules)
+        defaults = {"lr": lr, "maximize": maximize, **_assign_keys([*self.rules, *self.projections])}
+        unknown = sorted(set(hyper) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown hyperparameter(s) {unknown} for this chain; "
+                             f"valid names: {sorted(defaults)}")
+        defaults.update(hyper)
+        self.engine = engine
+        self.state_dtype = state_dtype
+        super().__init__(params, defaults)
+        from descend.optim._engines import make_engine
+
+        self._engine = make_engine(self, engine)
+
+    # -- the contract ---------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if not isinstance(group["maximize"], bool):
+            raise ValueError(f"maximize must be a bool, got {group['maximize']!r}")
+        for rule in [*self.rules, *self.projections]:
+            rule.validate(rule.read(group))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Take one step: run the chain on every parameter that has a gradient.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (run with grad enabled).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._engine.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state (also a ``torch.optim`` state_dict of the same rule); missing keys take defaults."""
+        state_dtype = self.state_dtype
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            if state_dtype is not None:  # torch casts loaded state to the parameter dtype: undo that
+                for p in group["params"]:
+                    for key, value in self.state.get(p, {}).items():
+                        if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                            self.state[p][key] = value.to(state_dtype)
+        self._engine.reset()
+
+    def __repr__(self) -> str:
+        chain = " -> ".join(rule.name for rule in [*self.rules, *self.projections])
+        return f"{type(self).__name__}({chain}; engine={self.engine}, groups={len(self.param_groups)})"
+
+
+def chain(params: ParamsT, *rules: Rule, lr: float = 1e-3, maximize: bool = False, engine: str = "auto",
+          state_dtype: torch.dtype | None = None, **hyper: Any) -> ChainOptimizer:
+    """Compose rules into an optimizer, e.g. Signum with decoupled decay::
+
+        opt = chain(model.parameters(), ema(0.9), sign(), decoupled_decay(0.1), lr=1e-3)
+
+    The step is ``u <- g``, then each rule in order, then ``u <- -lr * u`` (unless the chain places
+    ``scale_by_lr`` itself), then ``w <- w + u`` and any projections. See :class:`ChainOptimizer`.
+    """
+    return ChainOptimizer(params, rules, lr=lr, maximize=maximize, engine=engine, state_dtype=state_dtype,
+                          **hyper)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_format_value(v) for v in value) + ")"
+    return repr(value)
+
+
+def explain(opt: torch.optim.Optimizer) -> str:
+    """The update equations a descend optimizer runs, step by step, with the values of group 0.
+
+    Groups whose hyperparameters differ from group 0 are listed after the equations.
+    """
+    if not isinstance(opt, ChainOptimizer):
+        raise TypeError(f"explain takes a descend optimizer, got {type(opt).__name__}")
+    group0 = opt.param_groups[0]
+    lines = [f"{type(opt).__name__}  (engine: {opt.engine}; {len(opt.param_groups)} param group(s))"]
+    lines.append("  g ← −∇L(w)  (maximize)" if group0["maximize"] else "  g ← ∇L(w)")
+    lines.append("  u ← g")
+    for i, rule in enumerate(opt.rules, start=1):
+        hp = ", ".join(f"{key}={_format_value(group0[key])}" for key in rule.keys.values())
+        lines.append(f"  {i}. {rule.name:<20} {rule.equation()}" + (f"    [{hp}]" if hp else ""))
+    lines.append("  w ← w + u")
+    for rule in opt.projections:
+        hp = ", ".join(f"{key}={_format_value(group0[key])}" for key in rule.keys.values())
+        lines.append(f"  then {rule.name:<17} {rule.equation()}    [{hp}]")
+    state = [rule.state_names.get(key, key) for rule in opt.rules if rule.active(rule.read(group0))
+             for key in rule.state_keys(rule.read(group0))]
+    lines.append(f"  state per parameter: step{''.join(', ' + k for k in state)}")
+    keys = [k for k in opt.defaults if k in group0]
+    for j, group in enumerate(opt.param_groups[1:], start=1):
+        diff = {k: group[k] for k in keys if group[k] != group0[k]}
+        if diff:
+            lines.append(f"  group {j}: " + ", ".join(f"{k}={_format_value(v)}" for k, v in diff.items()))
+    return "\n".join(lines)
+
+
+def implied_radius(opt: ChainOptimizer, group: dict[str, Any]) -> float | None:
+    """The ``||w||_inf`` bound a group's chain implies, or ``None``.
+
+    A projection onto a box of radius ``r`` gives ``r``. Decoupled decay ``lambda`` after a rule whose
+    output is bounded by 1 per coordinate (sign, softsign, Lion) gives ``1/lambda``: at
+    ``|w| > 1/lambda`` the decay term ``lambda*|w|`` outweighs any update, so ``|w|`` shrinks.
+    """
+    radii = [float(group[rule.keys["radius"]]) for rule in opt.projections if rule.kind == "box"]
+    bounded = False  # is the update, at this point of the chain, bounded by 1 per coordinate?
+    for rule in opt.rules:
+        if rule.bounded:
+            bounded = True
+        elif isinstance(rule, WeightDecay) and not rule.coupled and rule.lr_scaled:
+            lam = float(group[rule.keys["weight_decay"]])
+            if bounded and lam > 0:
+                radii.append(1.0 / lam)
+            bounded = False
+        elif not isinstance(rule, (EMA, ScaleByLR, ClipByGlobalNorm)):  # these keep a bound of 1
+            bounded = False
+    return min(radii) if radii else None
+
+
+def constraint_state(opt: torch.optim.Optimizer) -> list[dict[str, float | None]]:
+    """Per param group: the constraint radius and where the weights stand against it.
+
+    Keys: ``radius`` (``1/lambda`` for decoupled decay on sign methods, or the box radius; ``None``
+    when the chain implies no bound), ``max_abs_weight`` (``max|w|``), ``max_abs_weight_over_radius``
+    (``max|w| / radius``, which equals ``max|w| * lambda`` for decoupled decay) and
+    ``fraction_at_bound`` (share of weights with ``|w| >= radius - lr``).
+    """
+    if not isinstance(opt, ChainOptimizer):
+        raise TypeError(f"constraint_state takes a descend optimizer, got {type(opt).__name__}")
+    out: list[dict[str, float | None]] = []
+    for group in opt.param_groups:
+        params = [p.detach() for p in group["params"] if p.numel()]
+        max_abs = max((float(p.abs().max()) for p in params), default=0.0)
+        radius = implied_radius(opt, group)
+        entry: dict[str, float | None] = {"radius": radius, "max_abs_weight": max_abs,
+                                          "max_abs_weight_over_radius": None, "fraction_at_bound": None}
+        if radius is not None and math.isfinite(radius):
+            total = sum(p.numel() for p in params)
+            tol = float(group["lr"])
+            at = sum(int((p.abs() >= radius - tol).sum()) for p in params)
+            entry["max_abs_weight_over_radius"] = max_abs / radius
+            entry["fraction_at_bound"] = at / total if total else 0.0
+        out.append(entry)
+    return out

@@ -1,0 +1,184 @@
+"""Named optimizers: each one a preset chain of rules with torch-style constructor arguments.
+
+Common keyword-only arguments of every preset:
+
+- ``weight_decay`` and ``decoupled_weight_decay``: L2 regularisation ``u <- g + lambda*w`` placed
+  first (coupled, torch's ``Adam``/``SGD``) or decoupled decay ``w <- w - lr*lambda*w`` placed last
+  (``AdamW``, Lion). For sign methods decoupled decay bounds the weights: ``||w||_inf <= 1/lambda``.
+- ``constraint`` (``"box"`` or ``"ball"``) and ``radius``: project ``w`` after every step.
+- ``max_grad_norm``: clip the gradients by their global norm first.
+- ``maximize``, ``engine``, ``state_dtype``: see :class:`~descend.optim.ChainOptimizer`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from descend.optim._chain import ChainOptimizer, ParamsT
+from descend.optim._rules import (
+    Projection,
+    Rule,
+    clip_by_global_norm,
+    decoupled_decay,
+    ema,
+    heavy_ball,
+    l2,
+    lion,
+    scale_by_adam,
+    sign,
+    softsign,
+)
+
+
+class _Preset(ChainOptimizer):
+    """A named chain: ``[clip] [L2] core [decoupled decay] scale_by_lr [projection]``."""
+
+    def __init__(self, params: ParamsT, core: list[Rule], *, lr: float, weight_decay: float,
+                 decoupled_weight_decay: bool, constraint: str | None, radius: float | None,
+                 max_grad_norm: float | None, maximize: bool, engine: str,
+                 state_dtype: torch.dtype | None) -> None:
+        rules: list[Rule] = []
+        if max_grad_norm is not None:
+            rules.append(clip_by_global_norm(max_grad_norm))
+        if decoupled_weight_decay:
+            rules += [*core, decoupled_decay(weight_decay)]
+        else:
+            rules += [l2(weight_decay), *core]
+        if constraint is not None:
+            if radius is None:
+                raise ValueError(f"constraint={constraint!r} needs a radius (e.g. radius=1.0)")
+            rules.append(Projection(constraint, radius))
+        elif radius is not None:
+            raise ValueError("radius is set but constraint is None; pass constraint='box' or 'ball'")
+        self.decoupled_weight_decay = decoupled_weight_decay
+        super().__init__(params, rules, lr=lr, maximize=maximize, engine=engine, state_dtype=state_dtype)
+
+
+def _options(kw: dict[str, Any]) -> dict[str, Any]:
+    return {k: kw[k] for k in ("lr", "weight_decay", "decoupled_weight_decay", "constraint", "radius",
+                               "max_grad_norm", "maximize", "engine", "state_dtype")}
+
+
+class SGD(_Preset):
+    """Stochastic gradient descent, a drop-in for ``torch.optim.SGD``.
+
+    ``g <- g + lambda*w``; with momentum ``b <- mu*b + (1-dampening)*g`` (``b <- g`` on step 1),
+    ``g <- b`` (Nesterov: ``g <- g + mu*b``); ``w <- w - lr*g``. Full-batch gradient descent is this
+    optimizer fed the gradient of the whole training set.
+    """
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 decoupled_weight_decay: bool = False, constraint: str | None = None,
+                 radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
+                 state_dtype: torch.dtype | None = None) -> None:
+        super().__init__(params, [heavy_ball(momentum, dampening, nesterov)], **_options(locals()))
+
+
+class Momentum(_Preset):
+    """Momentum as an exponential moving average: ``m <- beta*m + (1-beta)*g``, ``w <- w - lr*m``.
+
+    ``m`` starts at zero. Same direction as heavy-ball momentum with ``lr_heavy = lr*(1-beta)``.
+    """
+
+    def __init__(self, params: ParamsT, lr: float = 1e-2, beta: float = 0.9, weight_decay: float = 0.0, *,
+                 maximize: bool = False, decoupled_weight_decay: bool = False, constraint: str | None = None,
+                 radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
+                 state_dtype: torch.dtype | None = None) -> None:
+        super().__init__(params, [ema(beta)], **_options(locals()))
+
+
+class SignSGD(_Preset):
+    """signSGD: ``w <- w - lr*sign(g)`` (decoupled decay by default: ``||w||_inf <= 1/lambda``)."""
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, weight_decay: float = 0.0, *,
+                 maximize: bool = False, decoupled_weight_decay: bool = True, constraint: str | None = None,
+                 radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
+                 state_dtype: torch.dtype | None = None) -> None:
+        super().__init__(params, [sign()], **_options(locals()))
+
+
+class Signum(_Preset):
+    """Signum, the sign of EMA momentum: ``m <- beta*m + (1-beta)*g``, ``w <- w - lr*sign(m)``."""
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, beta: float = 0.9, weight_decay: float = 0.0, *,
+                 maximize: bool = False, decoupled_weight_decay: bool = True, constraint: str | None = None,
+                 radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
+                 state_dtype: torch.dtype | None = None) -> None:
+        super().__init__(params, [ema(beta), sign()], **_options(locals()))
+
+
+class Softsign(_Preset):
+    """Softsign momentum: ``m <- beta*m + (1-beta)*g``, ``w <- w - lr*m/(|m|+eps)``.
+
+    The soft version of Signum; Adam replaces ``|m|`` by ``sqrt(v)``, the running RMS of ``g``.
+    ``eps`` sets the gradient scale below which steps shrink (default ``1e-8``: nearly Signum).
+    """
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, beta: float = 0.9, eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
+                 constraint: str | None = None, radius: float | None = None,
+                 max_grad_norm: float | None = None, engine: str = "auto",
+                 state_dtype: torch.dtype | None = None) -> None:
+        super().__init__(params, [ema(beta), softsign(eps)], **_options(locals()))
+
+
+class Lion(_Preset):
+    """Lion: ``w <- w - lr*(sign(b1*m + (1-b1)*g) + lambda*w)``, then ``m <- b2*m + (1-b2)*g``."""
+
+    def __init__(self, params: ParamsT, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
+                 constraint: str | None = None, radius: float | None = None,
+                 max_grad_norm: float | None = None, engine: str = "auto",
+                 state_dtype: torch.dtype | None = None) -> None:
+        super().__init__(params, [lion(betas)], **_options(locals()))
+
+
+class Adam(_Preset):
+    """Adam, a drop-in for ``torch.optim.Adam`` (weight decay coupled into the gradient by default).
+
+    ``g <- g + lambda*w``; ``m <- b1*m + (1-b1)*g``; ``v <- b2*v + (1-b2)*g^2`` (AMSGrad:
+    ``v <- max(v_max, v)``); ``w <- w - lr * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)``.
+    """
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
+                 maximize: bool = False, decoupled_weight_decay: bool = False, constraint: str | None = None,
+                 radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
+                 state_dtype: torch.dtype | None = None) -> None:
+        super().__init__(params, [scale_by_adam(betas, eps, amsgrad)], **_options(locals()))
+
+
+class AdamW(_Preset):
+    """AdamW, a drop-in for ``torch.optim.AdamW``: Adam with decoupled decay ``w <- w - lr*lambda*w``."""
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, decoupled_weight_decay: bool = True, constraint: str | None = None,
+                 radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
+                 state_dtype: torch.dtype | None = None) -> None:
+        super().__init__(params, [scale_by_adam(betas, eps, amsgrad)], **_options(locals()))
+
+
+#: Lower-case name -> optimizer class, for configuration files and the command line.
+OPTIMIZERS: dict[str, type[ChainOptimizer]] = {
+    "sgd": SGD,
+    "momentum": Momentum,
+    "signsgd": SignSGD,
+    "signum": Signum,
+    "softsign": Softsign,
+    "lion": Lion,
+    "adam": Adam,
+    "adamw": AdamW,
+}
+
+
+def create(name: str, params: ParamsT, **kwargs: Any) -> ChainOptimizer:
+    """``OPTIMIZERS[name](params, **kwargs)`` with a clear error for an unknown name."""
+    try:
+        cls = OPTIMIZERS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}") from None
+    return cls(params, **kwargs)

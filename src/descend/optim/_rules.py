@@ -1,0 +1,480 @@
+"""Update rules: what one optimizer step computes, one small elementwise transformation at a time.
+
+A step starts from the gradient and passes an *update* ``u`` through a chain of rules; the
+parameter then moves by the result, ``w <- w + u``, and projections (if any) are applied to ``w``.
+Every rule here is written once, in plain tensor arithmetic, and is executed unchanged by every
+engine (the readable per-tensor loop, the multi-tensor engine, the ``torch.compile`` engine).
+
+The contract of :meth:`Rule.update`:
+
+- ``u``, ``w`` and every state tensor have the same shape (a parameter, or any flat buffer holding
+  many parameters: the rules are elementwise, so they cannot tell the difference);
+- ``u`` is never modified in place (it may be the parameter's ``.grad``); state tensors are
+  modified in place (they persist between steps);
+- hyperparameters come as Python numbers or 0-d tensors (tensors let a compiled step follow an LR
+  schedule without recompiling), so only arithmetic operators and ``torch`` functions that accept
+  both are used;
+- ``step`` is the 1-based index of the step being taken (a number or a 0-d tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+Hyper = Mapping[str, Any]
+State = dict[str, Tensor]
+
+
+def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = True) -> None:
+    """Raise ``ValueError`` unless ``low <= value < high`` (brackets as given)."""
+    if isinstance(value, Tensor):
+        value = float(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    ok_low = value > low if low_open else value >= low
+    ok_high = value < high if high_open else value <= high
+    if not (ok_low and ok_high):
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value}")
+
+
+def _check_betas(name: str, betas: Any) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        _check_range(f"{name}[{i}]", beta, 0.0, 1.0)
+
+
+class Rule:
+    """One elementwise transformation of the update, with its own per-parameter state.
+
+    Subclasses set :attr:`name`, :attr:`hyper` (hyperparameter name -> default; these live in the
+    optimizer's param groups, so they can differ per group and be scheduled), :meth:`state_keys`,
+    :meth:`update` and :meth:`equation`.
+    """
+
+    name: ClassVar[str] = "rule"
+    #: Runs after the learning-rate scaling (sees ``u`` as the signed step ``-lr * direction``).
+    after_lr: ClassVar[bool] = False
+    #: Output bounded by 1 per coordinate (sign-like); decoupled decay then implies ``|w| <= 1/lambda``.
+    bounded: ClassVar[bool] = False
+    #: Whether :meth:`update` reads the parameter ``w``.
+    reads_param: ClassVar[bool] = False
+    #: Hyperparameters that change the computation's structure (flags); engines specialise on them.
+    static: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **hyper: Any) -> None:
+        self.hyper: dict[str, Any] = dict(hyper)
+        #: hyperparameter name -> param-group key (renamed by ``chain`` when two rules share a name).
+        self.keys: dict[str, str] = {name: name for name in hyper}
+        #: state name -> key in the optimizer state (renamed when two rules share a state name).
+        self.state_names: dict[str, str] = {}
+
+    # -- what a subclass provides -------------------------------------------------------------
+    def state_keys(self, hp: Hyper) -> tuple[str, ...]:
+        """Names of the per-parameter state tensors this rule keeps (may depend on ``hp``)."""
+        return ()
+
+    def validate(self, hp: Hyper) -> None:
+        """Raise ``ValueError`` naming the hyperparameter and its allowed range."""
+
+    def init_state(self, w: Tensor, hp: Hyper, dtype: torch.dtype | None = None) -> State:
+        """Fresh state: zeros shaped like ``w`` (in ``dtype`` if given) for every state key."""
+        return {k: torch.zeros_like(w, dtype=dtype, memory_format=torch.preserve_format)
+                for k in self.state_keys(hp)}
+
+    def active(self, hp: Hyper) -> bool:
+        """False when these hyperparameters make the rule the identity (it is then skipped, stateless)."""
+        return True
+
+    def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
+        raise NotImplementedError
+
+    def first_update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
+        """The update on the step that created this rule's state (default: :meth:`update`)."""
+        return self.update(u, w, state, hp, step)
+
+    def equation(self) -> str:
+        """The rule as an equation, in the notation of :func:`descend.optim.explain`."""
+        raise NotImplementedError
+
+    # -- helpers ------------------------------------------------------------------------------
+    def read(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """This rule's hyperparameters, by their own names, from a param group."""
+        return {name: group[key] for name, key in self.keys.items()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
+        return f"{self.name}({args})"
+
+
+# ------------------------------------------------------------------------------------------------
+# The rules
+# ------------------------------------------------------------------------------------------------
+
+
+class ScaleByLR(Rule):
+    """Scale by the learning rate: ``u <- -lr * u`` (the descent step; ``lr`` is the group's ``lr``)."""
+
+    name = "scale_by_lr"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys = {"lr": "lr"}
+
+    def validate(self, hp: Hyper) -> None:
+        _check_range("lr", hp["lr"], 0.0, math.inf)
+
+    def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
+        return u * -hp["lr"]
+
+    def equation(self) -> str:
+        return "u ← −lr·u"
+
+
+class WeightDecay(Rule):
+    """Weight decay as ``u <- u + lambda * w``.
+
+    Where it stands in the chain decides its meaning. First, before any momentum or normalisation, it
+    is **L2 regularisation** (coupled): the gradient of ``lambda/2 * ||w||^2`` added to the loss's
+    gradient, what torch's ``Adam(weight_decay=...)`` and ``SGD`` do. Last, just before the learning
+    rate, it is **decoupled decay** ``w <- w - lr * lambda * w`` (AdamW, Lion). With
+    ``lr_scaled=False`` it runs after the learning rate and decays by ``w <- w - lambda * w``,
+    independent of the schedule.
+    """
+
+    reads_param = True
+
+    def __init__(self, weight_decay: float, *, coupled: bool, lr_scaled: bool = True) -> None:
+        super().__init__(weight_decay=weight_decay)
+        self.coupled = coupled
+        self.lr_scaled = lr_scaled
+        self._sign = 1.0 if lr_scaled else -1.0
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "l2" if self.coupled else "decoupled_decay"
+
+    @property
+    def after_lr(self) -> bool:  # type: ignore[override]
+        return not self.lr_scaled
+
+    def validate(self, hp: Hyper) -> None:
+        _check_range("weight_decay", hp["weight_decay"], 0.0, math.inf)
+
+    def active(self, hp: Hyper) -> bool:
+        return float(hp["weight_decay"]) != 0.0
+
+    def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
+        return u + (self._sign * hp["weight_decay"]) * w
+
+    def equation(self) -> str:
+        if self.coupled:
+            return "u ← u + λ·w   (L2 penalty λ/2·‖w‖² in the loss)"
+        if self.lr_scaled:
+            return "u ← u + λ·w   (decoupled: w ← w − lr·λ·w)"
+        return "u ← u − λ·w   (decoupled, lr-independent: w ← (1−λ)·w)"
+
+
+class EMA(Rule):
+    """Momentum as an exponential moving average: ``m <- beta * m + (1 - beta) * u``, ``u <- m``.
+
+    ``m`` starts at zero (no bias correction), so early steps are shorter by ``1 - beta^t``.
+    """
+
+    name = "ema"
+
+    def __init__(self, beta: float = 0.9) -> None:
+        super().__init__(beta=beta)
+
+    def state_keys(self, hp: Hyper) -> tuple[str, ...]:
+        return ("exp_avg",)
+
+    def validate(self, hp: Hyper) -> None:
+        _check_range("beta", hp["beta"], 0.0, 1.0)
+
+    def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
+        m = state["exp_avg"]
+        m.lerp_(u.to(m.dtype), 1 - hp["beta"])
+        return m.to(u.dtype)
+
+    def equation(self) -> str:
+        return "m ← β·m + (1−β)·u;  u ← m"
+
+
+class HeavyBall(Rule):
+    """Heavy-ball momentum, torch's ``SGD`` form: ``b <- mu * b + (1 - dampening) * u``.
+
+    On the first step ``b <- u`` (as ``torch.optim.SGD``). Then ``u <- b``, or with Nesterov
+    ``u <- u + mu * b``.
+    """
+
+    name = "heavy_ball"
+    static = ("nesterov",)
+
+    def __init__(self, momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False) -> None:
+        super().__init__(momentum=momentum, dampening=dampening, nesterov=nesterov)
+
+    def state_keys(self, hp: Hyper) -> tuple[str, ...]:
+        return ("momentum_buffer",)
+
+    def validate(self, hp: Hyper) -> None:
+        _check_range("momentum", hp["momentum"], 0.0, 1.0, high_open=False)
+        _check_range("dampening", hp["dampening"], 0.0, 1.0, high_open=False)
+        if hp["nesterov"] and (float(hp["momentum"]) <= 0 or float(hp["dampening"]) != 0):
+            raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
+
+    def active(self, hp: Hyper) -> bool:
+        return float(hp["momentum"]) != 0.0
+
+    def _out(self, u: Tensor, b: Tensor, hp: Hyper) -> Tensor:
+        b = b.to(u.dtype)
+        return u + hp["momentum"] * b if hp["nesterov"] else b
+
+    def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
+        b = state["momentum_buffer"]
+        b.mul_(hp["momentum"]).add_((1 - hp["dampening"]) * u.to(b.dtype))
+        return self._out(u, b, hp)
+
+    def first_update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
+        b = state["momentum_buffer"]
+        b.copy_(u)
+        return self._out(u, b, hp)
+
+    def equation(self) -> str:
+        return "b ← μ·b + (1−d)·u  (b ← u on step 1);  u ← b  (Nesterov: u ← u + μ·b)"
+
+
+class Sign(Rule):
+    """Keep only the direction of each coordinate: ``u <- sign(u)`` (signSGD; Signum after ``ema``)."""
+
+    name = "sign"
+    bounded = True
+
+    def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
+        return torch.sign(u)
+
+    def equation(self) -> str:
+        return "u ← sign(u)"
+
+
+class Softsign(Rule):
+    """The soft version of sign: ``u <- u / (|u| + eps)``, near ``sign(u)`` where ``|u| >> eps``."""
+
+    name = "softsign"
+    bounded = True
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        super().__init__(eps=eps)
+
+    def validate(self, hp: Hyper) -> None:
+        _check_range("eps", hp["eps"], 0.0, math.inf, low_open=True)
+
+    def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
+        return u / (u.abs() + hp["eps"])
+
+    def equation(self) -> str:
+        return "u ← u / (|u| + ε)"
+
+
+class ScaleByAdam(Rule):
+    """Adam's scaling, the adaptive variant of softsign momentum.
+
+    ``m <- b1*m + (1-b1)*u``, ``v <- b2*v + (1-b2)*u^2`` (AMSGrad: ``v_max <- max(v_max, v)`` and
+    ``v_max`` replaces ``v``), then ``u <- m_hat / (sqrt(v_hat) + eps)`` with the bias corrections
+    ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``. Softsign momentum divides ``m`` by
+    ``|m|``; Adam divides it by the running root-mean-square of ``u`` instead.
+    """
+
+    name = "adam"
+    static = ("amsgrad",)
+
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 amsgrad: bool = False) -> None:
+        super().__init__(betas=betas, eps=eps, amsgrad=amsgrad)
+
+    def state_keys(self, hp: Hyper) -> tuple[str, ...]:
+        keys = ("exp_avg", "exp_avg_sq")
+        return (*keys, "max_exp_avg_sq") if hp["amsgrad"] else keys
+
+    def validate(self, hp: Hyper) -> None:
+        _check_betas("betas", hp["betas"])
+        _check_range("eps", hp["eps"], 0.0, math.inf, low_open=True)
+
+    def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
+        beta1, beta2 = hp["betas"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        g = u.to(m.dtype)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).add_((1 - beta2) * g * g)
+        if hp["amsgrad"]:
+            v = torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
+        bias1 = 1 - beta1**step
+        bias2_sqrt = (1 - beta2**step) ** 0.5
+        return ((m / bias1) / (v.sqrt() / bias2_sqrt + hp["eps"])).to(u.dtype)
+
+    def equation(self) -> str:
+        amsgrad = "  (AMSGrad: v ← max(v_max, v))" if self.hyper.get("amsgrad") else ""
+        return ("m ← β1·m + (1−β1)·u;  v ← β2·v + (1−β2)·u²" + amsgrad
+                + ";  u ← (m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + ε)")
+
+
+class Lion(Rule):
+    """Lion's interpolated sign: ``u_out = sign(b1*m + (1-b1)*u)``, then ``m <- b2*m + (1-b2)*u``."""
+
+    name = "lion"
+    bounded = True
+
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.99)) -> None:
+        super().__init__(betas=betas)
+
+    def state_keys(self, hp: Hyper) -> tuple[str, ...]:
+        return ("exp_avg",)
+
+    def validate(self, hp: Hyper) -> None:
+        _check_betas("betas", hp["betas"])
+
+    def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
+        beta1, beta2 = hp["betas"]
+        m = state["exp_avg"]
+        g = u.to(m.dtype)
+        direction = torch.sign(torch.lerp(m, g, 1 - beta1))
+        m.lerp_(g, 1 - beta2)
+        return direction.to(u.dtype)
+
+    def equation(self) -> str:
+        return "u ← sign(β1·m + (1−β1)·u);  m ← β2·m + (1−β2)·u"
+
+
+class ClipByGlobalNorm(Rule):
+    """Gradient clipping by global norm: ``u <- u * min(1, max_norm / (||g||_2 + 1e-6))``.
+
+    ``||g||_2`` is the norm over every gradient of the optimizer (all groups), as
+    ``torch.nn.utils.clip_grad_norm_``; the engine computes it before the chain runs and passes the
+    factor as the hyperparameter ``clip_coef``. Must be the first rule of a chain.
+    """
+
+    name = "clip_by_global_norm"
+
+    def __init__(self, max_norm: float = 1.0) -> None:
+        super().__init__(max_grad_norm=max_norm)
+
+    def validate(self, hp: Hyper) -> None:
+        _check_range("max_grad_norm", hp["max_grad_norm"], 0.0, math.inf, low_open=True)
+
+    def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
+        return u * hp["clip_coef"]
+
+    def equation(self) -> str:
+        return "u ← u · min(1, c / ‖g‖₂)   (‖g‖₂ over all parameters)"
+
+
+class Projection(Rule):
+    """Projection onto a constraint set, applied to ``w`` after the step.
+
+    ``box``: ``w <- clamp(w, -r, r)`` (``||w||_inf <= r``); ``ball``: ``w <- w * min(1, r/||w||_2)``
+    per parameter tensor. Not an update transformation: :meth:`project_` acts on ``w`` itself so
+    the constraint holds exactly, with no rounding from ``w + u``.
+    """
+
+    def __init__(self, kind: str = "box", radius: float = 1.0) -> None:
+        if kind not in ("box", "ball"):
+            raise ValueError(f"constraint must be 'box' or 'ball', got {kind!r}")
+        super().__init__(radius=radius)
+        self.kind = kind
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"project_{self.kind}"
+
+    def validate(self, hp: Hyper) -> None:
+        _check_range("radius", hp["radius"], 0.0, math.inf, low_open=True)
+
+    def project_(self, w: Tensor, hp: Hyper) -> None:
+        r = hp["radius"]
+        if self.kind == "box":
+            w.clamp_(-r, r)
+        elif w.numel():
+            norm = torch.linalg.vector_norm(w.float())
+            w.mul_(torch.clamp(r / (norm + 1e-12), max=1.0).to(w.dtype))
+
+    def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
+        raise TypeError("a projection acts on w after the step; call project_")
+
+    def equation(self) -> str:
+        if self.kind == "box":
+            return "w ← clamp(w, −r, r)   (‖w‖∞ ≤ r)"
+        return "w ← w · min(1, r/‖w‖₂)   (‖w‖₂ ≤ r)"
+
+
+# ------------------------------------------------------------------------------------------------
+# Factories: the public, lower-case names a chain is written with
+# ------------------------------------------------------------------------------------------------
+
+
+def scale_by_lr() -> Rule:
+    """``u <- -lr * u``. Appended to every chain that does not place it itself."""
+    return ScaleByLR()
+
+
+def l2(weight_decay: float) -> Rule:
+    """L2 regularisation (coupled weight decay): ``u <- u + lambda * w``; put it first."""
+    return WeightDecay(weight_decay, coupled=True)
+
+
+def decoupled_decay(weight_decay: float, *, lr_scaled: bool = True) -> Rule:
+    """Decoupled weight decay ``w <- w - lr*lambda*w`` (or ``w <- w - lambda*w`` with ``lr_scaled=False``)."""
+    return WeightDecay(weight_decay, coupled=False, lr_scaled=lr_scaled)
+
+
+def ema(beta: float = 0.9) -> Rule:
+    """EMA momentum ``m <- beta*m + (1-beta)*u``, ``u <- m``."""
+    return EMA(beta)
+
+
+def heavy_ball(momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False) -> Rule:
+    """torch.optim.SGD's momentum ``b <- mu*b + (1-dampening)*u`` (Nesterov optional)."""
+    return HeavyBall(momentum, dampening, nesterov)
+
+
+def sign() -> Rule:
+    """``u <- sign(u)``."""
+    return Sign()
+
+
+def softsign(eps: float = 1e-8) -> Rule:
+    """``u <- u / (|u| + eps)``."""
+    return Softsign(eps)
+
+
+def scale_by_adam(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                  amsgrad: bool = False) -> Rule:
+    """Adam's bias-corrected ``m_hat / (sqrt(v_hat) + eps)``."""
+    return ScaleByAdam(betas, eps, amsgrad)
+
+
+def lion(betas: tuple[float, float] = (0.9, 0.99)) -> Rule:
+    """Lion's ``sign(b1*m + (1-b1)*u)`` with ``m <- b2*m + (1-b2)*u``."""
+    return Lion(betas)
+
+
+def clip_by_global_norm(max_norm: float = 1.0) -> Rule:
+    """Scale all gradients together so their global L2 norm is at most ``max_norm``."""
+    return ClipByGlobalNorm(max_norm)
+
+
+def project_box(radius: float) -> Rule:
+    """After the step, ``w <- clamp(w, -radius, radius)``."""
+    return Projection("box", radius)
+
+
+def project_ball(radius: float) -> Rule:
+    """After the step, scale each parameter tensor into ``||w||_2 <= radius``."""
+    return Projection("ball", radius)
