@@ -1,1 +1,10 @@
-"""descend.diagnostics."""
+"""descend.diagnostics: is the gradient flowing?
+
+- :func:`gradient_flow`: gradient norm of each layer's weight, input side first.
+- :func:`layer_gains`: backward Jacobian gain of each block.
+- :func:`plot_gradient_flow`: several models' gradient flow on one log-scale PNG.
+"""
+
+from ._gradient_flow import gradient_flow, layer_gains, plot_gradient_flow, weight_layers
+
+__all__ = ["gradient_flow", "layer_gains", "plot_gradient_flow", "weight_layers"]

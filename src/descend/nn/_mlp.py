@@ -152,10 +152,12 @@ class MLP(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """``x -> x + s * act(W norm(x) + b)`` (``residual=True``) or ``x -> act(W norm(x) + b)``.
+    """``x -> x + s * (W act(norm(x)) + b)`` (``residual=True``) or ``x -> W act(norm(x)) + b``.
 
-    Shapes ``[B, width] -> [B, width]``. With ``residual=False`` the block is exactly one hidden
-    layer of a plain (pre-normalised) MLP and has the same parameters as the residual one.
+    Shapes ``[B, width] -> [B, width]``. The branch is pre-norm and pre-activation (normalise, then
+    activate, then the affine map), so the residual stream itself is never squashed by the
+    activation. With ``residual=False`` the block is one layer of a plain (pre-normalised) MLP with
+    the same parameters as the residual one.
     """
 
     def __init__(
@@ -169,20 +171,22 @@ class ResidualBlock(nn.Module):
         self.branch_scale = branch_scale
 
     def forward(self, x: Tensor) -> Tensor:
-        branch = self.act(self.linear(self.norm(x)))
+        branch = self.linear(self.act(self.norm(x)))
         return x + self.branch_scale * branch if self.residual else branch
 
 
 class ResidualMLP(nn.Module):
     """A deep MLP made of pre-norm residual blocks.
 
-    ``x [B, in_features] -> z_0 = W_in x -> z_l = z_{l-1} + s * act(W_l norm(z_{l-1}) + b_l)
-    (l = 1..depth) -> y = W_out norm(z_depth) [B, out_features]``.
+    ``x [B, in_features] -> z_0 = W_in x + b_in -> z_l = z_{l-1} + s * (W_l act(norm(z_{l-1})) + b_l)
+    (l = 1..depth) -> y = W_out norm(z_depth) + b_out [B, out_features]``.
 
-    ``branch_scale`` ``s`` defaults to ``1/sqrt(depth)``, which keeps ``||z_depth||`` of the order of
-    ``||z_0||`` however deep. ``residual=False`` drops the ``z_{l-1} +`` skip (and ``s``), leaving
-    the plain deep network with exactly the same parameters, for a one-for-one comparison.
-    ``norm=None`` with ``branch_scale=1`` is the bare ``z + f(z)`` residual that blows up with depth.
+    ``branch_scale`` ``s`` defaults to 1 (the usual pre-norm block); ``s = 1/sqrt(depth)`` keeps
+    ``Var(z_depth)`` of the order of ``Var(z_0)`` however deep, so very deep stacks stay within a
+    small factor layer to layer (the gradient of ``W_l`` carries the factor ``s``).
+    ``residual=False`` drops the ``z_{l-1} +`` skip (and ``s``), leaving the plain deep network with
+    exactly the same parameters, for a one-for-one comparison. ``norm=None`` (with ``s = 1``) is the
+    bare ``z + f(z)`` residual, whose activations grow geometrically with depth.
     Hidden layers are in ``self.blocks``; ``self.stem`` and ``self.head`` are the in/out projections.
     """
 
@@ -195,7 +199,7 @@ class ResidualMLP(nn.Module):
         activation: str = "relu",
         residual: bool = True,
         norm: str | None = "layer",
-        branch_scale: float | None = None,
+        branch_scale: float = 1.0,
         init: InitSpec = "he",
     ) -> None:
         super().__init__()
@@ -206,10 +210,8 @@ class ResidualMLP(nn.Module):
         make_activation(activation)
         make_norm(norm, 1)
         _check_init(init)
-        if branch_scale is None:
-            branch_scale = 1.0 / math.sqrt(depth)
-        if not (math.isfinite(branch_scale) and branch_scale > 0):
-            raise ValueError(f"branch_scale={branch_scale!r}: expected a finite number > 0 (or None)")
+        if not (isinstance(branch_scale, (int, float)) and math.isfinite(branch_scale) and branch_scale > 0):
+            raise ValueError(f"branch_scale={branch_scale!r}: expected a finite number > 0")
         self.branch_scale = float(branch_scale)
         self.stem = nn.Linear(in_features, width)
         self.blocks = nn.ModuleList(
