@@ -9,33 +9,36 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from descend.optim._rules import EMA, ClipByGlobalNorm, Projection, Rule, ScaleByLR, WeightDecay
+from descend.optim._rules import EMA, ClipByGlobalNorm, Projection, Rule, ScaleByLR
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 ENGINES = ("auto", "reference", "foreach", "compiled")
 
 
-def _normalise(rules: Sequence[Rule]) -> tuple[list[Rule], list[Projection]]:
-    """Split projections off, place ``scale_by_lr`` and check the order of the rest."""
+def _normalise(rules: Sequence[Rule]) -> tuple[list[Rule], list[Rule], list[Projection]]:
+    """Sort a chain into update transforms, weight decays and projections; place ``scale_by_lr``."""
     transforms: list[Rule] = []
+    decays: list[Rule] = []
     projections: list[Projection] = []
     for rule in rules:
         if not isinstance(rule, Rule):
             raise TypeError(f"chain takes descend.optim rules (e.g. optim.ema(0.9)), got {rule!r}")
-        (projections if isinstance(rule, Projection) else transforms).append(rule)
-    if not any(isinstance(r, ScaleByLR) for r in transforms):
-        first_after = next((i for i, r in enumerate(transforms) if r.after_lr), len(transforms))
-        transforms.insert(first_after, ScaleByLR())
-    lr_at = next(i for i, r in enumerate(transforms) if isinstance(r, ScaleByLR))
+        if isinstance(rule, Projection):
+            projections.append(rule)
+        elif rule.decays_param:
+            decays.append(rule)
+        else:
+            transforms.append(rule)
+    lr_rules = [i for i, r in enumerate(transforms) if isinstance(r, ScaleByLR)]
+    if not lr_rules:
+        transforms.append(ScaleByLR())
+    elif len(lr_rules) > 1:
+        raise ValueError("a chain takes scale_by_lr at most once")
     for i, rule in enumerate(transforms):
         if isinstance(rule, ClipByGlobalNorm) and i != 0:
             raise ValueError("clip_by_global_norm must be the first rule of a chain (it clips the gradient)")
-        if rule.after_lr and i < lr_at:
-            raise ValueError(f"{rule.name} with lr_scaled=False must come after scale_by_lr")
-        if isinstance(rule, ScaleByLR) and i != lr_at:
-            raise ValueError("a chain takes scale_by_lr at most once")
-    return transforms, projections
+    return transforms, decays, projections
 
 
 def _assign_keys(rules: Sequence[Rule]) -> dict[str, Any]:
@@ -61,7 +64,9 @@ def _assign_keys(rules: Sequence[Rule]) -> dict[str, Any]:
 
 
 class ChainOptimizer(torch.optim.Optimizer):
-    """An optimizer that runs a chain of rules: ``u <- g``, ``u <- rule_k(u)`` in order, ``w <- w + u``.
+    """An optimizer that runs a chain of rules: ``u <- g``, ``u <- rule_k(u)``, ``w <- keep*w + u``.
+
+    ``keep = 1 - lr*lambda`` for a chain with decoupled decay (1 otherwise); projections follow.
 
     Speaks the ``torch.optim.Optimizer`` contract: param groups (every rule hyperparameter is a
     group key, so it can differ per group and be scheduled), ``step(closure)``, ``zero_grad``,
@@ -87,8 +92,9 @@ class ChainOptimizer(torch.optim.Optimizer):
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
                                             and state_dtype.is_floating_point):
             raise ValueError(f"state_dtype must be a floating torch.dtype or None, got {state_dtype!r}")
-        self.rules, self.projections = _normalise(rules)
-        defaults = {"lr": lr, "maximize": maximize, **_assign_keys([*self.rules, *self.projections])}
+        self.rules, self.decays, self.projections = _normalise(rules)
+        defaults = {"lr": lr, "maximize": maximize,
+                    **_assign_keys([*self.rules, *self.decays, *self.projections])}
         unknown = sorted(set(hyper) - set(defaults))
         if unknown:
             raise ValueError(f"unknown hyperparameter(s) {unknown} for this chain; "
@@ -101,13 +107,18 @@ class ChainOptimizer(torch.optim.Optimizer):
 
         self._engine = make_engine(self, engine)
 
+    @property
+    def all_rules(self) -> list[Rule]:
+        """Transforms, decays and projections, in the order they act."""
+        return [*self.rules, *self.decays, *self.projections]
+
     # -- the contract ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if not isinstance(group["maximize"], bool):
             raise ValueError(f"maximize must be a bool, got {group['maximize']!r}")
-        for rule in [*self.rules, *self.projections]:
+        for rule in self.all_rules:
             rule.validate(rule.read(group))
 
     @torch.no_grad()
@@ -139,7 +150,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._engine.reset()
 
     def __repr__(self) -> str:
-        chain = " -> ".join(rule.name for rule in [*self.rules, *self.projections])
+        chain = " -> ".join(rule.name for rule in self.all_rules)
         return f"{type(self).__name__}({chain}; engine={self.engine}, groups={len(self.param_groups)})"
 
 
@@ -150,7 +161,8 @@ def chain(params: ParamsT, *rules: Rule, lr: float = 1e-3, maximize: bool = Fals
         opt = chain(model.parameters(), ema(0.9), sign(), decoupled_decay(0.1), lr=1e-3)
 
     The step is ``u <- g``, then each rule in order, then ``u <- -lr * u`` (unless the chain places
-    ``scale_by_lr`` itself), then ``w <- w + u`` and any projections. See :class:`ChainOptimizer`.
+    ``scale_by_lr`` itself), then ``w <- keep * w + u`` (decoupled decay, wherever it stands in the
+    chain, sets ``keep = 1 - lr*lambda``) and any projections. See :class:`ChainOptimizer`.
     """
     return ChainOptimizer(params, rules, lr=lr, maximize=maximize, engine=engine, state_dtype=state_dtype,
                           **hyper)
@@ -178,6 +190,9 @@ def explain(opt: torch.optim.Optimizer) -> str:
     for i, rule in enumerate(opt.rules, start=1):
         hp = ", ".join(f"{key}={_format_value(group0[key])}" for key in rule.keys.values())
         lines.append(f"  {i}. {rule.name:<20} {rule.equation()}" + (f"    [{hp}]" if hp else ""))
+    for rule in opt.decays:
+        hp = ", ".join(f"{key}={_format_value(group0[key])}" for key in rule.keys.values())
+        lines.append(f"  then {rule.name:<17} {rule.equation()}    [{hp}]")
     lines.append("  w ← w + u")
     for rule in opt.projections:
         hp = ", ".join(f"{key}={_format_value(group0[key])}" for key in rule.keys.values())
@@ -201,17 +216,16 @@ def implied_radius(opt: ChainOptimizer, group: dict[str, Any]) -> float | None:
     ``|w| > 1/lambda`` the decay term ``lambda*|w|`` outweighs any update, so ``|w|`` shrinks.
     """
     radii = [float(group[rule.keys["radius"]]) for rule in opt.projections if rule.kind == "box"]
-    bounded = False  # is the update, at this point of the chain, bounded by 1 per coordinate?
+    bounded = False  # is the update direction bounded by 1 per coordinate?
     for rule in opt.rules:
         if rule.bounded:
             bounded = True
-        elif isinstance(rule, WeightDecay) and not rule.coupled and rule.lr_scaled:
-            lam = float(group[rule.keys["weight_decay"]])
-            if bounded and lam > 0:
-                radii.append(1.0 / lam)
-            bounded = False
         elif not isinstance(rule, (EMA, ScaleByLR, ClipByGlobalNorm)):  # these keep a bound of 1
             bounded = False
+    for rule in opt.decays:
+        lam = float(group[rule.keys["weight_decay"]])
+        if bounded and lam > 0:
+            radii.append(1.0 / lam if rule.lr_scaled else float(group["lr"]) / lam)
     return min(radii) if radii else None
 
 

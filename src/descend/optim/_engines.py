@@ -47,6 +47,16 @@ def clip_coefficients(opt: ChainOptimizer) -> list[Any] | None:
     return [torch.clamp(group[key] / (total + 1e-6), max=1.0) for group in opt.param_groups]
 
 
+def weight_keep(opt: ChainOptimizer, group: dict[str, Any]) -> Any:
+    """The factor decoupled decay multiplies the weights by this step (1 without decay)."""
+    keep: Any = 1
+    for rule in opt.decays:
+        hp = rule.read(group)
+        if rule.active(hp):
+            keep = keep * rule.keep(hp, group["lr"])
+    return keep
+
+
 def rule_state(rule: Rule, state: dict[str, Any], w: Tensor, hp: dict[str, Any],
                dtype: torch.dtype | None) -> tuple[dict[str, Tensor], bool]:
     """The rule's view of a parameter's state (by the rule's own names), created if missing."""
@@ -74,7 +84,7 @@ class Engine:
 
 
 class ReferenceEngine(Engine):
-    """The readable loop: for each parameter, ``u <- g``, each active rule in turn, ``w <- w + u``."""
+    """The readable loop: per parameter ``u <- g``, each active rule in turn, ``w <- keep*w + u``."""
 
     name = "reference"
 
@@ -86,11 +96,13 @@ class ReferenceEngine(Engine):
             if clip is not None:
                 hps[0]["clip_coef"] = clip[gi]
             live = [(rule, hp) for rule, hp in zip(opt.rules, hps) if rule.active(hp)]
+            keep = weight_keep(opt, group)
             for p in group["params"]:
                 if p.grad is not None:
-                    self.step_param(p, group, live)
+                    self.step_param(p, group, live, keep)
 
-    def step_param(self, p: Tensor, group: dict[str, Any], live: list[tuple[Rule, dict[str, Any]]]) -> None:
+    def step_param(self, p: Tensor, group: dict[str, Any], live: list[tuple[Rule, dict[str, Any]]],
+                   keep: Any) -> None:
         opt = self.opt
         g = check_grad(p)
         u = -g if group["maximize"] else g
@@ -102,6 +114,8 @@ class ReferenceEngine(Engine):
         for rule, hp in live:
             view, fresh = rule_state(rule, state, p, hp, opt.state_dtype)
             u = (rule.first_update if fresh else rule.update)(u, p, view, hp, step)
+        if keep != 1:
+            p.mul_(keep)
         p.add_(u)
         for projection in opt.projections:
             projection.project_(p, projection.read(group))

@@ -33,7 +33,7 @@ from descend.optim._rules import (
 
 
 class _Preset(ChainOptimizer):
-    """A named chain: ``[clip] [L2] core [decoupled decay] scale_by_lr [projection]``."""
+    """A named chain: ``[clip] [L2] core scale_by_lr``, then ``[decoupled decay] [projection]`` on ``w``."""
 
     def __init__(self, params: ParamsT, core: list[Rule], *, lr: float, weight_decay: float,
                  decoupled_weight_decay: bool, constraint: str | None, radius: float | None,

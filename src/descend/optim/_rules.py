@@ -1,7 +1,8 @@
 """Update rules: what one optimizer step computes, one small elementwise transformation at a time.
 
 A step starts from the gradient and passes an *update* ``u`` through a chain of rules; the
-parameter then moves by the result, ``w <- w + u``, and projections (if any) are applied to ``w``.
+parameter then moves by the result, ``w <- keep * w + u`` (``keep = 1 - lr*lambda`` when the chain
+has decoupled decay, else 1), and projections (if any) are applied to ``w``.
 Every rule here is written once, in plain tensor arithmetic, and is executed unchanged by every
 engine (the readable per-tensor loop, the multi-tensor engine, the ``torch.compile`` engine).
 
@@ -61,8 +62,8 @@ class Rule:
     """
 
     name: ClassVar[str] = "rule"
-    #: Runs after the learning-rate scaling (sees ``u`` as the signed step ``-lr * direction``).
-    after_lr: ClassVar[bool] = False
+    #: Acts on the weights as ``w <- keep(hp, lr) * w`` instead of transforming ``u`` (decoupled decay).
+    decays_param: ClassVar[bool] = False
     #: Output bounded by 1 per coordinate (sign-like); decoupled decay then implies ``|w| <= 1/lambda``.
     bounded: ClassVar[bool] = False
     #: Whether :meth:`update` reads the parameter ``w``.
@@ -139,32 +140,18 @@ class ScaleByLR(Rule):
         return "u ← −lr·u"
 
 
-class WeightDecay(Rule):
-    """Weight decay as ``u <- u + lambda * w``.
+class L2(Rule):
+    """L2 regularisation (coupled weight decay): ``u <- u + lambda * w``.
 
-    Where it stands in the chain decides its meaning. First, before any momentum or normalisation, it
-    is **L2 regularisation** (coupled): the gradient of ``lambda/2 * ||w||^2`` added to the loss's
-    gradient, what torch's ``Adam(weight_decay=...)`` and ``SGD`` do. Last, just before the learning
-    rate, it is **decoupled decay** ``w <- w - lr * lambda * w`` (AdamW, Lion). With
-    ``lr_scaled=False`` it runs after the learning rate and decays by ``w <- w - lambda * w``,
-    independent of the schedule.
+    The gradient of the penalty ``lambda/2 * ||w||^2`` added to the loss's gradient; placed first,
+    before momentum or normalisation, it is what torch's ``Adam(weight_decay=...)`` and ``SGD`` do.
     """
 
+    name = "l2"
     reads_param = True
 
-    def __init__(self, weight_decay: float, *, coupled: bool, lr_scaled: bool = True) -> None:
+    def __init__(self, weight_decay: float) -> None:
         super().__init__(weight_decay=weight_decay)
-        self.coupled = coupled
-        self.lr_scaled = lr_scaled
-        self._sign = 1.0 if lr_scaled else -1.0
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return "l2" if self.coupled else "decoupled_decay"
-
-    @property
-    def after_lr(self) -> bool:  # type: ignore[override]
-        return not self.lr_scaled
 
     def validate(self, hp: Hyper) -> None:
         _check_range("weight_decay", hp["weight_decay"], 0.0, math.inf)
@@ -173,14 +160,45 @@ class WeightDecay(Rule):
         return float(hp["weight_decay"]) != 0.0
 
     def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
-        return u + (self._sign * hp["weight_decay"]) * w
+        return u + hp["weight_decay"] * w
 
     def equation(self) -> str:
-        if self.coupled:
-            return "u ← u + λ·w   (L2 penalty λ/2·‖w‖² in the loss)"
+        return "u ← u + λ·w   (L2 penalty λ/2·‖w‖² in the loss)"
+
+
+class DecoupledDecay(Rule):
+    """Decoupled weight decay: ``w <- (1 - lr*lambda) * w`` before the update is added (AdamW, Lion).
+
+    It acts on the weights, not on the update, so its place in a chain does not matter; the engines
+    fold it into the final ``w <- keep * w + u``. With ``lr_scaled=False`` the decay is
+    ``w <- (1 - lambda) * w``, independent of the learning-rate schedule. After a sign-like rule
+    (``|u| <= 1``) it bounds the weights: ``||w||_inf <= 1/lambda`` (``lr/lambda`` if not lr-scaled).
+    """
+
+    name = "decoupled_decay"
+    decays_param: ClassVar[bool] = True
+
+    def __init__(self, weight_decay: float, *, lr_scaled: bool = True) -> None:
+        super().__init__(weight_decay=weight_decay)
+        self.lr_scaled = lr_scaled
+
+    def validate(self, hp: Hyper) -> None:
+        _check_range("weight_decay", hp["weight_decay"], 0.0, math.inf)
+
+    def active(self, hp: Hyper) -> bool:
+        return float(hp["weight_decay"]) != 0.0
+
+    def keep(self, hp: Hyper, lr: Any) -> Any:
+        """The factor the weights are multiplied by on this step."""
+        return 1 - lr * hp["weight_decay"] if self.lr_scaled else 1 - hp["weight_decay"]
+
+    def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
+        raise TypeError("decoupled decay acts on w; engines apply keep(hp, lr)")
+
+    def equation(self) -> str:
         if self.lr_scaled:
-            return "u ← u + λ·w   (decoupled: w ← w − lr·λ·w)"
-        return "u ← u − λ·w   (decoupled, lr-independent: w ← (1−λ)·w)"
+            return "w ← (1 − lr·λ)·w   (decoupled decay)"
+        return "w ← (1 − λ)·w   (decoupled decay, independent of lr)"
 
 
 class EMA(Rule):
@@ -426,12 +444,12 @@ def scale_by_lr() -> Rule:
 
 def l2(weight_decay: float) -> Rule:
     """L2 regularisation (coupled weight decay): ``u <- u + lambda * w``; put it first."""
-    return WeightDecay(weight_decay, coupled=True)
+    return L2(weight_decay)
 
 
 def decoupled_decay(weight_decay: float, *, lr_scaled: bool = True) -> Rule:
-    """Decoupled weight decay ``w <- w - lr*lambda*w`` (or ``w <- w - lambda*w`` with ``lr_scaled=False``)."""
-    return WeightDecay(weight_decay, coupled=False, lr_scaled=lr_scaled)
+    """Decoupled weight decay ``w <- (1 - lr*lambda)*w`` (``(1 - lambda)*w`` with ``lr_scaled=False``)."""
+    return DecoupledDecay(weight_decay, lr_scaled=lr_scaled)
 
 
 def ema(beta: float = 0.9) -> Rule:
