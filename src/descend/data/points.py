@@ -1,0 +1,298 @@
+"""Point-set datasets, all generated or loaded offline, each returned as a :class:`DataBundle`.
+
+- :func:`load_digits_points`: scikit-learn's 8x8 digits, each image a set of (pixel location,
+  intensity) points with blank pixels dropped (classification, ``input_kind="pointset"``).
+- :func:`make_shapes`: 3-D point clouds of 5 solid shapes, randomly rotated, scaled and noised
+  (classification, ``input_kind="pointset"``).
+- :func:`make_gp1d`: 1-D functions drawn from Gaussian processes, observed at a variable number of
+  context points, to be predicted at query points (regression, ``input_kind="pointset-query"``).
+
+Sets of different sizes are padded to the largest one: padded points have zero location and value
+and ``mask == False``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from descend.data._base import DataBundle, InputKind, Split, Task
+
+SHAPES = ("sphere", "cube", "cylinder", "cone", "torus")
+
+
+def split_indices(
+    n: int, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A seeded random partition of ``range(n)`` into (train, val, test) index tensors.
+
+    The validation and test splits get ``round(fraction * n)`` examples each (at least one when the
+    fraction is positive); the rest is training data.
+    """
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= f < 1.0:
+            raise ValueError(f"{name}={f!r}: expected a fraction in [0, 1)")
+    n_val = max(round(val_fraction * n), int(val_fraction > 0))
+    n_test = max(round(test_fraction * n), int(test_fraction > 0))
+    if n_val + n_test >= n:
+        raise ValueError(
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training data out of {n}"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
+
+
+def _bundle(
+    name: str,
+    task: Task,
+    input_kind: InputKind,
+    inputs: tuple[Tensor, ...],
+    targets: Tensor,
+    out_features: int,
+    location_dim: int,
+    value_dim: int,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    info: dict[str, object],
+) -> DataBundle:
+    everything = Split(inputs, targets)
+    train, val, test = split_indices(len(everything), val_fraction, test_fraction, seed)
+    return DataBundle(
+        name=name,
+        task=task,
+        input_kind=input_kind,
+        train=everything.subset(train),
+        val=everything.subset(val),
+        test=everything.subset(test),
+        out_features=out_features,
+        location_dim=location_dim,
+        value_dim=value_dim,
+        info=info,
+    )
+
+
+def _pad(sets: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+    """List of ``[n_i, F]`` arrays -> (``[M, max n_i, F]`` zero-padded float32, ``mask [M, max n_i]``)."""
+    n_max = max(len(s) for s in sets)
+    out = np.zeros((len(sets), n_max, sets[0].shape[1]), dtype=np.float32)
+    mask = np.zeros((len(sets), n_max), dtype=bool)
+    for i, s in enumerate(sets):
+        out[i, : len(s)] = s
+        mask[i, : len(s)] = True
+    return torch.from_numpy(out), torch.from_numpy(mask)
+
+
+def load_digits_points(
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    order: str = "random",
+) -> DataBundle:
+    """scikit-learn's 1,797 8x8 digit images as point sets, 10 classes.
+
+    Pixel ``(r, c)`` of intensity ``v in {0..16}`` becomes the point with location
+    ``((r - 3.5)/3.5, (c - 3.5)/3.5) in [-1, 1]^2`` and value ``v/16 in [0, 1]``; blank pixels are
+    dropped, so sets have between about 20 and 64 points. ``order="raster"`` lists the points row by
+    row; ``"random"`` in an independent random order per image (seeded). Inputs are
+    ``(locations [M, N, 2], values [M, N, 1], mask [M, N])``, targets ``long [M]``.
+    """
+    if order not in ("random", "raster"):
+        raise ValueError(f"order={order!r} is not supported; expected one of ('random', 'raster')")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    intensity = torch.as_tensor(digits.images, dtype=torch.float32).reshape(-1, 64) / 16.0  # (M, 64)
+    labels = torch.as_tensor(digits.target, dtype=torch.long)
+    rows, cols = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    grid = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=-1).sub(3.5).div(3.5)  # (64, 2)
+    real = intensity > 0
+    if order == "raster":
+        key = torch.arange(64.0).expand_as(intensity)
+    else:
+        key = torch.rand(intensity.shape, generator=torch.Generator().manual_seed(seed + 1))
+    key = torch.where(real, key, key + 1e6)  # blanks sort last
+    n_max = int(real.sum(dim=1).max())
+    idx = key.argsort(dim=1, stable=True)[:, :n_max]  # (M, N)
+    mask = real.gather(1, idx)
+    locations = grid[idx] * mask[..., None]
+    values = (intensity.gather(1, idx) * mask)[..., None]
+    return _bundle(
+        "digits-points", "classification", "pointset", (locations, values, mask), labels, 10,
+        2, 1, seed, val_fraction, test_fraction,
+        {"classes": [str(i) for i in range(10)], "order": order, "max_points": n_max},
+    )
+
+
+def _rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random 3x3 rotation (QR of a Gaussian matrix, signs fixed, det = +1)."""
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def _surface(shape: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` points uniform on the surface of a unit-sized ``shape``, ``[n, 3]``."""
+    u = rng.random((n, 3))
+    if shape == "sphere":
+        p = rng.standard_normal((n, 3))
+        return p / np.linalg.norm(p, axis=1, keepdims=True)
+    if shape == "cube":  # half-side 0.8
+        face = rng.integers(0, 6, n)
+        p = (2 * u - 1) * 0.8
+        p[np.arange(n), face % 3] = np.where(face < 3, 0.8, -0.8)
+        return p
+    if shape == "cylinder":  # radius 0.7, height 1.6; side vs caps by area
+        radius, half = 0.7, 0.8
+        side = u[:, 0] < (2 * half) / (2 * half + radius)
+        theta = 2 * math.pi * u[:, 1]
+        rad = np.where(side, radius, radius * np.sqrt(u[:, 2]))
+        top = rng.random(n) < 0.5
+        z = np.where(side, (2 * u[:, 2] - 1) * half, np.where(top, half, -half))
+        return np.stack([rad * np.cos(theta), rad * np.sin(theta), z], axis=1)
+    if shape == "cone":  # base radius 0.8 at z=-0.6, apex at z=1.0; side vs base by area
+        radius, height = 0.8, 1.6
+        slant = math.hypot(radius, height)
+        side = u[:, 0] < slant / (slant + radius)
+        theta = 2 * math.pi * u[:, 1]
+        t = np.sqrt(u[:, 2])  # area grows linearly with distance from the apex
+        rad = np.where(side, radius * t, radius * np.sqrt(u[:, 2]))
+        z = np.where(side, 1.0 - height * t, 1.0 - height)
+        return np.stack([rad * np.cos(theta), rad * np.sin(theta), z], axis=1)
+    if shape == "torus":  # major radius 0.75, minor 0.3; rejection on the tube angle for uniform area
+        big, small = 0.75, 0.3
+        out: list[np.ndarray] = []
+        while sum(len(o) for o in out) < n:
+            v = 2 * math.pi * rng.random(2 * n)
+            keep = rng.random(2 * n) < (big + small * np.cos(v)) / (big + small)
+            out.append(v[keep])
+        v = np.concatenate(out)[:n]
+        theta = 2 * math.pi * rng.random(n)
+        ring = big + small * np.cos(v)
+        return np.stack([ring * np.cos(theta), ring * np.sin(theta), small * np.sin(v)], axis=1)
+    raise ValueError(f"shape={shape!r} is not supported; expected one of {SHAPES}")
+
+
+def make_shapes(
+    n_per_class: int = 200,
+    points: tuple[int, int] = (64, 160),
+    seed: int = 0,
+    noise: float = 0.02,
+    scale: tuple[float, float] = (0.75, 1.25),
+    value: str = "distance",
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+) -> DataBundle:
+    """3-D point clouds of 5 shapes (sphere, cube, cylinder, cone, torus), one class each.
+
+    Each cloud: ``n ~ U{points[0]..points[1]}`` points uniform on the shape's surface, scaled by
+    ``U(scale)``, rotated by a uniformly random rotation, plus ``N(0, noise^2)`` jitter per coordinate.
+    The value channel is the distance to the cloud's centroid (``value="distance"``) or 1
+    (``"constant"``). Inputs ``(locations [M, N, 3], values [M, N, 1], mask [M, N])``, targets
+    ``long [M]`` with ``M = 5 n_per_class``.
+    """
+    if value not in ("distance", "constant"):
+        raise ValueError(f"value={value!r} is not supported; expected one of ('distance', 'constant')")
+    lo, hi = points
+    if not 1 <= lo <= hi:
+        raise ValueError(f"points={points!r}: expected (min, max) with 1 <= min <= max")
+    if n_per_class < 1:
+        raise ValueError(f"n_per_class={n_per_class!r}: expected a positive integer")
+    rng = np.random.default_rng(seed)
+    clouds, vals, labels = [], [], []
+    for i in range(n_per_class * len(SHAPES)):
+        label = i % len(SHAPES)
+        n = int(rng.integers(lo, hi + 1))
+        p = _surface(SHAPES[label], n, rng) * rng.uniform(*scale)
+        p = p @ _rotation(rng).T + noise * rng.standard_normal((n, 3))
+        d = np.linalg.norm(p - p.mean(axis=0), axis=1, keepdims=True)
+        clouds.append(p)
+        vals.append(d if value == "distance" else np.ones_like(d))
+        labels.append(label)
+    locations, mask = _pad(clouds)
+    values, _ = _pad(vals)
+    return _bundle(
+        "shapes", "classification", "pointset", (locations, values, mask),
+        torch.tensor(labels, dtype=torch.long), len(SHAPES), 3, 1, seed, val_fraction, test_fraction,
+        {"classes": list(SHAPES), "points": (lo, hi), "value": value, "noise": noise},
+    )
+
+
+def make_gp1d(
+    n_functions: int = 2000,
+    context: tuple[int, int] = (3, 20),
+    queries: int = 16,
+    seed: int = 0,
+    length_scale: tuple[float, float] = (0.25, 1.0),
+    noise: float = 0.05,
+    x_range: tuple[float, float] = (-2.0, 2.0),
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+) -> DataBundle:
+    """1-D regression sets: Gaussian-process draws seen at context points, predicted at query points.
+
+    Per function: ``l ~ logU(length_scale)``; ``x_1..x_{C+Q} ~ U(x_range)`` with ``C = context[1]``;
+    ``f ~ N(0, K)``, ``K_ij = exp(-(x_i - x_j)^2 / (2 l^2))``. The first ``n ~ U{context}`` points are
+    the context, observed as ``f + N(0, noise^2)`` (the rest of the ``C`` slots are padding); the last
+    ``Q = queries`` are the queries, whose targets are the noise-free ``f``. Inputs
+    ``(context_locations [M, C, 1], context_values [M, C, 1], context_mask [M, C],
+    query_locations [M, Q, 1])``, targets ``[M, Q, 1]``.
+    """
+    lo, hi = context
+    if not 1 <= lo <= hi:
+        raise ValueError(f"context={context!r}: expected (min, max) with 1 <= min <= max")
+    if queries < 1 or n_functions < 1:
+        raise ValueError(f"queries={queries!r} and n_functions={n_functions!r} must be positive integers")
+    g = torch.Generator().manual_seed(seed)
+    total = hi + queries
+    a, b = x_range
+    x = a + (b - a) * torch.rand(n_functions, total, generator=g, dtype=torch.float64)
+    log_lo, log_hi = math.log(length_scale[0]), math.log(length_scale[1])
+    ell = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n_functions, 1, 1, generator=g, dtype=torch.float64))
+    cov = torch.exp(-((x[:, :, None] - x[:, None, :]) ** 2) / (2 * ell**2))
+    cov = cov + 1e-6 * torch.eye(total, dtype=torch.float64)
+    f = (torch.linalg.cholesky(cov) @ torch.randn(n_functions, total, 1, generator=g, dtype=torch.float64))
+    n_context = torch.randint(lo, hi + 1, (n_functions, 1), generator=g)
+    mask = torch.arange(hi)[None, :] < n_context  # (M, C)
+    observed = f[:, :hi] + noise * torch.randn(n_functions, hi, 1, generator=g, dtype=torch.float64)
+    context_locations = (x[:, :hi, None] * mask[..., None]).float()
+    context_values = (observed * mask[..., None]).float()
+    query_locations = x[:, hi:, None].float()
+    targets = f[:, hi:].float()
+    return _bundle(
+        "gp1d", "regression", "pointset-query",
+        (context_locations, context_values, mask, query_locations), targets,
+        1, 1, 1, seed, val_fraction, test_fraction,
+        {"length_scale": length_scale, "noise": noise, "context": (lo, hi), "queries": queries},
+    )
+
+
+def nearest_context_value(
+    context_locations: Tensor, context_values: Tensor, context_mask: Tensor | None, query_locations: Tensor
+) -> Tensor:
+    """The nearest-neighbour baseline: each query gets the value of its nearest real context point.
+
+    ``[B, N, d], [B, N, v], [B, N], [B, Q, d] -> [B, Q, v]`` (Euclidean distance; padded points are
+    never chosen).
+    """
+    dist = torch.cdist(query_locations, context_locations)  # (B, Q, N)
+    if context_mask is not None:
+        dist = dist.masked_fill(~context_mask[:, None, :], float("inf"))
+    nearest = dist.argmin(dim=-1)  # (B, Q)
+    return context_values.gather(1, nearest[..., None].expand(-1, -1, context_values.shape[-1]))
+
+
+__all__ = [
+    "SHAPES",
+    "load_digits_points",
+    "make_gp1d",
+    "make_shapes",
+    "nearest_context_value",
+    "split_indices",
+]
