@@ -13,7 +13,10 @@ STEPS = 100
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 
 
-def _problem(dtype: torch.dtype, seed: int = 0) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], torch.Tensor]]:
+LossFn = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+def _problem(dtype: torch.dtype, seed: int = 0) -> tuple[list[torch.Tensor], LossFn]:
     """A random non-convex problem: a quadratic through a random matrix plus a sine term, three tensors."""
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(6, 4, generator=gen, dtype=dtype), torch.randn(4, generator=gen, dtype=dtype),
@@ -29,6 +32,8 @@ def _problem(dtype: torch.dtype, seed: int = 0) -> tuple[list[torch.Tensor], Cal
 def _run(make: Callable[[list[dict]], torch.optim.Optimizer], dtype: torch.dtype,
          steps: int = STEPS) -> list[torch.Tensor]:
     init, loss_fn = _problem(dtype)
+    if getattr(make, "maximize", False):  # maximize the negated loss: the same bounded trajectory
+        loss_fn = (lambda f: lambda ps: -f(ps))(loss_fn)
     params = [p.clone().requires_grad_() for p in init]
     groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.02, "weight_decay": 0.0}]
     opt = make(groups)
@@ -49,6 +54,8 @@ CASES: dict[str, tuple[Callable, Callable]] = {
                      lambda g: optim.SGD(g, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
     "sgd-maximize": (lambda g: torch.optim.SGD(g, lr=0.01, momentum=0.5, maximize=True),
                      lambda g: optim.SGD(g, lr=0.01, momentum=0.5, maximize=True)),
+    "adam-maximize": (lambda g: torch.optim.Adam(g, lr=0.01, maximize=True),
+                      lambda g: optim.Adam(g, lr=0.01, maximize=True)),
     "adam": (lambda g: torch.optim.Adam(g, lr=0.01), lambda g: optim.Adam(g, lr=0.01)),
     "adam-wd": (lambda g: torch.optim.Adam(g, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1),
                 lambda g: optim.Adam(g, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1)),
@@ -61,6 +68,11 @@ CASES: dict[str, tuple[Callable, Callable]] = {
     "adam-decoupled-flag": (lambda g: torch.optim.Adam(g, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
                             lambda g: optim.Adam(g, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
 }
+
+
+for _name in ("sgd-maximize", "adam-maximize"):
+    for _make in CASES[_name]:
+        _make.maximize = True  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

@@ -420,8 +420,8 @@ class Projection(Rule):
         if self.kind == "box":
             w.clamp_(-r, r)
         elif w.numel():
-            norm = torch.linalg.vector_norm(w.float())
-            w.mul_(torch.clamp(r / (norm + 1e-12), max=1.0).to(w.dtype))
+            norm = torch.linalg.vector_norm(w, dtype=torch.promote_types(w.dtype, torch.float32))
+            w.mul_(torch.clamp(r / torch.clamp(norm, min=1e-30), max=1.0).to(w.dtype))
 
     def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
         raise TypeError("a projection acts on w after the step; call project_")
