@@ -1,0 +1,106 @@
+"""descend.distributed: data-parallel training on PyTorch's own engine (torchrun, DDP, FSDP2, DCP).
+
+A script runs unchanged as one process (``python train.py``) or as ``W`` (``torchrun
+--nproc_per_node=W train.py``); the global batch, and so every step, is the same::
+
+    from descend import distributed as dd, optim
+
+    @dd.entrypoint                      # a failing rank prints "descend: rank R failed: ..." and ends the job
+    def main():
+        dd.setup()                      # gloo on CPU, nccl on CUDA; timeouts set; no-op outside torchrun
+        model = dd.wrap(make_model(), "fsdp")        # or "ddp" / "none"
+        opt = optim.AdamW(model.parameters(), lr=1e-3)
+        sampler = dd.GlobalBatchSampler(n, batch_size=256, seed=0)
+        for step in range(steps):
+            idx = sampler.global_batch(step)
+            mine = dd.shard(idx)                                          # this rank's share
+            loss = loss_fn(model(x[mine]), y[mine], reduction="sum") * dd.grad_scale(len(idx))
+            opt.zero_grad(); loss.backward(); opt.step()                  # the single-process step
+            if dd.is_main(): print(step, dd.reduce_metrics({"loss": ...}, count=len(mine)))
+        dd.save_checkpoint("ckpt/step_100", model, opt, extra={"step": steps})
+        dd.teardown()
+"""
+
+from descend.distributed._checkpoint import (
+    full_state_dict,
+    grad_norm,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from descend.distributed._env import (
+    DEFAULT_TIMEOUT_S,
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    default_backend,
+    device,
+    entrypoint,
+    info,
+    is_distributed,
+    is_main,
+    launch,
+    launched,
+    local_rank,
+    rank,
+    reduce_metrics,
+    setup,
+    teardown,
+    torchrun_command,
+    world_size,
+)
+from descend.distributed._sampling import (
+    GlobalBatchSampler,
+    ShardedSampler,
+    batch_size_of,
+    full_batch_backward,
+    grad_scale,
+    shard,
+)
+from descend.distributed._wrap import (
+    STRATEGIES,
+    default_fsdp_units,
+    is_data_parallel,
+    sync_gradients,
+    unwrap,
+    wrap,
+)
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "STRATEGIES",
+    "DistInfo",
+    "GlobalBatchSampler",
+    "ShardedSampler",
+    "all_reduce_sum",
+    "barrier",
+    "batch_size_of",
+    "default_backend",
+    "default_fsdp_units",
+    "device",
+    "entrypoint",
+    "full_batch_backward",
+    "full_state_dict",
+    "grad_norm",
+    "grad_scale",
+    "info",
+    "is_data_parallel",
+    "is_distributed",
+    "is_main",
+    "latest_checkpoint",
+    "launch",
+    "launched",
+    "load_checkpoint",
+    "local_rank",
+    "rank",
+    "reduce_metrics",
+    "save_checkpoint",
+    "setup",
+    "shard",
+    "sync_gradients",
+    "teardown",
+    "torchrun_command",
+    "unwrap",
+    "world_size",
+    "wrap",
+]
