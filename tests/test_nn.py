@@ -75,7 +75,7 @@ def test_mlp_rejects_bad_arguments_naming_them(kwargs: dict, argument: str) -> N
 
 
 def test_mlp_error_lists_allowed_values() -> None:
-    with pytest.raises(ValueError, match="relu.*sigmoid.*tanh.*gelu"):
+    with pytest.raises(ValueError, match=r"relu.*sigmoid.*tanh.*gelu"):
         MLP(4, 2, activation="swish")
     with pytest.raises(ValueError, match="branch_scale"):
         ResidualMLP(4, 2, branch_scale=0.0)
