@@ -122,3 +122,42 @@ def test_state_keys_are_torch_names() -> None:
                       (optim.Lion([p]), {"step", "exp_avg"})]:
         opt.step()
         assert set(opt.state[p]) == keys
+
+
+def _torch_optimizer_inputs() -> list[tuple[str, dict]]:
+    """torch's own test inputs for its optimizers (``common_optimizers.optim_db``), reused as scenarios."""
+    from torch.testing._internal.common_optimizers import optim_db
+
+    cases = []
+    for info in optim_db:
+        name = info.optim_cls.__name__
+        if name in ("SGD", "Adam", "AdamW"):
+            for entry in info.optim_inputs_func(device="cpu"):
+                cases.append((name, dict(entry.kwargs)))
+    return cases
+
+
+TORCH_INPUTS = _torch_optimizer_inputs()
+
+
+@pytest.mark.parametrize(("name", "kwargs"), TORCH_INPUTS,
+                         ids=[f"{n}-{'-'.join(map(str, k)) or 'default'}" for n, k in TORCH_INPUTS])
+def test_matches_torch_on_torchs_own_optimizer_inputs(name: str, kwargs: dict) -> None:
+    """Every configuration torch's OptimizerInfo tests for SGD/Adam/AdamW, float64, 100 steps."""
+    if not kwargs:
+        kwargs = {}
+    make_torch = getattr(torch.optim, name)
+    make_descend = getattr(optim, name)
+
+    def torch_factory(groups: list[dict]) -> torch.optim.Optimizer:
+        return make_torch(groups, **kwargs)
+
+    def descend_factory(groups: list[dict]) -> torch.optim.Optimizer:
+        return make_descend(groups, **kwargs)
+
+    negate = kwargs.get("maximize", False)
+    torch_factory.maximize = descend_factory.maximize = negate  # type: ignore[attr-defined]
+    expected = _run(torch_factory, torch.float64)
+    got = _run(descend_factory, torch.float64)
+    err = max(float((e - g).abs().max()) for e, g in zip(expected, got))
+    assert err <= 1e-12, f"{name}({kwargs}): max abs difference {err:.3g}"
