@@ -8,8 +8,11 @@ world needs, so a checkpoint written by 2 FSDP2 ranks loads into 1 process, DDP,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +27,17 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from descend.distributed._env import barrier
+from descend.distributed._env import barrier, is_distributed
 
 METADATA = ".metadata"
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Silence DCP's warning that it runs without a process group (intended for one process)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _states(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -48,7 +59,8 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: t
     """
     state = _states(model, optimizer)
     state["extra"] = pickle.dumps(dict(extra or {}))
-    dcp.save(state, checkpoint_id=os.fspath(path))
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=os.fspath(path), no_dist=not is_distributed())
     barrier()
 
 
@@ -64,7 +76,8 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module,
         raise FileNotFoundError(f"no complete DCP checkpoint at {path} (missing {METADATA})")
     state = _states(model, optimizer)
     state["extra"] = b""
-    dcp.load(state, checkpoint_id=os.fspath(path))
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=os.fspath(path), no_dist=not is_distributed())
     if optimizer is None:
         set_state_dict(model, (), model_state_dict=state["model"], optim_state_dict={})
     else:

@@ -227,11 +227,19 @@ def launch(nproc: int, argv: Sequence[str], *, env: Mapping[str, str] | None = N
         nproc: processes on this node (one per GPU on a GPU machine).
         argv: ``["script.py", args...]`` or ``["-m", "package", args...]``.
         env: extra environment variables for the processes.
-        timeout_s: kill the job after this many seconds (``subprocess.TimeoutExpired`` is raised).
+        timeout_s: stop the job after this many seconds (``subprocess.TimeoutExpired`` is raised).
         master_port: a fixed rendezvous port instead of ``--standalone``.
     """
     full_env = dict(os.environ)
     full_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     full_env.update(env or {})
-    cmd = torchrun_command(nproc, argv, master_port=master_port)
-    return subprocess.run(cmd, env=full_env, timeout=timeout_s, check=False).returncode
+    proc = subprocess.Popen(torchrun_command(nproc, argv, master_port=master_port), env=full_env)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except BaseException:  # timeout or Ctrl-C: SIGTERM lets torchrun stop its workers before it exits
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise

@@ -1,0 +1,147 @@
+"""A small training job for tests/test_distributed.py, run by torchrun (2 ranks) or imported (1 process).
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 job.py equivalence --out res.pt
+    ... job.py checkpoint --out res.pt --ckpt DIR          (FSDP2, save after --steps steps)
+    ... job.py fail --out res.pt --ckpt DIR --fail-step 5 --fail-rank 1 --mode exit|raise
+    ... job.py fail --out res.pt --ckpt DIR --resume       (continue from the latest checkpoint)
+
+The task is least squares with a 3-layer tanh MLP on 64 fixed examples; rank 0 writes the final
+parameters (full tensors) of each case to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from descend import distributed as dd
+from descend import optim
+from descend.optim._chain import ENGINES
+
+N, D_IN, D_OUT, HIDDEN = 64, 6, 2, 16
+GLOBAL_BATCH = 11  # shards of 6 and 5 examples, and a last batch of 9 per epoch (5 and 4): unequal on purpose
+STEPS = 20
+
+
+def problem() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(N, D_IN, generator=g)
+    y = torch.sin(x[:, :D_OUT] * 2) + 0.1 * torch.randn(N, D_OUT, generator=g)
+    return x, y
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh(),
+                         nn.Linear(HIDDEN, D_OUT))
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd_momentum": lambda p, **kw: optim.SGD(p, lr=0.05, momentum=0.9, **kw),
+    "adamw": lambda p, **kw: optim.AdamW(p, lr=1e-2, weight_decay=0.1, **kw),
+    "lion": lambda p, **kw: optim.Lion(p, lr=1e-3, weight_decay=0.1, **kw),
+    "adamw_clip": lambda p, **kw: optim.AdamW(p, lr=1e-2, max_grad_norm=0.05, **kw),
+    "full_batch_gd": lambda p, **kw: optim.SGD(p, lr=0.1, **kw),
+}
+
+
+def summed_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return 0.5 * (model(x) - y).square().sum()
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, start: int, stop: int, *, full_batch: bool = False,
+          on_step: Callable[[int], None] | None = None) -> None:
+    """Steps ``start..stop-1`` of the job; the same code for 1 process and for W ranks."""
+    x, y = problem()
+    sampler = dd.GlobalBatchSampler(N, GLOBAL_BATCH, seed=7)
+    for step in range(start, stop):
+        if on_step is not None:
+            on_step(step)
+        opt.zero_grad(set_to_none=True)
+        if full_batch:
+            dd.full_batch_backward(model, lambda s: summed_loss(model, x[s], y[s]), N, chunk_size=10)
+        else:
+            idx = sampler.global_batch(step)
+            mine = dd.shard(idx)
+            (summed_loss(model, x[mine], y[mine]) * dd.grad_scale(len(idx))).backward()
+        opt.step()
+
+
+def run_case(name: str, strategy: str, steps: int = STEPS, engine: str = "auto",
+             optimizer: Callable[..., torch.optim.Optimizer] | None = None) -> dict[str, Tensor]:
+    model = dd.wrap(make_model(), strategy)
+    opt = (optimizer or OPTIMIZERS[name])(model.parameters(), engine=engine)
+    train(model, opt, 0, steps, full_batch=name == "full_batch_gd")
+    return dd.full_state_dict(model)
+
+
+def engine_cases() -> dict[str, tuple[Callable[..., torch.optim.Optimizer], str]]:
+    """Every preset (with clipping, so the global norm crosses shards) under every engine."""
+    cases = {}
+    for name, cls in optim.OPTIMIZERS.items():
+        for engine in ENGINES[1:]:
+            cases[f"{name}/{engine}"] = (lambda p, cls=cls, **kw: cls(p, lr=1e-2, max_grad_norm=0.5, **kw)), engine
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("task", choices=["equivalence", "engines", "checkpoint", "fail"])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--case", default="adamw")
+    parser.add_argument("--fail-step", type=int, default=-1)
+    parser.add_argument("--fail-rank", type=int, default=1)
+    parser.add_argument("--mode", choices=["exit", "raise"], default="raise")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    dd.setup(timeout_s=30)
+    out: dict[str, object] = {"world_size": dd.world_size()}
+    t0 = time.perf_counter()
+    if args.task == "equivalence":
+        for strategy in ("ddp", "fsdp"):
+            for name in OPTIMIZERS:
+                out[f"{strategy}/{name}"] = run_case(name, strategy, args.steps)
+    elif args.task == "engines":
+        for key, (factory, engine) in engine_cases().items():
+            out[key] = run_case(key, "fsdp", args.steps, engine, factory)
+    elif args.task == "checkpoint":
+        for name in ("sgd_momentum", "adamw", "lion"):
+            model = dd.wrap(make_model(), "fsdp")
+            opt = OPTIMIZERS[name](model.parameters())
+            train(model, opt, 0, args.steps)
+            dd.save_checkpoint(os.path.join(args.ckpt, name), model, opt, extra={"step": args.steps})
+    else:  # fail / resume: FSDP2 AdamW, a checkpoint every 2 steps
+        model = dd.wrap(make_model(), "fsdp")
+        opt = OPTIMIZERS[args.case](model.parameters())
+        start = 0
+        if args.resume:
+            latest = dd.latest_checkpoint(args.ckpt)
+            assert latest is not None, f"no checkpoint under {args.ckpt}"
+            start = dd.load_checkpoint(latest, model, opt)["step"]
+            out["resumed_from"] = start
+
+        def on_step(step: int) -> None:
+            if step > start and step % 2 == 0:
+                dd.save_checkpoint(os.path.join(args.ckpt, f"step_{step:06d}"), model, opt, extra={"step": step})
+            if step == args.fail_step and dd.rank() == args.fail_rank:
+                if args.mode == "exit":
+                    os._exit(1)
+                raise RuntimeError(f"injected failure at step {step}")
+
+        train(model, opt, start, args.steps, on_step=on_step)
+        out["final"] = dd.full_state_dict(model)
+    out["seconds"] = time.perf_counter() - t0
+    if dd.is_main():
+        torch.save(out, args.out)
+    dd.teardown()
+
+
+if __name__ == "__main__":
+    dd.entrypoint(main)()
