@@ -1,1 +1,65 @@
-"""descend.train."""
+"""descend.train: the training loop, losses, sampling, schedules, checkpoints and metrics.
+
+from descend.train import Trainer, TrainConfig, build_model, make_optimizer
+model = build_model("mlp", bundle)
+trainer = Trainer(model, make_optimizer("adam", model.parameters()), bundle, TrainConfig(epochs=30), out_dir="run")
+summary = trainer.fit()         # later: Trainer(...).resume(); trainer.fit()
+"""
+
+from descend.train._build import (
+    DEFAULT_LR,
+    FULL_BATCH,
+    MODELS,
+    OPTIMIZER_NAMES,
+    build_model,
+    make_optimizer,
+    optimizer_class,
+)
+from descend.train._checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from descend.train._compare import CompareSpec, compare
+from descend.train._losses import LOSSES, cross_entropy, get_loss, l2_penalty, mse
+from descend.train._output import MetricsWriter, Progress
+from descend.train._run import RUN_FILES, RunError, RunSpec, check_out_dir, load_run_spec, prepare, run_training
+from descend.train._sampling import FullBatch, Minibatch, Sampler
+from descend.train._schedule import SCHEDULES, Schedule
+from descend.train._trainer import NonFiniteLossError, TrainConfig, Trainer, accumulate_gradient, seed_everything
+
+__all__ = [
+    "DEFAULT_LR",
+    "FULL_BATCH",
+    "LOSSES",
+    "MODELS",
+    "OPTIMIZER_NAMES",
+    "RUN_FILES",
+    "SCHEDULES",
+    "Checkpoint",
+    "CheckpointError",
+    "CompareSpec",
+    "FullBatch",
+    "MetricsWriter",
+    "Minibatch",
+    "NonFiniteLossError",
+    "Progress",
+    "RunError",
+    "RunSpec",
+    "Sampler",
+    "Schedule",
+    "TrainConfig",
+    "Trainer",
+    "accumulate_gradient",
+    "build_model",
+    "check_out_dir",
+    "compare",
+    "cross_entropy",
+    "get_loss",
+    "l2_penalty",
+    "load_checkpoint",
+    "load_run_spec",
+    "make_optimizer",
+    "mse",
+    "optimizer_class",
+    "prepare",
+    "run_training",
+    "save_checkpoint",
+    "seed_everything",
+]

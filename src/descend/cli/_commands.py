@@ -1,0 +1,219 @@
+"""What each subcommand does once its arguments are parsed: call the library and print the result."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from descend.cli._options import UsageError, collect
+
+
+def _out_dir(args: argparse.Namespace, command: str) -> Path:
+    from descend.cli import default_out
+
+    return Path(args.out or default_out(command))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def train(args: argparse.Namespace) -> int:
+    from descend.train import RunSpec, load_run_spec, run_training
+
+    values, given = collect(RunSpec, args)
+    if args.resume:
+        if args.out or args.overwrite:
+            raise UsageError("--resume DIR continues the run in DIR; drop --out/--overwrite")
+        other = sorted(given - {"steps", "epochs", "progress", "tensorboard", "threads"})
+        if other:
+            raise UsageError(
+                f"--resume uses the run's own config.json; only --steps/--epochs may change, not {other[0]}"
+            )
+        spec = load_run_spec(args.resume)
+        spec = replace(spec, **{k: values[k] for k in given})
+        if "steps" in given and "epochs" not in given:
+            spec = replace(spec, epochs=None)
+        out = Path(args.resume)
+    else:
+        spec = RunSpec.from_dict(values)
+        out = _out_dir(args, "train")
+    summary = run_training(spec, out, overwrite=args.overwrite, resume=bool(args.resume))
+    test = summary["test"]
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items())
+    print(f"test {shown} after {summary['steps']} steps ({summary['seconds']:.1f}s); run in {out}")
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    from descend.report import comparison_table, write_report
+    from descend.train import CompareSpec, check_out_dir
+    from descend.train import compare as run_compare
+
+    values, _ = collect(CompareSpec, args)
+    spec = CompareSpec.from_dict(values)
+    spec.optimizer_list()  # fail on a bad name before touching the output directory
+    spec.multipliers()
+    out = _out_dir(args, "compare")
+    check_out_dir(out, args.overwrite)
+    console = Console()
+    console.print(f"comparing {spec.optimizers} on {spec.data} ({spec.model}); writing to {out}")
+    results = run_compare(spec, log=lambda line: console.print(line, highlight=False))
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows = comparison_table(results)
+    table = Table(
+        title=f"{results['data']}: test {results['metric']} over {spec.seeds} seeds ({results['seconds']:.0f}s)"
+    )
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column == "optimizer" else "right")
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+
+    summary = {k: v for k, v in results.items() if k != "optimizers"}
+    summary["optimizers"] = {
+        name: {k: v for k, v in e.items() if k != "runs"}
+        | {"runs": [{k: v for k, v in r.items() if k != "history"} for r in e["runs"]]}
+        for name, e in results["optimizers"].items()
+    }
+    _write_json(out / "summary.json", _finite(summary))
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            [
+                "optimizer",
+                "lr",
+                "seed",
+                "diverged",
+                "test_loss",
+                "test_accuracy",
+                "val_loss",
+                "val_accuracy",
+                "steps_to_goal",
+                "seconds_to_goal",
+                "seconds",
+            ]
+        )
+        for name, e in results["optimizers"].items():
+            for r in e["runs"]:
+                test, val = r.get("test", {}), r.get("val", {})
+                writer.writerow(
+                    [
+                        name,
+                        e["lr"],
+                        r["seed"],
+                        r["diverged"],
+                        test.get("loss"),
+                        test.get("accuracy"),
+                        val.get("loss"),
+                        val.get("accuracy"),
+                        r.get("steps_to_goal"),
+                        r.get("seconds_to_goal"),
+                        r.get("seconds"),
+                    ]
+                )
+    write_report(results, out / "report.html")
+    console.print(f"wrote {out / 'report.html'}, {out / 'summary.json'}, {out / 'results.csv'}", highlight=False)
+    return 0
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: write them as null (a diverged sweep point scores -inf)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def gradflow(args: argparse.Namespace) -> int:
+    import torch
+
+    from descend import diagnostics, nn
+    from descend.data.registry import load_data
+    from descend.train import cross_entropy
+
+    activations = [a.strip() for a in args.activations.split(",") if a.strip()]
+    unknown = [a for a in activations if a not in nn.ACTIVATIONS]
+    if not activations or unknown:
+        raise UsageError(f"--activations: unknown {unknown or activations!r}; choose from {', '.join(nn.ACTIVATIONS)}")
+    if args.depth < 1 or args.width < 1 or args.batch < 1:
+        raise UsageError("--depth, --width and --batch must be >= 1")
+    out = _out_dir(args, "gradflow")
+    present = [p for p in ("gradflow.png", "gradflow.csv", "gradflow.json") if (out / p).exists()]
+    if present and not args.overwrite:
+        raise UsageError(f"{out} already holds a gradflow run ({present[0]}); pass --overwrite or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = load_data("digits", seed=args.seed)
+    x, y = bundle.train.inputs[0][: args.batch], bundle.train.targets[: args.batch]
+    results: dict[str, dict[str, float]] = {}
+    for activation in activations:
+        for residual in (False, True):
+            torch.manual_seed(args.seed)
+            model = nn.ResidualMLP(
+                bundle.in_features or 0,
+                bundle.out_features,
+                width=args.width,
+                depth=args.depth,
+                activation=activation,
+                residual=residual,
+            )
+            results[f"{activation} {'residual' if residual else 'plain'}"] = diagnostics.gradient_flow(
+                model, (x,), y, cross_entropy
+            )
+    diagnostics.plot_gradient_flow(
+        results, out / "gradflow.png", title=f"Gradient norm per layer, depth {args.depth}, width {args.width}"
+    )
+    layers = list(next(iter(results.values())))
+    with (out / "gradflow.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["layer", *results])
+        for layer in layers:
+            writer.writerow([layer, *(results[k][layer] for k in results)])
+    _write_json(out / "gradflow.json", results)
+    table = Table(title=f"‖∂L/∂W‖ per layer (depth {args.depth}); first/last = input-side over output-side")
+    table.add_column("layer")
+    for key in results:
+        table.add_column(key, justify="right")
+    for layer in layers:
+        table.add_row(layer, *(f"{results[k][layer]:.2e}" for k in results))
+    table.add_row("first/last", *(f"{_ratio(r):.2e}" for r in results.values()))
+    Console().print(table)
+    print(f"wrote {out / 'gradflow.png'}, {out / 'gradflow.csv'}")
+    return 0
+
+
+def _ratio(norms: dict[str, float]) -> float:
+    values = list(norms.values())
+    return values[0] / values[-1] if values[-1] else math.inf
+
+
+def optimizers(args: argparse.Namespace) -> int:
+    import torch
+
+    from descend import optim
+    from descend.train import DEFAULT_LR, FULL_BATCH, OPTIMIZER_NAMES, make_optimizer
+
+    for name in OPTIMIZER_NAMES:
+        opt = make_optimizer(name, [torch.zeros(1, requires_grad=True)])
+        note = "  (full-batch gradient descent: SGD on the whole training set)" if name in FULL_BATCH else ""
+        print(f"{name}  default lr {DEFAULT_LR[name]:g}{note}")
+        print(optim.explain(opt))
+        print()
+    return 0
