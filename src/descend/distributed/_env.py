@@ -93,8 +93,13 @@ def setup(backend: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -
 
 
 def teardown() -> None:
-    """Leave the process group (no-op when none is set up)."""
+    """Leave the process group (no-op when none is set up), after a barrier.
+
+    The barrier makes the ranks tear their connections down together: a rank that destroys its
+    group while a peer still talks to it can crash at exit (gloo's worker threads).
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
