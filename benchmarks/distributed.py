@@ -6,7 +6,7 @@ fixed global batch split over the ranks (strong scaling: a step does the same wo
 1-process row is the unwrapped model; its steps/s is the baseline of the ratio column. The device
 is whatever the ranks get (``descend.distributed.device()``): CPU with gloo here, one GPU per rank
 with NCCL on a CUDA machine, where ``--nprocs`` is capped at the GPU count. On CPU the cores are
-split evenly (``OMP_NUM_THREADS = cores / W``), so every row uses the same CPU.
+split evenly (``OMP_NUM_THREADS = cores / W``, or ``--threads``), so every row uses the same CPU.
 
     python benchmarks/distributed.py                              # small MLP, 1 and 2 processes, CPU
     python benchmarks/distributed.py --model-size 100m --batch 64  # ~100M parameters (a GPU)
@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="global batch (split over the processes)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (default: cores / W)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="none", help=argparse.SUPPRESS)
@@ -133,7 +134,8 @@ def main() -> None:
             argv = [__file__, "--worker", "--strategy", strategy, "--result", str(result),
                     "--model-size", args.model_size, "--batch", str(args.batch), "--steps", str(args.steps),
                     "--warmup", str(args.warmup)]
-            code = dd.launch(n, argv, env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))},
+            threads = args.threads or max(1, (os.cpu_count() or 1) // n)
+            code = dd.launch(n, argv, env={"OMP_NUM_THREADS": str(threads)},
                              timeout_s=3600)
             if code != 0:
                 raise SystemExit(f"the {n}-process {strategy} run failed (exit code {code})")
