@@ -78,10 +78,14 @@ class ChainOptimizer(torch.optim.Optimizer):
         lr: learning rate (group key ``lr``).
         maximize: ascend instead of descend (``g <- -g``).
         engine: how steps execute: ``"reference"`` (readable per-tensor loop, the oracle),
-            ``"foreach"`` (multi-tensor), ``"compiled"`` (one fused kernel via ``torch.compile``) or
-            ``"auto"``. Every engine runs the same rule code.
+            ``"foreach"`` (multi-tensor ``torch._foreach_*`` launches), ``"compiled"`` (one fused pass
+            per bucket via ``torch.compile``; warns and falls back to foreach without a compiler) or
+            ``"auto"`` (foreach: no compile latency). Every engine runs the same rule code; see
+            :mod:`descend.optim._engines`.
         state_dtype: dtype of the optimizer state (default: the parameter's dtype), e.g.
-            ``torch.bfloat16`` to halve the state memory.
+            ``torch.bfloat16`` to halve the state memory (2 bytes per state value). bfloat16 state is
+            updated in float32 and written back with stochastic rounding, so small EMA updates are
+            not lost to rounding.
         **hyper: overrides of rule hyperparameters by group key (e.g. ``beta=0.95``).
     """
 
@@ -121,18 +125,36 @@ class ChainOptimizer(torch.optim.Optimizer):
         for rule in self.all_rules:
             rule.validate(rule.read(group))
 
+    #: ``torch.amp.GradScaler`` hands the scale to :meth:`step` instead of unscaling the gradients itself.
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None, *,  # type: ignore[override]
+             grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> Any:
         """Take one step: run the chain on every parameter that has a gradient.
 
         Args:
             closure: re-evaluates the model and returns the loss (run with grad enabled).
+            grad_scale: the loss scale of mixed-precision training; gradients are divided by it inside
+                the step (``.grad`` is left as it is). ``torch.amp.GradScaler`` passes it (as the
+                attribute ``grad_scale``, which is read when the argument is absent).
+            found_inf: nonzero when a scaled gradient overflowed; the whole step is then skipped
+                (parameters, state and step counts unchanged). Read from the attribute ``found_inf``
+                when absent.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._engine.step()
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.sum() != 0):
+            return loss
+        if grad_scale is not None and not torch.is_tensor(grad_scale):
+            grad_scale = torch.tensor(float(grad_scale))
+        self._engine.step(grad_scale)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
