@@ -1,0 +1,343 @@
+"""Every engine against the reference engine, and the step features they share (AMP, bf16 state)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from descend import optim
+from descend.optim._engines import CompiledEngine, ForeachEngine, ReferenceEngine
+from descend.optim._rounding import stochastic_round, stochastic_round_
+from descend.optim._tensorlist import TensorList
+
+SHAPES = [(3, 4), (5,), (2, 3, 2), (0,), (7,), (4, 1)]
+
+PRESETS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd_nesterov_l2": lambda g, **k: optim.SGD(g, lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.01, **k),
+    "sgd_plain": lambda g, **k: optim.SGD(g, lr=0.01, **k),
+    "momentum": lambda g, **k: optim.Momentum(g, **k),
+    "signsgd": lambda g, **k: optim.SignSGD(g, weight_decay=0.1, **k),
+    "signum_box": lambda g, **k: optim.Signum(g, weight_decay=0.1, constraint="box", radius=0.5, **k),
+    "softsign_clip": lambda g, **k: optim.Softsign(g, max_grad_norm=1.0, **k),
+    "lion_maximize": lambda g, **k: optim.Lion(g, weight_decay=0.1, maximize=True, **k),
+    "adam_amsgrad_ball": lambda g, **k: optim.Adam(g, amsgrad=True, weight_decay=0.01, constraint="ball",
+                                                   radius=1.0, **k),
+    "adamw": lambda g, **k: optim.AdamW(g, **k),
+    "user_chain": lambda g, **k: optim.chain(g, optim.ema(0.9), optim.softsign(1e-3), optim.decoupled_decay(0.1),
+                                             lr=0.01, **k),
+}
+
+
+def run(factory: Callable[..., torch.optim.Optimizer], engine: str, *, steps: int = 20,
+        dtype: torch.dtype = torch.float32, backend: Any = None, **kw: Any) -> list[torch.Tensor]:
+    """``steps`` steps on mixed shapes in two groups (different lr), one parameter sometimes without grad."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in SHAPES]
+    groups = [{"params": params[:3]}, {"params": params[3:], "lr": 0.003}]
+    opt = factory(groups, engine=engine, **kw)
+    if backend is not None:
+        opt._engine.backend = backend
+    for t in range(steps):
+        for i, p in enumerate(params):
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype)
+            p.grad = None if (i == 4 and t % 3 == 0) else g
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def assert_close(out: list[torch.Tensor], ref: list[torch.Tensor], rtol: float = 1e-6) -> None:
+    for a, b in zip(out, ref):
+        if b.numel():
+            err = float((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-12))
+            assert err <= rtol, f"relative error {err:.2e} > {rtol}"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_foreach_matches_reference(name: str, dtype: torch.dtype) -> None:
+    assert_close(run(PRESETS[name], "foreach", dtype=dtype), run(PRESETS[name], "reference", dtype=dtype))
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion_maximize", "sgd_nesterov_l2"])
+def test_foreach_bf16_params_match_reference(name: str) -> None:
+    out = run(PRESETS[name], "foreach", dtype=torch.bfloat16)
+    ref = run(PRESETS[name], "reference", dtype=torch.bfloat16)
+    for a, b in zip(out, ref):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_foreach_chunks_large_tensors_like_whole_ones() -> None:
+    """The foreach engine cuts contiguous tensors into flat chunks; the chunk size cannot change the result."""
+    outs = []
+    for chunk in (7, 1 << 20):
+        gen = torch.Generator().manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(10, 3), (4,), (33,)]]
+        opt = optim.AdamW(params, engine="foreach")
+        opt._engine = ForeachEngine(opt, chunk=chunk)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        outs.append([p.detach().clone() for p in params])
+    assert_close(outs[0], outs[1], rtol=0.0)
+
+
+def test_engine_names_and_auto() -> None:
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(optim.Adam(p, engine="reference")._engine, ReferenceEngine)
+    assert type(optim.Adam(p, engine="foreach")._engine) is ForeachEngine
+    assert type(optim.Adam(p)._engine) is ForeachEngine  # auto: no compile latency
+    assert isinstance(optim.Adam(p, engine="compiled")._engine, CompiledEngine)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        optim.Adam(p, engine="fast")
+
+
+# -- the compiled engine --------------------------------------------------------------------------
+class CountingBackend:
+    """A ``torch.compile`` backend that counts compilations and runs the traced graph eagerly."""
+
+    def __init__(self) -> None:
+        self.compiles = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        self.compiles += 1
+        return gm.forward
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_compiled_graph_matches_reference(name: str) -> None:
+    """The traced chain (no inductor: fast) computes what the reference does, with 0-d tensor hyperparameters."""
+    backend = CountingBackend()
+    assert_close(run(PRESETS[name], "compiled", backend=backend), run(PRESETS[name], "reference"))
+    assert backend.compiles >= 1
+
+
+def test_scheduler_causes_no_recompile() -> None:
+    backend = CountingBackend()
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 3), (5,)]]
+    opt = optim.AdamW(params, lr=1e-2, weight_decay=0.1, engine="compiled")
+    opt._engine.backend = backend
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=101, cycle_momentum=False)
+    for _ in range(100):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+        sched.step()
+        opt.param_groups[0]["weight_decay"] *= 0.99  # a scheduled weight decay: still no recompile
+    assert backend.compiles == 1
+    assert len(opt._engine.cache) == 1
+
+
+def test_compile_failure_warns_once_and_falls_back() -> None:
+    def broken(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        raise RuntimeError("no C++ compiler here")
+
+    ref = run(PRESETS["adamw"], "reference")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run(PRESETS["adamw"], "compiled", backend=broken)
+    messages = [str(w.message) for w in caught if "falling back" in str(w.message)]
+    assert len(messages) == 1
+    assert_close(out, ref)
+
+
+@pytest.fixture(scope="module")
+def inductor_run() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One real inductor-compiled AdamW run (compiled once for the module; tens of seconds on 2 cores)."""
+    factory = PRESETS["adam_amsgrad_ball"]
+    return run(factory, "compiled", backend="inductor", steps=10), run(factory, "reference", steps=10)
+
+
+@pytest.mark.slow
+def test_inductor_matches_reference(inductor_run: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+    out, ref = inductor_run
+    assert_close(out, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_inductor_every_preset(name: str) -> None:
+    assert_close(run(PRESETS[name], "compiled", backend="inductor", steps=8), run(PRESETS[name], "reference", steps=8))
+
+
+# -- state and step protocol ------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", ["foreach", "compiled"])
+def test_load_state_dict_resumes_identically(engine: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(s, generator=gen) for s in [(3,), (2, 2)]] for _ in range(6)]
+
+    def make() -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+        params = [torch.nn.Parameter(torch.ones(s)) for s in [(3,), (2, 2)]]
+        opt = optim.Adam(params, lr=0.1, engine=engine)
+        if engine == "compiled":
+            opt._engine.backend = CountingBackend()
+        return params, opt
+
+    params, opt = make()
+    for t in range(6):
+        if t == 3:
+            saved = copy.deepcopy(opt.state_dict())
+            saved_params = [p.detach().clone() for p in params]
+        for p, g in zip(params, grads[t]):
+            p.grad = g
+        opt.step()
+    params2, opt2 = make()
+    with torch.no_grad():
+        for p, v in zip(params2, saved_params):
+            p.copy_(v)
+    opt2.load_state_dict(saved)
+    for t in range(3, 6):
+        for p, g in zip(params2, grads[t]):
+            p.grad = g
+        opt2.step()
+    assert_close([p.detach() for p in params2], [p.detach() for p in params], rtol=1e-7)
+
+
+def test_tensorlist_rejects_unknown_torch_function() -> None:
+    with pytest.raises(TypeError, match="TensorList does not implement"):
+        torch.tanh(TensorList([torch.zeros(2)]))
+
+
+# -- mixed precision: GradScaler protocol -----------------------------------------------------------
+@pytest.mark.parametrize("engine", ["reference", "foreach", "compiled"])
+def test_grad_scaler_matches_unscaled_and_skips_inf(engine: str) -> None:
+    def train(scaled: bool) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        opt = optim.AdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0, engine=engine)
+        if engine == "compiled":
+            opt._engine.backend = CountingBackend()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled)
+        x, y = torch.randn(16, 4), torch.randn(16, 1)
+        for t in range(6):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            scaler.scale(loss).backward()
+            if scaled and t == 3:  # an overflowing step: must change nothing
+                before = ([p.detach().clone() for p in model.parameters()],
+                          {k: v.clone() for k, v in opt.state[next(model.parameters())].items()})
+                next(model.parameters()).grad[0, 0] = float("inf")
+                scaler.step(opt)
+                scaler.update()
+                for p, b in zip(model.parameters(), before[0]):
+                    assert torch.equal(p.detach(), b)
+                for k, v in opt.state[next(model.parameters())].items():
+                    assert torch.equal(v, before[1][k]), k
+                continue
+            scaler.step(opt)
+            scaler.update()
+        return [p.detach() for p in model.parameters()], {}
+
+    scaled, _ = train(True)
+    # The unscaled run takes the same steps, skipping step 3 likewise.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = optim.AdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0, engine="reference")
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for t in range(6):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if t != 3:
+            opt.step()
+    assert_close(scaled, [p.detach() for p in model.parameters()])
+
+
+def test_step_accepts_grad_scale_and_found_inf_directly() -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = optim.SGD([p], lr=0.5)
+    p.grad = torch.full((3,), 8.0)
+    opt.step(grad_scale=torch.tensor(4.0))
+    torch.testing.assert_close(p.detach(), torch.zeros(3))  # 1 - 0.5 * 8/4
+    opt.step(grad_scale=torch.tensor(4.0), found_inf=torch.tensor([1.0]))
+    torch.testing.assert_close(p.detach(), torch.zeros(3))
+    assert p.grad is not None and torch.equal(p.grad, torch.full((3,), 8.0))  # .grad left as it was
+
+
+# -- bf16 state and stochastic rounding -------------------------------------------------------------
+def test_stochastic_rounding_is_unbiased() -> None:
+    torch.manual_seed(0)
+    x = torch.tensor([1.0 + 2.0**-10, -3.14159, 1e-3 + 1e-7, 0.1, 65504.3])
+    many = x.repeat(200_000, 1)
+    rounded = stochastic_round(many).float()
+    assert torch.all(torch.isin(rounded[:, 0], torch.tensor([1.0, 1.0078125])))  # the two neighbours
+    mean = rounded.double().mean(0)
+    ulp = (x.abs() * 2.0**-7).double()
+    assert torch.all((mean - x.double()).abs() < 0.01 * ulp)  # within 1% of an ulp: unbiased
+    nearest = many.to(torch.bfloat16).float().double().mean(0)
+    assert (nearest[0] - x[0]).abs() > 0.1 * ulp[0]  # round-to-nearest is biased for this value
+    y = many.clone()
+    stochastic_round_(y)
+    assert torch.equal(y.to(torch.bfloat16).float(), y)  # in place: exactly representable
+
+
+def test_stochastic_rounding_keeps_non_finite() -> None:
+    x = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0])
+    out = stochastic_round(x).float()
+    assert out[0] == float("inf") and out[1] == float("-inf") and torch.isnan(out[2])
+    assert out[3] == 0 and out[4] == 0
+
+
+@pytest.mark.parametrize("engine", ["reference", "foreach", "compiled"])
+def test_bf16_state_is_bf16_and_tracks_fp32(engine: str) -> None:
+    """bf16 state takes 2 bytes per value and, with stochastic rounding, follows a small-step EMA."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(20_000))
+    opt = optim.Signum([p], lr=1e-3, beta=0.999, engine=engine, state_dtype=torch.bfloat16)
+    if engine == "compiled":
+        opt._engine.backend = CountingBackend()
+    g = torch.full((20_000,), 1.0)
+    for _ in range(300):
+        p.grad = g
+        opt.step()
+    m = opt.state[p]["exp_avg"]
+    assert m.dtype == torch.bfloat16 and m.element_size() == 2
+    exact = 1 - 0.999**300  # the fp32 EMA of a constant gradient 1
+    assert abs(float(m.float().mean()) - exact) < 0.01 * exact
+
+
+def test_bf16_state_with_plain_rounding_would_stall() -> None:
+    """Why stochastic rounding: round-to-nearest bf16 stops the EMA 0.999*m + 0.001 near m = 0.25."""
+    m = torch.zeros(1, dtype=torch.bfloat16)
+    for _ in range(3000):
+        m = torch.lerp(m, torch.ones(1, dtype=torch.bfloat16), 0.001)
+    assert float(m) < 0.5 < 1 - 0.999**3000
+
+
+@pytest.mark.parametrize("name", [pytest.param("lion", marks=pytest.mark.slow), "signum"])
+def test_bf16_state_training_run_matches_fp32(name: str) -> None:
+    """A small regression trained with bf16 state ends within 15% (+0.005) of the fp32-state loss."""
+    def train(state_dtype: torch.dtype | None) -> float:
+        torch.manual_seed(0)
+        x = torch.randn(256, 8)
+        y = torch.sin(x @ torch.randn(8, 1))
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+        cls = optim.Lion if name == "lion" else optim.Signum
+        opt = cls(model.parameters(), lr=3e-3, weight_decay=0.01,
+                  engine="foreach", state_dtype=state_dtype)
+        for _ in range(200):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(model(x), y))
+
+    fp32, bf16 = train(None), train(torch.bfloat16)
+    assert bf16 < 0.25, bf16  # it trained (the target variance is about 0.5)
+    assert abs(bf16 - fp32) <= 0.15 * fp32 + 0.005, (fp32, bf16)
+
+
+def test_zero_size_and_no_grad_params_are_fine() -> None:
+    for engine in ("foreach", "compiled"):
+        a, b = torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.ones(2))
+        opt = optim.Lion([a, b], engine=engine)
+        a.grad = torch.zeros(0)
+        opt.step()
+        opt.step()
+        assert torch.equal(b.detach(), torch.ones(2))
