@@ -25,7 +25,10 @@ def mse(outputs: Tensor, targets: Tensor) -> Tensor:
 
 def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
     """``mean_i -log softmax(outputs_i)[targets_i]``; ``outputs [..., C]`` logits, ``targets [...]`` ints."""
-    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]).float(), targets.reshape(-1))
+    logits = outputs.reshape(-1, outputs.shape[-1])
+    if logits.dtype not in (torch.float32, torch.float64):  # bf16/fp16 logits: softmax in float32
+        logits = logits.float()
+    return F.cross_entropy(logits, targets.reshape(-1))
 
 
 LOSSES: dict[str, LossFn] = {"mse": mse, "cross_entropy": cross_entropy}

@@ -122,7 +122,7 @@ def accumulate_gradient(
     sizes = [_size(b, n) for b in batches]
     total = sum(sizes)
     device_type = next(model.parameters()).device.type
-    loss_sum = torch.zeros(())
+    loss_sum = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.int64) if count_correct else None
     for batch, size in zip(batches, sizes):
         inputs, targets = _take(split, batch)
@@ -131,13 +131,13 @@ def accumulate_gradient(
             loss = loss_fn(outputs, targets)
         weighted = loss if size == total else loss * (size / total)
         weighted.backward()
-        loss_sum = loss_sum + weighted.detach().float().cpu()
+        loss_sum = loss_sum + weighted.detach().double().cpu()
         if correct is not None:
             correct += (outputs.detach().argmax(-1) == targets).sum().cpu()
     if l2:
         penalty = l2_penalty([p for p in model.parameters() if p.requires_grad], l2)
         penalty.backward()
-        loss_sum = loss_sum + penalty.detach().cpu()
+        loss_sum = loss_sum + penalty.detach().double().cpu()
     return loss_sum, correct
 
 

@@ -1,0 +1,78 @@
+"""Checkpoints: exact round trips without pickle, atomic replacement, clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from descend.data._base import DataBundle, Split
+from descend.train import CheckpointError, TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from descend.train._checkpoint import decode, encode
+
+
+def test_encode_decode_round_trip_keeps_types_and_bits() -> None:
+    state = {
+        "state": {0: {"step": torch.tensor(3.0), "m": torch.randn(2, 3)}},
+        "groups": [{"betas": (0.9, 0.99), "lr": 1e-3, "name": None}],
+        "flag": True,
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    back = decode(json.loads(json.dumps(encode(state, tensors))), tensors)
+    assert set(back["state"]) == {0} and back["groups"][0]["betas"] == (0.9, 0.99)
+    assert torch.equal(back["state"][0]["m"], state["state"][0]["m"])
+    with pytest.raises(CheckpointError, match="cannot store"):
+        encode({"f": object()}, {})
+
+
+def test_save_keeps_the_newest_and_files_are_safetensors_and_json(tmp_path) -> None:
+    model = {"w": torch.arange(6.0).reshape(2, 3)}
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, {"step": step, "rng": torch.get_rng_state()}, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000002", "step-00000003"]
+    assert not list(tmp_path.glob(".*"))  # no temporary leftovers
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.step == 3 and torch.equal(ckpt.model["w"], model["w"])
+    assert sorted(p.name for p in ckpt.path.iterdir()) == ["model.safetensors", "state.json", "state.safetensors"]
+    assert json.loads((ckpt.path / "state.json").read_text())["format"] == 1
+
+
+def test_corrupt_or_missing_checkpoints_are_refused(tmp_path) -> None:
+    path = save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, {"x": torch.zeros(2)})
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(tmp_path)
+    (path / "state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "elsewhere")
+
+
+def _bundle() -> DataBundle:
+    x, y = torch.randn(20, 4), torch.randint(2, (20,))
+    s = Split((x,), y)
+    return DataBundle("toy", "classification", "vector", s, s, s, out_features=2, in_features=4)
+
+
+def test_mismatched_model_or_optimizer_is_refused(tmp_path) -> None:
+    model = nn.Linear(4, 2)
+    Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), 0.1),
+        _bundle(),
+        TrainConfig(steps=2, progress=False, tensorboard=False),
+        out_dir=tmp_path,
+    ).fit()
+    other = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with pytest.raises(CheckpointError, match="different model"):
+        Trainer(
+            other, torch.optim.SGD(other.parameters(), 0.1), _bundle(), TrainConfig(steps=2), out_dir=tmp_path
+        ).resume()
+    same = nn.Linear(4, 2)
+    with pytest.raises(CheckpointError, match="optimizer SGD"):
+        Trainer(same, torch.optim.Adam(same.parameters()), _bundle(), TrainConfig(steps=2), out_dir=tmp_path).resume()
