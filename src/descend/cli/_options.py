@@ -13,8 +13,6 @@ from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 __all__ = ["UsageError", "add_options", "collect"]
 
 _NONE = {"none", "null", ""}
@@ -93,6 +91,10 @@ def collect(spec: type, args: argparse.Namespace) -> tuple[dict[str, Any], set[s
         path = Path(args.config)
         if not path.is_file():
             raise UsageError(f"--config {path}: no such file")
+        try:
+            import tomllib  # Python >= 3.11
+        except ModuleNotFoundError as e:  # pragma: no cover - Python 3.10
+            raise UsageError("--config needs Python >= 3.11 (tomllib); use --set key=value instead") from e
         try:
             loaded = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
