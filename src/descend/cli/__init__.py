@@ -5,6 +5,7 @@
     descend compare                      # the whole optimizer family on digits, report in runs/
     descend gradflow --depth 32 --activations sigmoid,tanh,relu --out runs/gradflow
     descend optimizers
+    descend experiments all --out docs/figures   # one figure per claim
 
 Bad input is one line on stderr, ``descend: error: ...``, and exit status 2 (``--debug``: the
 traceback). A run whose loss becomes NaN/inf stops with exit status 1, its last good checkpoint kept.
@@ -77,6 +78,19 @@ def _parser() -> argparse.ArgumentParser:
 
     optimizers = sub.add_parser("optimizers", parents=[common], help="list the optimizers with their equations")
     optimizers.set_defaults(func=c.optimizers)
+
+    experiments = sub.add_parser(
+        "experiments",
+        parents=[common],
+        help="reproduce one claim about training (or all): numbers and a PNG",
+        description="Run an experiment that shows one idea of the system working; writes NAME.png and NAME.json. "
+        "Names: gd-vs-sgd, momentum-noise, badly-scaled, adam-softsign, weight-decay, depth, point-sets, or all.",
+    )
+    experiments.add_argument("name", metavar="NAME", help="an experiment name, or 'all'")
+    experiments.add_argument("--out", default=None, help="output directory (default: runs/experiments-<time>)")
+    experiments.add_argument("--quick", action="store_true", help="shorter runs (as the tests use)")
+    experiments.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default: 0)")
+    experiments.set_defaults(func=c.experiments)
     return parser
 
 

@@ -217,3 +217,18 @@ def optimizers(args: argparse.Namespace) -> int:
         print(optim.explain(opt))
         print()
     return 0
+
+
+def experiments(args: argparse.Namespace) -> int:
+    from descend import experiments as ex
+
+    names = list(ex.EXPERIMENTS) if args.name == "all" else [args.name]
+    if args.name != "all" and args.name not in ex.EXPERIMENTS:
+        raise UsageError(f"unknown experiment {args.name!r}; choose one of {', '.join(ex.EXPERIMENTS)}, or all")
+    out = _out_dir(args, "experiments")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        print(f"== {name}")
+        result = ex.run(name, out, quick=args.quick, seed=args.seed)
+        print(f"wrote {result['figure']} and {result['json']} ({result['seconds']:.1f}s)")
+    return 0
