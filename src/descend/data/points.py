@@ -2,8 +2,8 @@
 
 - :func:`load_digits_points`: scikit-learn's 8x8 digits, each image a set of (pixel location,
   intensity) points with blank pixels dropped (classification, ``input_kind="pointset"``).
-- :func:`make_shapes`: 3-D point clouds of 5 solid shapes, randomly rotated, scaled and noised
-  (classification, ``input_kind="pointset"``).
+- :func:`make_shapes`: 3-D point clouds of 5 solid shapes, randomly rotated, scaled and noised,
+  then centred, optionally put in their principal axes (classification, ``input_kind="pointset"``).
 - :func:`make_gp1d`: 1-D functions drawn from Gaussian processes, observed at a variable number of
   context points, to be predicted at query points (regression, ``input_kind="pointset-query"``).
 
@@ -179,6 +179,14 @@ def _surface(shape: str, n: int, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(f"shape={shape!r} is not supported; expected one of {SHAPES}")
 
 
+def _principal_frame(p: np.ndarray) -> np.ndarray:
+    """A centred cloud ``[n, 3]`` in its principal axes: coordinate k along the k-th largest variance
+    direction, its sign chosen so the third moment along it is >= 0 (the cone's apex is on +z)."""
+    _, vectors = np.linalg.eigh(p.T @ p)  # ascending eigenvalues
+    q = p @ vectors[:, ::-1]
+    return q * np.where((q**3).sum(axis=0) >= 0, 1.0, -1.0)
+
+
 def make_shapes(
     n_per_class: int = 200,
     points: tuple[int, int] = (64, 160),
@@ -186,19 +194,27 @@ def make_shapes(
     noise: float = 0.02,
     scale: tuple[float, float] = (0.75, 1.25),
     value: str = "distance",
+    pose: str = "random",
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
 ) -> DataBundle:
     """3-D point clouds of 5 shapes (sphere, cube, cylinder, cone, torus), one class each.
 
     Each cloud: ``n ~ U{points[0]..points[1]}`` points uniform on the shape's surface, scaled by
-    ``U(scale)``, rotated by a uniformly random rotation, plus ``N(0, noise^2)`` jitter per coordinate.
-    The value channel is the distance to the cloud's centroid (``value="distance"``) or 1
-    (``"constant"``). Inputs ``(locations [M, N, 3], values [M, N, 1], mask [M, N])``, targets
-    ``long [M]`` with ``M = 5 n_per_class``.
+    ``U(scale)``, rotated by a uniformly random rotation, plus ``N(0, noise^2)`` jitter per coordinate,
+    then centred on its centroid. ``pose="principal"`` (opt-in) then expresses it in its principal axes
+    (largest variance first, each axis signed so the third moment along it is >= 0), the usual
+    normalisation of a point cloud's pose: what is left to learn is the shape, with the symmetric
+    shapes (sphere, cube) still in arbitrary orientations. ``pose="random"`` (the default) keeps the
+    random rotation, which a network must learn to ignore from the data alone. The value channel is
+    the distance to the centroid (``value="distance"``) or 1 (``"constant"``). Inputs
+    ``(locations [M, N, 3], values [M, N, 1], mask [M, N])``, targets ``long [M]`` with
+    ``M = 5 n_per_class``.
     """
     if value not in ("distance", "constant"):
         raise ValueError(f"value={value!r} is not supported; expected one of ('distance', 'constant')")
+    if pose not in ("principal", "random"):
+        raise ValueError(f"pose={pose!r} is not supported; expected one of ('principal', 'random')")
     lo, hi = points
     if not 1 <= lo <= hi:
         raise ValueError(f"points={points!r}: expected (min, max) with 1 <= min <= max")
@@ -211,7 +227,10 @@ def make_shapes(
         n = int(rng.integers(lo, hi + 1))
         p = _surface(SHAPES[label], n, rng) * rng.uniform(*scale)
         p = p @ _rotation(rng).T + noise * rng.standard_normal((n, 3))
-        d = np.linalg.norm(p - p.mean(axis=0), axis=1, keepdims=True)
+        p = p - p.mean(axis=0)  # centred: the class is in the shape, not in where the cloud sits
+        if pose == "principal":
+            p = _principal_frame(p)
+        d = np.linalg.norm(p, axis=1, keepdims=True)
         clouds.append(p)
         vals.append(d if value == "distance" else np.ones_like(d))
         labels.append(label)
@@ -220,7 +239,7 @@ def make_shapes(
     return _bundle(
         "shapes", "classification", "pointset", (locations, values, mask),
         torch.tensor(labels, dtype=torch.long), len(SHAPES), 3, 1, seed, val_fraction, test_fraction,
-        {"classes": list(SHAPES), "points": (lo, hi), "value": value, "noise": noise},
+        {"classes": list(SHAPES), "points": (lo, hi), "value": value, "noise": noise, "pose": pose},
     )
 
 
