@@ -79,6 +79,16 @@ def clip_coefficients(opt: ChainOptimizer, grad_scale: Tensor | None = None) -> 
     return [torch.clamp(group[key] / (total + 1e-6), max=1.0) for group in opt.param_groups]
 
 
+def weight_keep(opt: ChainOptimizer, group: dict[str, Any]) -> Any:
+    """The factor decoupled decay multiplies the weights by this step (1 without decay)."""
+    keep: Any = 1
+    for rule in opt.decays:
+        hp = rule.read(group)
+        if rule.active(hp):
+            keep = keep * rule.keep(hp, group["lr"])
+    return keep
+
+
 def rule_state(rule: Rule, state: dict[str, Any], w: Tensor, hp: dict[str, Any],
                dtype: torch.dtype | None) -> tuple[dict[str, Tensor], bool]:
     """The rule's view of a parameter's state (by the rule's own names), created if missing."""
@@ -120,7 +130,7 @@ class Engine:
 
 
 class ReferenceEngine(Engine):
-    """The readable loop: for each parameter, ``u <- g``, each active rule in turn, ``w <- w + u``."""
+    """The readable loop: per parameter ``u <- g``, each active rule in turn, ``w <- keep*w + u``."""
 
     name = "reference"
 
@@ -129,11 +139,13 @@ class ReferenceEngine(Engine):
         clip = clip_coefficients(opt, grad_scale)
         for gi, group in enumerate(opt.param_groups):
             live = live_rules(opt, group, None if clip is None else clip[gi])
+            keep = weight_keep(opt, group)
             for p in group["params"]:
                 if p.grad is not None:
-                    self.step_param(p, group, live, grad_scale)
+                    self.step_param(p, group, live, keep, grad_scale)
 
-    def step_param(self, p: Tensor, group: dict[str, Any], live: Live, grad_scale: Tensor | None = None) -> None:
+    def step_param(self, p: Tensor, group: dict[str, Any], live: Live, keep: Any = 1,
+                   grad_scale: Tensor | None = None) -> None:
         """One step of one parameter (also the first step of every parameter under the other engines)."""
         opt = self.opt
         g = check_grad(p)
@@ -152,6 +164,8 @@ class ReferenceEngine(Engine):
             if widen:
                 for k, v in view.items():
                     write_back_(v, work[k])
+        if keep != 1:  # decoupled decay acts on w: w <- keep*w + u
+            p.mul_(keep)
         p.add_(u)
         for projection in opt.projections:
             projection.project_(p, projection.read(group))
@@ -186,6 +200,7 @@ class BucketEngine(Engine):
         clip = clip_coefficients(opt, grad_scale)
         for gi, group in enumerate(opt.param_groups):
             live = live_rules(opt, group, None if clip is None else clip[gi])
+            keep = weight_keep(opt, group)
             buckets: dict[tuple[Any, ...], list[_Item]] = {}
             steps: dict[tuple[Any, ...], list[Tensor]] = {}
             for p in group["params"]:
@@ -196,7 +211,7 @@ class BucketEngine(Engine):
                 names = [[rule.state_names.get(n, n) for n in rule.state_keys(hp)] for rule, hp in live]
                 if (p.numel() == 0 or "step" not in state
                         or any(k not in state for keys in names for k in keys)):
-                    self.reference.step_param(p, group, live, grad_scale)
+                    self.reference.step_param(p, group, live, keep, grad_scale)
                     continue
                 key = (p.device, p.dtype, g.dtype, float(state["step"]))
                 buckets.setdefault(key, []).append(
@@ -205,12 +220,12 @@ class BucketEngine(Engine):
                 steps.setdefault(key, []).append(state["step"])
             for key, items in buckets.items():
                 torch._foreach_add_(steps[key], 1.0)
-                self.run_bucket(group, live, items, steps[key][0], grad_scale)
+                self.run_bucket(group, live, keep, items, steps[key][0], grad_scale)
                 self.project(group, [item.param for item in items])
 
-    def run_bucket(self, group: dict[str, Any], live: Live, items: list[_Item], step: Tensor,
+    def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
-        """Apply the chain to the bucket's parameters; ``step`` (0-d, already incremented) is shared."""
+        """Apply the chain to the bucket's parameters (``w <- keep*w + u``); ``step`` (0-d, incremented) is shared."""
         raise NotImplementedError
 
     def project(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -262,7 +277,7 @@ class ForeachEngine(BucketEngine):
         super().__init__(opt)
         self.chunk = chunk
 
-    def run_bucket(self, group: dict[str, Any], live: Live, items: list[_Item], step: Tensor,
+    def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
         step_value = int(step.item())
         widen = rounds_stochastically(self.opt)
@@ -281,6 +296,8 @@ class ForeachEngine(BucketEngine):
                     for k, v in view.items():
                         for dst, src in zip(v.tensors, work[k].tensors):
                             write_back_(dst, src)
+            if keep != 1:
+                w.mul_(keep)
             w.add_(u)
 
 
@@ -308,7 +325,7 @@ def _static_key(value: Any) -> Any:
 
 def _bucket_step(rules: tuple[Rule, ...], projections: tuple[Projection, ...], maximize: bool, widen: bool,
                  params: list[Tensor], grads: list[Tensor], states: list[list[dict[str, Tensor]]],
-                 hps: list[dict[str, Any]], phps: list[dict[str, Any]], step: Tensor,
+                 hps: list[dict[str, Any]], phps: list[dict[str, Any]], keep: Tensor | None, step: Tensor,
                  grad_scale: Tensor | None) -> None:
     """The chain over every parameter of a bucket, written for ``torch.compile`` to fuse."""
     for i, (w, g) in enumerate(zip(params, grads)):
@@ -321,6 +338,8 @@ def _bucket_step(rules: tuple[Rule, ...], projections: tuple[Projection, ...], m
             if widen:
                 for k, v in view.items():
                     v.copy_(stochastic_round(work[k], v.dtype))
+        if keep is not None:
+            w.mul_(keep)
         w.add_(u)
         for projection, php in zip(projections, phps):
             projection.project_(w, php)
@@ -351,10 +370,10 @@ class CompiledEngine(BucketEngine):
     def reset(self) -> None:
         self.cache.clear()
 
-    def run_bucket(self, group: dict[str, Any], live: Live, items: list[_Item], step: Tensor,
+    def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
         if self.fallback is not None:
-            self.fallback.run_bucket(group, live, items, step, grad_scale)
+            self.fallback.run_bucket(group, live, keep, items, step, grad_scale)
             return
         rules = tuple(rule for rule, _ in live)
         projections = tuple(self.opt.projections)
@@ -362,7 +381,9 @@ class CompiledEngine(BucketEngine):
         phps = [_as_tensors(projection.read(group), ()) for projection in projections]
         params = [item.param for item in items]
         widen = rounds_stochastically(self.opt)
-        key = (rules, bool(group["maximize"]), widen, grad_scale is not None,
+        no_decay = isinstance(keep, (int, float)) and keep == 1
+        keep_t = None if no_decay else torch.tensor(float(keep), dtype=torch.float64)
+        key = (rules, bool(group["maximize"]), widen, grad_scale is not None, keep_t is None,
                tuple((hp[k] if k in rule.static else _static_key(v)) for (rule, hp), hps_r in zip(live, hps)
                      for k, v in hps_r.items()),
                tuple((p.shape, p.stride(), p.dtype, p.device, item.grad.dtype, item.grad.stride(),
@@ -377,14 +398,14 @@ class CompiledEngine(BucketEngine):
         states = [[item.states[r] for item in items] for r in range(len(live))]
         try:
             fn(rules, projections, bool(group["maximize"]), widen, params, [item.grad for item in items], states,
-               hps, phps, step, scale)
+               hps, phps, keep_t, step, scale)
         except Exception as err:  # no compiler, an unsupported op: run the same rules without one
             warnings.warn(f"descend: engine='compiled' could not compile the optimizer step "
                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                           "falling back to engine='foreach'", RuntimeWarning, stacklevel=4)
             self.fallback = ForeachEngine(self.opt)
             self.cache.clear()
-            self.fallback.run_bucket(group, live, items, step, grad_scale)
+            self.fallback.run_bucket(group, live, keep, items, step, grad_scale)
 
     def project(self, group: dict[str, Any], params: list[Tensor]) -> None:
         if self.fallback is not None:  # the compiled step projects inside its fused pass
