@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -217,6 +218,18 @@ def test_constraint_state_reports_the_implied_box() -> None:
     assert state["fraction_at_bound"] == pytest.approx(0.5)  # |w| >= radius - lr
     assert optim.constraint_state(optim.AdamW([w], weight_decay=0.5))[0]["radius"] is None
     assert optim.constraint_state(optim.Adam([w], constraint="box", radius=3.0))[0]["radius"] == 3.0
+
+
+def test_deepcopy_keeps_the_chain_and_continues_identically() -> None:
+    model = _model()
+    opt = optim.Lion(model.parameters(), lr=1e-3, weight_decay=0.1)
+    _train(model, opt, 2)
+    model_copy, opt_copy = copy.deepcopy((model, opt))
+    assert "lion" in repr(opt_copy) and opt_copy.param_groups[0]["lr"] == 1e-3
+    _train(model, opt, 3, start=2)
+    _train(model_copy, opt_copy, 3, start=2)
+    for a, b in zip(model.parameters(), model_copy.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_drop_in_for_a_torch_training_loop() -> None:

@@ -171,6 +171,19 @@ class ChainOptimizer(torch.optim.Optimizer):
                             self.state[p][key] = value.to(state_dtype)
         self._engine.reset()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; a chain also needs its rules.
+        state = super().__getstate__()
+        state.update(rules=self.rules, decays=self.decays, projections=self.projections, engine=self.engine,
+                     state_dtype=self.state_dtype)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        from descend.optim._engines import make_engine
+
+        self._engine = make_engine(self, self.engine)
+
     def __repr__(self) -> str:
         chain = " -> ".join(rule.name for rule in self.all_rules)
         return f"{type(self).__name__}({chain}; engine={self.engine}, groups={len(self.param_groups)})"
