@@ -2,6 +2,8 @@
 
     descend train --data digits --model mlp --optimizer adam --out runs/adam
     descend train --resume runs/adam --steps 2000
+    descend train --nproc 2 --optimizer adamw --out runs/ddp     # 2 processes (torchrun), DDP
+    torchrun --nproc_per_node=2 -m descend train --strategy fsdp --out runs/fsdp
     descend compare                      # the whole optimizer family on digits, report in runs/
     descend gradflow --depth 32 --activations sigmoid,tanh,relu --out runs/gradflow
     descend optimizers
@@ -9,6 +11,7 @@
 
 Bad input is one line on stderr, ``descend: error: ...``, and exit status 2 (``--debug``: the
 traceback). A run whose loss becomes NaN/inf stops with exit status 1, its last good checkpoint kept.
+Under torchrun a failing rank prints ``descend: rank R failed: ...`` and the job exits non-zero.
 """
 
 from __future__ import annotations
@@ -101,6 +104,13 @@ def _add_run_args(parser: argparse.ArgumentParser, with_resume: bool) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     if with_resume:
         parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR (may raise --steps/--epochs)")
+        parser.add_argument(
+            "--nproc",
+            type=int,
+            metavar="N",
+            default=None,
+            help="train on N local processes through torchrun (default: 1, or torchrun's own)",
+        )
 
 
 def default_out(command: str) -> str:
@@ -114,30 +124,48 @@ def main(argv: list[str] | None = None) -> int:
     from descend.data.tabular import DataError
     from descend.train import CheckpointError, NonFiniteLossError, RunError
 
+    reported = False  # a torchrun rank's error is printed by descend.distributed.entrypoint, with its rank
+
+    def error(message: str) -> None:
+        if not reported:
+            _error(message)
+
     try:
         args = _parser().parse_args(argv)
         if not getattr(args, "command", None):
             _parser().print_help()
             return 0
-        return int(args.func(args))
+        args.argv = argv
+        func = args.func
+        if _is_rank():  # one rank of a torchrun job: say which rank failed (torchrun then stops the rest)
+            from descend.distributed import entrypoint
+
+            func, reported = entrypoint(func), True
+        return int(func(args))
     except (UsageError, RunError, DataError, CheckpointError) as e:
         if debug:
             raise
-        _error(str(e))
+        error(str(e))
         return 2
     except NonFiniteLossError as e:
         if debug:
             raise
-        _error(str(e))
+        error(str(e))
         return 1
     except KeyboardInterrupt:
-        _error("interrupted")
+        error("interrupted")
         return 130
     except Exception as e:
         if debug:
             raise
-        _error(f"{type(e).__name__}: {e} (run again with --debug for the traceback)")
+        error(f"{type(e).__name__}: {e} (run again with --debug for the traceback)")
         return 1
+
+
+def _is_rank() -> bool:
+    from descend.distributed import launched
+
+    return launched()
 
 
 def _error(message: str) -> None:

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -31,14 +32,53 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc N`` / ``--nproc=N`` (the workers must not launch again)."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = i + 1 < len(argv)
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def _launch_train(args: argparse.Namespace) -> int:
+    """``descend train --nproc N``: start N local ranks of ``descend train`` with torchrun."""
+    from descend import distributed as dd
+
+    argv = list(args.argv)
+    argv.remove("train")  # the first one is the command; options such as --debug may come before it
+    argv = _without_nproc(argv)
+    if not args.resume and not args.out:  # one directory for all ranks, named here
+        argv += ["--out", str(_out_dir(args, "train"))]
+    code = dd.launch(args.nproc, ["-m", "descend", "train", *argv])
+    if code != 0:
+        print(
+            f"descend: error: the {args.nproc}-process run failed (exit code {code}); "
+            "the failing rank and its error are printed above",
+            file=sys.stderr,
+        )
+    return code
+
+
 def train(args: argparse.Namespace) -> int:
+    from descend import distributed as dd
     from descend.train import RunSpec, load_run_spec, run_training
 
     values, given = collect(RunSpec, args)
+    if args.nproc is not None and args.nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc is not None and args.nproc > 1 and not dd.launched():
+        if not args.resume:
+            RunSpec.from_dict(values)  # a bad option fails here, not once per rank
+        return _launch_train(args)
     if args.resume:
         if args.out or args.overwrite:
             raise UsageError("--resume DIR continues the run in DIR; drop --out/--overwrite")
-        other = sorted(given - {"steps", "epochs", "progress", "tensorboard", "threads"})
+        other = sorted(given - {"steps", "epochs", "progress", "tensorboard", "threads", "strategy"})
         if other:
             raise UsageError(
                 f"--resume uses the run's own config.json; only --steps/--epochs may change, not {other[0]}"
@@ -51,10 +91,18 @@ def train(args: argparse.Namespace) -> int:
     else:
         spec = RunSpec.from_dict(values)
         out = _out_dir(args, "train")
+    joined = dd.launched() and not dd.is_distributed()
+    if joined:  # a rank of a torchrun job
+        dd.setup("gloo")
+        out = Path(dd.broadcast_object(str(out)))  # a default --out names the time: take rank 0's
     summary = run_training(spec, out, overwrite=args.overwrite, resume=bool(args.resume))
-    test = summary["test"]
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items())
-    print(f"test {shown} after {summary['steps']} steps ({summary['seconds']:.1f}s); run in {out}")
+    if dd.is_main():
+        test = summary["test"]
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items())
+        world = f" on {dd.world_size()} processes ({spec.strategy})" if dd.world_size() > 1 else ""
+        print(f"test {shown} after {summary['steps']} steps ({summary['seconds']:.1f}s){world}; run in {out}")
+    if joined:
+        dd.teardown()
     return 0
 
 

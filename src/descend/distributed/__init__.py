@@ -33,6 +33,7 @@ from descend.distributed._env import (
     DistInfo,
     all_reduce_sum,
     barrier,
+    broadcast_object,
     default_backend,
     device,
     entrypoint,
@@ -59,6 +60,7 @@ from descend.distributed._sampling import (
 )
 from descend.distributed._wrap import (
     STRATEGIES,
+    check_wrapped,
     default_fsdp_units,
     is_data_parallel,
     sync_gradients,
@@ -75,6 +77,8 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "batch_size_of",
+    "broadcast_object",
+    "check_wrapped",
     "default_backend",
     "default_fsdp_units",
     "device",

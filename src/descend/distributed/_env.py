@@ -157,6 +157,18 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` (picklable) on every rank; ``obj`` itself outside a process group.
+
+    Use it where ranks could disagree, e.g. on a default output directory named after the time.
+    """
+    if not (is_distributed() and world_size() > 1):
+        return obj
+    box: list[Any] = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def reduce_metrics(metrics: Mapping[str, float | torch.Tensor], count: float = 1.0) -> dict[str, float]:
     """Average metrics over ranks, each rank weighted by the examples it measured them on.
 

@@ -13,6 +13,11 @@ A step directory is written under a temporary name and renamed into place; ``lat
 then replaced with ``os.replace``; only after that are older step directories removed (the newest
 ``keep`` survive). A crash at any point leaves ``latest.json`` pointing at a complete checkpoint.
 Loading verifies the checksums and never unpickles anything.
+
+A run of ``W > 1`` processes writes its step directories with torch.distributed.checkpoint
+instead (every rank its shards, plus a ``.metadata`` file; see :func:`is_sharded`), and
+``latest.json`` gains ``"kind": "dcp"``; it is replaced only after every rank has finished, so the
+same guarantee holds. Either kind resumes at any world size (``Trainer.resume``).
 """
 
 from __future__ import annotations
@@ -30,7 +35,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-__all__ = ["FORMAT", "Checkpoint", "CheckpointError", "decode", "encode", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "Checkpoint",
+    "CheckpointError",
+    "commit_checkpoint",
+    "decode",
+    "encode",
+    "is_sharded",
+    "latest_dir",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 FORMAT = 1
 
@@ -138,12 +154,40 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_json(root / "latest.json", {"format": FORMAT, "step": step, "dir": name})
+    commit_checkpoint(root, step, name, keep=keep)
+    return final
+
+
+def commit_checkpoint(root: str | Path, step: int, name: str, *, keep: int = 2, kind: str | None = None) -> None:
+    """Point ``root/latest.json`` at the complete step directory ``name``, then drop all but the newest ``keep``."""
+    root = Path(root)
+    entry: dict[str, Any] = {"format": FORMAT, "step": step, "dir": name}
+    if kind is not None:
+        entry["kind"] = kind
+    _write_json(root / "latest.json", entry)
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[: max(0, len(steps) - keep)]:
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def is_sharded(path: str | Path) -> bool:
+    """True for a step directory written by torch.distributed.checkpoint (a multi-process run)."""
+    return (Path(path) / ".metadata").is_file()
+
+
+def latest_dir(root: str | Path) -> Path:
+    """The step directory ``root/latest.json`` points at (or ``root`` itself, a step directory)."""
+    root = Path(root)
+    if (root / "latest.json").is_file():
+        try:
+            latest = json.loads((root / "latest.json").read_text())
+            return root / str(latest["dir"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint index {root / 'latest.json'} is corrupt ({e})") from e
+    if (root / "state.json").is_file() or is_sharded(root):
+        return root
+    raise CheckpointError(f"no checkpoint in {root} (expected latest.json or state.json)")
 
 
 def load_checkpoint(root: str | Path) -> Checkpoint:
@@ -151,17 +195,12 @@ def load_checkpoint(root: str | Path) -> Checkpoint:
 
     Raises :class:`CheckpointError` naming the problem when anything is missing or corrupt.
     """
-    root = Path(root)
-    if (root / "latest.json").is_file():
-        try:
-            latest = json.loads((root / "latest.json").read_text())
-            path = root / str(latest["dir"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint index {root / 'latest.json'} is corrupt ({e})") from e
-    elif (root / "state.json").is_file():
-        path = root
-    else:
-        raise CheckpointError(f"no checkpoint in {root} (expected latest.json or state.json)")
+    path = latest_dir(root)
+    if is_sharded(path):
+        raise CheckpointError(
+            f"checkpoint {path} was written by several processes (torch.distributed.checkpoint); "
+            "load it with Trainer.resume, which reads it at any world size"
+        )
     try:
         meta = json.loads((path / "state.json").read_text())
     except FileNotFoundError as e:

@@ -7,6 +7,10 @@
     out_dir/checkpoint/        the resumable state (see descend.train._checkpoint)
     out_dir/model.safetensors  the final weights
     out_dir/summary.json       {"train": {...}, "val": {...}, "test": {...}, "steps": ..., "seconds": ...}
+
+Under ``torchrun`` (``W > 1`` processes) the same call is one rank of a data-parallel run: it
+joins the process group (gloo: the trainer computes on the CPU), wraps the model with
+``spec.strategy`` (DDP or FSDP2), and only rank 0 writes files other than checkpoint shards.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from descend import __version__
+from descend import distributed as dd
 from descend.data.registry import load_data
 from descend.train._build import FULL_BATCH, build_model, make_optimizer
 from descend.train._trainer import TrainConfig, Trainer, seed_everything
@@ -87,6 +92,7 @@ class RunSpec:
     progress: bool = _opt(True, "progress bar on a terminal / periodic lines otherwise")
     tensorboard: bool = _opt(True, "also log to TensorBoard when it is installed")
     threads: int | None = _opt(None, "torch CPU threads (default: torch's own choice)")
+    strategy: str = _opt("ddp", "how W > 1 processes (torchrun, --nproc) share the model: ddp or fsdp")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunSpec:
@@ -141,6 +147,7 @@ def _validate(spec: RunSpec) -> None:
         (spec.lr is None or spec.lr > 0, f"--lr must be > 0, got {spec.lr}"),
         (spec.depth >= 0 and spec.width >= 1, f"--depth must be >= 0 and --width >= 1, got {spec.depth}, {spec.width}"),
         (spec.accumulation >= 1, f"--accumulation must be >= 1, got {spec.accumulation}"),
+        (spec.strategy in ("ddp", "fsdp"), f"--strategy must be ddp or fsdp, got {spec.strategy!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -156,8 +163,10 @@ def prepare(spec: RunSpec, out_dir: Path | None = None) -> Trainer:
     bundle = load_data(spec.data, target=spec.target, task=spec.task, seed=spec.seed)  # type: ignore[arg-type]
     try:
         model = build_model(spec.model, bundle, depth=spec.depth, width=spec.width, activation=spec.activation)
+        if dd.world_size() > 1:  # every rank built the same model from the same seed
+            model = dd.wrap(model, spec.strategy)
         optimizer = make_optimizer(spec.optimizer, model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-        return Trainer(model, optimizer, bundle, spec.train_config(), out_dir=out_dir)
+        return Trainer(model, optimizer, bundle, spec.train_config(), out_dir=out_dir, is_main=dd.is_main())
     except ValueError as e:
         raise RunError(str(e)) from e
 
@@ -168,23 +177,51 @@ def run_training(
     """Train as ``spec`` says, writing the run's files to ``out_dir``; return the summary.
 
     ``resume=True`` continues the run already in ``out_dir`` from its latest checkpoint (``spec``
-    should be its ``config.json``, possibly with more ``steps``/``epochs``).
+    should be its ``config.json``, possibly with more ``steps``/``epochs``), whatever the world
+    size that wrote it. Launched by torchrun, every rank calls this with the same arguments.
     """
+    joined = dd.launched() and not dd.is_distributed()
+    if joined:
+        dd.setup("gloo")  # the trainer keeps data and model on the CPU
     out_dir = Path(out_dir)
+    main = dd.is_main()
     if not resume:
-        check_out_dir(out_dir, overwrite)
+        _on_main(lambda: check_out_dir(out_dir, overwrite))
     trainer = prepare(spec, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    dd.barrier()
     if resume:
         trainer.resume()
-    _write_json(out_dir / "config.json", {"descend_version": __version__, **asdict(spec)})
+    if main:
+        _write_json(out_dir / "config.json", {"descend_version": __version__, **asdict(spec)})
     summary = trainer.fit()
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".model.", suffix=".safetensors")
-    os.close(fd)
-    save_file({k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}, tmp)
-    os.replace(tmp, out_dir / "model.safetensors")
-    _write_json(out_dir / "summary.json", summary)
+    if trainer.world > 1:
+        weights = dd.full_state_dict(trainer.model)  # every rank helps gather; rank 0 gets them
+    else:
+        weights = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}
+    if main:
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".model.", suffix=".safetensors")
+        os.close(fd)
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp)
+        os.replace(tmp, out_dir / "model.safetensors")
+        _write_json(out_dir / "summary.json", summary)
+    if joined:
+        dd.teardown()
     return summary
+
+
+def _on_main(check: Any) -> None:
+    """Run ``check()`` on rank 0 only; a :class:`RunError` it raises is raised on every rank."""
+    error = None
+    if dd.is_main():
+        try:
+            check()
+        except RunError as e:
+            error = str(e)
+    error = dd.broadcast_object(error)
+    if error is not None:
+        raise RunError(error)
 
 
 def load_run_spec(out_dir: str | Path) -> RunSpec:

@@ -8,12 +8,23 @@ One optimizer step, with micro-batches ``B_1 .. B_k`` of sizes ``m_j`` from the 
 (``λ = config.l2``; weight decay, if any, lives in the optimizer), then optionally clips
 ``||∇L||`` and lets the optimizer move ``w``.
 
-Hooks a subclass (e.g. a DDP/FSDP trainer launched by ``torchrun``) overrides:
+Under ``torchrun`` (``W > 1`` processes, model wrapped by :func:`descend.distributed.wrap`) the
+same loop is data parallel: every rank draws the same global micro-batches and keeps its share
+(:class:`~descend.distributed.ShardedSampler`); rank ``r`` backpropagates ``(W·m_rj/M)·mean``
+over its ``m_rj`` examples of micro-batch ``j`` and DDP/FSDP2 average over ranks on the last
+micro-batch only, so the step's gradient is the single-process one (see
+:func:`accumulate_sharded_gradient`). Full-batch GD is the case of one step per epoch.
+
+Hooks a subclass overrides:
 
 - :meth:`Trainer.reduce_metrics`: combine per-process sums before they are reported
-  (``dist.all_reduce``); identity here.
+  (an all-reduce sum over ranks; identity in one process).
 - :meth:`Trainer.on_log`: where a row of metrics goes; only called on the main process.
-- ``is_main``: rank 0 writes metrics, progress and checkpoints; other ranks only compute.
+- ``is_main``: rank 0 writes metrics, progress and files; at ``W > 1`` every rank writes its
+  shards of a checkpoint (torch.distributed.checkpoint), which resumes at any world size.
+
+Test hook: ``DESCEND_FAIL_AT_STEP=k`` (with ``DESCEND_FAIL_RANK=r``, default 0) makes rank ``r``
+raise before step ``k``; the tests use it to kill one rank of a job. Leave both unset.
 """
 
 from __future__ import annotations
@@ -21,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,15 +41,34 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
+from descend import distributed as dd
 from descend.data._base import DataBundle, Split
-from descend.train._checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from descend.train._checkpoint import (
+    CheckpointError,
+    commit_checkpoint,
+    is_sharded,
+    latest_dir,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from descend.train._losses import LossFn, get_loss, l2_penalty
 from descend.train._output import MetricsWriter, Progress
 from descend.train._sampling import Batch, FullBatch, Minibatch, Sampler
 from descend.train._schedule import Schedule
 
-__all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "accumulate_gradient", "seed_everything"]
+__all__ = [
+    "NonFiniteLossError",
+    "TrainConfig",
+    "Trainer",
+    "accumulate_gradient",
+    "accumulate_sharded_gradient",
+    "seed_everything",
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -141,10 +173,89 @@ def accumulate_gradient(
     return loss_sum, correct
 
 
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 DTensor (a plain tensor as it is)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _squares(tensors: list[Tensor]) -> tuple[float, float]:
+    """``(Σ||t||² over this rank's shards of DTensors, Σ||t||² over replicated tensors)``, in float64."""
+    sharded = replicated = 0.0
+    for t in tensors:
+        value = float(_local(t).detach().double().square().sum())
+        if isinstance(t, DTensor):
+            sharded += value
+        else:
+            replicated += value
+    return sharded, replicated
+
+
+def accumulate_sharded_gradient(
+    model: nn.Module,
+    loss_fn: LossFn,
+    split: Split,
+    batches: list[Batch],
+    global_total: int,
+    *,
+    l2: float = 0.0,
+    bf16: bool = False,
+    count_correct: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """This rank's part of :func:`accumulate_gradient` when ``W`` ranks share every micro-batch.
+
+    ``batches`` are this rank's shares ``B_rj`` (sizes ``m_rj``) of global micro-batches whose sizes
+    add up to ``global_total = M``. Rank ``r`` backpropagates ``(W·m_rj/M)·mean_{i∈B_rj} ℓ_i``;
+    DDP/FSDP2 average over ranks once, on the last micro-batch (``sync_gradients``), so each rank
+    holds ``Σ_rj (m_rj/M)·∇mean_{B_rj} ℓ = ∇ (1/M) Σ_i ℓ_i``, the one-process gradient. The L2
+    term's gradient ``λ·w`` is then added to each rank's (shard of the) averaged gradient.
+
+    Returns ``(part, correct)``: their sums over ranks are ``L`` and the number of correct argmaxes.
+    An empty share still runs forward and backward (zero gradient) so the collectives match.
+    """
+    world = dd.world_size()
+    n = len(split)
+    device_type = next(model.parameters()).device.type
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.int64) if count_correct else None
+    for j, batch in enumerate(batches):
+        size = _size(batch, n)
+        inputs, targets = _take(split, batch)
+        with dd.sync_gradients(model, enabled=j == len(batches) - 1):
+            with torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                outputs = model(*inputs)
+                loss = loss_fn(outputs, targets) if size else outputs.sum() * 0.0  # an empty mean is NaN
+            (loss * (world * size / global_total)).backward()
+        loss_sum = loss_sum + loss.detach().double().cpu() * (size / global_total)
+        if correct is not None and size:
+            correct += (outputs.detach().argmax(-1) == targets).sum().cpu()
+    if l2:
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for p in params:
+                if p.grad is None:
+                    p.grad = p.detach() * l2
+                else:
+                    p.grad.add_(p.detach(), alpha=l2)
+        sharded, replicated = _squares(params)
+        loss_sum = loss_sum + 0.5 * l2 * (sharded + replicated / world)  # summed over ranks: λ/2·||w||²
+    return loss_sum, correct
+
+
 def _norm(tensors: list[Tensor]) -> float:
     if not tensors:
         return 0.0
+    if dd.world_size() > 1:  # the global norm: FSDP2 shards are summed over ranks, replicas are not
+        sharded, replicated = _squares(tensors)
+        return math.sqrt(dd.all_reduce_sum([sharded])[0] + replicated)
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors])))
+
+
+def _fail_hook() -> tuple[int, int] | None:
+    """``(step, rank)`` from ``DESCEND_FAIL_AT_STEP``/``DESCEND_FAIL_RANK`` (a test hook), else None."""
+    step = os.environ.get("DESCEND_FAIL_AT_STEP")
+    if not step:
+        return None
+    return int(step), int(os.environ.get("DESCEND_FAIL_RANK", "0"))
 
 
 class Trainer:
@@ -175,12 +286,17 @@ class Trainer:
         self.loss_fn = loss_fn or get_loss(cfg.loss, data.task)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.is_main = is_main
+        self.world = dd.world_size()
+        if self.world > 1:
+            dd.check_wrapped(model)
         n = len(data.train)
-        self.sampler: Sampler = (
+        self.base_sampler: Sampler = (
             FullBatch(n, cfg.chunk_size)
             if cfg.batch_size is None
             else Minibatch(n, cfg.batch_size, seed=cfg.seed, replacement=cfg.replacement, accumulation=cfg.accumulation)
         )
+        # At W > 1 every rank draws the same global micro-batches and keeps its share of each.
+        self.sampler: Any = dd.ShardedSampler(self.base_sampler) if self.world > 1 else self.base_sampler
         if cfg.steps is not None:
             self.total_steps = int(cfg.steps)
         elif cfg.epochs is not None:
@@ -210,11 +326,15 @@ class Trainer:
         self._resumed = False
         self._writer: MetricsWriter | None = None
         self._progress: Progress | None = None
+        self._fail_at = _fail_hook()
 
     # ---- hooks -----------------------------------------------------------------------------
     def reduce_metrics(self, values: Tensor) -> Tensor:
-        """Combine a tensor of per-process sums across processes (DDP: ``all_reduce``); identity here."""
-        return values
+        """Sum a tensor of per-process sums over the ranks (identity in one process)."""
+        if self.world == 1:
+            return values
+        summed = dd.all_reduce_sum(values.reshape(-1).tolist())
+        return torch.tensor(summed, dtype=values.dtype).reshape(values.shape)
 
     def on_log(self, row: dict[str, Any]) -> None:
         """Record one row of metrics (main process only): history, files, progress."""
@@ -236,6 +356,8 @@ class Trainer:
         started = time.perf_counter() - self.seconds
         try:
             while self.step < stop_at and not self.stopped_early:
+                if self._fail_at is not None and self._fail_at == (self.step + 1, dd.rank()):
+                    raise RuntimeError(f"injected failure at step {self.step + 1} (DESCEND_FAIL_AT_STEP test hook)")
                 measure = (self.step + 1) % self.log_every == 0 or self.step + 1 == self.total_steps
                 row = self.train_step(measure)
                 self.step += 1
@@ -260,15 +382,32 @@ class Trainer:
         lr = opt.param_groups[0]["lr"]
         classify = measure and self.data.task == "classification"
         batches = self.sampler.next_step()
-        loss, correct = accumulate_gradient(
-            model, self.loss_fn, self.data.train, batches, l2=cfg.l2, bf16=cfg.bf16, count_correct=classify
-        )
+        if self.world > 1:
+            examples = sum(self.sampler.global_sizes)
+            loss, correct = accumulate_sharded_gradient(
+                model,
+                self.loss_fn,
+                self.data.train,
+                batches,
+                examples,
+                l2=cfg.l2,
+                bf16=cfg.bf16,
+                count_correct=classify,
+            )
+            if correct is not None:
+                correct = self.reduce_metrics(correct)
+        else:
+            examples = sum(_size(b, len(self.data.train)) for b in batches)
+            loss, correct = accumulate_gradient(
+                model, self.loss_fn, self.data.train, batches, l2=cfg.l2, bf16=cfg.bf16, count_correct=classify
+            )
         loss_value = float(self.reduce_metrics(loss))
         if not math.isfinite(loss_value):
             self._non_finite(loss_value)
         grad_norm = None
         if cfg.clip_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm))
+            total = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm)
+            grad_norm = float(total.full_tensor() if isinstance(total, DTensor) else total)
         before = [p.detach().clone() for p in self.params] if measure else None
         opt.step()
         if self.scheduler is not None:
@@ -279,11 +418,12 @@ class Trainer:
         grads = [p.grad for p in self.params if p.grad is not None]
         row: dict[str, Any] = {"lr": float(lr), "loss": loss_value}
         if correct is not None:
-            row["accuracy"] = float(correct) / sum(_size(b, len(self.data.train)) for b in batches)
+            row["accuracy"] = float(correct) / examples
         row["grad_norm"] = grad_norm if grad_norm is not None else _norm(grads)
         row["update_norm"] = _norm([p.detach() - b for p, b in zip(self.params, before)])
         row["weight_norm"] = _norm([p.detach() for p in self.params])
-        row.update(self.constraint_metrics())
+        if not any(isinstance(p, DTensor) for p in self.params):  # max|w| of a shard is not the model's
+            row.update(self.constraint_metrics())
         return row
 
     def constraint_metrics(self) -> dict[str, float]:
@@ -306,6 +446,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: Split, chunk_size: int = 4096) -> dict[str, float]:
         """Mean loss (and accuracy, for classification) of the model on ``split``, in chunks."""
+        if self.world > 1:
+            return self._evaluate_sharded(split, chunk_size)
         self.model.eval()
         n = len(split)
         loss_sum = torch.zeros(())
@@ -323,6 +465,40 @@ class Trainer:
             if self.data.task == "classification":
                 correct += (outputs.argmax(-1) == targets).sum().cpu()
         totals = self.reduce_metrics(torch.stack([loss_sum, correct, torch.tensor(float(n))]))
+        result = {"loss": float(totals[0] / totals[2])}
+        if self.data.task == "classification":
+            result["accuracy"] = float(totals[1] / totals[2])
+        return result
+
+    def _evaluate_sharded(self, split: Split, chunk_size: int) -> dict[str, float]:
+        """:meth:`evaluate` at ``W > 1``: each rank its share, in the same number of chunks on every rank
+        (FSDP2 gathers parameters in each forward, so every rank must run as many)."""
+        model = dd.unwrap(self.model)  # DDP: the local replica (no collectives); FSDP2: the sharded model
+        model.eval()
+        n = len(split)
+        mine = dd.shard(slice(0, n))
+        chunks = max(1, math.ceil(math.ceil(n / self.world) / chunk_size))
+        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, examples
+        for k in range(chunks):
+            piece = dd.shard(mine, k, chunks)
+            size = _size(piece, n)
+            if size == 0 and not isinstance(model, FSDPModule):
+                continue
+            inputs, targets = _take(split, piece)
+            with (
+                torch.autocast(self.params[0].device.type, dtype=torch.bfloat16)
+                if self.config.bf16
+                else contextlib.nullcontext()
+            ):
+                outputs = model(*inputs)
+                if size == 0:
+                    continue
+                loss = self.loss_fn(outputs, targets)
+            sums[0] += float(loss) * size
+            sums[2] += size
+            if self.data.task == "classification":
+                sums[1] += float((outputs.argmax(-1) == targets).sum())
+        totals = self.reduce_metrics(sums)
         result = {"loss": float(totals[0] / totals[2])}
         if self.data.task == "classification":
             result["accuracy"] = float(totals[1] / totals[2])
@@ -378,15 +554,24 @@ class Trainer:
             "optimizer_class": type(self.optimizer).__name__,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "sampler_class": type(self.sampler).__name__,
-            "sampler": self.sampler.state_dict(),
+            "sampler_class": type(self.base_sampler).__name__,
+            "sampler": self.base_sampler.state_dict(),
             "rng": rng_state(),
             "config": self.config.to_dict(),
         }
 
     def save_checkpoint(self) -> Path | None:
-        """Write the full training state to ``out_dir/checkpoint`` (main process only)."""
-        if not self.is_main or self.out_dir is None:
+        """Write the full training state to ``out_dir/checkpoint``.
+
+        One process: the main process writes safetensors + JSON. ``W > 1``: every rank calls this
+        and writes its shards with torch.distributed.checkpoint; rank 0 then points ``latest.json``
+        at the directory, once every rank has finished.
+        """
+        if self.out_dir is None:
+            return None
+        if self.world > 1:
+            return self._save_sharded()
+        if not self.is_main:
             return None
         self.last_checkpoint = save_checkpoint(
             self.out_dir / "checkpoint",
@@ -396,6 +581,24 @@ class Trainer:
             keep=self.config.keep_checkpoints,
         )
         return self.last_checkpoint
+
+    def _save_sharded(self) -> Path:
+        assert self.out_dir is not None
+        root = self.out_dir / "checkpoint"
+        name = f"step-{self.step:08d}"
+        path = root / name
+        if self.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # left by a run that died while writing it
+                shutil.rmtree(path)
+        dd.barrier()
+        state = self._state()
+        del state["optimizer"]  # DCP writes the (sharded) optimizer state itself
+        dd.save_checkpoint(path, self.model, self.optimizer, extra=state)  # ends with a barrier
+        if self.is_main:
+            commit_checkpoint(root, self.step, name, keep=self.config.keep_checkpoints, kind="dcp")
+        self.last_checkpoint = path
+        return path
 
     def resume(self, path: str | Path | None = None) -> int:
         """Load the latest checkpoint (``path`` or ``out_dir/checkpoint``); return the step it resumes at.
@@ -407,8 +610,10 @@ class Trainer:
             if self.out_dir is None:
                 raise CheckpointError("resume() needs a checkpoint path or a trainer with out_dir")
             path = self.out_dir / "checkpoint"
+        if is_sharded(latest_dir(path)):
+            return self._resume_sharded(latest_dir(path))
         ckpt = load_checkpoint(path)
-        mine = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        mine = {k: tuple(v.shape) for k, v in dd.unwrap(self.model).state_dict().items()}
         theirs = {k: tuple(v.shape) for k, v in ckpt.model.items()}
         if mine != theirs:
             diff = sorted(set(mine.items()) ^ set(theirs.items()))[:3]
@@ -419,27 +624,78 @@ class Trainer:
         s = ckpt.state
         for what, mine_name in (
             ("optimizer_class", type(self.optimizer).__name__),
-            ("sampler_class", type(self.sampler).__name__),
+            ("sampler_class", type(self.base_sampler).__name__),
         ):
             if s.get(what) != mine_name:
                 raise CheckpointError(
                     f"checkpoint {ckpt.path} was written with {what.split('_')[0]} {s.get(what)}, not {mine_name}"
                 )
-        self.model.load_state_dict(ckpt.model)
         try:
-            self.optimizer.load_state_dict(_restore_tuples(s["optimizer"], self.optimizer.state_dict()))
-            if self.scheduler is not None and s["scheduler"] is not None:
-                self.scheduler.load_state_dict(s["scheduler"])
-            self.sampler.load_state_dict(s["sampler"])
+            optimizer_state = _restore_tuples(s["optimizer"], self.optimizer.state_dict())
+            if any(isinstance(p, DTensor) for p in self.params):
+                self._load_full_into_shards(ckpt.model, optimizer_state)
+            else:  # one process or DDP replicas: each rank loads the whole state
+                dd.unwrap(self.model).load_state_dict(ckpt.model)
+                self.optimizer.load_state_dict(optimizer_state)
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"checkpoint {ckpt.path} does not match this run: {e}") from e
+        self._restore(s, ckpt.path)
+        return self.step
+
+    def _load_full_into_shards(self, model_state: dict[str, Tensor], optimizer_state: dict[str, Any]) -> None:
+        """Load a one-process checkpoint into FSDP2 shards: re-key the optimizer state from parameter
+        positions to parameter names, then let each rank keep its shard of every full tensor."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        name_of = {id(p): n for n, p in dd.unwrap(self.model).named_parameters()}
+        names = [name_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        by_name = {
+            "state": {names[int(i)]: v for i, v in optimizer_state["state"].items()},
+            "param_groups": [
+                {**g, "params": [names[int(i)] for i in g["params"]]} for g in optimizer_state["param_groups"]
+            ],
+        }
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=model_state,
+            optim_state_dict=by_name,
+            options=StateDictOptions(full_state_dict=True),
+        )
+
+    def _resume_sharded(self, path: Path) -> int:
+        """Resume from a torch.distributed.checkpoint directory, at this run's world size (any)."""
+        try:
+            s = dd.load_checkpoint(path, self.model, self.optimizer)
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(
+                f"checkpoint {path} does not match this run (resume with the same model and optimizer options): {e}"
+            ) from e
+        for what, mine_name in (
+            ("optimizer_class", type(self.optimizer).__name__),
+            ("sampler_class", type(self.base_sampler).__name__),
+        ):
+            if s.get(what) != mine_name:
+                raise CheckpointError(
+                    f"checkpoint {path} was written with {what.split('_')[0]} {s.get(what)}, not {mine_name}"
+                )
+        self._restore(s, path)
+        return self.step
+
+    def _restore(self, s: dict[str, Any], path: Path) -> None:
+        """Scheduler, sampler, RNG and loop counters from a checkpoint's state ``s``."""
+        try:
+            if self.scheduler is not None and s["scheduler"] is not None:
+                self.scheduler.load_state_dict(s["scheduler"])
+            self.base_sampler.load_state_dict(s["sampler"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {path} does not match this run: {e}") from e
         set_rng_state(s["rng"])
         self.step, self.seconds = int(s["step"]), float(s["seconds"])
         self.best_val_loss = float(s["best_val_loss"])
         self.evals_without_improvement = int(s["evals_without_improvement"])
         self.stopped_early = bool(s["stopped_early"])
-        self.last_checkpoint, self._resumed = ckpt.path, True
-        return self.step
+        self.last_checkpoint, self._resumed = path, True
 
 
 def _restore_tuples(saved: Any, current: Any) -> Any:
