@@ -11,6 +11,12 @@ split evenly (``OMP_NUM_THREADS = cores / W``, or ``--threads``), so every row u
     python benchmarks/distributed.py                              # small MLP, 1 and 2 processes, CPU
     python benchmarks/distributed.py --model-size 100m --batch 64  # ~100M parameters (a GPU)
     python benchmarks/distributed.py --nprocs 1,2,4 --strategies ddp,fsdp --out /tmp/dist.json
+    python benchmarks/distributed.py --trainer --threads 1      # the trainer: `descend train --nproc W`
+
+``--trainer`` times ``descend train`` itself (digits, MLP width 128, AdamW, global batch 32, one
+thread per process) at each process count and strategy, as ``steps / summary["seconds"]``: the
+training loop only (logging, validation and checkpoints included; start-up and the final
+evaluation excluded).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "distributed.json"
 SIZES = {"small": (64, 256, 4), "10m": (512, 1024, 10), "100m": (1024, 4096, 7)}  # in, hidden, depth
@@ -98,6 +105,36 @@ def worker(args: argparse.Namespace) -> None:
     run()
 
 
+def trainer_rows(args: argparse.Namespace, nprocs: list[int], strategies: list[str]) -> list[dict[str, Any]]:
+    """Run ``descend train --nproc W`` per configuration; steps/s of its training loop."""
+    import subprocess
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in nprocs:
+            for strategy in ["none"] if n == 1 else strategies:
+                out = Path(tmp) / f"{n}-{strategy}"
+                threads = args.threads or max(1, (os.cpu_count() or 1) // n)
+                cmd = [sys.executable, "-m", "descend", "train", "--nproc", str(n), "--steps", str(args.steps),
+                       "--optimizer", "adamw", "--threads", str(threads), "--no-progress", "--no-tensorboard",
+                       "--out", str(out)] + ([] if strategy == "none" else ["--strategy", strategy])
+                subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                               stdout=subprocess.DEVNULL, timeout=3600)
+                summary = json.loads((out / "summary.json").read_text())
+                rows.append({"processes": n, "strategy": strategy, "threads_per_process": threads,
+                             "steps": summary["steps"], "seconds": summary["seconds"],
+                             "steps_per_s": summary["steps"] / summary["seconds"]})
+    base = next((r["steps_per_s"] for r in rows if r["processes"] == 1), None)
+    print(f"\ndescend train, digits, MLP width 128, AdamW, global batch 32, {args.steps} steps "
+          f"({os.cpu_count()} CPU cores)\n")
+    print("| processes | strategy | threads/process | steps/s | vs 1 process |")
+    print("|---:|---|---:|---:|---:|")
+    for r in rows:
+        ratio = f"{r['steps_per_s'] / base:.2f}x" if base else "n/a"
+        print(f"| {r['processes']} | {r['strategy']} | {r['threads_per_process']} | {r['steps_per_s']:.1f} | {ratio} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nprocs", default="1,2", help="comma-separated process counts")
@@ -108,6 +145,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (default: cores / W)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--trainer", action="store_true", help="time `descend train --nproc W` instead")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--result", default="", help=argparse.SUPPRESS)
@@ -123,6 +161,13 @@ def main() -> None:
     cap = torch.cuda.device_count() if torch.cuda.is_available() else None
     nprocs = [int(n) for n in args.nprocs.split(",")]
     strategies = args.strategies.split(",")
+    if args.trainer:
+        out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.with_name("distributed_trainer.json")
+        trainer = trainer_rows(args, nprocs, strategies)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"rows": trainer}, indent=2) + "\n")
+        print(f"\nwrote {out}")
+        return
     configs = [(n, s) for n in nprocs for s in (["none"] if n == 1 else strategies)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

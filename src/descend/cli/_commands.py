@@ -73,7 +73,7 @@ def train(args: argparse.Namespace) -> int:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc is not None and args.nproc > 1 and not dd.launched():
         if not args.resume:
-            RunSpec.from_dict(values)  # a bad option fails here, not once per rank
+            RunSpec.from_dict(values).validate()  # a bad option fails here, not once per rank
         return _launch_train(args)
     if args.resume:
         if args.out or args.overwrite:

@@ -102,6 +102,10 @@ class RunSpec:
             raise RunError(f"unknown option {unknown[0]!r}; valid options are {', '.join(sorted(known))}")
         return cls(**values)
 
+    def validate(self) -> None:
+        """Raise :class:`RunError` naming the first option out of range."""
+        _validate(self)
+
     def train_config(self) -> TrainConfig:
         shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(self)}
         config = TrainConfig(**{k: getattr(self, k) for k in shared})

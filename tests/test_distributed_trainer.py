@@ -1,0 +1,177 @@
+"""The trainer and ``descend train`` on 2 gloo ranks against the same run in one process.
+
+The oracle is always the one-process run with the same global batch: its saved
+``model.safetensors`` must match the multi-process run's. Runs that start torchrun take 10-40 s
+each on a loaded 2-core CPU and are marked slow; every subprocess has a hard timeout after which
+its whole process group is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from descend.cli import main
+from descend.cli._commands import _without_nproc
+from descend.data.registry import load_data
+from descend.train import RunError, RunSpec, TrainConfig, Trainer, build_model, make_optimizer, prepare
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# Uneven shards: 15 examples per micro-batch over 2 ranks (8 + 7), 2 micro-batches per step, L2 on.
+TINY = ["--batch-size", "15", "--accumulation", "2", "--width", "16", "--threads", "1", "--no-progress",
+        "--no-tensorboard", "--optimizer", "adamw"]
+
+
+def run(args: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str, float]:
+    """Run a command; (exit code, stdout+stderr, seconds). Kills its process group on timeout."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(args[:6])} ... did not finish within {timeout} s:\n{out[-4000:]}")
+    return proc.returncode, out, time.perf_counter() - start
+
+
+def descend(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> tuple[int, str, float]:
+    return run([sys.executable, "-m", "descend", "train", *args], timeout, env)
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "model.safetensors")
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------
+# In one process: option handling, sharded checkpoints, the failure hook
+# ------------------------------------------------------------------------------------------------
+
+
+def test_nproc_is_removed_from_the_workers_arguments() -> None:
+    assert _without_nproc(["--nproc", "2", "--steps", "3"]) == ["--steps", "3"]
+    assert _without_nproc(["--steps", "3", "--nproc=4"]) == ["--steps", "3"]
+
+
+def test_bad_strategy_and_nproc_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(RunError, match="strategy"):
+        prepare(RunSpec(strategy="zero3", steps=1))
+    assert main(["train", "--nproc", "0", "--steps", "1"]) == 2
+    assert "--nproc must be >= 1" in capsys.readouterr().err
+    assert main(["train", "--nproc", "2", "--strategy", "zero3", "--steps", "1"]) == 2  # before launching
+    assert "--strategy must be ddp or fsdp" in capsys.readouterr().err
+
+
+def _trainer(out: Path, steps: int = 6) -> Trainer:
+    torch.manual_seed(0)
+    bundle = load_data("digits", seed=0)
+    model = build_model("mlp", bundle, width=16)
+    config = TrainConfig(steps=steps, batch_size=15, accumulation=2, l2=1e-3, progress=False, tensorboard=False,
+                         checkpoint_every=3)
+    return Trainer(model, make_optimizer("adamw", model.parameters()), bundle, config, out_dir=out)
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
+    """The DCP format a multi-process run writes, read back by one process, continues the run."""
+    reference = _trainer(tmp_path / "ref")
+    reference.fit()
+    first = _trainer(tmp_path / "run")
+    first.fit(max_steps=3)
+    first._save_sharded()  # what W > 1 ranks write; here from a world of one
+    assert (tmp_path / "run" / "checkpoint" / "step-00000003" / ".metadata").is_file()
+    second = _trainer(tmp_path / "run")
+    assert second.resume() == 3
+    second.fit()
+    for p, q in zip(second.model.parameters(), reference.model.parameters()):
+        assert float((p.detach() - q.detach()).abs().max()) <= 1e-6
+
+
+def test_failure_hook_stops_its_rank_and_keeps_the_checkpoint(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DESCEND_FAIL_AT_STEP", "5")
+    monkeypatch.setenv("DESCEND_FAIL_RANK", "1")  # another rank: this process (rank 0) is unaffected
+    assert _trainer(tmp_path / "other").fit()["steps"] == 6
+    monkeypatch.setenv("DESCEND_FAIL_RANK", "0")
+    trainer = _trainer(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="injected failure at step 5"):
+        trainer.fit()
+    monkeypatch.delenv("DESCEND_FAIL_AT_STEP")
+    resumed = _trainer(tmp_path / "run")
+    assert resumed.resume() == 3 and resumed.fit()["steps"] == 6
+
+
+# ------------------------------------------------------------------------------------------------
+# Two gloo ranks through the command line
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("launcher", "options"),
+    [
+        ("nproc", ["--strategy", "ddp", "--steps", "6", *TINY]),
+        ("torchrun", ["--strategy", "fsdp", "--steps", "6", *TINY]),
+        ("nproc", ["--optimizer", "gd", "--chunk-size", "100", "--steps", "4", "--width", "16", "--threads", "1",
+                   "--no-progress", "--no-tensorboard"]),  # full-batch GD: each rank its chunk shares
+    ],
+    ids=["ddp", "fsdp", "gd-full-batch"],
+)
+def test_two_processes_train_the_one_process_model(tmp_path: Path, launcher: str, options: list[str]) -> None:
+    code, log, _ = descend(*options, "--out", str(tmp_path / "one"))
+    assert code == 0, log[-3000:]
+    if launcher == "nproc":
+        code, log, _ = descend("--nproc", "2", *options, "--out", str(tmp_path / "two"))
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "descend",
+               "train", *options, "--out", str(tmp_path / "two")]
+        code, log, _ = run(cmd, timeout=240)
+    assert code == 0, log[-4000:]
+    assert "on 2 processes" in log and log.count("test loss") == 1  # rank 0 alone prints
+    assert max_abs_diff(weights(tmp_path / "two"), weights(tmp_path / "one")) <= 1e-5
+    rows = [(tmp_path / d / "metrics.jsonl").read_text().count("\n") for d in ("one", "two")]
+    assert rows[0] == rows[1]  # one writer: rank 0
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_from_two_processes_resumes_in_one(tmp_path: Path) -> None:
+    code, log, _ = descend("--steps", "8", *TINY, "--out", str(tmp_path / "ref"))
+    assert code == 0, log[-3000:]
+    run_dir = tmp_path / "run"
+    code, log, _ = descend("--nproc", "2", "--strategy", "fsdp", "--steps", "4", *TINY, "--out", str(run_dir))
+    assert code == 0, log[-4000:]
+    assert (run_dir / "checkpoint" / "step-00000004" / ".metadata").is_file()  # sharded (DCP)
+    code, log, _ = descend("--resume", str(run_dir), "--steps", "8")  # one process now
+    assert code == 0, log[-3000:]
+    assert max_abs_diff(weights(run_dir), weights(tmp_path / "ref")) <= 1e-6
+
+
+@pytest.mark.slow
+def test_a_failed_rank_ends_the_job_and_resume_continues(tmp_path: Path) -> None:
+    options = ["--steps", "8", "--checkpoint-every", "2", *TINY]
+    run_dir = tmp_path / "run"
+    code, log, seconds = descend("--nproc", "2", *options, "--out", str(run_dir), timeout=120,
+                                 env={"DESCEND_FAIL_AT_STEP": "5", "DESCEND_FAIL_RANK": "1"})
+    assert code != 0 and seconds < 60, (code, seconds, log[-3000:])
+    assert "descend: rank 1 failed: RuntimeError: injected failure at step 5" in log
+    assert "descend: error: the 2-process run failed" in log
+    assert not (run_dir / "model.safetensors").exists()
+    assert '"step": 4' in (run_dir / "checkpoint" / "latest.json").read_text()
+    code, log, _ = descend("--resume", str(run_dir), "--nproc", "2")
+    assert code == 0, log[-4000:]
+    code, log, _ = descend(*options, "--out", str(tmp_path / "ref"))
+    assert code == 0, log[-3000:]
+    assert max_abs_diff(weights(run_dir), weights(tmp_path / "ref")) <= 1e-5
