@@ -3,7 +3,8 @@
 - :func:`load_digits_points`: scikit-learn's 8x8 digits, each image a set of (pixel location,
   intensity) points with blank pixels dropped (classification, ``input_kind="pointset"``).
 - :func:`make_shapes`: 3-D point clouds of 5 solid shapes, randomly rotated, scaled and noised,
-  then centred, optionally put in their principal axes (classification, ``input_kind="pointset"``).
+  then centred, optionally put in their principal axes and rescaled to unit RMS radius
+  (classification, ``input_kind="pointset"``).
 - :func:`make_gp1d`: 1-D functions drawn from Gaussian processes, observed at a variable number of
   context points, to be predicted at query points (regression, ``input_kind="pointset-query"``).
 
@@ -195,6 +196,7 @@ def make_shapes(
     scale: tuple[float, float] = (0.75, 1.25),
     value: str = "distance",
     pose: str = "random",
+    normalise: bool = False,
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
 ) -> DataBundle:
@@ -206,8 +208,11 @@ def make_shapes(
     (largest variance first, each axis signed so the third moment along it is >= 0), the usual
     normalisation of a point cloud's pose: what is left to learn is the shape, with the symmetric
     shapes (sphere, cube) still in arbitrary orientations. ``pose="random"`` (the default) keeps the
-    random rotation, which a network must learn to ignore from the data alone. The value channel is
-    the distance to the centroid (``value="distance"``) or 1 (``"constant"``). Inputs
+    random rotation, which a network must learn to ignore from the data alone. ``normalise=True``
+    (opt-in) finally divides the centred cloud by its RMS radius ``sqrt(mean_i |p_i|^2)``, so the random
+    scale is drawn but carries no information, as the position does not after centring. The value
+    channel is the distance to the centroid (``value="distance"``; in units of the cloud's RMS radius
+    when normalised, a rotation- and scale-invariant feature) or 1 (``"constant"``). Inputs
     ``(locations [M, N, 3], values [M, N, 1], mask [M, N])``, targets ``long [M]`` with
     ``M = 5 n_per_class``.
     """
@@ -230,6 +235,8 @@ def make_shapes(
         p = p - p.mean(axis=0)  # centred: the class is in the shape, not in where the cloud sits
         if pose == "principal":
             p = _principal_frame(p)
+        if normalise:
+            p = p / np.sqrt((p**2).sum(axis=1).mean())
         d = np.linalg.norm(p, axis=1, keepdims=True)
         clouds.append(p)
         vals.append(d if value == "distance" else np.ones_like(d))
@@ -239,7 +246,8 @@ def make_shapes(
     return _bundle(
         "shapes", "classification", "pointset", (locations, values, mask),
         torch.tensor(labels, dtype=torch.long), len(SHAPES), 3, 1, seed, val_fraction, test_fraction,
-        {"classes": list(SHAPES), "points": (lo, hi), "value": value, "noise": noise, "pose": pose},
+        {"classes": list(SHAPES), "points": (lo, hi), "value": value, "noise": noise, "pose": pose,
+         "normalise": normalise},
     )
 
 
