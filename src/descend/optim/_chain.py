@@ -180,6 +180,8 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if "_engine" in self.__dict__:  # load_state_dict goes through here too: keep the engine (and its settings)
+            return
         from descend.optim._engines import make_engine
 
         self._engine = make_engine(self, self.engine)

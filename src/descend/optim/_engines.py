@@ -4,14 +4,19 @@
   hyperparameters. Readable, and the oracle the others are tested against.
 - :class:`ForeachEngine` (``engine="foreach"``): the parameters of a bucket (param group, device,
   dtype, step count) go through the chain together as a :class:`~descend.optim._tensorlist.TensorList`,
-  so every tensor operation of a rule is one ``torch._foreach_*`` launch for the whole bucket. Large
-  contiguous tensors are cut into flat chunks so the rule's temporaries stay cache-sized and bounded.
-  Needs no compiler.
+  so every tensor operation of a rule is one multi-tensor operation for a chunk of the bucket.
+  Contiguous tensors are cut into flat chunks of at most :data:`CHUNK` elements, and the rules'
+  temporaries are written into scratch buffers the engine keeps between steps (a
+  :class:`~descend.optim._tensorlist.Scratch`): a fresh multi-MiB temporary per operation costs a
+  page fault per 4 KiB on CPU, which profiled at more than the arithmetic. Needs no compiler.
 - :class:`CompiledEngine` (``engine="compiled"``): the whole chain of a bucket, gradient unscaling,
   ``maximize``, stochastic rounding and projections included, traced once by ``torch.compile`` into
-  one fused pass over memory (C++/OpenMP on CPU, Triton on GPU). Hyperparameters enter as 0-d
-  float64 tensors, so a scheduler changing ``lr`` (or betas, weight decay, the bias-correction step)
-  triggers no recompile; compiled steps are cached per bucket by shapes, dtypes and static flags.
+  one fused pass over memory (C++/OpenMP on CPU, Triton on GPU). Hyperparameters, and the per-step
+  scalars of :meth:`Rule.scalars <descend.optim._rules.Rule.scalars>` (Adam's bias corrections,
+  computed once per step in Python), enter as 0-d tensors in the computation dtype (float64 for
+  float64 parameters, else float32), so a scheduler changing ``lr`` (or betas, weight decay, the
+  step) triggers no recompile and the kernel does no per-element scalar math in a wider type;
+  compiled steps are cached per bucket by shapes, dtypes and static flags.
   Where compilation fails it warns once and runs the foreach engine instead.
 - ``engine="auto"``: the foreach engine. It is within a few percent of the compiled one on CPU for
   most chains and never pays a compile (tens of seconds to minutes on a small machine); ask for
@@ -34,17 +39,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from descend.optim._rounding import LOW_PRECISION, stochastic_round, write_back_
+from descend.optim._rounding import LOW_PRECISION, stochastic_round, stochastic_round_into_, write_back_
 from descend.optim._rules import ClipByGlobalNorm, Projection, Rule
-from descend.optim._tensorlist import TensorList
+from descend.optim._tensorlist import Scratch, TensorList
 
 if TYPE_CHECKING:
     from descend.optim._chain import ChainOptimizer
 
 Live = list[tuple[Rule, dict[str, Any]]]
 
-#: Largest number of elements the foreach engine hands to one multi-tensor launch (4 MiB of float32).
-CHUNK = 1 << 20
+#: Largest number of elements the foreach engine hands to one multi-tensor operation (1 MiB of float32):
+#: large enough that per-operation overhead stays small, small enough that a chunk's working set
+#: stays in cache and its scratch buffers are few MiB.
+CHUNK = 1 << 18
 
 
 def check_grad(p: Tensor) -> Tensor:
@@ -98,6 +105,15 @@ def rule_state(rule: Rule, state: dict[str, Any], w: Tensor, hp: dict[str, Any],
         for name, value in rule.init_state(w, hp, dtype).items():
             state[rule.state_names.get(name, name)] = value
     return {n: state[rule.state_names.get(n, n)] for n in names}, fresh
+
+
+def with_scalars(live: Live, step: int) -> Live:
+    """The live rules with their per-step scalars (:meth:`Rule.scalars`) merged into their hyperparameters."""
+    out: Live = []
+    for rule, hp in live:
+        extra = rule.scalars(hp, step)
+        out.append((rule, {**hp, **extra} if extra else hp))
+    return out
 
 
 def rounds_stochastically(opt: ChainOptimizer) -> bool:
@@ -157,7 +173,7 @@ class ReferenceEngine(Engine):
         state["step"] += 1
         step = int(state["step"].item())
         widen = rounds_stochastically(opt)
-        for rule, hp in live:
+        for rule, hp in with_scalars(live, step):
             view, fresh = rule_state(rule, state, p, hp, opt.state_dtype)
             work = {k: v.float() for k, v in view.items()} if widen else view
             u = (rule.first_update if fresh else rule.update)(u, p, work, hp, step)
@@ -276,38 +292,59 @@ class ForeachEngine(BucketEngine):
     def __init__(self, opt: ChainOptimizer, chunk: int = CHUNK) -> None:
         super().__init__(opt)
         self.chunk = chunk
+        self.scratch = Scratch(chunk)
+
+    def reset(self) -> None:
+        self.scratch = Scratch(self.chunk)
 
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
         step_value = int(step.item())
+        live = with_scalars(live, step_value)
         widen = rounds_stochastically(self.opt)
+        scratch = self.scratch
+        scale = None if grad_scale is None else grad_scale.to(items[0].param.device, torch.float32)
         for piece in _chunks(items, self.chunk):
-            w = TensorList([item.param for item in piece])
-            u = TensorList([item.grad for item in piece])
-            if grad_scale is not None:
-                u = u / grad_scale.to(w.device, torch.float32)
+            scratch.reset()  # every temporary of the previous chunk is dead
+            w = TensorList([item.param for item in piece], scratch)
+            u = TensorList([item.grad for item in piece], scratch)
+            if scale is not None:
+                u = u / scale
             if group["maximize"]:
                 u = -u
             for r, (rule, hp) in enumerate(live):
-                view = {k: TensorList([item.states[r][k] for item in piece]) for k in piece[0].states[r]}
+                view = {k: TensorList([item.states[r][k] for item in piece], scratch) for k in piece[0].states[r]}
                 work = {k: v.to(torch.float32) for k, v in view.items()} if widen else view
                 u = rule.update(u, w, work, hp, step_value)  # type: ignore[arg-type]
                 if widen:
                     for k, v in view.items():
-                        for dst, src in zip(v.tensors, work[k].tensors):
-                            write_back_(dst, src)
+                        self.write_back(v, work[k])
             if keep != 1:
                 w.mul_(keep)
             w.add_(u)
 
+    def write_back(self, state: TensorList, work: TensorList) -> None:
+        """Low-precision state <- its float32 working copy, rounded stochastically (scratch buffers)."""
+        if state is work:
+            return
+        noise = self.scratch.take(work.tensors, torch.int32)
+        nan = self.scratch.take(work.tensors, torch.bool)
+        for i, (dst, src) in enumerate(zip(state.tensors, work.tensors)):
+            if noise is None or nan is None or dst.dtype not in LOW_PRECISION or src.dtype != torch.float32:
+                write_back_(dst, src)
+            else:
+                stochastic_round_into_(dst, src, noise[i], nan[i])
 
-def _as_tensors(hp: dict[str, Any], static: tuple[str, ...]) -> dict[str, Any]:
-    """Hyperparameters as 0-d float64 tensors (static flags and non-numbers stay as they are)."""
+
+def _as_tensors(hp: dict[str, Any], static: tuple[str, ...], dtype: torch.dtype = torch.float64) -> dict[str, Any]:
+    """Hyperparameters as 0-d ``dtype`` tensors (static flags and non-numbers stay as they are)."""
     def convert(value: Any) -> Any:
         if isinstance(value, bool):
             return value
         if isinstance(value, (int, float)):
-            return torch.tensor(float(value), dtype=torch.float64)
+            return torch.tensor(float(value), dtype=dtype)
+        if isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point():
+            return value.to(dtype)
         if isinstance(value, tuple):
             return tuple(convert(v) for v in value)
         return value
@@ -377,12 +414,15 @@ class CompiledEngine(BucketEngine):
             return
         rules = tuple(rule for rule, _ in live)
         projections = tuple(self.opt.projections)
-        hps = [_as_tensors(hp, rule.static) for rule, hp in live]
-        phps = [_as_tensors(projection.read(group), ()) for projection in projections]
         params = [item.param for item in items]
+        # scalars in the dtype the kernel computes in: a float64 scalar would widen every element's math
+        dtype = torch.float64
+        live = with_scalars(live, int(step.item()))
+        hps = [_as_tensors(hp, rule.static, dtype) for rule, hp in live]
+        phps = [_as_tensors(projection.read(group), (), dtype) for projection in projections]
         widen = rounds_stochastically(self.opt)
         no_decay = isinstance(keep, (int, float)) and keep == 1
-        keep_t = None if no_decay else torch.tensor(float(keep), dtype=torch.float64)
+        keep_t = None if no_decay else torch.tensor(float(keep), dtype=dtype)
         key = (rules, bool(group["maximize"]), widen, grad_scale is not None, keep_t is None,
                tuple((hp[k] if k in rule.static else _static_key(v)) for (rule, hp), hps_r in zip(live, hps)
                      for k, v in hps_r.items()),

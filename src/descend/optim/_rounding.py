@@ -52,3 +52,18 @@ def write_back_(state: Tensor, value: Tensor) -> None:
         state.copy_(stochastic_round(value, state.dtype))
     else:
         state.copy_(value)
+
+
+def stochastic_round_into_(state: Tensor, value: Tensor, noise: Tensor, nan: Tensor) -> None:
+    """``state.copy_(stochastic_round(value))`` for bfloat16 ``state``, using caller-owned buffers.
+
+    ``noise`` (int32) and ``nan`` (bool) have ``value``'s shape and are overwritten; nothing is
+    allocated, so the foreach engine can reuse them for every chunk. Infinities survive the bit
+    arithmetic unchanged (their low 16 bits are zero); NaNs are copied through as they are.
+    """
+    noise.random_(0, 1 << 16)
+    noise.add_(value.view(torch.int32)).bitwise_and_(-65536)
+    rounded = noise.view(torch.float32)
+    torch.ne(value, value, out=nan)
+    torch.where(nan, value, rounded, out=rounded)
+    state.copy_(rounded)

@@ -15,7 +15,10 @@ The contract of :meth:`Rule.update`:
 - hyperparameters come as Python numbers or 0-d tensors (tensors let a compiled step follow an LR
   schedule without recompiling), so only arithmetic operators and ``torch`` functions that accept
   both are used;
-- ``step`` is the 1-based index of the step being taken (a number or a 0-d tensor).
+- ``step`` is the 1-based index of the step being taken (a number or a 0-d tensor);
+- values that depend only on hyperparameters and ``step`` (Adam's bias corrections) come from
+  :meth:`Rule.scalars`, which every engine calls once per step and bucket and merges into ``hp``, so
+  no engine evaluates them per element.
 """
 
 from __future__ import annotations
@@ -94,6 +97,14 @@ class Rule:
     def active(self, hp: Hyper) -> bool:
         """False when these hyperparameters make the rule the identity (it is then skipped, stateless)."""
         return True
+
+    def scalars(self, hp: Hyper, step: int) -> dict[str, float]:
+        """Per-step scalars derived from ``hp`` and ``step`` (a Python int), merged into ``hp`` for :meth:`update`.
+
+        Engines call this once per step (and bucket) with Python numbers, outside the elementwise
+        work, so a compiled step receives the results as inputs instead of recomputing them per element.
+        """
+        return {}
 
     def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
         raise NotImplementedError
@@ -334,9 +345,12 @@ class ScaleByAdam(Rule):
         v.mul_(beta2).add_((1 - beta2) * g * g)
         if hp["amsgrad"]:
             v = torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
-        bias1 = 1 - beta1**step
-        bias2_sqrt = (1 - beta2**step) ** 0.5
-        return ((m / bias1) / (v.sqrt() / bias2_sqrt + hp["eps"])).to(u.dtype)
+        return ((m / hp["bias1"]) / (v.sqrt() / hp["bias2_sqrt"] + hp["eps"])).to(u.dtype)
+
+    def scalars(self, hp: Hyper, step: int) -> dict[str, float]:
+        """The bias corrections ``bias1 = 1 - b1^t`` and ``bias2_sqrt = sqrt(1 - b2^t)``."""
+        beta1, beta2 = (float(b) for b in hp["betas"])
+        return {"bias1": 1 - beta1**step, "bias2_sqrt": (1 - beta2**step) ** 0.5}
 
     def equation(self) -> str:
         amsgrad = "  (AMSGrad: v ← max(v_max, v))" if self.hyper.get("amsgrad") else ""

@@ -9,6 +9,12 @@ the *same* ``Rule.update`` runs over every parameter of a bucket at once.
 ``torch`` functions reach the class through ``__torch_function__`` (torch's protocol for
 tensor-like objects), so ``torch.sign(u)`` in a rule becomes ``torch._foreach_sign(u.tensors)``.
 Scalars may be Python numbers or 0-d tensors (one value for the whole list).
+
+Out-of-place results normally come from ``torch._foreach_*`` (fresh tensors). A list given a
+:class:`Scratch` instead writes them into buffers the scratch keeps between steps (``torch.<op>(...,
+out=)`` per tensor): on CPU a fresh temporary of a few MiB is a fresh ``mmap`` whose pages fault in
+on first write, which cost more than the arithmetic itself; a reused buffer is already mapped and
+often still in cache.
 """
 
 from __future__ import annotations
@@ -22,17 +28,72 @@ from torch import Tensor
 Operand = "TensorList | Tensor | float | int"
 
 
+class Scratch:
+    """Reusable buffers for a ``TensorList``'s temporaries, ``limit`` elements each.
+
+    :meth:`take` hands out the next free buffer (carved into views shaped like the given tensors);
+    :meth:`reset` makes every buffer free again. The owner calls ``reset`` before each piece of
+    work whose temporaries are all dead by the next ``reset``, so the scratch holds at most as many
+    buffers as one piece has temporaries alive at once, however many pieces there are.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buffers: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        self.used: dict[tuple[torch.dtype, torch.device], int] = {}
+
+    def reset(self) -> None:
+        self.used.clear()
+
+    def take(self, like: list[Tensor], dtype: torch.dtype | None = None) -> list[Tensor] | None:
+        """Views of one free buffer shaped like ``like`` (in ``dtype``), or None if they do not fit."""
+        if not like:
+            return None
+        dtype = dtype or like[0].dtype
+        sizes = [t.numel() for t in like]
+        if sum(sizes) > self.limit:
+            return None
+        key = (dtype, like[0].device)
+        pool = self.buffers.setdefault(key, [])
+        i = self.used.get(key, 0)
+        if i == len(pool):
+            pool.append(torch.empty(self.limit, dtype=dtype, device=like[0].device))
+        self.used[key] = i + 1
+        out, start = [], 0
+        for t, n in zip(like, sizes):
+            out.append(pool[i][start:start + n].view(t.shape))
+            start += n
+        return out
+
+
 class TensorList:
     """A list of tensors of one dtype and device, with elementwise arithmetic over all of them.
 
     Args:
         tensors: the tensors (any shapes); they are not copied, so in-place methods act on them.
+        scratch: where out-of-place results go (default: fresh tensors); results inherit it.
     """
 
-    __slots__ = ("tensors",)
+    __slots__ = ("scratch", "tensors")
 
-    def __init__(self, tensors: Sequence[Tensor]) -> None:
+    def __init__(self, tensors: Sequence[Tensor], scratch: Scratch | None = None) -> None:
         self.tensors: list[Tensor] = list(tensors)
+        self.scratch = scratch
+
+    def _new(self, tensors: list[Tensor]) -> TensorList:
+        return TensorList(tensors, self.scratch)
+
+    def _apply(self, out_op: Callable[..., Any], foreach_op: Callable[..., list[Tensor]], *args: Any,
+               dtype: torch.dtype | None = None) -> TensorList:
+        """``foreach_op(self.tensors, *args)``, or ``out_op(t, *args_i, out=o)`` into scratch buffers."""
+        per = [a if isinstance(a, list) else None for a in args]
+        mixed = any(p is not None and p and p[0].dtype != self.dtype for p in per)  # result dtype differs
+        out = self.scratch.take(self.tensors, dtype) if self.scratch is not None and not mixed else None
+        if out is None:
+            return self._new(foreach_op(self.tensors, *args))
+        for i, (t, o) in enumerate(zip(self.tensors, out)):
+            out_op(t, *(a if p is None else p[i] for a, p in zip(args, per)), out=o)
+        return self._new(out)
 
     # -- what rules read ---------------------------------------------------------------------------
     @property
@@ -53,45 +114,51 @@ class TensorList:
         """``self`` when the dtype already matches (no copy, as ``Tensor.to``), else converted copies."""
         if all(t.dtype == dtype for t in self.tensors):
             return self
-        return TensorList([t.to(dtype) for t in self.tensors])
+        out = self.scratch.take(self.tensors, dtype) if self.scratch is not None else None
+        if out is None:
+            return self._new([t.to(dtype) for t in self.tensors])
+        torch._foreach_copy_(out, self.tensors)
+        return self._new(out)
 
     # -- out-of-place arithmetic ------------------------------------------------------------------
-    def _binary(self, other: Any, op: Callable[..., list[Tensor]]) -> TensorList:
+    def _binary(self, other: Any, out_op: Callable[..., Any], op: Callable[..., list[Tensor]]) -> TensorList:
         other = other.tensors if isinstance(other, TensorList) else other
-        return TensorList(op(self.tensors, other))
+        return self._apply(out_op, op, other)
 
     def __add__(self, other: Any) -> TensorList:
-        return self._binary(other, torch._foreach_add)
+        return self._binary(other, torch.add, torch._foreach_add)
 
     __radd__ = __add__
 
     def __sub__(self, other: Any) -> TensorList:
-        return self._binary(other, torch._foreach_sub)
+        return self._binary(other, torch.sub, torch._foreach_sub)
 
     def __rsub__(self, other: Any) -> TensorList:
-        return TensorList(torch._foreach_add(torch._foreach_neg(self.tensors), other))
+        out = -self
+        torch._foreach_add_(out.tensors, other.tensors if isinstance(other, TensorList) else other)
+        return out
 
     def __mul__(self, other: Any) -> TensorList:
-        return self._binary(other, torch._foreach_mul)
+        return self._binary(other, torch.mul, torch._foreach_mul)
 
     __rmul__ = __mul__
 
     def __truediv__(self, other: Any) -> TensorList:
-        return self._binary(other, torch._foreach_div)
+        return self._binary(other, torch.div, torch._foreach_div)
 
     def __rtruediv__(self, other: Any) -> TensorList:
-        out = torch._foreach_reciprocal(self.tensors)
-        torch._foreach_mul_(out, other)
-        return TensorList(out)
+        out = self._apply(torch.reciprocal, torch._foreach_reciprocal)
+        torch._foreach_mul_(out.tensors, other.tensors if isinstance(other, TensorList) else other)
+        return out
 
     def __neg__(self) -> TensorList:
-        return TensorList(torch._foreach_neg(self.tensors))
+        return self._apply(torch.neg, torch._foreach_neg)
 
     def abs(self) -> TensorList:
-        return TensorList(torch._foreach_abs(self.tensors))
+        return self._apply(torch.abs, torch._foreach_abs)
 
     def sqrt(self) -> TensorList:
-        return TensorList(torch._foreach_sqrt(self.tensors))
+        return self._apply(torch.sqrt, torch._foreach_sqrt)
 
     def float(self) -> TensorList:
         return self.to(torch.float32)
@@ -147,16 +214,16 @@ class TensorList:
 
 
 def _sign(x: TensorList) -> TensorList:
-    return TensorList(torch._foreach_sign(x.tensors))
+    return x._apply(torch.sign, torch._foreach_sign)
 
 
 def _lerp(start: TensorList, end: TensorList, weight: Any) -> TensorList:
-    return TensorList(torch._foreach_lerp(start.tensors, end.tensors, weight))
+    return start._apply(torch.lerp, torch._foreach_lerp, end.tensors, weight)
 
 
 def _maximum(a: TensorList, b: TensorList, *, out: TensorList | None = None) -> TensorList:
     if out is None:
-        return TensorList(torch._foreach_maximum(a.tensors, b.tensors))
+        return a._apply(torch.maximum, torch._foreach_maximum, b.tensors)
     if out is a:
         torch._foreach_maximum_(a.tensors, b.tensors)
     elif out is b:
