@@ -4,13 +4,16 @@ Every rank writes its own shards of the parameters and the optimizer state (for 
 shards; for DDP or one process, rank 0's copy of each replicated tensor) into one directory, with a
 ``.metadata`` file the coordinator writes last. Loading reads whatever pieces each rank of the *new*
 world needs, so a checkpoint written by 2 FSDP2 ranks loads into 1 process, DDP, or 4 ranks.
+
+The small loop state (``extra``: step, sampler, RNG states) is written by rank 0 beside the shards as
+``extra.json`` + ``extra.safetensors`` (JSON and tensors, no pickle). DCP's own ``.metadata`` file is
+a pickle, as torch writes it: load sharded checkpoints only from sources you trust.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +30,38 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from descend.distributed._env import barrier, is_distributed
+from descend.distributed._env import barrier, is_distributed, is_main
 
 METADATA = ".metadata"
+EXTRA_JSON = "extra.json"
+EXTRA_TENSORS = "extra.safetensors"
+
+
+def _write_extra(path: Path, extra: dict[str, Any]) -> None:
+    """``extra`` as JSON + safetensors in ``path``, each file written atomically."""
+    from safetensors.torch import save_file
+
+    from descend.train._checkpoint import _write_json, encode
+
+    tensors: dict[str, Tensor] = {}
+    encoded = encode(dict(extra), tensors)
+    tmp = path / f".{EXTRA_TENSORS}.tmp"
+    save_file(tensors, tmp)
+    os.replace(tmp, path / EXTRA_TENSORS)
+    _write_json(path / EXTRA_JSON, encoded)
+
+
+def _read_extra(path: Path) -> dict[str, Any]:
+    import json
+
+    from safetensors.torch import load_file
+
+    from descend.train._checkpoint import decode
+
+    if not (path / EXTRA_JSON).exists():
+        raise FileNotFoundError(f"no complete checkpoint at {path} (missing {EXTRA_JSON})")
+    tensors = load_file(path / EXTRA_TENSORS) if (path / EXTRA_TENSORS).exists() else {}
+    return decode(json.loads((path / EXTRA_JSON).read_text()), tensors)
 
 
 @contextlib.contextmanager
@@ -55,12 +87,14 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: t
         path: a directory (created); complete once its ``.metadata`` exists.
         model: plain, DDP- or FSDP2-wrapped model (state keys are the unwrapped module's).
         optimizer: any ``torch.optim`` optimizer over the model's parameters (descend's included).
-        extra: small picklable values (step, sampler state, config); must be equal on all ranks.
+        extra: small values (numbers, strings, lists, dicts, tensors: step, sampler state, RNG
+            states); rank 0's copy is written as JSON + safetensors, without pickle.
     """
     state = _states(model, optimizer)
-    state["extra"] = pickle.dumps(dict(extra or {}))
     with _single_process_quiet():
         dcp.save(state, checkpoint_id=os.fspath(path), no_dist=not is_distributed())
+    if is_main():
+        _write_extra(Path(path), dict(extra or {}))
     barrier()
 
 
@@ -74,15 +108,15 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module,
     path = Path(path)
     if not (path / METADATA).exists():
         raise FileNotFoundError(f"no complete DCP checkpoint at {path} (missing {METADATA})")
+    extra = _read_extra(path)
     state = _states(model, optimizer)
-    state["extra"] = b""
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=os.fspath(path), no_dist=not is_distributed())
     if optimizer is None:
         set_state_dict(model, (), model_state_dict=state["model"], optim_state_dict={})
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return pickle.loads(state["extra"])
+    return extra
 
 
 def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
@@ -93,7 +127,7 @@ def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
     root = Path(root)
     if not root.is_dir():
         return None
-    done = sorted(p for p in root.iterdir() if p.is_dir() and (p / METADATA).exists())
+    done = sorted(p for p in root.iterdir() if p.is_dir() and (p / METADATA).exists() and (p / EXTRA_JSON).exists())
     return done[-1] if done else None
 
 
