@@ -341,3 +341,46 @@ def test_zero_size_and_no_grad_params_are_fine() -> None:
         opt.step()
         opt.step()
         assert torch.equal(b.detach(), torch.ones(2))
+
+
+# -- foreach scratch buffers and per-step scalars -----------------------------------------------------
+def test_tensorlist_with_scratch_matches_fresh_results() -> None:
+    """Temporaries written into reused scratch buffers hold what fresh ``_foreach_*`` results hold."""
+    from descend.optim._tensorlist import Scratch
+
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.rand(s, generator=gen) + 0.1 for s in [(3, 4), (5,), (2, 2)]]
+    ys = [torch.rand(x.shape, generator=gen) + 0.1 for x in xs]
+
+    def expr(a: TensorList, b: TensorList) -> TensorList:
+        return torch.sign(torch.lerp(a, b, 0.3)) * 2 + (a * b).sqrt() / (1 - b) - a.abs() / 3.0 + 1 / b
+
+    scratch = Scratch(64)
+    scratch.reset()
+    out = expr(TensorList(xs, scratch), TensorList(ys, scratch))
+    ref = expr(TensorList(xs), TensorList(ys))
+    for a, b in zip(out.tensors, ref.tensors):
+        torch.testing.assert_close(a, b)
+    held = len(scratch.buffers[(torch.float32, torch.device("cpu"))])
+    assert held <= 13  # at most one buffer per operation of the expression
+    scratch.reset()
+    expr(TensorList(xs, scratch), TensorList(ys, scratch))
+    assert len(scratch.buffers[(torch.float32, torch.device("cpu"))]) == held  # reused, not grown
+
+
+def test_stochastic_round_into_keeps_non_finite_and_rounds_to_bf16() -> None:
+    from descend.optim._rounding import stochastic_round_into_
+
+    x = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1.0 + 2.0**-10, -3.14159])
+    dst = torch.empty(x.shape, dtype=torch.bfloat16)
+    stochastic_round_into_(dst, x, torch.empty(x.shape, dtype=torch.int32), torch.empty(x.shape, dtype=torch.bool))
+    out = dst.float()
+    assert out[0] == float("inf") and out[1] == float("-inf") and torch.isnan(out[2])
+    assert out[3] == 0 and out[4] == 0 and out[5] in (1.0, 1.0078125)
+    assert abs(float(out[6]) + 3.14159) < 0.02
+
+
+def test_adam_bias_corrections_come_from_the_scalars_hook() -> None:
+    rule = optim.scale_by_adam((0.9, 0.999))
+    s = rule.scalars({"betas": (0.9, 0.999)}, 3)
+    assert s["bias1"] == pytest.approx(1 - 0.9**3) and s["bias2_sqrt"] == pytest.approx((1 - 0.999**3) ** 0.5)
