@@ -18,9 +18,10 @@
   step) triggers no recompile and the kernel does no per-element scalar math in a wider type;
   compiled steps are cached per bucket by shapes, dtypes and static flags.
   Where compilation fails it warns once and runs the foreach engine instead.
-- ``engine="auto"``: the foreach engine. It is within a few percent of the compiled one on CPU for
-  most chains and never pays a compile (tens of seconds to minutes on a small machine); ask for
-  ``engine="compiled"`` for long runs of large models (see ``docs/performance.md``).
+- ``engine="auto"``: the foreach engine, whatever the model size: it never pays a compile (one to
+  three minutes per chain on a small CPU machine), which would stall short runs and tests. The
+  compiled engine's steps are several times faster on large models (5-6x at 20M parameters on CPU),
+  so long runs of large models should ask for ``engine="compiled"`` (see ``docs/performance.md``).
 
 Shared by all engines: a parameter's first step (state creation, ``Rule.first_update``) and
 zero-size parameters go through the reference path; ``clip_by_global_norm`` computes the global
