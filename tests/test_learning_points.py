@@ -1,7 +1,7 @@
 """Real training runs on the point-set data, with descend's own optimizer (slow: ``make test-slow``).
 
 Every run is bounded by a fixed number of epochs, never by the clock, so the result does not depend
-on how busy the machine is; the wall and CPU seconds are printed (figures in ``docs/networks.md``).
+on how busy the machine is; the wall and CPU seconds are printed (figures in the README, "Networks").
 
 The optimizer is ``descend.optim.Adam(engine="reference")`` with no weight decay, which every engine
 computes exactly as ``torch.optim.Adam`` does (the figures were first measured while the engines
