@@ -40,6 +40,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+try:  # torch builds without distributed support have no DTensor
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()  # type: ignore[assignment,misc]
+
 from descend.optim._rounding import LOW_PRECISION, stochastic_round, stochastic_round_into_, write_back_
 from descend.optim._rules import ClipByGlobalNorm, Projection, Rule
 from descend.optim._tensorlist import Scratch, TensorList
@@ -81,6 +86,8 @@ def clip_coefficients(opt: ChainOptimizer, grad_scale: Tensor | None = None) -> 
     if not grads:
         return None
     total = torch.nn.utils.get_total_norm(grads, foreach=False)
+    if isinstance(total, DTensor):  # sharded gradients: the norm is already reduced over the shards
+        total = total.full_tensor()
     if grad_scale is not None:
         total = total / grad_scale.to(total.device, total.dtype)
     key = opt.rules[0].keys["max_grad_norm"]
@@ -188,6 +195,11 @@ class ReferenceEngine(Engine):
             projection.project_(p, projection.read(group))
 
 
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (a view: updating it updates the DTensor); any other tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _flat_ok(tensors: list[Tensor]) -> bool:
     return all(t.is_contiguous() for t in tensors)
 
@@ -220,6 +232,7 @@ class BucketEngine(Engine):
             keep = weight_keep(opt, group)
             buckets: dict[tuple[Any, ...], list[_Item]] = {}
             steps: dict[tuple[Any, ...], list[Tensor]] = {}
+            params: dict[tuple[Any, ...], list[Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -231,14 +244,16 @@ class BucketEngine(Engine):
                     self.reference.step_param(p, group, live, keep, grad_scale)
                     continue
                 key = (p.device, p.dtype, g.dtype, float(state["step"]))
+                # The rules are elementwise, so a sharded (DTensor) parameter is stepped on its local shard.
                 buckets.setdefault(key, []).append(
-                    _Item(p, g, [{n: state[k] for n, k in zip(rule.state_keys(hp), keys)}
-                                 for (rule, hp), keys in zip(live, names)]))
+                    _Item(_local(p), _local(g), [{n: _local(state[k]) for n, k in zip(rule.state_keys(hp), keys)}
+                                                 for (rule, hp), keys in zip(live, names)]))
                 steps.setdefault(key, []).append(state["step"])
+                params.setdefault(key, []).append(p)
             for key, items in buckets.items():
                 torch._foreach_add_(steps[key], 1.0)
                 self.run_bucket(group, live, keep, items, steps[key][0], grad_scale)
-                self.project(group, [item.param for item in items])
+                self.project(group, params[key])
 
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
@@ -246,11 +261,11 @@ class BucketEngine(Engine):
         raise NotImplementedError
 
     def project(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """Apply the chain's projections to updated parameters (box elementwise, ball per tensor)."""
+        """Apply the chain's projections to updated parameters (box elementwise, ball per whole tensor)."""
         for projection in self.opt.projections:
             hp = projection.read(group)
             if projection.kind == "box":
-                TensorList(params).clamp_(-hp["radius"], hp["radius"])
+                TensorList([_local(p) for p in params]).clamp_(-hp["radius"], hp["radius"])
             else:
                 for p in params:
                     projection.project_(p, hp)
