@@ -207,6 +207,8 @@ def test_explain_lists_the_equations_with_group_values() -> None:
     assert "group 1: weight_decay=0" in text
     assert "state per parameter: step, exp_avg, exp_avg_sq" in text
     assert "u ← sign(u)" in optim.explain(optim.Signum(model.parameters()))
+    plain = optim.explain(optim.SGD(model.parameters(), lr=0.1)).splitlines()
+    assert [line.split()[1] for line in plain if "off at these values" in line] == ["l2", "heavy_ball"]
 
 
 def test_constraint_state_reports_the_implied_box() -> None:
