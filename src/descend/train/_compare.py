@@ -16,7 +16,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ import torch
 from descend import optim
 from descend.data.registry import load_data
 from descend.train._build import DEFAULT_LR, FULL_BATCH, OPTIMIZER_NAMES, build_model, make_optimizer
-from descend.train._run import RunError, _opt
+from descend.train._run import RunError, _opt, _spec_from_dict
 from descend.train._trainer import NonFiniteLossError, TrainConfig, Trainer, seed_everything
 
 __all__ = ["CompareSpec", "compare"]
@@ -56,11 +56,7 @@ class CompareSpec:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CompareSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise RunError(f"unknown option {unknown[0]!r}; valid options are {', '.join(sorted(known))}")
-        return cls(**values)
+        return _spec_from_dict(cls, values)
 
     def optimizer_list(self) -> list[str]:
         names = [n.strip().lower() for n in self.optimizers.split(",") if n.strip()]

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -54,6 +54,18 @@ class RunError(ValueError):
 
 def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
+
+
+_Spec = TypeVar("_Spec")
+
+
+def _spec_from_dict(cls: type[_Spec], values: dict[str, Any]) -> _Spec:
+    """``cls(**values)`` for an options dataclass, with a :class:`RunError` naming an unknown option."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise RunError(f"unknown option {unknown[0]!r}; valid options are {', '.join(sorted(known))}")
+    return cls(**values)
 
 
 @dataclass
@@ -96,11 +108,7 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise RunError(f"unknown option {unknown[0]!r}; valid options are {', '.join(sorted(known))}")
-        return cls(**values)
+        return _spec_from_dict(cls, values)
 
     def validate(self) -> None:
         """Raise :class:`RunError` naming the first option out of range."""
