@@ -144,8 +144,6 @@ TORCH_INPUTS = _torch_optimizer_inputs()
                          ids=[f"{n}-{'-'.join(map(str, k)) or 'default'}" for n, k in TORCH_INPUTS])
 def test_matches_torch_on_torchs_own_optimizer_inputs(name: str, kwargs: dict) -> None:
     """Every configuration torch's OptimizerInfo tests for SGD/Adam/AdamW, float64, 100 steps."""
-    if not kwargs:
-        kwargs = {}
     make_torch = getattr(torch.optim, name)
     make_descend = getattr(optim, name)
 

@@ -137,6 +137,16 @@ def live_rules(opt: ChainOptimizer, group: dict[str, Any], clip_coef: Any) -> Li
     return [(rule, hp) for rule, hp in zip(opt.rules, hps) if rule.active(hp)]
 
 
+def group_plans(opt: ChainOptimizer, grad_scale: Tensor | None) -> Iterator[tuple[dict[str, Any], Live, Any]]:
+    """Per param group: the group, its live rules (with the clipping factor) and its decay factor ``keep``.
+
+    The global gradient norm for clipping is computed once, before the first group.
+    """
+    clip = clip_coefficients(opt, grad_scale)
+    for gi, group in enumerate(opt.param_groups):
+        yield group, live_rules(opt, group, None if clip is None else clip[gi]), weight_keep(opt, group)
+
+
 class Engine:
     """Runs an optimizer's chain over its parameters."""
 
@@ -159,11 +169,7 @@ class ReferenceEngine(Engine):
     name = "reference"
 
     def step(self, grad_scale: Tensor | None = None) -> None:
-        opt = self.opt
-        clip = clip_coefficients(opt, grad_scale)
-        for gi, group in enumerate(opt.param_groups):
-            live = live_rules(opt, group, None if clip is None else clip[gi])
-            keep = weight_keep(opt, group)
+        for group, live, keep in group_plans(self.opt, grad_scale):
             for p in group["params"]:
                 if p.grad is not None:
                     self.step_param(p, group, live, keep, grad_scale)
@@ -226,10 +232,7 @@ class BucketEngine(Engine):
 
     def step(self, grad_scale: Tensor | None = None) -> None:
         opt = self.opt
-        clip = clip_coefficients(opt, grad_scale)
-        for gi, group in enumerate(opt.param_groups):
-            live = live_rules(opt, group, None if clip is None else clip[gi])
-            keep = weight_keep(opt, group)
+        for group, live, keep in group_plans(opt, grad_scale):
             buckets: dict[tuple[Any, ...], list[_Item]] = {}
             steps: dict[tuple[Any, ...], list[Tensor]] = {}
             params: dict[tuple[Any, ...], list[Tensor]] = {}
