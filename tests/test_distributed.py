@@ -11,6 +11,7 @@ import importlib.util
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -200,6 +201,32 @@ def test_entrypoint_names_the_rank_and_reraises(capsys: pytest.CaptureFixture[st
     with pytest.raises(ValueError):
         main()
     assert "descend: rank 0 failed: ValueError: bad shard" in capsys.readouterr().err
+
+
+ENTRY_SCRIPT = """
+import atexit, sys
+from descend import distributed as dd
+atexit.register(lambda: print("atexit ran", flush=True))
+
+@dd.entrypoint
+def main():
+    print("main ran", end="")  # unflushed: the exit must flush it
+    return 3
+
+print("returned", main(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("under_torchrun", [True, False])
+def test_entrypoint_ends_a_torchrun_rank_without_finalisation(under_torchrun: bool) -> None:
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE")}
+    if under_torchrun:
+        env.update(RANK="0", WORLD_SIZE="1")
+    done = subprocess.run([sys.executable, "-c", ENTRY_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    if under_torchrun:  # main's int is the exit code, atexit handlers ran, the caller never resumed
+        assert (done.returncode, done.stdout) == (3, "main ranatexit ran\n"), done.stderr
+    else:
+        assert (done.returncode, done.stdout) == (0, "main ranreturned 3\natexit ran\n"), done.stderr
 
 
 def test_checkpoint_round_trip_in_one_process_continues_exactly(tmp_path: Path) -> None:

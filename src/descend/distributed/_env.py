@@ -8,6 +8,7 @@ of one process, so the same script runs either way.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import subprocess
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -197,13 +198,21 @@ def entrypoint(fn: Callable[..., T]) -> Callable[..., T]:
     On an exception this prints ``descend: rank R failed: Type: message`` to stderr, records the
     error for torchrun's failure summary (:func:`torch.distributed.elastic.multiprocessing.errors.record`)
     and re-raises, so the process exits non-zero; torchrun then stops the other ranks.
+
+    Under torchrun a ``main`` that returns ends the process there: the process group is torn down
+    (:func:`teardown`, if ``main`` has not done it), ``atexit`` handlers run, output is flushed, and
+    the process exits with ``main``'s return value if it is an ``int`` (else 0) *without* the
+    interpreter's finalisation. gloo keeps C++ worker threads that can abort the process
+    (``terminate called without an active exception``, SIGABRT) when the interpreter's shutdown
+    frees the model that still holds the process group, which would turn a finished job into a
+    failed one. Outside torchrun the decorated function returns normally.
     """
     from torch.distributed.elastic.multiprocessing.errors import record
 
     @functools.wraps(fn)
     def guarded(*args: Any, **kwargs: Any) -> T:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except SystemExit as e:
             if e.code not in (0, None):
                 print(f"descend: rank {rank()} failed: exit code {e.code}", file=sys.stderr, flush=True)
@@ -211,8 +220,23 @@ def entrypoint(fn: Callable[..., T]) -> Callable[..., T]:
         except BaseException as e:
             print(f"descend: rank {rank()} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             raise
+        if launched():
+            teardown()
+            exit_now(result if type(result) is int else 0)
+        return result
 
     return record(guarded)
+
+
+def exit_now(code: int = 0) -> NoReturn:
+    """End the process with ``code`` after ``atexit`` handlers and a flush, skipping interpreter finalisation."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be written anyway
+            pass
+    os._exit(code)
 
 
 def torchrun_command(nproc: int, argv: Sequence[str], *, master_port: int | None = None,
