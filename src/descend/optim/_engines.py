@@ -45,7 +45,14 @@ try:  # torch builds without distributed support have no DTensor
 except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment,misc]
 
-from descend.optim._rounding import LOW_PRECISION, stochastic_round, stochastic_round_into_, write_back_
+from descend.optim._rounding import (
+    LOW_PRECISION,
+    element_noise,
+    rounding_seeds,
+    stochastic_round,
+    stochastic_round_into_,
+    write_back_,
+)
 from descend.optim._rules import ClipByGlobalNorm, Projection, Rule
 from descend.optim._tensorlist import Scratch, TensorList
 
@@ -115,6 +122,19 @@ def rule_state(rule: Rule, state: dict[str, Any], w: Tensor, hp: dict[str, Any],
     return {n: state[rule.state_names.get(n, n)] for n in names}, fresh
 
 
+def state_slot(rule_index: int, key_index: int) -> int:
+    """The slot number of a rule's state tensor in the chain (it seeds the tensor's rounding noise)."""
+    return 16 * rule_index + key_index
+
+
+def bucket_seeds(items: list[_Item], step: Tensor, live: Live) -> list[list[Tensor]]:
+    """``seeds[r][j]``: int32 rounding seeds (one per item) of rule ``r``'s ``j``-th state tensor this step."""
+    ordinals = torch.tensor([item.ordinal for item in items], dtype=torch.int32)
+    device = items[0].param.device
+    return [[rounding_seeds(step.cpu(), ordinals, state_slot(r, j)).to(device) for j in range(len(items[0].states[r]))]
+            for r in range(len(live))]
+
+
 def with_scalars(live: Live, step: int) -> Live:
     """The live rules with their per-step scalars (:meth:`Rule.scalars`) merged into their hyperparameters."""
     out: Live = []
@@ -154,6 +174,13 @@ class Engine:
 
     def __init__(self, opt: ChainOptimizer) -> None:
         self.opt = opt
+        self.ordinals: dict[Tensor, int] = {}
+
+    def ordinal(self, p: Tensor) -> int:
+        """``p``'s position among the optimizer's parameters (over all groups): it seeds ``p``'s rounding noise."""
+        if p not in self.ordinals:
+            self.ordinals = {q: i for i, q in enumerate(q for group in self.opt.param_groups for q in group["params"])}
+        return self.ordinals[p]
 
     def step(self, grad_scale: Tensor | None = None) -> None:
         """One step over every parameter with a gradient; gradients are divided by ``grad_scale`` if given."""
@@ -187,13 +214,14 @@ class ReferenceEngine(Engine):
         state["step"] += 1
         step = int(state["step"].item())
         widen = rounds_stochastically(opt)
-        for rule, hp in with_scalars(live, step):
+        ordinal = torch.tensor([self.ordinal(p)], dtype=torch.int32)
+        for r, (rule, hp) in enumerate(with_scalars(live, step)):
             view, fresh = rule_state(rule, state, p, hp, opt.state_dtype)
             work = {k: v.float() for k, v in view.items()} if widen else view
             u = (rule.first_update if fresh else rule.update)(u, p, work, hp, step)
             if widen:
-                for k, v in view.items():
-                    write_back_(v, work[k])
+                for j, (k, v) in enumerate(view.items()):
+                    write_back_(v, work[k], rounding_seeds(state["step"], ordinal, state_slot(r, j)).to(v.device))
         if keep != 1:  # decoupled decay acts on w: w <- keep*w + u
             p.mul_(keep)
         p.add_(u)
@@ -213,10 +241,13 @@ def _flat_ok(tensors: list[Tensor]) -> bool:
 class _Item:
     """One parameter of a bucket: the parameter, its gradient and the live rules' state views."""
 
-    __slots__ = ("grad", "param", "states")
+    __slots__ = ("grad", "offset", "ordinal", "param", "states")
 
-    def __init__(self, param: Tensor, grad: Tensor, states: list[dict[str, Tensor]]) -> None:
+    def __init__(self, param: Tensor, grad: Tensor, states: list[dict[str, Tensor]], ordinal: int = 0,
+                 offset: int = 0) -> None:
         self.param, self.grad, self.states = param, grad, states
+        self.ordinal = ordinal  # the parameter's position in the optimizer (seeds its rounding noise)
+        self.offset = offset  # flat index of this piece's first element in its parameter
 
 
 class BucketEngine(Engine):
@@ -236,21 +267,22 @@ class BucketEngine(Engine):
             buckets: dict[tuple[Any, ...], list[_Item]] = {}
             steps: dict[tuple[Any, ...], list[Tensor]] = {}
             params: dict[tuple[Any, ...], list[Tensor]] = {}
+            # per live rule: (the rule's name for a state tensor, the optimizer state's key for it)
+            names = [[(n, rule.state_names.get(n, n)) for n in rule.state_keys(hp)] for rule, hp in live]
+            all_keys = [k for pairs in names for _, k in pairs]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 g = check_grad(p)
                 state = opt.state[p]
-                names = [[rule.state_names.get(n, n) for n in rule.state_keys(hp)] for rule, hp in live]
-                if (p.numel() == 0 or "step" not in state
-                        or any(k not in state for keys in names for k in keys)):
+                if p.numel() == 0 or "step" not in state or any(k not in state for k in all_keys):
                     self.reference.step_param(p, group, live, keep, grad_scale)
                     continue
                 key = (p.device, p.dtype, g.dtype, float(state["step"]))
                 # The rules are elementwise, so a sharded (DTensor) parameter is stepped on its local shard.
                 buckets.setdefault(key, []).append(
-                    _Item(_local(p), _local(g), [{n: _local(state[k]) for n, k in zip(rule.state_keys(hp), keys)}
-                                                 for (rule, hp), keys in zip(live, names)]))
+                    _Item(_local(p), _local(g), [{n: _local(state[k]) for n, k in pairs} for pairs in names],
+                          self.ordinal(p)))
                 steps.setdefault(key, []).append(state["step"])
                 params.setdefault(key, []).append(p)
             for key, items in buckets.items():
@@ -283,11 +315,11 @@ def _chunks(items: list[_Item], limit: int) -> Iterator[list[_Item]]:
         n = item.param.numel()
         if n > limit and _flat_ok(tensors):
             flat = _Item(item.param.view(-1), item.grad.view(-1),
-                         [{k: t.view(-1) for k, t in s.items()} for s in item.states])
+                         [{k: t.view(-1) for k, t in s.items()} for s in item.states], item.ordinal)
             for start in range(0, n, limit):
                 stop = min(start + limit, n)
                 part = _Item(flat.param[start:stop], flat.grad[start:stop],
-                             [{k: t[start:stop] for k, t in s.items()} for s in flat.states])
+                             [{k: t[start:stop] for k, t in s.items()} for s in flat.states], item.ordinal, start)
                 if size + (stop - start) > limit and piece:
                     yield piece
                     piece, size = [], 0
@@ -323,6 +355,11 @@ class ForeachEngine(BucketEngine):
         widen = rounds_stochastically(self.opt)
         scratch = self.scratch
         scale = None if grad_scale is None else grad_scale.to(items[0].param.device, torch.float32)
+        seeds: list[list[dict[int, int]]] = []  # per rule, per state tensor: {ordinal: seed}
+        if widen:
+            ordinals = [item.ordinal for item in items]
+            seeds = [[dict(zip(ordinals, s.tolist())) for s in per_rule]
+                     for per_rule in bucket_seeds(items, step, live)]
         for piece in _chunks(items, self.chunk):
             scratch.reset()  # every temporary of the previous chunk is dead
             w = TensorList([item.param for item in piece], scratch)
@@ -336,23 +373,29 @@ class ForeachEngine(BucketEngine):
                 work = {k: v.to(torch.float32) for k, v in view.items()} if widen else view
                 u = rule.update(u, w, work, hp, step_value)  # type: ignore[arg-type]
                 if widen:
-                    for k, v in view.items():
-                        self.write_back(v, work[k])
+                    for j, (k, v) in enumerate(view.items()):
+                        self.write_back(v, work[k], piece, seeds[r][j])
             if keep != 1:
                 w.mul_(keep)
             w.add_(u)
 
-    def write_back(self, state: TensorList, work: TensorList) -> None:
-        """Low-precision state <- its float32 working copy, rounded stochastically (scratch buffers)."""
+    def write_back(self, state: TensorList, work: TensorList, piece: list[_Item], seeds: dict[int, int]) -> None:
+        """Low-precision state <- its float32 working copy, rounded stochastically (scratch buffers).
+
+        ``seeds`` maps each parameter's ordinal to this state tensor's seed for the step.
+        """
         if state is work:
             return
         noise = self.scratch.take(work.tensors, torch.int32)
+        spare = self.scratch.take(work.tensors, torch.int32)
         nan = self.scratch.take(work.tensors, torch.bool)
-        for i, (dst, src) in enumerate(zip(state.tensors, work.tensors)):
-            if noise is None or nan is None or dst.dtype not in LOW_PRECISION or src.dtype != torch.float32:
-                write_back_(dst, src)
+        for i, (dst, src, item) in enumerate(zip(state.tensors, work.tensors, piece)):
+            seed = seeds[item.ordinal]
+            if (noise is None or spare is None or nan is None or dst.dtype not in LOW_PRECISION
+                    or src.dtype != torch.float32):
+                write_back_(dst, src, seed, item.offset)
             else:
-                stochastic_round_into_(dst, src, noise[i], nan[i])
+                stochastic_round_into_(dst, src, noise[i], spare[i], nan[i], seed, item.offset)
 
 
 def _as_tensors(hp: dict[str, Any], static: tuple[str, ...], dtype: torch.dtype = torch.float64) -> dict[str, Any]:
@@ -382,8 +425,12 @@ def _static_key(value: Any) -> Any:
 def _bucket_step(rules: tuple[Rule, ...], projections: tuple[Projection, ...], maximize: bool, widen: bool,
                  params: list[Tensor], grads: list[Tensor], states: list[list[dict[str, Tensor]]],
                  hps: list[dict[str, Any]], phps: list[dict[str, Any]], keep: Tensor | None, step: Tensor,
-                 grad_scale: Tensor | None) -> None:
-    """The chain over every parameter of a bucket, written for ``torch.compile`` to fuse."""
+                 grad_scale: Tensor | None, seeds: list[list[Tensor]]) -> None:
+    """The chain over every parameter of a bucket, written for ``torch.compile`` to fuse.
+
+    ``seeds[r][j]`` (int32, one per parameter) seed the rounding noise of rule ``r``'s ``j``-th
+    low-precision state tensor (empty when state is not rounded).
+    """
     for i, (w, g) in enumerate(zip(params, grads)):
         u = g / grad_scale if grad_scale is not None else g
         u = -u if maximize else u
@@ -392,8 +439,8 @@ def _bucket_step(rules: tuple[Rule, ...], projections: tuple[Projection, ...], m
             work = {k: v.float() for k, v in view.items()} if widen else view
             u = rule.update(u, w, work, hps[r], step)
             if widen:
-                for k, v in view.items():
-                    v.copy_(stochastic_round(work[k], v.dtype))
+                for j, (k, v) in enumerate(view.items()):
+                    v.copy_(stochastic_round(work[k], v.dtype, element_noise(seeds[r][j][i], work[k])))
         if keep is not None:
             w.mul_(keep)
         w.add_(u)
@@ -445,9 +492,11 @@ class CompiledEngine(BucketEngine):
         key = (rules, bool(group["maximize"]), widen, grad_scale is not None, keep_t is None,
                tuple((hp[k] if k in rule.static else _static_key(v)) for (rule, hp), hps_r in zip(live, hps)
                      for k, v in hps_r.items()),
-               tuple((p.shape, p.stride(), p.dtype, p.device, item.grad.dtype, item.grad.stride(),
-                      tuple((t.dtype, t.stride()) for s in item.states for t in s.values()))
-                     for p, item in zip(params, items)))
+               # the bucket shares device and dtypes; shapes and strides per tensor. dynamo's own guards
+               # check every input as well, so a difference this key misses recompiles instead of failing.
+               params[0].device, params[0].dtype, items[0].grad.dtype,
+               tuple(t.dtype for s in items[0].states for t in s.values()),
+               tuple((p.shape, p.stride()) for p in params))
         fn = self.cache.get(key)
         if fn is None:
             fn = torch.compile(_fresh_function(_bucket_step, len(self.cache)), backend=self.backend,
@@ -455,9 +504,10 @@ class CompiledEngine(BucketEngine):
             self.cache[key] = fn
         scale = None if grad_scale is None else grad_scale.to(params[0].device, torch.float32)
         states = [[item.states[r] for item in items] for r in range(len(live))]
+        seeds = bucket_seeds(items, step, live) if widen else []
         try:
             fn(rules, projections, bool(group["maximize"]), widen, params, [item.grad for item in items], states,
-               hps, phps, keep_t, step, scale)
+               hps, phps, keep_t, step, scale, seeds)
         except Exception as err:  # no compiler, an unsupported op: run the same rules without one
             warnings.warn(f"descend: engine='compiled' could not compile the optimizer step "
                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
