@@ -420,13 +420,16 @@ def test_bf16_state_is_the_same_under_every_engine(name: str, backend: str) -> N
         gen = torch.Generator().manual_seed(3)
         params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(64, 33), (1000,), (7, 5, 3)]]
         opt = factory(params, lr=1e-3, engine=engine, state_dtype=torch.bfloat16, **kw)
+        counter = CountingBackend()
         if engine == "compiled" and backend == "traced":
-            opt._engine.backend = CountingBackend()
+            opt._engine.backend = counter
         for _ in range(20):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen)
             opt.step()
         assert getattr(opt._engine, "fallback", None) is None  # compiled, not fallen back to foreach
+        if getattr(opt._engine, "backend", None) is counter:
+            assert counter.compiles == 1  # new seeds every step are tensor inputs: no recompile
         return [t for p in params for k, t in sorted(opt.state[p].items()) if k != "step"]
 
     ref = states("reference")
