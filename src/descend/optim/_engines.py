@@ -215,12 +215,13 @@ class ReferenceEngine(Engine):
         state["step"] += 1
         step = int(state["step"].item())
         widen = rounds_stochastically(opt)
-        ordinal = torch.tensor([self.ordinal(p)], dtype=torch.int32)
+        ordinal = torch.tensor([self.ordinal(p)], dtype=torch.int32) if widen else None
         for r, (rule, hp) in enumerate(with_scalars(live, step)):
             view, fresh = rule_state(rule, state, p, hp, opt.state_dtype)
             work = {k: v.float() for k, v in view.items()} if widen else view
             u = (rule.first_update if fresh else rule.update)(u, p, work, hp, step)
             if widen:
+                assert ordinal is not None
                 for j, (k, v) in enumerate(view.items()):
                     write_back_(v, work[k], rounding_seeds(state["step"], ordinal, state_slot(r, j)).to(v.device))
         if keep != 1:  # decoupled decay acts on w: w <- keep*w + u
