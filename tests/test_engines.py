@@ -282,6 +282,17 @@ def test_stochastic_rounding_is_unbiased() -> None:
     assert torch.equal(y.to(torch.bfloat16).float(), y)  # in place: exactly representable
 
 
+def test_hash_noise_rounding_is_unbiased() -> None:
+    """The optimizer's rounding (index-hash noise, one seed) is unbiased over many elements too."""
+    x = torch.tensor([1.0 + 2.0**-10, -3.14159, 1e-3 + 1e-7, 0.1, 65504.3])
+    many = x.repeat(200_000, 1)
+    for seed in (0, 123456789):
+        rounded = stochastic_round(many, noise=element_noise(seed, many)).float()
+        mean = rounded.double().mean(0)
+        ulp = (x.abs() * 2.0**-7).double()
+        assert torch.all((mean - x.double()).abs() < 0.01 * ulp)
+
+
 def test_stochastic_rounding_keeps_non_finite() -> None:
     x = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0])
     out = stochastic_round(x).float()
