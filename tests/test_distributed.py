@@ -8,11 +8,8 @@ start torchrun with 2 gloo ranks take 15-100 s each on a 2-core CPU and are mark
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -20,12 +17,12 @@ import pytest
 import torch
 from torch import nn
 
+from _distributed_helpers import ENV, max_abs_diff, run
 from descend import distributed as dd
 from descend import optim
 
 SCRIPTS = Path(__file__).parent / "distributed_scripts"
 JOB = SCRIPTS / "job.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _load_job() -> ModuleType:
@@ -39,24 +36,9 @@ def _load_job() -> ModuleType:
 job = _load_job()
 
 
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 def torchrun(args: list[str], timeout: float) -> tuple[int, str, float]:
     """Run job.py on 2 gloo ranks; (exit code, stdout+stderr, seconds). Kills the process group on timeout."""
-    cmd = dd.torchrun_command(2, [str(JOB), *args])
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun job did not finish within {timeout} s:\n{out[-4000:]}")
-    return proc.returncode, out, time.perf_counter() - start
+    return run(dd.torchrun_command(2, [str(JOB), *args]), timeout)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,40 +8,22 @@ its whole process group is killed.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from _distributed_helpers import max_abs_diff, run
 from descend.cli import main
 from descend.cli._commands import _without_nproc
 from descend.data.registry import load_data
 from descend.train import RunError, RunSpec, TrainConfig, Trainer, build_model, make_optimizer, prepare
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # Uneven shards: 15 examples per micro-batch over 2 ranks (8 + 7), 2 micro-batches per step, L2 on.
 TINY = ["--batch-size", "15", "--accumulation", "2", "--width", "16", "--threads", "1", "--no-progress",
         "--no-tensorboard", "--optimizer", "adamw"]
-
-
-def run(args: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str, float]:
-    """Run a command; (exit code, stdout+stderr, seconds). Kills its process group on timeout."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(args, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(args[:6])} ... did not finish within {timeout} s:\n{out[-4000:]}")
-    return proc.returncode, out, time.perf_counter() - start
 
 
 def descend(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> tuple[int, str, float]:
@@ -50,11 +32,6 @@ def descend(*args: str, timeout: float = 240, env: dict[str, str] | None = None)
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "model.safetensors")
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 # ------------------------------------------------------------------------------------------------
