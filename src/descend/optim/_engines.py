@@ -13,10 +13,11 @@
   ``maximize``, stochastic rounding and projections included, traced once by ``torch.compile`` into
   one fused pass over memory (C++/OpenMP on CPU, Triton on GPU). Hyperparameters, and the per-step
   scalars of :meth:`Rule.scalars <descend.optim._rules.Rule.scalars>` (Adam's bias corrections,
-  computed once per step in Python), enter as 0-d tensors in the computation dtype (float64 for
-  float64 parameters, else float32), so a scheduler changing ``lr`` (or betas, weight decay, the
-  step) triggers no recompile and the kernel does no per-element scalar math in a wider type;
-  compiled steps are cached per bucket by shapes, dtypes and static flags.
+  computed once per step in Python), enter as 0-d float64 tensors, so a scheduler changing ``lr``
+  (or betas, weight decay, the step) triggers no recompile. Scalar expressions such as ``1 - beta``
+  are evaluated in double precision, as the reference engine does with Python floats, and converted
+  to the parameter's dtype before they meet the elements, so the per-element math stays in that
+  dtype. Compiled steps are cached per bucket by shapes, dtypes and static flags.
   Where compilation fails it warns once and runs the foreach engine instead.
 - ``engine="auto"``: the foreach engine, whatever the model size: it never pays a compile (one to
   three minutes per chain on a small CPU machine), which would stall short runs and tests. The
@@ -483,14 +484,12 @@ class CompiledEngine(BucketEngine):
         rules = tuple(rule for rule, _ in live)
         projections = tuple(self.opt.projections)
         params = [item.param for item in items]
-        # scalars in the dtype the kernel computes in: a float64 scalar would widen every element's math
-        dtype = torch.float64
         live = with_scalars(live, int(step.item()))
-        hps = [_as_tensors(hp, rule.static, dtype) for rule, hp in live]
-        phps = [_as_tensors(projection.read(group), (), dtype) for projection in projections]
+        hps = [_as_tensors(hp, rule.static) for rule, hp in live]
+        phps = [_as_tensors(projection.read(group), ()) for projection in projections]
         widen = rounds_stochastically(self.opt)
         no_decay = isinstance(keep, (int, float)) and keep == 1
-        keep_t = None if no_decay else torch.tensor(float(keep), dtype=dtype)
+        keep_t = None if no_decay else torch.tensor(float(keep), dtype=torch.float64)
         key = (rules, bool(group["maximize"]), widen, grad_scale is not None, keep_t is None,
                tuple((hp[k] if k in rule.static else _static_key(v)) for (rule, hp), hps_r in zip(live, hps)
                      for k, v in hps_r.items()),
