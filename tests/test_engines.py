@@ -94,6 +94,22 @@ def test_foreach_chunks_large_tensors_like_whole_ones() -> None:
     assert_close(outs[0], outs[1], rtol=0.0)
 
 
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_foreach_scratch_path_matches_fresh_temporaries(name: str) -> None:
+    """Temporaries in scratch buffers (large tensors) or fresh from ``_foreach_*`` (small): same steps."""
+    outs = []
+    factory = PRESETS[name]
+    for min_mean in (0, 1 << 30):  # always the scratch, never the scratch
+
+        def forced(groups: Any, engine: str, m: int = min_mean, **kw: Any) -> torch.optim.Optimizer:
+            opt = factory(groups, engine=engine, **kw)
+            opt._engine = ForeachEngine(opt, scratch_min_mean=m)
+            return opt
+
+        outs.append(run(forced, "foreach"))
+    assert_close(outs[0], outs[1], rtol=0.0)
+
+
 def test_engine_names_and_auto() -> None:
     p = [torch.nn.Parameter(torch.zeros(2))]
     assert isinstance(optim.Adam(p, engine="reference")._engine, ReferenceEngine)
@@ -360,6 +376,42 @@ def test_zero_size_and_no_grad_params_are_fine() -> None:
         assert torch.equal(b.detach(), torch.ones(2))
 
 
+@pytest.mark.parametrize("engine", ["foreach", "compiled"])
+def test_step_counters_count_each_parameters_own_steps(engine: str) -> None:
+    """Counters packed into one tensor per bucket still count per parameter, as torch.optim's do.
+
+    A parameter that skips steps (no gradient) keeps its count; a state_dict round trip, a
+    counter changed by hand and a new param group are all followed.
+    """
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(4)]
+    opt = optim.Adam(params, lr=0.1, engine=engine)
+    if engine == "compiled":
+        opt._engine.backend = CountingBackend()
+    expected = [0, 0, 0, 0]
+    for t in range(9):
+        for i, p in enumerate(params):
+            p.grad = None if (i == 2 and t % 3 == 1) else torch.full((3,), float(t + 1))
+            expected[i] += p.grad is not None
+        opt.step()
+        assert [float(opt.state[p]["step"]) for p in params] == expected
+        if t == 4:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        if t == 6:
+            opt.state[params[0]]["step"] = torch.tensor(100.0)
+            expected[0] = 100
+    steps = [opt.state[p]["step"] for p in params]
+    assert all(s.dim() == 0 for s in steps)
+    extra = torch.nn.Parameter(torch.ones(2))
+    opt.add_param_group({"params": [extra]})
+    for _ in range(2):
+        for p in [*params, extra]:
+            p.grad = torch.ones(p.shape)
+        opt.step()
+    assert [float(opt.state[p]["step"]) for p in [*params, extra]] == [e + 2 for e in expected] + [2]
+    # the counters a bucket shares are one tensor's elements, so the increment is a single operation
+    assert opt.state[params[1]]["step"]._base is opt.state[params[3]]["step"]._base is not None
+
+
 # -- foreach scratch buffers and per-step scalars -----------------------------------------------------
 def test_tensorlist_with_scratch_matches_fresh_results() -> None:
     """Temporaries written into reused scratch buffers hold what fresh ``_foreach_*`` results hold."""
@@ -372,7 +424,7 @@ def test_tensorlist_with_scratch_matches_fresh_results() -> None:
     def expr(a: TensorList, b: TensorList) -> TensorList:
         return torch.sign(torch.lerp(a, b, 0.3)) * 2 + (a * b).sqrt() / (1 - b) - a.abs() / 3.0 + 1 / b
 
-    scratch = Scratch(64)
+    scratch = Scratch(64, min_mean=0)  # small tensors would bypass the scratch otherwise
     scratch.reset()
     out = expr(TensorList(xs, scratch), TensorList(ys, scratch))
     ref = expr(TensorList(xs), TensorList(ys))

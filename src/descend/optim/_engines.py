@@ -6,9 +6,11 @@
   dtype, step count) go through the chain together as a :class:`~descend.optim._tensorlist.TensorList`,
   so every tensor operation of a rule is one multi-tensor operation for a chunk of the bucket.
   Contiguous tensors are cut into flat chunks of at most :data:`CHUNK` elements, and the rules'
-  temporaries are written into scratch buffers the engine keeps between steps (a
+  temporaries of large tensors are written into scratch buffers the engine keeps between steps (a
   :class:`~descend.optim._tensorlist.Scratch`): a fresh multi-MiB temporary per operation costs a
-  page fault per 4 KiB on CPU, which profiled at more than the arithmetic. Needs no compiler.
+  page fault per 4 KiB on CPU, which profiled at more than the arithmetic. Small tensors (under
+  16K elements on average) take fresh ``torch._foreach_*`` results instead, one call per list
+  rather than one per tensor. Needs no compiler.
 - :class:`CompiledEngine` (``engine="compiled"``): the whole chain of a bucket, gradient unscaling,
   ``maximize``, stochastic rounding and projections included, traced once by ``torch.compile`` into
   one fused pass over memory (C++/OpenMP on CPU, Triton on GPU). Hyperparameters, and the per-step
@@ -17,7 +19,10 @@
   (or betas, weight decay, the step) triggers no recompile. Scalar expressions such as ``1 - beta``
   are evaluated in double precision, as the reference engine does with Python floats, and converted
   to the parameter's dtype before they meet the elements, so the per-element math stays in that
-  dtype. Compiled steps are cached per bucket by shapes, dtypes and static flags.
+  dtype. Compiled steps are cached per bucket by shapes, dtypes and static flags. The step
+  receives flat lists of tensors (per state tensor of each rule, one list over the parameters)
+  rather than a dict per parameter, and inductor's per-call size asserts are off (dynamo's guards
+  already check every input's shape and stride): both were per-tensor costs of every call.
   Where compilation fails it warns once and runs the foreach engine instead.
 - ``engine="auto"``: the foreach engine, whatever the model size: it never pays a compile (one to
   three minutes per chain on a small CPU machine), which would stall short runs and tests. The
@@ -26,7 +31,9 @@
   "Optimizer performance").
 
 Shared by all engines: a parameter's first step (state creation, ``Rule.first_update``) and
-zero-size parameters go through the reference path; ``clip_by_global_norm`` computes the global
+zero-size parameters go through the reference path; the multi-tensor engines keep the step
+counters of a bucket as the elements of one tensor and advance them with one operation
+(:func:`advance_steps`); ``clip_by_global_norm`` computes the global
 norm over every gradient first; ``grad_scale`` (from ``torch.amp.GradScaler``) divides the gradient
 inside the step; state kept in ``state_dtype=torch.bfloat16`` is updated in float32 and written back
 with stochastic rounding (:mod:`descend.optim._rounding`).
@@ -232,6 +239,26 @@ class ReferenceEngine(Engine):
             projection.project_(p, projection.read(group))
 
 
+def advance_steps(opt: ChainOptimizer, params: list[Tensor]) -> Tensor:
+    """``state["step"] += 1`` for every parameter of a bucket (equal step counts); returns one of them.
+
+    The step counters of a bucket are kept as the elements of one 1-D tensor (each ``state["step"]``
+    is still its own 0-d tensor, a view), so the increment is one operation: ``torch._foreach_add_``
+    on a hundred 0-d CPU tensors costs about 150 us per step, more than the rest of the bookkeeping.
+    Counters that are not packed this way (first bucket step, after ``load_state_dict``, a bucket
+    that changed) are packed anew.
+    """
+    steps = [opt.state[p]["step"] for p in params]
+    base = steps[0]._base
+    if (base is None or base.dim() != 1 or base.numel() != len(steps)
+            or [s.storage_offset() if s._base is base else -1 for s in steps] != list(range(len(steps)))):
+        base = torch.stack([s.detach() for s in steps])
+        for i, p in enumerate(params):
+            opt.state[p]["step"] = base[i]
+    base.add_(1)
+    return opt.state[params[0]]["step"]
+
+
 def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard (a view: updating it updates the DTensor); any other tensor as it is."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -266,31 +293,34 @@ class BucketEngine(Engine):
 
     def step(self, grad_scale: Tensor | None = None) -> None:
         opt = self.opt
+        widen = rounds_stochastically(opt)
         for group, live, keep in group_plans(opt, grad_scale):
             buckets: dict[tuple[Any, ...], list[_Item]] = {}
-            steps: dict[tuple[Any, ...], list[Tensor]] = {}
             params: dict[tuple[Any, ...], list[Tensor]] = {}
             # per live rule: (the rule's name for a state tensor, the optimizer state's key for it)
             names = [[(n, rule.state_names.get(n, n)) for n in rule.state_keys(hp)] for rule, hp in live]
-            all_keys = [k for pairs in names for _, k in pairs]
+            needed = {"step", *(k for pairs in names for _, k in pairs)}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 g = check_grad(p)
                 state = opt.state[p]
-                if p.numel() == 0 or "step" not in state or any(k not in state for k in all_keys):
+                if p.numel() == 0 or not needed <= state.keys():
                     self.reference.step_param(p, group, live, keep, grad_scale)
                     continue
                 key = (p.device, p.dtype, g.dtype, float(state["step"]))
-                # The rules are elementwise, so a sharded (DTensor) parameter is stepped on its local shard.
-                buckets.setdefault(key, []).append(
-                    _Item(_local(p), _local(g), [{n: _local(state[k]) for n, k in pairs} for pairs in names],
-                          self.ordinal(p)))
-                steps.setdefault(key, []).append(state["step"])
+                if isinstance(p, DTensor):  # the rules are elementwise: a sharded parameter steps on its shard
+                    states = [{n: _local(state[k]) for n, k in pairs} for pairs in names]
+                    item = _Item(_local(p), _local(g), states)
+                else:
+                    item = _Item(p, g, [{n: state[k] for n, k in pairs} for pairs in names])
+                if widen:  # only rounding noise needs the parameter's position
+                    item.ordinal = self.ordinal(p)
+                buckets.setdefault(key, []).append(item)
                 params.setdefault(key, []).append(p)
             for key, items in buckets.items():
-                torch._foreach_add_(steps[key], 1.0)
-                self.run_bucket(group, live, keep, items, steps[key][0], grad_scale)
+                step = advance_steps(opt, params[key])
+                self.run_bucket(group, live, keep, items, step, grad_scale)
                 self.project(group, params[key])
 
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
@@ -343,13 +373,14 @@ class ForeachEngine(BucketEngine):
 
     name = "foreach"
 
-    def __init__(self, opt: ChainOptimizer, chunk: int = CHUNK) -> None:
+    def __init__(self, opt: ChainOptimizer, chunk: int = CHUNK, scratch_min_mean: int = 1 << 14) -> None:
         super().__init__(opt)
         self.chunk = chunk
-        self.scratch = Scratch(chunk)
+        self.scratch_min_mean = scratch_min_mean
+        self.scratch = Scratch(chunk, scratch_min_mean)
 
     def reset(self) -> None:
-        self.scratch = Scratch(self.chunk)
+        self.scratch = Scratch(self.chunk, self.scratch_min_mean)
 
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
@@ -426,19 +457,22 @@ def _static_key(value: Any) -> Any:
 
 
 def _bucket_step(rules: tuple[Rule, ...], projections: tuple[Projection, ...], maximize: bool, widen: bool,
-                 params: list[Tensor], grads: list[Tensor], states: list[list[dict[str, Tensor]]],
-                 hps: list[dict[str, Any]], phps: list[dict[str, Any]], keep: Tensor | None, step: Tensor,
-                 grad_scale: Tensor | None, seeds: list[list[Tensor]]) -> None:
+                 state_keys: tuple[tuple[str, ...], ...], params: list[Tensor], grads: list[Tensor],
+                 states: list[list[list[Tensor]]], hps: list[dict[str, Any]], phps: list[dict[str, Any]],
+                 keep: Tensor | None, step: Tensor, grad_scale: Tensor | None, seeds: list[list[Tensor]]) -> None:
     """The chain over every parameter of a bucket, written for ``torch.compile`` to fuse.
 
-    ``seeds[r][j]`` (int32, one per parameter) seed the rounding noise of rule ``r``'s ``j``-th
-    low-precision state tensor (empty when state is not rounded).
+    ``states[r][j]`` holds rule ``r``'s state tensor called ``state_keys[r][j]`` for every parameter:
+    flat lists of tensors, not a dict per parameter, because dynamo guards every container it is
+    given on every call (a dict per parameter cost more per step than the rest of the guards).
+    ``seeds[r][j]`` (int32, one per parameter) seed the rounding noise of that tensor when state is
+    kept in low precision (empty otherwise).
     """
     for i, (w, g) in enumerate(zip(params, grads)):
         u = g / grad_scale if grad_scale is not None else g
         u = -u if maximize else u
         for r, rule in enumerate(rules):
-            view = states[r][i]
+            view = {k: states[r][j][i] for j, k in enumerate(state_keys[r])}
             work = {k: v.float() for k, v in view.items()} if widen else view
             u = rule.update(u, w, work, hps[r], step)
             if widen:
@@ -500,15 +534,19 @@ class CompiledEngine(BucketEngine):
                tuple((p.shape, p.stride()) for p in params))
         fn = self.cache.get(key)
         if fn is None:
+            # inductor's size asserts re-check every input's shape and stride on each call, which
+            # dynamo's guards have just done: off, they save ~1.6 us per tensor per step.
+            options = {"size_asserts": False} if self.backend == "inductor" else None
             fn = torch.compile(_fresh_function(_bucket_step, len(self.cache)), backend=self.backend,
-                               fullgraph=True, dynamic=False)
+                               fullgraph=True, dynamic=False, options=options)
             self.cache[key] = fn
         scale = None if grad_scale is None else grad_scale.to(params[0].device, torch.float32)
-        states = [[item.states[r] for item in items] for r in range(len(live))]
+        state_keys = tuple(tuple(s) for s in items[0].states)
+        states = [[[item.states[r][k] for item in items] for k in keys] for r, keys in enumerate(state_keys)]
         seeds = bucket_seeds(items, step, live) if widen else []
         try:
-            fn(rules, projections, bool(group["maximize"]), widen, params, [item.grad for item in items], states,
-               hps, phps, keep_t, step, scale, seeds)
+            fn(rules, projections, bool(group["maximize"]), widen, state_keys, params, [item.grad for item in items],
+               states, hps, phps, keep_t, step, scale, seeds)
         except Exception as err:  # no compiler, an unsupported op: run the same rules without one
             warnings.warn(f"descend: engine='compiled' could not compile the optimizer step "
                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "

@@ -35,10 +35,17 @@ class Scratch:
     :meth:`reset` makes every buffer free again. The owner calls ``reset`` before each piece of
     work whose temporaries are all dead by the next ``reset``, so the scratch holds at most as many
     buffers as one piece has temporaries alive at once, however many pieces there are.
+
+    Writing into a scratch buffer costs one ``torch.<op>(..., out=)`` call per tensor, against one
+    ``torch._foreach_*`` call for the whole list. That pays only for large tensors, whose fresh
+    temporaries would be fresh ``mmap`` calls; small ones come from the allocator's free lists. So
+    :meth:`take` declines (returns None) when the tensors average fewer than ``min_mean`` elements:
+    for 100 tensors of 64 elements an AdamW step took 7.1 ms through the scratch, 3.0 ms without.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, min_mean: int = 1 << 14) -> None:
         self.limit = limit
+        self.min_mean = min_mean
         self.buffers: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
         self.used: dict[tuple[torch.dtype, torch.device], int] = {}
 
@@ -51,7 +58,8 @@ class Scratch:
             return None
         dtype = dtype or like[0].dtype
         sizes = [t.numel() for t in like]
-        if sum(sizes) > self.limit:
+        total = sum(sizes)
+        if total > self.limit or total < self.min_mean * len(sizes):
             return None
         key = (dtype, like[0].device)
         pool = self.buffers.setdefault(key, [])
