@@ -136,12 +136,17 @@ def state_slot(rule_index: int, key_index: int) -> int:
     return 16 * rule_index + key_index
 
 
-def bucket_seeds(items: list[_Item], step: Tensor, live: Live) -> list[list[Tensor]]:
+def state_layout(live: Live) -> tuple[tuple[str, ...], ...]:
+    """Per live rule, the rule's names of its state tensors: the order of :attr:`_Item.states`."""
+    return tuple(tuple(rule.state_keys(hp)) for rule, hp in live)
+
+
+def bucket_seeds(items: list[_Item], step: Tensor, layout: tuple[tuple[str, ...], ...]) -> list[list[Tensor]]:
     """``seeds[r][j]``: int32 rounding seeds (one per item) of rule ``r``'s ``j``-th state tensor this step."""
     ordinals = torch.tensor([item.ordinal for item in items], dtype=torch.int32)
     device = items[0].param.device
-    return [[rounding_seeds(step.cpu(), ordinals, state_slot(r, j)).to(device) for j in range(len(items[0].states[r]))]
-            for r in range(len(live))]
+    return [[rounding_seeds(step.cpu(), ordinals, state_slot(r, j)).to(device) for j in range(len(names))]
+            for r, names in enumerate(layout)]
 
 
 def with_scalars(live: Live, step: int) -> Live:
@@ -269,11 +274,16 @@ def _flat_ok(tensors: list[Tensor]) -> bool:
 
 
 class _Item:
-    """One parameter of a bucket: the parameter, its gradient and the live rules' state views."""
+    """One parameter of a bucket: the parameter, its gradient and the live rules' state tensors.
+
+    ``states`` lists every live rule's state tensors one after the other, in the order of
+    :func:`state_layout` (a flat list: building a dict per rule per parameter every step was the
+    largest single cost of the bookkeeping).
+    """
 
     __slots__ = ("grad", "offset", "ordinal", "param", "states")
 
-    def __init__(self, param: Tensor, grad: Tensor, states: list[dict[str, Tensor]], ordinal: int = 0,
+    def __init__(self, param: Tensor, grad: Tensor, states: list[Tensor], ordinal: int = 0,
                  offset: int = 0) -> None:
         self.param, self.grad, self.states = param, grad, states
         self.ordinal = ordinal  # the parameter's position in the optimizer (seeds its rounding noise)
@@ -297,23 +307,24 @@ class BucketEngine(Engine):
         for group, live, keep in group_plans(opt, grad_scale):
             buckets: dict[tuple[Any, ...], list[_Item]] = {}
             params: dict[tuple[Any, ...], list[Tensor]] = {}
-            # per live rule: (the rule's name for a state tensor, the optimizer state's key for it)
-            names = [[(n, rule.state_names.get(n, n)) for n in rule.state_keys(hp)] for rule, hp in live]
-            needed = {"step", *(k for pairs in names for _, k in pairs)}
+            # the optimizer state's keys of the live rules' state tensors, in the order of state_layout
+            keys = [rule.state_names.get(n, n) for rule, hp in live for n in rule.state_keys(hp)]
+            needed = {"step", *keys}
             for p in group["params"]:
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                g = check_grad(p)
+                if g.is_sparse or p.is_complex():
+                    check_grad(p)  # raises
                 state = opt.state[p]
                 if p.numel() == 0 or not needed <= state.keys():
                     self.reference.step_param(p, group, live, keep, grad_scale)
                     continue
                 key = (p.device, p.dtype, g.dtype, float(state["step"]))
                 if isinstance(p, DTensor):  # the rules are elementwise: a sharded parameter steps on its shard
-                    states = [{n: _local(state[k]) for n, k in pairs} for pairs in names]
-                    item = _Item(_local(p), _local(g), states)
+                    item = _Item(_local(p), _local(g), [_local(state[k]) for k in keys])
                 else:
-                    item = _Item(p, g, [{n: state[k] for n, k in pairs} for pairs in names])
+                    item = _Item(p, g, [state[k] for k in keys])
                 if widen:  # only rounding noise needs the parameter's position
                     item.ordinal = self.ordinal(p)
                 buckets.setdefault(key, []).append(item)
@@ -344,15 +355,15 @@ def _chunks(items: list[_Item], limit: int) -> Iterator[list[_Item]]:
     piece: list[_Item] = []
     size = 0
     for item in items:
-        tensors = [item.param, item.grad, *(t for s in item.states for t in s.values())]
+        tensors = [item.param, item.grad, *item.states]
         n = item.param.numel()
         if n > limit and _flat_ok(tensors):
             flat = _Item(item.param.view(-1), item.grad.view(-1),
-                         [{k: t.view(-1) for k, t in s.items()} for s in item.states], item.ordinal)
+                         [t.view(-1) for t in item.states], item.ordinal)
             for start in range(0, n, limit):
                 stop = min(start + limit, n)
                 part = _Item(flat.param[start:stop], flat.grad[start:stop],
-                             [{k: t[start:stop] for k, t in s.items()} for s in flat.states], item.ordinal, start)
+                             [t[start:stop] for t in flat.states], item.ordinal, start)
                 if size + (stop - start) > limit and piece:
                     yield piece
                     piece, size = [], 0
@@ -389,11 +400,12 @@ class ForeachEngine(BucketEngine):
         widen = rounds_stochastically(self.opt)
         scratch = self.scratch
         scale = None if grad_scale is None else grad_scale.to(items[0].param.device, torch.float32)
+        layout = state_layout(live)
         seeds: list[list[dict[int, int]]] = []  # per rule, per state tensor: {ordinal: seed}
         if widen:
             ordinals = [item.ordinal for item in items]
             seeds = [[dict(zip(ordinals, s.tolist())) for s in per_rule]
-                     for per_rule in bucket_seeds(items, step, live)]
+                     for per_rule in bucket_seeds(items, step, layout)]
         for piece in _chunks(items, self.chunk):
             scratch.reset()  # every temporary of the previous chunk is dead
             w = TensorList([item.param for item in piece], scratch)
@@ -402,8 +414,11 @@ class ForeachEngine(BucketEngine):
                 u = u / scale
             if group["maximize"]:
                 u = -u
+            first = 0  # index in item.states of the rule's first state tensor
             for r, (rule, hp) in enumerate(live):
-                view = {k: TensorList([item.states[r][k] for item in piece], scratch) for k in piece[0].states[r]}
+                view = {k: TensorList([item.states[first + j] for item in piece], scratch)
+                        for j, k in enumerate(layout[r])}
+                first += len(layout[r])
                 work = {k: v.to(torch.float32) for k, v in view.items()} if widen else view
                 u = rule.update(u, w, work, hp, step_value)  # type: ignore[arg-type]
                 if widen:
@@ -491,6 +506,27 @@ def _fresh_function(fn: Callable[..., Any], tag: int) -> Callable[..., Any]:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
+def inductor_options(low_precision_state: bool) -> dict[str, Any]:
+    """The inductor settings of a compiled step.
+
+    ``size_asserts`` off: they re-check every input's shape and stride on each call, which dynamo's
+    guards have just done (about 1.6 us per tensor per step). For state kept in bfloat16 on an
+    AVX-512 CPU, 256-bit vectors: inductor's loops take 16 floats per iteration, so 16 bf16 values
+    are half a 512-bit vector, loaded and stored with masked instructions that are slow on some
+    CPUs (AMD EPYC here); at 256 bits they are plain loads and stores.
+    """
+    options: dict[str, Any] = {"size_asserts": False}
+    if low_precision_state:
+        try:
+            from torch._inductor.cpu_vec_isa import pick_vec_isa, valid_vec_isa_list
+
+            if pick_vec_isa().bit_width() == 512 and any(isa.bit_width() == 256 for isa in valid_vec_isa_list()):
+                options["cpp.simdlen"] = 256
+        except Exception:  # pragma: no cover  (inductor internals moved: keep its default width)
+            pass
+    return options
+
+
 class CompiledEngine(BucketEngine):
     """One ``torch.compile``-fused pass per bucket; falls back to :class:`ForeachEngine` if compiling fails.
 
@@ -530,20 +566,22 @@ class CompiledEngine(BucketEngine):
                # the bucket shares device and dtypes; shapes and strides per tensor. dynamo's own guards
                # check every input as well, so a difference this key misses recompiles instead of failing.
                params[0].device, params[0].dtype, items[0].grad.dtype,
-               tuple(t.dtype for s in items[0].states for t in s.values()),
+               tuple(t.dtype for t in items[0].states),
                tuple((p.shape, p.stride()) for p in params))
         fn = self.cache.get(key)
         if fn is None:
-            # inductor's size asserts re-check every input's shape and stride on each call, which
-            # dynamo's guards have just done: off, they save ~1.6 us per tensor per step.
-            options = {"size_asserts": False} if self.backend == "inductor" else None
+            options = inductor_options(widen) if self.backend == "inductor" else None
             fn = torch.compile(_fresh_function(_bucket_step, len(self.cache)), backend=self.backend,
                                fullgraph=True, dynamic=False, options=options)
             self.cache[key] = fn
         scale = None if grad_scale is None else grad_scale.to(params[0].device, torch.float32)
-        state_keys = tuple(tuple(s) for s in items[0].states)
-        states = [[[item.states[r][k] for item in items] for k in keys] for r, keys in enumerate(state_keys)]
-        seeds = bucket_seeds(items, step, live) if widen else []
+        state_keys = state_layout(live)
+        flat_states = [[item.states[i] for item in items] for i in range(len(items[0].states))]
+        states, first = [], 0
+        for keys in state_keys:
+            states.append(flat_states[first:first + len(keys)])
+            first += len(keys)
+        seeds = bucket_seeds(items, step, state_keys) if widen else []
         try:
             fn(rules, projections, bool(group["maximize"]), widen, state_keys, params, [item.grad for item in items],
                states, hps, phps, keep_t, step, scale, seeds)
