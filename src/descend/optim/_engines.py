@@ -26,7 +26,7 @@
   Where compilation fails it warns once and runs the foreach engine instead.
 - ``engine="auto"``: the foreach engine, whatever the model size: it never pays a compile (one to
   three minutes per chain on a small CPU machine), which would stall short runs and tests. The
-  compiled engine's steps are several times faster on large models (2.4-3.6x at 20M parameters on
+  compiled engine's steps are several times faster on large models (2.4-3.9x at 20M parameters on
   a 2-core CPU), so long runs of large models should ask for ``engine="compiled"`` (see the README,
   "Optimizer performance").
 
