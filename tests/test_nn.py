@@ -97,7 +97,7 @@ def test_init_weight_std_matches_closed_form(init: str | float, expected_std: fl
     expected = expected_std * (math.sqrt(2) if init == "xavier" else 1.0)
     assert abs(float(w.detach().std()) / expected - 1) < 0.03
     if init != "default":
-        assert float(model.blocks[1].linear.bias.abs().max()) == 0.0
+        assert float(model.blocks[1].linear.bias.detach().abs().max()) == 0.0
 
 
 def test_residual_mlp_equal_size_and_formula() -> None:
