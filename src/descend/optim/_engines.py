@@ -141,11 +141,21 @@ def state_layout(live: Live) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(rule.state_keys(hp)) for rule, hp in live)
 
 
+def state_columns(items: list[_Item], layout: tuple[tuple[str, ...], ...]) -> list[list[list[Tensor]]]:
+    """``columns[r][j]``: rule ``r``'s ``j``-th state tensor (named ``layout[r][j]``) of every item."""
+    columns, first = [], 0  # first: index in item.states of the rule's first state tensor
+    for names in layout:
+        columns.append([[item.states[first + j] for item in items] for j in range(len(names))])
+        first += len(names)
+    return columns
+
+
 def bucket_seeds(items: list[_Item], step: Tensor, layout: tuple[tuple[str, ...], ...]) -> list[list[Tensor]]:
     """``seeds[r][j]``: int32 rounding seeds (one per item) of rule ``r``'s ``j``-th state tensor this step."""
     ordinals = torch.tensor([item.ordinal for item in items], dtype=torch.int32)
     device = items[0].param.device
-    return [[rounding_seeds(step.cpu(), ordinals, state_slot(r, j)).to(device) for j in range(len(names))]
+    step = step.cpu()
+    return [[rounding_seeds(step, ordinals, state_slot(r, j)).to(device) for j in range(len(names))]
             for r, names in enumerate(layout)]
 
 
@@ -308,7 +318,7 @@ class BucketEngine(Engine):
             buckets: dict[tuple[Any, ...], list[_Item]] = {}
             params: dict[tuple[Any, ...], list[Tensor]] = {}
             # the optimizer state's keys of the live rules' state tensors, in the order of state_layout
-            keys = [rule.state_names.get(n, n) for rule, hp in live for n in rule.state_keys(hp)]
+            keys = [rule.state_names.get(n, n) for (rule, _), names in zip(live, state_layout(live)) for n in names]
             needed = {"step", *keys}
             for p in group["params"]:
                 g = p.grad
@@ -414,11 +424,9 @@ class ForeachEngine(BucketEngine):
                 u = u / scale
             if group["maximize"]:
                 u = -u
-            first = 0  # index in item.states of the rule's first state tensor
+            columns = state_columns(piece, layout)
             for r, (rule, hp) in enumerate(live):
-                view = {k: TensorList([item.states[first + j] for item in piece], scratch)
-                        for j, k in enumerate(layout[r])}
-                first += len(layout[r])
+                view = {k: TensorList(columns[r][j], scratch) for j, k in enumerate(layout[r])}
                 work = {k: v.to(torch.float32) for k, v in view.items()} if widen else view
                 u = rule.update(u, w, work, hp, step_value)  # type: ignore[arg-type]
                 if widen:
@@ -576,11 +584,7 @@ class CompiledEngine(BucketEngine):
             self.cache[key] = fn
         scale = None if grad_scale is None else grad_scale.to(params[0].device, torch.float32)
         state_keys = state_layout(live)
-        flat_states = [[item.states[i] for item in items] for i in range(len(items[0].states))]
-        states, first = [], 0
-        for keys in state_keys:
-            states.append(flat_states[first:first + len(keys)])
-            first += len(keys)
+        states = state_columns(items, state_keys)
         seeds = bucket_seeds(items, step, state_keys) if widen else []
         try:
             fn(rules, projections, bool(group["maximize"]), widen, state_keys, params, [item.grad for item in items],
