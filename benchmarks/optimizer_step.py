@@ -113,59 +113,66 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def candidates(engines: list[str]) -> list[tuple[str, str, Factory, int]]:
-    """(name, peer family, factory, bytes moved per parameter) of everything this machine can run."""
-    out: list[tuple[str, str, Factory, int]] = []
+def candidates(engines: list[str], layouts: list[str]) -> list[tuple[str, str, Factory, int, bool]]:
+    """(name, peer family, factory, bytes moved per parameter, flat) of everything this machine can run.
+
+    ``flat`` rows are descend optimizers with ``flat=True``: each gets its own copy of the parameters
+    (the optimizer moves them into one buffer), the others share one set.
+    """
+    out: list[tuple[str, str, Factory, int, bool]] = []
     wd = 0.01
+    descend: list[tuple[str, Callable[..., torch.optim.Optimizer], int, bool]] = [
+        ("SGD-momentum", lambda p, **k: optim.SGD(p, lr=1e-3, momentum=0.9, **k), 20, False),
+        ("Adam", lambda p, **k: optim.Adam(p, lr=1e-3, **k), 28, False),
+        ("AdamW", lambda p, **k: optim.AdamW(p, lr=1e-3, weight_decay=wd, **k), 28, False),
+        ("Lion", lambda p, **k: optim.Lion(p, lr=1e-4, weight_decay=wd, **k), 20, False),
+        ("Signum", lambda p, **k: optim.Signum(p, lr=1e-4, weight_decay=wd, **k), 20, False),
+        ("chain ema->softsign->decay", lambda p, **k: optim.chain(p, optim.ema(0.9), optim.softsign(1e-8),
+                                                                  optim.decoupled_decay(wd), lr=1e-4, **k), 20, False),
+        ("Lion bf16 state", lambda p, **k: optim.Lion(p, lr=1e-4, weight_decay=wd, state_dtype=torch.bfloat16, **k),
+         16, True),
+        ("Signum bf16 state", lambda p, **k: optim.Signum(p, lr=1e-4, weight_decay=wd, state_dtype=torch.bfloat16,
+                                                          **k), 16, True),
+    ]
     for engine in engines:
-        out += [
-            (f"descend SGD-momentum [{engine}]", "descend", lambda p, e=engine: optim.SGD(p, lr=1e-3, momentum=0.9,
-                                                                                          engine=e), 20),
-            (f"descend Adam [{engine}]", "descend", lambda p, e=engine: optim.Adam(p, lr=1e-3, engine=e), 28),
-            (f"descend AdamW [{engine}]", "descend", lambda p, e=engine: optim.AdamW(p, lr=1e-3, weight_decay=wd,
-                                                                                    engine=e), 28),
-            (f"descend Lion [{engine}]", "descend", lambda p, e=engine: optim.Lion(p, lr=1e-4, weight_decay=wd,
-                                                                                  engine=e), 20),
-            (f"descend Signum [{engine}]", "descend", lambda p, e=engine: optim.Signum(p, lr=1e-4, weight_decay=wd,
-                                                                                      engine=e), 20),
-            (f"descend chain ema->softsign->decay [{engine}]", "descend",
-             lambda p, e=engine: optim.chain(p, optim.ema(0.9), optim.softsign(1e-8), optim.decoupled_decay(wd),
-                                             lr=1e-4, engine=e), 20),
-        ]
-        if engine != "reference":
-            out += [
-                (f"descend Lion bf16 state [{engine}]", "descend",
-                 lambda p, e=engine: optim.Lion(p, lr=1e-4, weight_decay=wd, engine=e, state_dtype=torch.bfloat16),
-                 16),
-                (f"descend Signum bf16 state [{engine}]", "descend",
-                 lambda p, e=engine: optim.Signum(p, lr=1e-4, weight_decay=wd, engine=e,
-                                                  state_dtype=torch.bfloat16), 16),
-            ]
+        for layout in layouts:
+            flat = layout == "flat"
+            if flat and engine == "reference":  # the reference engine steps one tensor at a time anyway
+                continue
+            tag = f"{engine}, flat" if flat else engine
+            for label, make, nbytes, fast_only in descend:
+                if fast_only and engine == "reference":
+                    continue
+                out.append((f"descend {label} [{tag}]", "descend",
+                            lambda p, m=make, e=engine, f=flat: m(p, engine=e, flat=f), nbytes, flat))
     for impl, kw in (("single-tensor", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
         out += [
             (f"torch SGD-momentum [{impl}]", "torch",
-             lambda p, k=kw: torch.optim.SGD(p, lr=1e-3, momentum=0.9, **k), 20),
-            (f"torch Adam [{impl}]", "torch", lambda p, k=kw: torch.optim.Adam(p, lr=1e-3, **k), 28),
+             lambda p, k=kw: torch.optim.SGD(p, lr=1e-3, momentum=0.9, **k), 20, False),
+            (f"torch Adam [{impl}]", "torch", lambda p, k=kw: torch.optim.Adam(p, lr=1e-3, **k), 28, False),
             (f"torch AdamW [{impl}]", "torch",
-             lambda p, k=kw: torch.optim.AdamW(p, lr=1e-3, weight_decay=wd, **k), 28),
+             lambda p, k=kw: torch.optim.AdamW(p, lr=1e-3, weight_decay=wd, **k), 28, False),
         ]
     with contextlib.suppress(ImportError):
         import lion_pytorch
 
         out.append(("lion-pytorch Lion", "lion-pytorch",
-                    lambda p: lion_pytorch.Lion(p, lr=1e-4, weight_decay=wd, decoupled_weight_decay=False), 20))
+                    lambda p: lion_pytorch.Lion(p, lr=1e-4, weight_decay=wd, decoupled_weight_decay=False), 20,
+                    False))
     with contextlib.suppress(Exception):
         import heavyball
 
-        out.append(("heavyball AdamW", "heavyball", lambda p: heavyball.AdamW(p, lr=1e-3, weight_decay=wd), 28))
+        out.append(("heavyball AdamW", "heavyball", lambda p: heavyball.AdamW(p, lr=1e-3, weight_decay=wd), 28,
+                    False))
     with contextlib.suppress(ImportError):
         import optax  # noqa: F401  (JAX; not comparable in-process with torch tensors, reported as absent)
     return out
 
 
-def _restore(params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> None:
+def _restore(params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
     for p, g in zip(params, grads):  # some peers (heavyball) consume .grad: every step sees the same gradients
         p.grad = g
+    return params
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -176,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=25, help="timed steps per optimizer (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--engines", default="reference,foreach,compiled")
+    parser.add_argument("--layouts", default="tensors,flat", help="descend's parameter layouts: 'tensors' "
+                        "(the model's own tensors) and/or 'flat' (flat=True: one buffer per group)")
     parser.add_argument("--only", default="", help="comma-separated substrings: run only matching rows "
                         "(torch AdamW [fused], the reference of the ratios, always runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -195,26 +204,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Build and warm up every optimizer (compilation happens here), then time them round-robin, one
     # step of each in turn, so load from other processes on a shared machine hits all of them alike.
     runs: list[dict[str, Any]] = []
-    for name, family, factory, nbytes in candidates(args.engines.split(",")):
+    for name, family, factory, nbytes, flat in candidates(args.engines.split(","), args.layouts.split(",")):
         if only and name != "torch AdamW [fused]" and not any(s in name for s in only):
             continue
         t0 = time.perf_counter()
+        own = [torch.nn.Parameter(p.detach().clone()) for p in params] if flat else params
+        own_grads = [g.clone() for g in grads] if flat else grads
         try:
-            opt = factory(params)
-            before = params[0].detach().clone()
+            opt = factory(_restore(own, own_grads))
+            before = own[0].detach().clone()
             for _ in range(args.warmup):
-                _restore(params, grads)
+                if not flat:  # a flat optimizer's gradients are views of its buffer, left as they are
+                    _restore(own, own_grads)
                 opt.step()
             sync(device)
-            if torch.equal(before, params[0].detach()):
+            if torch.equal(before, own[0].detach()):
                 raise RuntimeError("the optimizer did not change the weights during warm-up")
         except Exception as err:  # a peer that cannot run here (no compiler, no Triton, ...)
             print(f"skipped {name}: {type(err).__name__}: {err}", file=sys.stderr)
             continue
+        del own_grads
         warm = time.perf_counter() - t0
         print(f"  ready: {name} (warm-up {warm:.1f} s)", file=sys.stderr, flush=True)
         runs.append({"name": name, "family": family, "bytes_per_param": nbytes, "opt": opt, "times": [],
-                     "warmup_s": warm})
+                     "warmup_s": warm, "flat": flat})
     buf = [torch.empty(n, device=device).uniform_() for _ in range(3)]
     stream_ops = {"copy": (lambda: buf[0].copy_(buf[1]), 8),
                   "triad": (lambda: torch.add(buf[1], buf[2], alpha=0.5, out=buf[0]), 12)}
@@ -227,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sync(device)
             stream_times[key].append(time.perf_counter() - t)
         for run in runs:
-            _restore(params, grads)
+            if not run["flat"]:
+                _restore(params, grads)
             sync(device)
             t = time.perf_counter()
             run["opt"].step()
@@ -237,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stream = {k: stream_ops[k][1] * n / statistics.median(v) / 1e9 for k, v in stream_times.items()}
     rows: list[dict[str, Any]] = []
     for run in runs:
-        _restore(params, grads)
+        if not run["flat"]:
+            _restore(params, grads)
         opt = run.pop("opt")
         transient = transient_bytes(opt, device)
         times = run.pop("times")

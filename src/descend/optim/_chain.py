@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from descend.optim._flat import FlatLayout
 from descend.optim._rules import EMA, ClipByGlobalNorm, Projection, Rule, ScaleByLR
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -86,11 +87,19 @@ class ChainOptimizer(torch.optim.Optimizer):
             ``torch.bfloat16`` to halve the state memory (2 bytes per state value). bfloat16 state is
             updated in float32 and written back with stochastic rounding, so small EMA updates are
             not lost to rounding.
+        flat: store each param group's parameters (per device and dtype), their gradients and the
+            optimizer state as views of one flat buffer each, so the ``foreach`` and ``compiled``
+            engines step a group as one tensor (see :mod:`descend.optim._flat`). The parameters'
+            ``.data`` and ``.grad`` become views; ``zero_grad`` zeroes the gradient buffer and keeps
+            the views, so every parameter that requires grad steps every step, as with
+            ``zero_grad(set_to_none=False)`` in torch. Create the optimizer after moving the model
+            to its device. Sharded (DTensor), non-contiguous and frozen parameters stay as they are.
         **hyper: overrides of rule hyperparameters by group key (e.g. ``beta=0.95``).
     """
 
     def __init__(self, params: ParamsT, rules: Sequence[Rule], *, lr: float = 1e-3, maximize: bool = False,
-                 engine: str = "auto", state_dtype: torch.dtype | None = None, **hyper: Any) -> None:
+                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False,
+                 **hyper: Any) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
@@ -104,8 +113,12 @@ class ChainOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown hyperparameter(s) {unknown} for this chain; "
                              f"valid names: {sorted(defaults)}")
         defaults.update(hyper)
+        if not isinstance(flat, bool):
+            raise ValueError(f"flat must be True or False, got {flat!r}")
         self.engine = engine
         self.state_dtype = state_dtype
+        self.flat = flat
+        self.flat_layout: FlatLayout | None = FlatLayout() if flat else None
         super().__init__(params, defaults)
         from descend.optim._engines import make_engine
 
@@ -124,6 +137,32 @@ class ChainOptimizer(torch.optim.Optimizer):
             raise ValueError(f"maximize must be a bool, got {group['maximize']!r}")
         for rule in self.all_rules:
             rule.validate(rule.read(group))
+        if self.flat_layout is not None:
+            earlier = sum(len(g["params"]) for g in self.param_groups[:-1])
+            self.flat_layout.add_group(group["params"], earlier)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients: to None (``set_to_none``, torch's default) or to zero.
+
+        With ``flat=True`` the gradients of flat parameters stay views of their zeroed buffer (one
+        fill per buffer); a flat parameter that no longer requires grad gets None.
+        """
+        if self.flat_layout is None:
+            super().zero_grad(set_to_none)
+            return
+        self.flat_layout.zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or self.flat_layout.position(p) is not None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
 
     #: ``torch.amp.GradScaler`` hands the scale to :meth:`step` instead of unscaling the gradients itself.
     _step_supports_amp_scaling = True
@@ -175,7 +214,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         # torch.optim.Optimizer pickles only defaults/state/param_groups; a chain also needs its rules.
         state = super().__getstate__()
         state.update(rules=self.rules, decays=self.decays, projections=self.projections, engine=self.engine,
-                     state_dtype=self.state_dtype)
+                     state_dtype=self.state_dtype, flat=self.flat)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -183,6 +222,13 @@ class ChainOptimizer(torch.optim.Optimizer):
         if "_engine" in self.__dict__:  # load_state_dict goes through here too: keep the engine (and its settings)
             return
         from descend.optim._engines import make_engine
+
+        self.flat = state.get("flat", False)
+        self.flat_layout = None
+        if self.flat:  # a copy (pickle, deepcopy) lays out its own parameters anew
+            self.flat_layout = FlatLayout()
+            for i, group in enumerate(self.param_groups):
+                self.flat_layout.add_group(group["params"], sum(len(g["params"]) for g in self.param_groups[:i]))
 
         self._engine = make_engine(self, self.engine)
 
@@ -192,7 +238,7 @@ class ChainOptimizer(torch.optim.Optimizer):
 
 
 def chain(params: ParamsT, *rules: Rule, lr: float = 1e-3, maximize: bool = False, engine: str = "auto",
-          state_dtype: torch.dtype | None = None, **hyper: Any) -> ChainOptimizer:
+          state_dtype: torch.dtype | None = None, flat: bool = False, **hyper: Any) -> ChainOptimizer:
     """Compose rules into an optimizer, e.g. Signum with decoupled decay::
 
         opt = chain(model.parameters(), ema(0.9), sign(), decoupled_decay(0.1), lr=1e-3)
@@ -202,7 +248,7 @@ def chain(params: ParamsT, *rules: Rule, lr: float = 1e-3, maximize: bool = Fals
     chain, sets ``keep = 1 - lr*lambda``) and any projections. See :class:`ChainOptimizer`.
     """
     return ChainOptimizer(params, rules, lr=lr, maximize=maximize, engine=engine, state_dtype=state_dtype,
-                          **hyper)
+                          flat=flat, **hyper)
 
 
 def _format_value(value: Any) -> str:

@@ -54,6 +54,7 @@ try:  # torch builds without distributed support have no DTensor
 except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment,misc]
 
+from descend.optim._flat import LANES, FlatBuffer
 from descend.optim._rounding import (
     LOW_PRECISION,
     element_noise,
@@ -200,11 +201,21 @@ class Engine:
         self.opt = opt
         self.ordinals: dict[Tensor, int] = {}
 
-    def ordinal(self, p: Tensor) -> int:
-        """``p``'s position among the optimizer's parameters (over all groups): it seeds ``p``'s rounding noise."""
+    def position(self, p: Tensor) -> tuple[int, int]:
+        """``(ordinal, offset)``: what seeds ``p``'s rounding noise, and the flat index of its first element.
+
+        The ordinal is ``p``'s position among the optimizer's parameters (over all groups). A
+        parameter in a flat buffer (``flat=True``) takes the buffer's ordinal and its offset in the
+        buffer, so stepping it alone draws the noise that stepping the whole buffer draws.
+        """
+        layout = self.opt.flat_layout
+        if layout is not None:
+            found = layout.position(p)
+            if found is not None:
+                return found
         if p not in self.ordinals:
             self.ordinals = {q: i for i, q in enumerate(q for group in self.opt.param_groups for q in group["params"])}
-        return self.ordinals[p]
+        return self.ordinals[p], 0
 
     def step(self, grad_scale: Tensor | None = None) -> None:
         """One step over every parameter with a gradient; gradients are divided by ``grad_scale`` if given."""
@@ -238,15 +249,16 @@ class ReferenceEngine(Engine):
         state["step"] += 1
         step = int(state["step"].item())
         widen = rounds_stochastically(opt)
-        ordinal = torch.tensor([self.ordinal(p)], dtype=torch.int32) if widen else None
+        ordinal, offset = self.position(p) if widen else (0, 0)
+        ordinals = torch.tensor([ordinal], dtype=torch.int32)
         for r, (rule, hp) in enumerate(with_scalars(live, step)):
             view, fresh = rule_state(rule, state, p, hp, opt.state_dtype)
             work = {k: v.float() for k, v in view.items()} if widen else view
             u = (rule.first_update if fresh else rule.update)(u, p, work, hp, step)
             if widen:
-                assert ordinal is not None
                 for j, (k, v) in enumerate(view.items()):
-                    write_back_(v, work[k], rounding_seeds(state["step"], ordinal, state_slot(r, j)).to(v.device))
+                    seed = rounding_seeds(state["step"], ordinals, state_slot(r, j)).to(v.device)
+                    write_back_(v, work[k], seed, offset)
         if keep != 1:  # decoupled decay acts on w: w <- keep*w + u
             p.mul_(keep)
         p.add_(u)
@@ -291,13 +303,14 @@ class _Item:
     largest single cost of the bookkeeping).
     """
 
-    __slots__ = ("grad", "offset", "ordinal", "param", "states")
+    __slots__ = ("grad", "offset", "ordinal", "param", "states", "whole")
 
     def __init__(self, param: Tensor, grad: Tensor, states: list[Tensor], ordinal: int = 0,
-                 offset: int = 0) -> None:
+                 offset: int = 0, whole: bool = True) -> None:
         self.param, self.grad, self.states = param, grad, states
         self.ordinal = ordinal  # the parameter's position in the optimizer (seeds its rounding noise)
-        self.offset = offset  # flat index of this piece's first element in its parameter
+        self.offset = offset  # flat index of this piece's first element in what ``ordinal`` names
+        self.whole = whole  # one whole parameter (per-tensor projections apply to it), not a flat buffer
 
 
 class BucketEngine(Engine):
@@ -314,15 +327,22 @@ class BucketEngine(Engine):
     def step(self, grad_scale: Tensor | None = None) -> None:
         opt = self.opt
         widen = rounds_stochastically(opt)
-        for group, live, keep in group_plans(opt, grad_scale):
+        layout = opt.flat_layout
+        for gi, (group, live, keep) in enumerate(group_plans(opt, grad_scale)):
             buckets: dict[tuple[Any, ...], list[_Item]] = {}
             params: dict[tuple[Any, ...], list[Tensor]] = {}
             # the optimizer state's keys of the live rules' state tensors, in the order of state_layout
             keys = [rule.state_names.get(n, n) for (rule, _), names in zip(live, state_layout(live)) for n in names]
             needed = {"step", *keys}
+            stepped: set[int] = set()  # ids of the parameters a flat buffer stepped
+            for buffer in layout.intact_buffers(gi) if layout is not None else ():
+                if self.step_flat(buffer, group, live, keep, keys, grad_scale):
+                    stepped.update(id(p) for p in buffer.params)
+                else:
+                    buffer.synced = False  # its parameters step one by one: their counts may part
             for p in group["params"]:
                 g = p.grad
-                if g is None:
+                if g is None or (stepped and id(p) in stepped):
                     continue
                 if g.is_sparse or p.is_complex():
                     check_grad(p)  # raises
@@ -336,13 +356,29 @@ class BucketEngine(Engine):
                 else:
                     item = _Item(p, g, [state[k] for k in keys])
                 if widen:  # only rounding noise needs the parameter's position
-                    item.ordinal = self.ordinal(p)
+                    item.ordinal, item.offset = self.position(p)
                 buckets.setdefault(key, []).append(item)
                 params.setdefault(key, []).append(p)
             for key, items in buckets.items():
                 step = advance_steps(opt, params[key])
                 self.run_bucket(group, live, keep, items, step, grad_scale)
                 self.project(group, params[key])
+
+    def step_flat(self, buffer: FlatBuffer, group: dict[str, Any], live: Live, keep: Any, keys: list[str],
+                  grad_scale: Tensor | None) -> bool:
+        """Step a flat buffer's parameters as one tensor; False (nothing done) where that would differ
+        from stepping them one by one (a parameter without gradient or state, unequal step counts)."""
+        state = self.opt.state
+        if any(p not in state or "step" not in state[p] for p in buffer.params):
+            return False
+        if not buffer.gather_grads() or not buffer.adopt_states(state, keys) or not buffer.sync_steps(state):
+            return False
+        item = _Item(buffer.rows(buffer.data), buffer.rows(buffer.grad), [buffer.rows(buffer.states[k]) for k in keys],
+                     buffer.ordinal, 0, whole=False)
+        step = advance_steps(self.opt, buffer.params)
+        self.run_bucket(group, live, keep, [item], step, grad_scale)
+        self.project(group, buffer.params)
+        return True
 
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
@@ -351,7 +387,11 @@ class BucketEngine(Engine):
 
     def project(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """Apply the chain's projections to updated parameters (box elementwise, ball per whole tensor)."""
-        for projection in self.opt.projections:
+        self.apply_projections(self.opt.projections, group, params)
+
+    def apply_projections(self, projections: list[Projection], group: dict[str, Any], params: list[Tensor]) -> None:
+        """Apply ``projections`` to updated parameters (box elementwise, ball per whole tensor)."""
+        for projection in projections:
             hp = projection.read(group)
             if projection.kind == "box":
                 TensorList([_local(p) for p in params]).clamp_(-hp["radius"], hp["radius"])
@@ -373,7 +413,7 @@ def _chunks(items: list[_Item], limit: int) -> Iterator[list[_Item]]:
             for start in range(0, n, limit):
                 stop = min(start + limit, n)
                 part = _Item(flat.param[start:stop], flat.grad[start:stop],
-                             [t[start:stop] for t in flat.states], item.ordinal, start)
+                             [t[start:stop] for t in flat.states], item.ordinal, item.offset + start, whole=False)
                 if size + (stop - start) > limit and piece:
                     yield piece
                     piece, size = [], 0
@@ -482,14 +522,16 @@ def _static_key(value: Any) -> Any:
 def _bucket_step(rules: tuple[Rule, ...], projections: tuple[Projection, ...], maximize: bool, widen: bool,
                  state_keys: tuple[tuple[str, ...], ...], params: list[Tensor], grads: list[Tensor],
                  states: list[list[list[Tensor]]], hps: list[dict[str, Any]], phps: list[dict[str, Any]],
-                 keep: Tensor | None, step: Tensor, grad_scale: Tensor | None, seeds: list[list[Tensor]]) -> None:
+                 keep: Tensor | None, step: Tensor, grad_scale: Tensor | None, seeds: list[list[Tensor]],
+                 offsets: list[int], lanes: Tensor | None) -> None:
     """The chain over every parameter of a bucket, written for ``torch.compile`` to fuse.
 
     ``states[r][j]`` holds rule ``r``'s state tensor called ``state_keys[r][j]`` for every parameter:
     flat lists of tensors, not a dict per parameter, because dynamo guards every container it is
     given on every call (a dict per parameter cost more per step than the rest of the guards).
     ``seeds[r][j]`` (int32, one per parameter) seed the rounding noise of that tensor when state is
-    kept in low precision (empty otherwise).
+    kept in low precision (empty otherwise); ``offsets`` give each tensor's first flat index for it,
+    and ``lanes`` (``arange(LANES)``) lets a flat buffer's ``[rows, LANES]`` view build that index cheaply.
     """
     for i, (w, g) in enumerate(zip(params, grads)):
         u = g / grad_scale if grad_scale is not None else g
@@ -500,7 +542,8 @@ def _bucket_step(rules: tuple[Rule, ...], projections: tuple[Projection, ...], m
             u = rule.update(u, w, work, hps[r], step)
             if widen:
                 for j, (k, v) in enumerate(view.items()):
-                    v.copy_(stochastic_round(work[k], v.dtype, element_noise(seeds[r][j][i], work[k])))
+                    noise = element_noise(seeds[r][j][i], work[k], offsets[i], lanes)
+                    v.copy_(stochastic_round(work[k], v.dtype, noise))
         if keep is not None:
             w.mul_(keep)
         w.add_(u)
@@ -550,6 +593,14 @@ class CompiledEngine(BucketEngine):
         self.backend = backend
         self.fallback: ForeachEngine | None = None
         self.cache: dict[tuple[Any, ...], Callable[..., None]] = {}
+        self.outside: list[Projection] = []  # projections the last compiled step left to project()
+        self.lanes: dict[torch.device, Tensor] = {}
+
+    def lanes_on(self, device: torch.device) -> Tensor:
+        """``arange(LANES)`` (int32) on ``device``: the column index of a flat buffer's ``[rows, LANES]`` view."""
+        if device not in self.lanes:
+            self.lanes[device] = torch.arange(LANES, dtype=torch.int32, device=device)
+        return self.lanes[device]
 
     def reset(self) -> None:
         self.cache.clear()
@@ -560,7 +611,10 @@ class CompiledEngine(BucketEngine):
             self.fallback.run_bucket(group, live, keep, items, step, grad_scale)
             return
         rules = tuple(rule for rule, _ in live)
-        projections = tuple(self.opt.projections)
+        # a ball projection needs each parameter whole: a flat buffer's are applied after the step
+        whole = all(item.whole for item in items)
+        projections = tuple(pr for pr in self.opt.projections if whole or pr.kind == "box")
+        self.outside = [pr for pr in self.opt.projections if pr not in projections]
         params = [item.param for item in items]
         live = with_scalars(live, int(step.item()))
         hps = [_as_tensors(hp, rule.static) for rule, hp in live]
@@ -588,7 +642,8 @@ class CompiledEngine(BucketEngine):
         seeds = bucket_seeds(items, step, state_keys) if widen else []
         try:
             fn(rules, projections, bool(group["maximize"]), widen, state_keys, params, [item.grad for item in items],
-               states, hps, phps, keep_t, step, scale, seeds)
+               states, hps, phps, keep_t, step, scale, seeds, [item.offset for item in items] if widen else [],
+               self.lanes_on(params[0].device) if widen else None)
         except Exception as err:  # no compiler, an unsupported op: run the same rules without one
             warnings.warn(f"descend: engine='compiled' could not compile the optimizer step "
                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
@@ -598,8 +653,10 @@ class CompiledEngine(BucketEngine):
             self.fallback.run_bucket(group, live, keep, items, step, grad_scale)
 
     def project(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        if self.fallback is not None:  # the compiled step projects inside its fused pass
+        if self.fallback is not None:
             super().project(group, params)
+        else:  # the compiled step projects inside its fused pass, except what it left outside
+            self.apply_projections(self.outside, group, params)
 
 
 def make_engine(opt: ChainOptimizer, name: str) -> Engine:

@@ -7,7 +7,7 @@ Common keyword-only arguments of every preset:
   (``AdamW``, Lion). For sign methods decoupled decay bounds the weights: ``||w||_inf <= 1/lambda``.
 - ``constraint`` (``"box"`` or ``"ball"``) and ``radius``: project ``w`` after every step.
 - ``max_grad_norm``: clip the gradients by their global norm first.
-- ``maximize``, ``engine``, ``state_dtype``: see :class:`~descend.optim.ChainOptimizer`.
+- ``maximize``, ``engine``, ``state_dtype``, ``flat``: see :class:`~descend.optim.ChainOptimizer`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class _Preset(ChainOptimizer):
     def __init__(self, params: ParamsT, core: list[Rule], *, lr: float, weight_decay: float,
                  decoupled_weight_decay: bool, constraint: str | None, radius: float | None,
                  max_grad_norm: float | None, maximize: bool, engine: str,
-                 state_dtype: torch.dtype | None) -> None:
+                 state_dtype: torch.dtype | None, flat: bool) -> None:
         rules: list[Rule] = []
         if max_grad_norm is not None:
             rules.append(clip_by_global_norm(max_grad_norm))
@@ -53,12 +53,12 @@ class _Preset(ChainOptimizer):
         elif radius is not None:
             raise ValueError("radius is set but constraint is None; pass constraint='box' or 'ball'")
         self.decoupled_weight_decay = decoupled_weight_decay
-        super().__init__(params, rules, lr=lr, maximize=maximize, engine=engine, state_dtype=state_dtype)
+        super().__init__(params, rules, lr=lr, maximize=maximize, engine=engine, state_dtype=state_dtype, flat=flat)
 
 
 def _options(kw: dict[str, Any]) -> dict[str, Any]:
     return {k: kw[k] for k in ("lr", "weight_decay", "decoupled_weight_decay", "constraint", "radius",
-                               "max_grad_norm", "maximize", "engine", "state_dtype")}
+                               "max_grad_norm", "maximize", "engine", "state_dtype", "flat")}
 
 
 class SGD(_Preset):
@@ -73,7 +73,7 @@ class SGD(_Preset):
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  decoupled_weight_decay: bool = False, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
         super().__init__(params, [heavy_ball(momentum, dampening, nesterov)], **_options(locals()))
 
 
@@ -86,7 +86,7 @@ class Momentum(_Preset):
     def __init__(self, params: ParamsT, lr: float = 1e-2, beta: float = 0.9, weight_decay: float = 0.0, *,
                  maximize: bool = False, decoupled_weight_decay: bool = False, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
         super().__init__(params, [ema(beta)], **_options(locals()))
 
 
@@ -96,7 +96,7 @@ class SignSGD(_Preset):
     def __init__(self, params: ParamsT, lr: float = 1e-3, weight_decay: float = 0.0, *,
                  maximize: bool = False, decoupled_weight_decay: bool = True, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
         super().__init__(params, [sign()], **_options(locals()))
 
 
@@ -106,7 +106,7 @@ class Signum(_Preset):
     def __init__(self, params: ParamsT, lr: float = 1e-3, beta: float = 0.9, weight_decay: float = 0.0, *,
                  maximize: bool = False, decoupled_weight_decay: bool = True, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
         super().__init__(params, [ema(beta), sign()], **_options(locals()))
 
 
@@ -121,7 +121,7 @@ class Softsign(_Preset):
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
                  constraint: str | None = None, radius: float | None = None,
                  max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
         super().__init__(params, [ema(beta), softsign(eps)], **_options(locals()))
 
 
@@ -132,7 +132,7 @@ class Lion(_Preset):
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
                  constraint: str | None = None, radius: float | None = None,
                  max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
         super().__init__(params, [lion(betas)], **_options(locals()))
 
 
@@ -147,7 +147,7 @@ class Adam(_Preset):
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
                  maximize: bool = False, decoupled_weight_decay: bool = False, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
         super().__init__(params, [scale_by_adam(betas, eps, amsgrad)], **_options(locals()))
 
 
@@ -158,7 +158,7 @@ class AdamW(_Preset):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, decoupled_weight_decay: bool = True, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
         super().__init__(params, [scale_by_adam(betas, eps, amsgrad)], **_options(locals()))
 
 

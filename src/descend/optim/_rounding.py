@@ -65,12 +65,20 @@ def rounding_seeds(step: Tensor, ordinals: Tensor, slot: int) -> Tensor:
     return mix32(ordinals.to(torch.int32) * _ORDINAL_MUL + step_hash)
 
 
-def element_noise(seed: Tensor | int, like: Tensor, offset: int = 0) -> Tensor:
+def element_noise(seed: Tensor | int, like: Tensor, offset: int = 0, lanes: Tensor | None = None) -> Tensor:
     """16 random bits per element of ``like`` (int32 in ``[0, 65536)``), a hash of index and seed.
 
     ``offset`` is the flat index of ``like``'s first element in its whole tensor (a chunk of it).
+    ``lanes``: ``arange(L)`` (int32) for a 2-D ``like`` of ``L`` columns, to build the index as
+    ``offset + L*row + lanes[column]`` (the same values). Inside ``torch.compile`` this matters: an
+    index from ``arange`` is assembled lane by lane in every vector iteration of inductor's CPU loop
+    (a third of a bfloat16 step's time), while a row's base plus a loaded ``lanes`` vector is one add.
     """
-    index = torch.arange(offset, offset + like.numel(), dtype=torch.int32, device=like.device).view(like.shape)
+    if lanes is not None and like.dim() == 2 and like.shape[1] == lanes.numel():
+        rows = torch.arange(like.shape[0], dtype=torch.int32, device=like.device) * like.shape[1] + offset
+        index = rows[:, None] + lanes[None, :]
+    else:
+        index = torch.arange(offset, offset + like.numel(), dtype=torch.int32, device=like.device).view(like.shape)
     h = (index ^ seed) * _MUL1
     h = (h ^ ((h >> 15) & 0x1FFFF)) * _MUL2
     return (h >> 16) & 0xFFFF
@@ -81,8 +89,9 @@ def stochastic_round(x: Tensor, dtype: torch.dtype = torch.bfloat16, noise: Tens
 
     ``noise``: int32 values in ``[0, 65536)`` shaped like ``x`` (e.g. :func:`element_noise`); drawn
     from torch's generator if omitted. Written without in-place ops or views of the input, so
-    ``torch.compile`` fuses it into the surrounding kernel. Non-finite values keep their value
-    (their conversion then rounds to nearest, keeping inf and nan).
+    ``torch.compile`` fuses it into the surrounding kernel. Infinities come through the bit
+    arithmetic unchanged (their low 16 bits are zero, so the carry never reaches the exponent);
+    NaNs keep their value (a NaN's payload could carry into the sign bit).
     """
     if dtype != torch.bfloat16:
         return x.to(dtype)
@@ -90,7 +99,7 @@ def stochastic_round(x: Tensor, dtype: torch.dtype = torch.bfloat16, noise: Tens
     if noise is None:
         noise = torch.randint_like(bits, 0, 1 << 16)
     rounded = torch.bitwise_and(bits + noise, -65536).view(torch.float32)  # -65536 == 0xFFFF0000
-    return torch.where(torch.isfinite(x), rounded, x).to(dtype)
+    return torch.where(x != x, x, rounded).to(dtype)
 
 
 def stochastic_round_(x: Tensor) -> Tensor:

@@ -211,7 +211,8 @@ def run_training(
     if trainer.world > 1:
         weights = dd.full_state_dict(trainer.model)  # every rank helps gather; rank 0 gets them
     else:
-        weights = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}
+        # clones: safetensors refuses tensors that share storage (tied weights, flat=True optimizers)
+        weights = {k: v.detach().contiguous().clone() for k, v in trainer.model.state_dict().items()}
     if main:
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".model.", suffix=".safetensors")
         os.close(fd)
