@@ -30,6 +30,10 @@
   a 2-core CPU), so long runs of large models should ask for ``engine="compiled"`` (see the README,
   "Optimizer performance").
 
+With ``flat=True`` (:mod:`descend.optim._flat`) a group's parameters, gradients and state are views
+of one buffer each, and the multi-tensor engines step such a buffer as a single tensor
+(:meth:`BucketEngine.step_flat`) whenever that computes what stepping its parameters one by one would.
+
 Shared by all engines: a parameter's first step (state creation, ``Rule.first_update``) and
 zero-size parameters go through the reference path; the multi-tensor engines keep the step
 counters of a bucket as the elements of one tensor and advance them with one operation

@@ -345,7 +345,9 @@ class ScaleByAdam(Rule):
         v.mul_(beta2).add_((1 - beta2) * g * g)
         if hp["amsgrad"]:
             v = torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
-        return ((m / hp["bias1"]) / (v.sqrt() / hp["bias2_sqrt"] + hp["eps"])).to(u.dtype)
+        # (m/bias1) / (sqrt(v)/bias2_sqrt + eps), with the scalar factors gathered: one division per element
+        bias2_sqrt = hp["bias2_sqrt"]
+        return (m * (bias2_sqrt / hp["bias1"]) / (v.sqrt() + hp["eps"] * bias2_sqrt)).to(u.dtype)
 
     def scalars(self, hp: Hyper, step: int) -> dict[str, float]:
         """The bias corrections ``bias1 = 1 - b1^t`` and ``bias2_sqrt = sqrt(1 - b2^t)``."""
