@@ -254,12 +254,13 @@ class ReferenceEngine(Engine):
         step = int(state["step"].item())
         widen = rounds_stochastically(opt)
         ordinal, offset = self.position(p) if widen else (0, 0)
-        ordinals = torch.tensor([ordinal], dtype=torch.int32)
+        ordinals = torch.tensor([ordinal], dtype=torch.int32) if widen else None
         for r, (rule, hp) in enumerate(with_scalars(live, step)):
             view, fresh = rule_state(rule, state, p, hp, opt.state_dtype)
             work = {k: v.float() for k, v in view.items()} if widen else view
             u = (rule.first_update if fresh else rule.update)(u, p, work, hp, step)
             if widen:
+                assert ordinals is not None
                 for j, (k, v) in enumerate(view.items()):
                     seed = rounding_seeds(state["step"], ordinals, state_slot(r, j)).to(v.device)
                     write_back_(v, work[k], seed, offset)
