@@ -12,7 +12,7 @@ the gradients (``.grad`` becomes a view of a flat gradient buffer, into which ``
 accumulates in place) and adopts each state tensor into a flat state buffer after the state is
 created. Each parameter starts at a multiple of :data:`ALIGN` elements and the buffers' length is a
 multiple of :data:`LANES`; the padding holds zeros, which the elementwise rules map to zeros (its
-gradient and state are zero too), and nothing reads it.
+gradient and state are zero too), and no parameter sees it.
 
 The fused path runs only when it computes what the per-parameter path would: every parameter of the
 buffer has its gradient this step (a gradient that autograd allocated anew, after
