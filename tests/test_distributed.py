@@ -251,7 +251,7 @@ def equivalence_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, obje
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "ddp_flat"])
 @pytest.mark.parametrize("case", list(job.OPTIMIZERS))
 def test_two_ranks_equal_one_process_after_20_steps(equivalence_runs: dict[str, object], strategy: str,
                                                     case: str) -> None:

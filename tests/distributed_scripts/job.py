@@ -73,9 +73,9 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, start: int, stop: int, *
 
 
 def run_case(name: str, strategy: str, steps: int = STEPS, engine: str = "auto",
-             optimizer: Callable[..., torch.optim.Optimizer] | None = None) -> dict[str, Tensor]:
+             optimizer: Callable[..., torch.optim.Optimizer] | None = None, flat: bool = False) -> dict[str, Tensor]:
     model = dd.wrap(make_model(), strategy)
-    opt = (optimizer or OPTIMIZERS[name])(model.parameters(), engine=engine)
+    opt = (optimizer or OPTIMIZERS[name])(model.parameters(), engine=engine, **({"flat": True} if flat else {}))
     train(model, opt, 0, steps, full_batch=name == "full_batch_gd")
     return dd.full_state_dict(model)
 
@@ -108,6 +108,8 @@ def main() -> None:
         for strategy in ("ddp", "fsdp"):
             for name in OPTIMIZERS:
                 out[f"{strategy}/{name}"] = run_case(name, strategy, args.steps)
+        for name in OPTIMIZERS:  # DDP with flat=True: the optimizer moves the wrapped model's parameters
+            out[f"ddp_flat/{name}"] = run_case(name, "ddp", args.steps, "foreach", flat=True)
     elif args.task == "engines":
         for key, (factory, engine) in engine_cases().items():
             out[key] = run_case(key, "fsdp", args.steps, engine, factory)
