@@ -469,20 +469,24 @@ def test_hash_noise_is_uniform_and_unrelated_across_steps_and_neighbours() -> No
         assert abs(float(torch.corrcoef(torch.stack([a, other]))[0, 1])) < 0.02
 
 
+@pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("backend", ["traced", pytest.param("inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", ["lion", "signum", "adamw"])
-def test_bf16_state_is_the_same_under_every_engine(name: str, backend: str) -> None:
+def test_bf16_state_is_the_same_under_every_engine(name: str, backend: str, flat: bool) -> None:
     """Rounding noise is a hash of (step, parameter, element), so the engines write the same bf16 state.
 
     Only elements whose float32 value differs by rounding between engines (lerp/FMA order) can land
-    on the other bf16 neighbour; the foreach engine's chunking changes nothing at all.
+    on the other bf16 neighbour; the foreach engine's chunking changes nothing at all. With
+    ``flat=True`` the fused engines step the whole buffer (the compiled one indexing it by row and
+    lane) and still draw the noise the reference engine draws for each parameter alone (its
+    buffer's ordinal and its offset in the buffer).
     """
     factory = {"lion": optim.Lion, "signum": optim.Signum, "adamw": optim.AdamW}[name]
 
     def states(engine: str, **kw: Any) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(3)
         params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(64, 33), (1000,), (7, 5, 3)]]
-        opt = factory(params, lr=1e-3, engine=engine, state_dtype=torch.bfloat16, **kw)
+        opt = factory(params, lr=1e-3, engine=engine, state_dtype=torch.bfloat16, flat=flat, **kw)
         counter = CountingBackend()
         if engine == "compiled" and backend == "traced":
             opt._engine.backend = counter
@@ -519,12 +523,14 @@ def test_bf16_state_foreach_chunking_changes_nothing() -> None:
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
+@pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("engine", ["reference", "foreach"])
-def test_bf16_state_resumes_bit_identically(engine: str) -> None:
-    """No generator state to save: a resumed run rounds as the uninterrupted one did."""
+def test_bf16_state_resumes_bit_identically(engine: str, flat: bool) -> None:
+    """No generator state to save: a resumed run rounds as the uninterrupted one did (also with
+    ``flat=True``, where the loaded state is moved into the flat buffers again)."""
     def make() -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
         params = [torch.nn.Parameter(torch.ones(50, 7)), torch.nn.Parameter(torch.ones(300))]
-        return params, optim.Lion(params, lr=1e-3, engine=engine, state_dtype=torch.bfloat16)
+        return params, optim.Lion(params, lr=1e-3, engine=engine, state_dtype=torch.bfloat16, flat=flat)
 
     def grads(t: int, params: list[torch.nn.Parameter]) -> None:
         gen = torch.Generator().manual_seed(t)

@@ -184,39 +184,19 @@ def test_moved_parameters_leave_the_layout_with_a_warning() -> None:
 
 
 # -- state: save, load, copy -------------------------------------------------------------------------
-@pytest.mark.parametrize("engine", ["foreach", "compiled"])
-def test_load_state_dict_resumes_identically(engine: str) -> None:
-    def make() -> tuple[list[torch.nn.Parameter], optim.ChainOptimizer]:
-        params = [torch.nn.Parameter(torch.ones(s)) for s in [(3,), (2, 5)]]
-        opt = optim.Adam(params, lr=0.1, engine=engine, flat=True)
-        if engine == "compiled":
-            opt._engine.backend = CountingBackend()
-        return params, opt
-
-    def grads(t: int, params: list[torch.nn.Parameter]) -> None:
-        gen = torch.Generator().manual_seed(t)
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
-
-    params, opt = make()
-    for t in range(8):
-        grads(t, params)
+def test_loaded_state_moves_into_the_buffers_again() -> None:
+    """``load_state_dict`` puts fresh tensors in the state (bit-identical resumption is tested with bf16
+    state in test_engines); the next step copies them into the flat buffers and steps as one tensor."""
+    params = [torch.nn.Parameter(torch.ones(s)) for s in [(3,), (2, 5)]]
+    opt = optim.Adam(params, lr=0.1, engine="foreach", flat=True)
+    for _ in range(2):
         opt.step()
-    params2, opt2 = make()
-    for t in range(4):
-        grads(t, params2)
-        opt2.step()
-    saved = copy.deepcopy(opt2.state_dict())
-    params3, opt3 = make()
-    with torch.no_grad():
-        for p, q in zip(params3, params2):
-            p.copy_(q)
-    opt3.load_state_dict(saved)
-    for t in range(4, 8):
-        grads(t, params3)
-        opt3.step()
-    assert all(torch.equal(a, b) for a, b in zip(params, params3))
-    assert inside(opt3.state[params3[0]]["exp_avg"], buffer_of(opt3).states["exp_avg"])  # adopted again
+    saved = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(saved)
+    assert not inside(opt.state[params[0]]["exp_avg"], buffer_of(opt).states["exp_avg"])
+    opt.step()
+    assert inside(opt.state[params[0]]["exp_avg"], buffer_of(opt).states["exp_avg"])
+    assert float(opt.state[params[1]]["step"]) == 3
 
 
 def test_a_deep_copy_lays_out_its_own_parameters() -> None:
@@ -239,28 +219,3 @@ def test_lanes_index_equals_the_arange_index() -> None:
     lanes = torch.arange(16, dtype=torch.int32)
     seed = torch.tensor(123456789, dtype=torch.int32)
     assert torch.equal(element_noise(seed, like, 48, lanes), element_noise(seed, like.view(-1), 48).view(5, 16))
-
-
-@pytest.mark.parametrize("name", ["lion", "adamw"])
-def test_bf16_state_flat_equals_one_by_one(name: str) -> None:
-    """A flat buffer steps with the noise each parameter would draw alone (its ordinal and offset in the
-    buffer): the fused engines write the reference engine's bf16 state."""
-    factory = {"lion": optim.Lion, "adamw": optim.AdamW}[name]
-
-    def states(engine: str) -> list[torch.Tensor]:
-        gen = torch.Generator().manual_seed(5)
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(40, 33), (1000,), (7, 5, 3)]]
-        opt = factory(params, lr=1e-3, engine=engine, flat=True, state_dtype=torch.bfloat16)
-        if engine == "compiled":
-            opt._engine.backend = CountingBackend()
-        for _ in range(12):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
-        return [t for p in params for k, t in sorted(opt.state[p].items()) if k != "step"]
-
-    ref = states("reference")
-    for engine in ("foreach", "compiled"):
-        out = states(engine)
-        same = sum(int((a == b).sum()) for a, b in zip(out, ref)) / sum(a.numel() for a in ref)
-        assert same > 0.999, (engine, same)
