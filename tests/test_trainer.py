@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from descend import optim
 from descend.data._base import DataBundle, Split
 from descend.train import (
     FullBatch,
@@ -175,10 +176,13 @@ def test_clipping_bounds_the_applied_gradient() -> None:
     assert trainer.history[0]["update_norm"] == pytest.approx(float(moved.norm()), rel=1e-6)
 
 
-def _run(out, steps: int, stop: int | None = None, resume: bool = False) -> Trainer:
+def _run(out, steps: int, stop: int | None = None, resume: bool = False, flat: bool = False) -> Trainer:
     data = _bundle(m=80)
     model = _model(seed=1)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    if flat:  # descend's flat storage: parameters, gradients and state are views of one buffer each
+        opt = optim.Adam(model.parameters(), lr=0.01, engine="foreach", flat=True)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
     config = TrainConfig(
         steps=steps, batch_size=7, schedule="cosine", warmup_steps=3, eval_every=2, progress=False, tensorboard=False
     )
@@ -189,10 +193,11 @@ def _run(out, steps: int, stop: int | None = None, resume: bool = False) -> Trai
     return trainer
 
 
-def test_resume_is_bit_identical(tmp_path) -> None:
-    full = _run(tmp_path / "full", 10)
-    _run(tmp_path / "split", 10, stop=5)
-    resumed = _run(tmp_path / "split", 10, resume=True)
+@pytest.mark.parametrize("flat", [False, True])
+def test_resume_is_bit_identical(tmp_path, flat: bool) -> None:
+    full = _run(tmp_path / "full", 10, flat=flat)
+    _run(tmp_path / "split", 10, stop=5, flat=flat)
+    resumed = _run(tmp_path / "split", 10, resume=True, flat=flat)
     assert resumed.step == 10
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
