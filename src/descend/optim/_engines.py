@@ -329,6 +329,10 @@ class BucketEngine(Engine):
         super().__init__(opt)
         self.reference = ReferenceEngine(opt)
 
+    def reset(self) -> None:
+        if self.opt.flat_layout is not None:  # the state was replaced: check the flat buffers in full
+            self.opt.flat_layout.invalidate()
+
     def step(self, grad_scale: Tensor | None = None) -> None:
         opt = self.opt
         widen = rounds_stochastically(opt)
@@ -339,15 +343,19 @@ class BucketEngine(Engine):
             # the optimizer state's keys of the live rules' state tensors, in the order of state_layout
             keys = [rule.state_names.get(n, n) for (rule, _), names in zip(live, state_layout(live)) for n in names]
             needed = {"step", *keys}
-            stepped: set[int] = set()  # ids of the parameters a flat buffer stepped
-            for buffer in layout.intact_buffers(gi) if layout is not None else ():
-                if self.step_flat(buffer, group, live, keep, keys, grad_scale):
-                    stepped.update(id(p) for p in buffer.params)
-                else:
-                    buffer.synced = False  # its parameters step one by one: their counts may part
-            for p in group["params"]:
+            loose = group["params"]  # the parameters to step one by one
+            if layout is not None:
+                buffers = layout.intact_buffers(gi)
+                flat_ids = {id(p) for b in buffers for p in b.params}
+                loose = [p for p in loose if id(p) not in flat_ids]
+                for buffer in buffers:
+                    if not self.step_flat(buffer, group, live, keep, keys, grad_scale):
+                        buffer.synced = False  # its parameters step one by one: their counts may part
+                        buffer.invalidate()
+                        loose += buffer.params
+            for p in loose:
                 g = p.grad
-                if g is None or (stepped and id(p) in stepped):
+                if g is None:
                     continue
                 if g.is_sparse or p.is_complex():
                     check_grad(p)  # raises
@@ -373,14 +381,16 @@ class BucketEngine(Engine):
                   grad_scale: Tensor | None) -> bool:
         """Step a flat buffer's parameters as one tensor; False (nothing done) where that would differ
         from stepping them one by one (a parameter without gradient or state, unequal step counts)."""
-        state = self.opt.state
-        if any(p not in state or "step" not in state[p] for p in buffer.params):
-            return False
-        if not buffer.gather_grads() or not buffer.adopt_states(state, keys) or not buffer.sync_steps(state):
+        if not buffer.gather_grads() or not buffer.ready(self.opt.state, keys):
             return False
         item = _Item(buffer.rows(buffer.data), buffer.rows(buffer.grad), [buffer.rows(buffer.states[k]) for k in keys],
                      buffer.ordinal, 0, whole=False)
-        step = advance_steps(self.opt, buffer.params)
+        if buffer.step_base is not None and buffer.state_dicts[0].get("step") is buffer.step0:
+            buffer.step_base.add_(1)  # the counters are still the packed ones advance_steps made
+            step = buffer.step0
+        else:
+            step = advance_steps(self.opt, buffer.params)
+            buffer.step_base, buffer.step0 = step._base, step
         self.run_bucket(group, live, keep, [item], step, grad_scale)
         self.project(group, buffer.params)
         return True
@@ -446,6 +456,7 @@ class ForeachEngine(BucketEngine):
         self.scratch = Scratch(chunk, scratch_min_mean)
 
     def reset(self) -> None:
+        super().reset()
         self.scratch = Scratch(self.chunk, self.scratch_min_mean)
 
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
@@ -608,6 +619,7 @@ class CompiledEngine(BucketEngine):
         return self.lanes[device]
 
     def reset(self) -> None:
+        super().reset()
         self.cache.clear()
 
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,

@@ -89,6 +89,12 @@ class FlatBuffer:
         self.state_views: dict[str, list[Tensor]] = {}
         self.ordinal = ordinal
         self.synced = False
+        # what the last full check found: each parameter's state dict, the keys checked, and the
+        # packed step counters (their 1-D base and parameter 0's view); see ready() and advance()
+        self.state_dicts: list[dict[str, Any]] = []
+        self.checked: list[str] = []
+        self.step_base: Tensor | None = None
+        self.step0: Tensor | None = None
 
     def rows(self, flat: Tensor) -> Tensor:
         """A flat buffer seen as ``[numel // LANES, LANES]``."""
@@ -145,6 +151,31 @@ class FlatBuffer:
             self.state_views[key] = views
             self.synced = False
         return True
+
+    def ready(self, state: dict[Tensor, dict[str, Any]], keys: list[str]) -> bool:
+        """Whether the buffer can step as one tensor: every parameter has its state (``step`` and
+        ``keys``) as views of the flat state buffers, with one step count.
+
+        After a full check the next ones are short: the state dicts found then must still be the
+        optimizer's (``load_state_dict`` replaces them all, and resets the engine, which calls
+        :meth:`invalidate`) and still hold the views.
+        """
+        dicts = self.state_dicts
+        if (dicts and self.checked == keys and state.get(self.params[0]) is dicts[0]
+                and all(d.get(k) is v for k in keys for d, v in zip(dicts, self.state_views[k]))):
+            return True
+        self.invalidate()
+        if any(p not in state or "step" not in state[p] for p in self.params):
+            return False
+        if not self.adopt_states(state, keys) or not self.sync_steps(state):
+            return False
+        self.state_dicts = [state[p] for p in self.params]
+        self.checked = list(keys)
+        return True
+
+    def invalidate(self) -> None:
+        """Forget the last full check (the parameters stepped one by one, or the state was replaced)."""
+        self.state_dicts, self.checked, self.step_base, self.step0 = [], [], None, None
 
     def sync_steps(self, state: dict[Tensor, dict[str, Any]]) -> bool:
         """Whether every parameter has taken as many steps as the others (checked once, then kept)."""
@@ -214,3 +245,9 @@ class FlatLayout:
         for buffers in self.groups:
             for buffer in buffers:
                 buffer.zero_grad(set_to_none)
+
+    def invalidate(self) -> None:
+        """Make every buffer check its state in full on its next step (after ``load_state_dict``)."""
+        for buffers in self.groups:
+            for buffer in buffers:
+                buffer.invalidate()
