@@ -138,8 +138,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         for rule in self.all_rules:
             rule.validate(rule.read(group))
         if self.flat_layout is not None:
-            earlier = sum(len(g["params"]) for g in self.param_groups[:-1])
-            self.flat_layout.add_group(group["params"], earlier)
+            self.flat_layout.add_group(group["params"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients: to None (``set_to_none``, torch's default) or to zero.
@@ -227,8 +226,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         self.flat_layout = None
         if self.flat:  # a copy (pickle, deepcopy) lays out its own parameters anew
             self.flat_layout = FlatLayout()
-            for i, group in enumerate(self.param_groups):
-                self.flat_layout.add_group(group["params"], sum(len(g["params"]) for g in self.param_groups[:i]))
+            for group in self.param_groups:
+                self.flat_layout.add_group(group["params"])
 
         self._engine = make_engine(self, self.engine)
 

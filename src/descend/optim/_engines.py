@@ -350,8 +350,7 @@ class BucketEngine(Engine):
                 loose = [p for p in loose if id(p) not in flat_ids]
                 for buffer in buffers:
                     if not self.step_flat(buffer, group, live, keep, keys, grad_scale):
-                        buffer.synced = False  # its parameters step one by one: their counts may part
-                        buffer.invalidate()
+                        buffer.invalidate()  # its parameters step one by one: their counts may part
                         loose += buffer.params
             for p in loose:
                 g = p.grad

@@ -60,7 +60,6 @@ class FlatBuffer:
         ordinal: the position of the first parameter in the optimizer; it seeds the rounding noise of
             the whole buffer, indexed by the flat position (so the per-parameter path draws the same
             noise, from ``(ordinal, offset + index)``).
-        synced: the parameters are known to share their step count.
     """
 
     def __init__(self, params: list[Tensor], ordinal: int) -> None:
@@ -88,9 +87,9 @@ class FlatBuffer:
         self.states: dict[str, Tensor] = {}
         self.state_views: dict[str, list[Tensor]] = {}
         self.ordinal = ordinal
-        self.synced = False
-        # what the last full check found: each parameter's state dict, the keys checked, and the
-        # packed step counters (their 1-D base and parameter 0's view); see ready() and advance()
+        # what the last full check found: each parameter's state dict and the keys checked (see
+        # ready()), and the packed step counters (their 1-D base and parameter 0's view), which
+        # BucketEngine.step_flat advances directly while that check holds
         self.state_dicts: list[dict[str, Any]] = []
         self.checked: list[str] = []
         self.step_base: Tensor | None = None
@@ -149,7 +148,6 @@ class FlatBuffer:
                 view.copy_(c)  # type: ignore[arg-type]
                 state[p][key] = view
             self.state_views[key] = views
-            self.synced = False
         return True
 
     def ready(self, state: dict[Tensor, dict[str, Any]], keys: list[str]) -> bool:
@@ -167,7 +165,7 @@ class FlatBuffer:
         self.invalidate()
         if any(p not in state or "step" not in state[p] for p in self.params):
             return False
-        if not self.adopt_states(state, keys) or not self.sync_steps(state):
+        if not self.adopt_states(state, keys) or not self.same_step_counts(state):
             return False
         self.state_dicts = [state[p] for p in self.params]
         self.checked = list(keys)
@@ -177,12 +175,9 @@ class FlatBuffer:
         """Forget the last full check (the parameters stepped one by one, or the state was replaced)."""
         self.state_dicts, self.checked, self.step_base, self.step0 = [], [], None, None
 
-    def sync_steps(self, state: dict[Tensor, dict[str, Any]]) -> bool:
-        """Whether every parameter has taken as many steps as the others (checked once, then kept)."""
-        if not self.synced:
-            counts = {float(state[p]["step"]) for p in self.params}
-            self.synced = len(counts) == 1
-        return self.synced
+    def same_step_counts(self, state: dict[Tensor, dict[str, Any]]) -> bool:
+        """Whether every parameter has taken as many steps as the others."""
+        return len({float(state[p]["step"]) for p in self.params}) == 1
 
     def zero_grad(self, set_to_none: bool) -> None:
         """Zero the gradient buffer and re-attach the views. A parameter that no longer requires grad
@@ -199,14 +194,16 @@ class FlatLayout:
     def __init__(self) -> None:
         self.groups: list[list[FlatBuffer]] = []
         self.members: dict[int, tuple[FlatBuffer, int]] = {}  # id(parameter) -> (its buffer, its offset)
+        self.count = 0  # parameters of the groups added so far, flat or not (the next group's first ordinal)
         self.warned = False
 
-    def add_group(self, params: list[Tensor], first_ordinal: int) -> None:
+    def add_group(self, params: list[Tensor]) -> None:
         """Flatten a new param group's eligible parameters, one buffer per device and dtype."""
         by_kind: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}
         for i, p in enumerate(params):
             if eligible(p):
-                by_kind.setdefault((p.device, p.dtype), []).append((first_ordinal + i, p))
+                by_kind.setdefault((p.device, p.dtype), []).append((self.count + i, p))
+        self.count += len(params)
         buffers = []
         for members in by_kind.values():
             buffer = FlatBuffer([p for _, p in members], members[0][0])
