@@ -45,6 +45,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from descend import distributed as dd
+from descend._random import seed_everything
 from descend.data._base import DataBundle, Split
 from descend.train._checkpoint import (
     CheckpointError,
@@ -114,17 +115,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), NumPy and Python's ``random`` with ``seed``."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _take(split: Split, batch: Batch) -> tuple[tuple[Tensor, ...], Tensor]:
