@@ -1,13 +1,14 @@
 # Quickstart: `make demo` (set up, then run the main job) and `make test` (set up, then run the tests).
 # torch is installed first, pinned, so pip never resolves a multi-GB CUDA build on a CPU machine.
-# Override for another build, e.g.  make test TORCH_SPEC="torch==2.13.0+cu128"  or  TORCH_SPEC=torch make test
+# Another build: any pip requirement, e.g.  make test TORCH_SPEC="torch==2.13.0+cu128"  or  make test TORCH_SPEC=torch
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.descend-installed
+DOCS_STAMP := $(VENV)/.descend-docs-installed
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +29,17 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,docs]"
+	touch $(DOCS_STAMP)
+
+# the site, built strictly (a broken internal link, a page missing from the nav or a docstring the API pages
+# cannot render fails the build) into site/; docs/hooks.py generates the CLI reference and the performance tables
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: install
 	$(BIN)/python benchmarks/optimizer_step.py
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist site .pytest_cache .ruff_cache

@@ -1,0 +1,242 @@
+"""MkDocs hook: pages generated from the code and the data while the site builds.
+
+A page asks for generated Markdown with a marker on a line of its own::
+
+    <!-- generate: cli-reference -->
+    <!-- generate: optimizer-step optimizer_step_20M.json -->
+
+The CLI reference is rendered from ``descend.cli.build_parser()``; the performance tables from
+``benchmarks/results/*.json``, each table captioned with the method and machine that the JSON itself
+records. Nothing here is typed in, so the pages cannot drift from the parser or the measurements.
+The functions are plain (no MkDocs import), so ``tests/test_docs.py`` calls them directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+MARKER = re.compile(r"^<!-- generate: (?P<name>[\w-]+)(?: (?P<arg>\S+))? -->$", re.MULTILINE)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def cli_parser() -> argparse.ArgumentParser:
+    """The ``descend`` command's parser, as the command itself builds it."""
+    import descend.cli as cli
+
+    build = getattr(cli, "build_parser", None) or cli._parser  # build_parser is the public name
+    return build()
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """``(name, one-line help, parser)`` of each subcommand, in the order ``--help`` lists them."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            seen: set[int] = set()
+            for name, sub in action.choices.items():
+                if id(sub) in seen:  # aliases point at the same parser
+                    continue
+                seen.add(id(sub))
+                out.append((name, helps.get(name, ""), sub))
+    return out
+
+
+def cli_reference(_: str | None = None) -> str:
+    """Markdown: every command's ``--help`` text, at a fixed width of 100 columns."""
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        parser = cli_parser()
+        commands = _subcommands(parser)
+        lines = ["| command | what it does |", "|---|---|"]
+        lines += [f"| [`descend {name}`](#descend-{name}) | {text} |" for name, text, _ in commands]
+        lines += ["", "## `descend`", "", "```text", parser.format_help().rstrip(), "```", ""]
+        for name, _, sub in commands:
+            lines += [f"## `descend {name}`", "", "```text", sub.format_help().rstrip(), "```", ""]
+        return "\n".join(lines)
+    finally:
+        if old is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = old
+
+
+# -------------------------------------------------------------------------------------- benchmarks
+
+
+def load_result(name: str) -> dict[str, Any]:
+    path = RESULTS / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; a docs page asks for it in a generate marker")
+    return json.loads(path.read_text())
+
+
+def _count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:g}{unit}"
+    return f"{n:g}"
+
+
+def _num(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, int):
+        return f"{x:,}"
+    return f"{x:,.{digits}f}"
+
+
+def _machine(d: dict[str, Any]) -> str:
+    """The machine as the JSON records it: its own ``machine``/``cpu`` field when present."""
+    parts = [str(d.get(k)) for k in ("machine", "cpu", "device_name") if d.get(k)]
+    if not parts:
+        parts = [str(d.get("device", "unknown device"))]
+    if d.get("threads"):
+        parts.append(f"{d['threads']} threads")
+    if d.get("torch"):
+        parts.append(f"torch {d['torch']}")
+    return ", ".join(parts)
+
+
+def optimizer_step(name: str | None) -> str:
+    """Markdown table of one ``benchmarks/optimizer_step.py`` result file."""
+    if not name:
+        raise ValueError("optimizer-step needs a file name, e.g. <!-- generate: optimizer-step optimizer_step_20M.json -->")
+    d = load_result(name)
+    bw = d.get("stream_gb_per_s", {})
+    method = d.get("method") or (
+        f"median of {d['steps']} steps per optimizer, all optimizers stepped in turn (round-robin) with a "
+        f"streaming copy and triad over the same number of elements"
+    )
+    caption = (
+        f"**{_count(d['params'])} {d.get('dtype', 'float32')} parameters in {d['tensors']} tensors** on "
+        f"{_machine(d)}; {method}. Streaming bandwidth in the same run: copy {_num(bw.get('copy'))} GB/s, "
+        f"triad {_num(bw.get('triad'))} GB/s. Source: `benchmarks/results/{name}`."
+    )
+    head = [
+        "| optimizer | ms/step | Mparams/s | bytes/param | GB/s | % triad | vs torch fused AdamW | state B/param "
+        "| transient B/param |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = [
+        f"| {r['name']} | {_num(r.get('ms'))} | {_num(r.get('mparams_per_s'), 0)} | {r.get('bytes_per_param', '')} "
+        f"| {_num(r.get('gb_per_s'))} | {_num(r.get('pct_stream'), 0)}% | {_num(r.get('vs_torch_fused_adamw'), 2)}x "
+        f"| {_num(r.get('state_bytes_per_param'))} | {_num(r.get('transient_bytes_per_param'), 2)} |"
+        for r in d["rows"]
+    ]
+    return "\n".join([caption, "", *head, *rows])
+
+
+def optimizer_ratios(_: str | None = None) -> str:
+    """Markdown: a few headline ratios (descend against torch fused AdamW) from every optimizer-step file."""
+    picks = [
+        "descend AdamW [compiled, flat]",
+        "descend AdamW [compiled]",
+        "descend AdamW [foreach]",
+        "descend Lion [compiled, flat]",
+        "descend Lion bf16 state [compiled, flat]",
+        "descend Signum [compiled, flat]",
+    ]
+    files = sorted(RESULTS.glob("optimizer_step*.json"), key=lambda p: (json.loads(p.read_text())["params"], p.name))
+    header = "| optimizer | " + " | ".join(f"`{p.name}`" for p in files) + " |"
+    lines = [
+        "Step time as a multiple of `torch.optim.AdamW(fused=True)` measured in the same run "
+        "(below 1 is faster); a blank cell: not in that run.",
+        "",
+        header,
+        "|---|" + "---:|" * len(files),
+    ]
+    tables = {p.name: {r["name"]: r for r in json.loads(p.read_text())["rows"]} for p in files}
+    for pick in picks:
+        cells = [tables[p.name].get(pick, {}).get("vs_torch_fused_adamw") for p in files]
+        if any(c is not None for c in cells):
+            lines.append(f"| {pick} | " + " | ".join("" if c is None else f"{c:.2f}x" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def attention(name: str | None) -> str:
+    """Markdown table of ``benchmarks/attention.py``'s result: full against induced-point attention."""
+    d = load_result(name or "attention.json")
+    cfg = d.get("config", {})
+    caption = (
+        f"One forward+backward of an attention block on `x [1, N, {cfg.get('width')}]`, {cfg.get('heads')} heads, "
+        f"{cfg.get('inducing')} inducing points, {cfg.get('threads')} threads, {cfg.get('repeats')} repeats, each "
+        f"size in its own subprocess; {d.get('method', '')}. Machine: {_machine(d)}. "
+        f"Source: `benchmarks/results/{name or 'attention.json'}`."
+    )
+    by_n: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in d["rows"]:
+        by_n.setdefault(r["n"], {})[r["mode"]] = r
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return " | "
+        if "skipped" in r:
+            return f"skipped: {r['skipped']} | "
+        return f"{r['seconds'] * 1e3:,.1f} ({r['cpu_seconds'] * 1e3:,.0f}) | {r['peak_rss_mb']:,.0f} ({r['working_mb']:,.0f})"
+
+    lines = [
+        caption,
+        "",
+        "| N | full: ms (CPU ms) | full: peak RSS MB (working) | induced: ms (CPU ms) | induced: peak RSS MB (working) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for n in sorted(by_n):
+        lines.append(f"| {n:,} | {cell(by_n[n].get('full'))} | {cell(by_n[n].get('induced'))} |")
+    return "\n".join(lines)
+
+
+def distributed(name: str | None) -> str:
+    """Markdown table of ``benchmarks/distributed.py``'s result: steps per second by process count and strategy."""
+    name = name or "distributed.json"
+    d = load_result(name)
+    rows = d["rows"]
+    first = rows[0]
+    caption = (
+        f"{d.get('method') or 'Training steps per second of the same global batch on 1 and more processes'}; "
+        f"model size `{d.get('model_size', '?')}` ({_num(first.get('parameters'))} parameters), global batch "
+        f"{first.get('global_batch')}, {first.get('steps')} timed steps, {first.get('threads_per_process')} thread(s) "
+        f"per process, on {_machine(first)}. Source: `benchmarks/results/{name}`."
+    )
+    base = next((r["steps_per_s"] for r in rows if r["processes"] == 1), None)
+    lines = [caption, "", "| processes | strategy | steps/s | vs 1 process |", "|---:|---|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['steps_per_s'] / base:.2f}x" if base else ""
+        lines.append(f"| {r['processes']} | {r['strategy']} | {r['steps_per_s']:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+GENERATORS: dict[str, Callable[[str | None], str]] = {
+    "cli-reference": cli_reference,
+    "optimizer-step": optimizer_step,
+    "optimizer-ratios": optimizer_ratios,
+    "attention": attention,
+    "distributed": distributed,
+}
+
+
+def expand(markdown: str) -> str:
+    """Replace every ``<!-- generate: NAME [ARG] -->`` line by the generator's Markdown."""
+
+    def replace(m: re.Match[str]) -> str:
+        name = m.group("name")
+        if name not in GENERATORS:
+            raise KeyError(f"unknown generator {name!r} in a docs page; known: {', '.join(sorted(GENERATORS))}")
+        return GENERATORS[name](m.group("arg"))
+
+    return MARKER.sub(replace, markdown)
+
+
+def on_page_markdown(markdown: str, **_: Any) -> str:
+    return expand(markdown)
