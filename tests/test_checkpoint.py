@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from descend._tensorfile import decode, encode
 from descend.data._base import DataBundle, Split
 from descend.train import CheckpointError, TrainConfig, Trainer, load_checkpoint, save_checkpoint
-from descend.train._checkpoint import decode, encode
 
 
 def test_encode_decode_round_trip_keeps_types_and_bits() -> None:
@@ -35,8 +35,10 @@ def test_save_keeps_the_newest_and_files_are_safetensors_and_json(tmp_path) -> N
     assert not list(tmp_path.glob(".*"))  # no temporary leftovers
     ckpt = load_checkpoint(tmp_path)
     assert ckpt.step == 3 and torch.equal(ckpt.model["w"], model["w"])
-    assert sorted(p.name for p in ckpt.path.iterdir()) == ["model.safetensors", "state.json", "state.safetensors"]
-    assert json.loads((ckpt.path / "state.json").read_text())["format"] == 1
+    names = ["manifest.json", "model.safetensors", "state.json", "state.safetensors"]
+    assert sorted(p.name for p in ckpt.path.iterdir()) == names
+    manifest = json.loads((ckpt.path / "manifest.json").read_text())
+    assert manifest["format"] == 2 and sorted(manifest["files"]) == names[1:]
 
 
 def test_corrupt_or_missing_checkpoints_are_refused(tmp_path) -> None:
@@ -44,10 +46,10 @@ def test_corrupt_or_missing_checkpoints_are_refused(tmp_path) -> None:
     data = bytearray((path / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (path / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="SHA-256"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not match its recorded SHA-256"):
         load_checkpoint(tmp_path)
     (path / "state.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="not valid JSON"):
+    with pytest.raises(CheckpointError, match="SHA-256"):
         load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "elsewhere")

@@ -1,44 +1,73 @@
-"""Checkpoints without pickle: tensors in safetensors, everything else in JSON, written atomically.
+"""Checkpoints without pickle: tensors in safetensors, everything else in JSON, every byte checksummed.
 
 Layout of a checkpoint root (e.g. ``run/checkpoint/``)::
 
-    latest.json               {"format": 1, "step": 10, "dir": "step-00000010"}  (replaced atomically)
+    latest.json               {"format": 2, "step": 10, "dir": "step-00000010", "kind": "single",
+                               "healthy": "step-00000010", "checksum": "..."}
     step-00000010/
         model.safetensors     the model's state_dict
         state.safetensors     every other tensor (optimizer moments, RNG states, sampler order)
-        state.json            the rest as JSON; tensors appear as {"__tensor__": "<key>"}, and
-                              the SHA-256 of both .safetensors files
+        state.json            the rest as JSON; tensors appear as {"__tensor__": "<key>"}
+        manifest.json         size and SHA-256 of every file above, and its own checksum
 
-A step directory is written under a temporary name and renamed into place; ``latest.json`` is
-then replaced with ``os.replace``; only after that are older step directories removed (the newest
-``keep`` survive). A crash at any point leaves ``latest.json`` pointing at a complete checkpoint.
-Loading verifies the checksums and never unpickles anything.
+A step directory is written under a temporary name (``.step-00000010.*``), its manifest last,
+and renamed into place; ``latest.json`` is then replaced atomically (:mod:`descend._io`); only
+after that are older step directories removed (the newest ``keep``, and the newest healthy one,
+survive). A crash at any point leaves ``latest.json`` pointing at a complete checkpoint, and the
+next save or resume removes the temporaries a crash left.
 
 A run of ``W > 1`` processes writes its step directories with torch.distributed.checkpoint
-instead (every rank its shards, plus a ``.metadata`` file; see :func:`is_sharded`), and
-``latest.json`` gains ``"kind": "dcp"``; it is replaced only after every rank has finished, so the
-same guarantee holds. Either kind resumes at any world size (``Trainer.resume``).
+instead (every rank its shards, plus DCP's ``.metadata``; rank 0 adds the manifest, see
+:func:`descend.distributed.save_checkpoint`), and ``latest.json`` says ``"kind": "dcp"``.
+
+Reading (:func:`latest_dir`, :func:`load_checkpoint`) trusts nothing in the directory:
+``latest.json`` must verify and name a ``step-NNNNNNNN`` directory directly inside the root (no
+path, no link); the step directory must verify against its manifest (see
+:func:`descend._tensorfile.verify_step`), and its kind comes from the manifest, never from which
+files happen to exist. When the newest checkpoint fails, resume falls back to the newest one that
+verifies, warns in one line (:class:`CheckpointWarning`), renames the bad one to
+``<name>.rejected`` (kept for inspection, never deleted) and points ``latest.json`` at the good one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import Tensor
+
+from descend._io import atomic_path, atomic_write, fsync_dir
+from descend._tensorfile import (
+    FORMAT,
+    MANIFEST,
+    CheckpointError,
+    CheckpointWarning,
+    IncompleteCheckpointError,
+    decode,
+    encode,
+    read_checked_json,
+    sha256_bytes,
+    verify_step,
+    write_checked_json,
+    write_manifest,
+)
 
 __all__ = [
     "FORMAT",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointWarning",
+    "IncompleteCheckpointError",
     "commit_checkpoint",
     "decode",
     "encode",
@@ -48,69 +77,8 @@ __all__ = [
     "save_checkpoint",
 ]
 
-FORMAT = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or does not match what it is loaded into."""
-
-
-def encode(obj: Any, tensors: dict[str, Tensor], prefix: str = "") -> Any:
-    """``obj`` as JSON-able data; its tensors move into ``tensors`` under unique keys.
-
-    Dicts with non-string keys (e.g. torch optimizers' ``{0: {...}}``) and tuples are tagged so
-    :func:`decode` restores them exactly.
-    """
-    if isinstance(obj, Tensor):
-        key = prefix or f"t{len(tensors)}"
-        while key in tensors:
-            key += "_"
-        tensors[key] = obj.detach().cpu().contiguous().clone()
-        return {"__tensor__": key}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj) and "__tensor__" not in obj:
-            return {k: encode(v, tensors, f"{prefix}.{k}" if prefix else k) for k, v in obj.items()}
-        return {"__items__": [[encode(k, tensors), encode(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [encode(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [encode(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise CheckpointError(f"cannot store a {type(obj).__name__} at {prefix!r} in a checkpoint (JSON + tensors only)")
-
-
-def decode(obj: Any, tensors: dict[str, Tensor]) -> Any:
-    """The inverse of :func:`encode`."""
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__items__" in obj:
-            return {decode(k, tensors): decode(v, tensors) for k, v in obj["__items__"]}
-        if "__tuple__" in obj:
-            return tuple(decode(v, tensors) for v in obj["__tuple__"])
-        return {k: decode(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [decode(v, tensors) for v in obj]
-    return obj
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` atomically: a temporary file in the same directory, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+LATEST = "latest.json"
+_STEP_DIR = re.compile(r"step-(\d{8})")
 
 
 @dataclass
@@ -124,105 +92,228 @@ class Checkpoint:
 
 
 def save_checkpoint(
-    root: str | Path, step: int, model_state: dict[str, Tensor], state: dict[str, Any], *, keep: int = 2
+    root: str | Path,
+    step: int,
+    model_state: dict[str, Tensor],
+    state: dict[str, Any],
+    *,
+    keep: int = 2,
+    healthy: bool = True,
 ) -> Path:
     """Write a checkpoint for ``step`` under ``root`` atomically; return its directory.
 
     ``state`` may nest dicts, lists, tuples, numbers, strings and tensors (e.g. an optimizer's
-    ``state_dict()``). The newest ``keep`` step directories are kept.
+    ``state_dict()``). The newest ``keep`` step directories are kept, and the newest one saved
+    with ``healthy=True`` (pass ``False`` while the loss is diverging: resume then offers the last
+    healthy one).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(root)
     name = f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
         tensors: dict[str, Tensor] = {}
         encoded = encode(state, tensors)
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in model_state.items()}, tmp / "model.safetensors")
-        save_file(tensors, tmp / "state.safetensors")
-        meta = {
-            "format": FORMAT,
-            "step": step,
-            "sha256": {f: _sha256(tmp / f) for f in ("model.safetensors", "state.safetensors")},
-            "state": encoded,
-        }
-        _write_json(tmp / "state.json", meta)
+        with atomic_path(tmp / "model.safetensors") as f:
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in model_state.items()}, f)
+        with atomic_path(tmp / "state.safetensors") as f:
+            save_file(tensors, f)
+        atomic_write(tmp / "state.json", json.dumps({"format": FORMAT, "step": step, "state": encoded}, indent=1))
+        write_manifest(tmp, "single", step)
         final = root / name
-        if final.exists():
+        if final.exists():  # a save of the same step by an earlier, abandoned run
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        os.replace(tmp, final)  # a directory: descend._io covers files only
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    commit_checkpoint(root, step, name, keep=keep)
+    commit_checkpoint(root, step, name, keep=keep, healthy=healthy)
     return final
 
 
-def commit_checkpoint(root: str | Path, step: int, name: str, *, keep: int = 2, kind: str | None = None) -> None:
-    """Point ``root/latest.json`` at the complete step directory ``name``, then drop all but the newest ``keep``."""
+def commit_checkpoint(
+    root: str | Path, step: int, name: str, *, keep: int = 2, kind: str | None = None, healthy: bool = True
+) -> None:
+    """Point ``root/latest.json`` at the complete step directory ``name``, then drop older ones.
+
+    Kept: the newest ``keep`` step directories up to ``step``, and the newest committed with
+    ``healthy=True``. Directories of later steps (an abandoned run's) and ``*.rejected`` ones stay.
+    """
     root = Path(root)
-    entry: dict[str, Any] = {"format": FORMAT, "step": step, "dir": name}
-    if kind is not None:
-        entry["kind"] = kind
-    _write_json(root / "latest.json", entry)
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    if _STEP_DIR.fullmatch(name) is None or int(name[5:]) != step:
+        raise CheckpointError(f"a checkpoint directory is named step-{step:08d}, got {name!r}")
+    if not (root / name / MANIFEST).is_file():
+        raise IncompleteCheckpointError(f"checkpoint {root / name} has no {MANIFEST}; it cannot be committed")
+    remove_temporaries(root)
+    previous = _read_latest(root, quiet=True)
+    good = name if healthy else (previous or {}).get("healthy")
+    entry = {"format": FORMAT, "step": step, "dir": name, "kind": kind or "single", "healthy": good}
+    write_checked_json(root / LATEST, entry)
+    steps = [p for s, p in _step_dirs(root) if s <= step]
     for old in steps[: max(0, len(steps) - keep)]:
-        if old.name != name:
+        if old.name not in (name, good):
             shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_temporaries(root: str | Path) -> list[Path]:
+    """Remove what an interrupted save leaves in ``root`` (``.step-*`` directories, ``.*.tmp`` files)."""
+    removed = []
+    for p in Path(root).glob(".*"):
+        if p.name.startswith(".step-") and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif p.name.endswith(".tmp") and (p.is_file() or p.is_symlink()):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``step-NNNNNNNN`` directory directly in ``root`` (no links), oldest first."""
+    found = []
+    for p in root.iterdir() if root.is_dir() else ():
+        m = _STEP_DIR.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _read_latest(root: Path, quiet: bool = False) -> dict[str, Any] | None:
+    """``latest.json``, validated: checksum, and ``dir`` names a step directory directly in ``root``."""
+    try:
+        entry = read_checked_json(root / LATEST, "checkpoint index")
+        name = entry.get("dir")
+        if not isinstance(name, str) or _STEP_DIR.fullmatch(name) is None:
+            raise CheckpointError(f"checkpoint index {root / LATEST} names {name!r}, not a step-NNNNNNNN directory")
+        if entry.get("step") != int(name[5:]) or entry.get("kind") not in ("single", "dcp"):
+            raise CheckpointError(f"checkpoint index {root / LATEST} is malformed")
+        healthy = entry.get("healthy")
+        if healthy is not None and (not isinstance(healthy, str) or _STEP_DIR.fullmatch(healthy) is None):
+            raise CheckpointError(f"checkpoint index {root / LATEST} names {healthy!r} as healthy")
+        path = root / name
+        if path.is_symlink() or (path.exists() and path.resolve().parent != root.resolve()):
+            raise CheckpointError(
+                f"checkpoint index {root / LATEST} names {name}, a symbolic link; "
+                f"only directories inside {root} are read"
+            )
+        return entry
+    except CheckpointError:
+        if quiet:
+            return None
+        raise
+
+
 def is_sharded(path: str | Path) -> bool:
-    """True for a step directory written by torch.distributed.checkpoint (a multi-process run)."""
-    return (Path(path) / ".metadata").is_file()
+    """True for a step directory whose manifest says torch.distributed.checkpoint wrote it.
+
+    Decided by the (checksummed) manifest alone: a ``.metadata`` file planted beside a
+    one-process checkpoint does not make it one.
+    """
+    try:
+        return read_checked_json(Path(path) / MANIFEST, "checkpoint manifest").get("kind") == "dcp"
+    except CheckpointError:
+        return False
 
 
 def latest_dir(root: str | Path) -> Path:
-    """The step directory ``root/latest.json`` points at (or ``root`` itself, a step directory)."""
+    """The verified step directory to resume from: the one ``root/latest.json`` names, or ``root``
+    itself when it is a step directory.
+
+    When ``latest.json`` names a checkpoint saved while unhealthy, the newest healthy one it
+    records is used (with a :class:`CheckpointWarning`). When the index or the checkpoint fails
+    verification, the newest step directory that verifies is used instead, with a
+    :class:`CheckpointWarning`; the bad file or directory is renamed ``<name>.rejected`` (kept,
+    never deleted) and ``latest.json`` is pointed at the good one. Raises :class:`CheckpointError`
+    when nothing verifies.
+    """
     root = Path(root)
-    if (root / "latest.json").is_file():
-        try:
-            latest = json.loads((root / "latest.json").read_text())
-            return root / str(latest["dir"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint index {root / 'latest.json'} is corrupt ({e})") from e
-    if (root / "state.json").is_file() or is_sharded(root):
+    if not (root / LATEST).exists() and (root / MANIFEST).is_file():  # a step directory itself
+        verify_step(root)
         return root
-    raise CheckpointError(f"no checkpoint in {root} (expected latest.json or state.json)")
+    if not root.is_dir() or not ((root / LATEST).exists() or _step_dirs(root)):
+        raise CheckpointError(f"no checkpoint in {root} (expected {LATEST} or a step directory)")
+    remove_temporaries(root)
+    bad = root / LATEST
+    try:
+        entry = _read_latest(root)
+        assert entry is not None
+        want = entry.get("healthy") or entry["dir"]
+        bad = root / want
+        verify_step(bad, kind=entry["kind"])
+        if want != entry["dir"]:
+            _warn(
+                f"checkpoint {root / entry['dir']} was saved while training was unhealthy; resuming from {want}, "
+                "the newest healthy one (pass that step directory to resume from it anyway)"
+            )
+        return bad
+    except CheckpointError as e:
+        reason = str(e)
+    for step, path in reversed(_step_dirs(root)):
+        if path == bad:
+            continue
+        try:
+            manifest = verify_step(path)
+        except CheckpointError:
+            continue
+        kept = ""
+        if bad.exists() or bad.is_symlink():
+            aside = _aside(bad)
+            try:
+                bad.rename(aside)
+                kept = f"; the bad one is kept as {aside.name}"
+            except OSError:  # another rank of the same job moved it first
+                pass
+        entry = {"format": FORMAT, "step": step, "dir": path.name, "kind": manifest["kind"], "healthy": path.name}
+        write_checked_json(root / LATEST, entry)
+        _warn(f"{reason}; resuming from {path.name}, the newest checkpoint that verifies{kept}")
+        return path
+    raise CheckpointError(f"{reason}; no other checkpoint in {root} verifies")
+
+
+def _aside(path: Path) -> Path:
+    aside, n = path.with_name(path.name + ".rejected"), 1
+    while aside.exists() or aside.is_symlink():
+        n += 1
+        aside = path.with_name(f"{path.name}.rejected-{n}")
+    return aside
+
+
+def _warn(message: str) -> None:
+    warnings.warn(" ".join(message.split()), CheckpointWarning, stacklevel=3)
 
 
 def load_checkpoint(root: str | Path) -> Checkpoint:
-    """Read the checkpoint ``root/latest.json`` points at (or ``root`` itself, a step directory).
+    """Read the checkpoint :func:`latest_dir` picks under ``root`` (or ``root`` itself, a step directory).
 
-    Raises :class:`CheckpointError` naming the problem when anything is missing or corrupt.
+    Every file is checked against the manifest before it is parsed, from the same bytes. Raises
+    :class:`CheckpointError` naming the problem when anything is missing, corrupt or forged.
     """
     path = latest_dir(root)
-    if is_sharded(path):
+    manifest = verify_step(path)
+    if manifest["kind"] == "dcp":
         raise CheckpointError(
             f"checkpoint {path} was written by several processes (torch.distributed.checkpoint); "
             "load it with Trainer.resume, which reads it at any world size"
         )
+    data = {}
+    for name in ("model.safetensors", "state.safetensors", "state.json"):
+        raw = (path / name).read_bytes()
+        if sha256_bytes(raw) != manifest["files"][name]["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} changed while it was read")
+        data[name] = raw
     try:
-        meta = json.loads((path / "state.json").read_text())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {e.filename} is missing") from e
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt: state.json is not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(f"checkpoint {path} has format {found!r}; this version of descend reads format {FORMAT}")
-    for name, digest in meta.get("sha256", {}).items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        if _sha256(file) != digest:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its recorded SHA-256")
-    try:
-        model = load_file(path / "model.safetensors")
-        tensors = load_file(path / "state.safetensors")
-        state = decode(meta["state"], tensors)
+        meta = json.loads(data["state.json"])
+        if meta.get("format") != FORMAT or meta.get("step") != manifest["step"]:
+            raise CheckpointError(f"checkpoint {path}: state.json disagrees with its manifest")
+        model = load_safetensors(data["model.safetensors"])
+        state = decode(meta["state"], load_safetensors(data["state.safetensors"]))
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} is corrupt: {e}") from e
-    return Checkpoint(step=int(meta["step"]), path=path, model=model, state=state)
+    return Checkpoint(step=int(manifest["step"]), path=path, model=model, state=state)
 
 
 def rng_state() -> dict[str, Tensor]:
