@@ -72,6 +72,47 @@ def cli_reference(_: str | None = None) -> str:
             os.environ["COLUMNS"] = old
 
 
+# -------------------------------------------------------------------------------------- optimizers
+
+RULES = ("clip_by_global_norm", "l2", "heavy_ball", "ema", "sign", "softsign", "scale_by_adam", "lion",
+         "scale_by_lr", "decoupled_decay", "project_box", "project_ball")
+
+
+def rule_equations(_: str | None = None) -> str:
+    """Markdown list: every public rule factory of ``descend.optim``, its signature and its equation."""
+    import inspect
+
+    from descend import optim
+
+    missing = sorted(set(RULES) - set(optim.__all__))
+    if missing:
+        raise AttributeError(f"docs/hooks.py lists rules that descend.optim no longer exports: {missing}")
+    lines = []
+    for name in RULES:
+        factory = getattr(optim, name)
+        params = inspect.signature(factory).parameters.values()
+        required = [p for p in params if p.default is inspect.Parameter.empty]
+        rule = factory(*[0.1] * len(required))
+        state = ", ".join(f"`{s}`" for s in rule.state_keys(dict(rule.hyper))) or "none"
+        args = ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}" for p in params)
+        lines.append(f"- **`{name}({args})`**: `{rule.equation()}`; state: {state}")
+    return "\n".join(lines)
+
+
+def explain(what: str | None) -> str:
+    """Markdown: ``optim.explain`` of a named optimizer (``AdamW``) or of the guide's example chain (``chain``)."""
+    import torch
+
+    from descend import optim
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    if what in (None, "chain"):
+        opt = optim.chain(params, optim.ema(0.9), optim.sign(), optim.decoupled_decay(0.1), lr=1e-3)
+    else:
+        opt = getattr(optim, what)(params)
+    return "```text\n" + optim.explain(opt).rstrip() + "\n```"
+
+
 # -------------------------------------------------------------------------------------- benchmarks
 
 
@@ -101,7 +142,7 @@ def _machine(d: dict[str, Any]) -> str:
     """The machine as the JSON records it: its own ``machine``/``cpu`` field when present."""
     parts = [str(d.get(k)) for k in ("machine", "cpu", "device_name") if d.get(k)]
     if not parts:
-        parts = [str(d.get("device", "unknown device"))]
+        parts = [str(d["device"])] if d.get("device") else ["a machine the file does not describe"]
     if d.get("threads"):
         parts.append(f"{d['threads']} threads")
     if d.get("torch"):
@@ -219,6 +260,8 @@ def distributed(name: str | None) -> str:
 
 GENERATORS: dict[str, Callable[[str | None], str]] = {
     "cli-reference": cli_reference,
+    "rule-equations": rule_equations,
+    "explain": explain,
     "optimizer-step": optimizer_step,
     "optimizer-ratios": optimizer_ratios,
     "attention": attention,
