@@ -46,7 +46,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import Tensor
 
-from descend._io import atomic_path, atomic_write, fsync_dir
+from descend._io import atomic_path, atomic_write, fsync_dir, umask_mode
 from descend._tensorfile import (
     FORMAT,
     MANIFEST,
@@ -113,6 +113,7 @@ def save_checkpoint(
     name = f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
+        os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes it private; a step directory is not
         tensors: dict[str, Tensor] = {}
         encoded = encode(state, tensors)
         with atomic_path(tmp / "model.safetensors") as f:
@@ -229,7 +230,7 @@ def latest_dir(root: str | Path) -> Path:
     when nothing verifies.
     """
     root = Path(root)
-    if not (root / LATEST).exists() and (root / MANIFEST).is_file():  # a step directory itself
+    if not (root / LATEST).exists() and any((root / f).exists() for f in (MANIFEST, "state.json", ".metadata")):
         verify_step(root)
         return root
     if not root.is_dir() or not ((root / LATEST).exists() or _step_dirs(root)):
@@ -247,6 +248,7 @@ def latest_dir(root: str | Path) -> Path:
                 f"checkpoint {root / entry['dir']} was saved while training was unhealthy; resuming from {want}, "
                 "the newest healthy one (pass that step directory to resume from it anyway)"
             )
+        _remove_incomplete(root, entry["step"])
         return bad
     except CheckpointError as e:
         reason = str(e)
@@ -268,8 +270,18 @@ def latest_dir(root: str | Path) -> Path:
         entry = {"format": FORMAT, "step": step, "dir": path.name, "kind": manifest["kind"], "healthy": path.name}
         write_checked_json(root / LATEST, entry)
         _warn(f"{reason}; resuming from {path.name}, the newest checkpoint that verifies{kept}")
+        _remove_incomplete(root, step)
         return path
     raise CheckpointError(f"{reason}; no other checkpoint in {root} verifies")
+
+
+def _remove_incomplete(root: Path, committed: int) -> None:
+    """Remove step directories newer than the committed one that have no manifest: a multi-process
+    save cut short (its manifest is written last). Each removal is reported in one line."""
+    for step, path in _step_dirs(root):
+        if step > committed and not (path / MANIFEST).exists():
+            shutil.rmtree(path, ignore_errors=True)
+            _warn(f"removed {path}, a checkpoint whose save was cut short (it has no {MANIFEST})")
 
 
 def _aside(path: Path) -> Path:
