@@ -92,3 +92,138 @@ def test_npz_and_missing_files(tmp_path) -> None:
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(DataError, match="empty"):
         load_data(str(tmp_path / "empty.csv"), target="y")
+
+
+# ---- bad input the user can fix: encodings, delimiters, duplicate names, values, the task ------------------
+ROWS = [[i, i * 0.5, ["x", "y"][i % 2]] for i in range(20)]
+
+
+def test_utf8_with_or_without_a_byte_order_mark_reads_the_same(tmp_path) -> None:
+    text = "\n".join(["label,a,b"] + [f"{r[2]},{r[0]},{r[1]}" for r in ROWS]) + "\n"
+    (tmp_path / "plain.csv").write_bytes(text.encode())
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    plain, bom = load_csv(tmp_path / "plain.csv", "label"), load_csv(tmp_path / "bom.csv", "label")
+    assert bom.info["feature_names"] == ["a", "b"] and bom.info["classes"] == ["x", "y"]
+    assert torch.equal(plain.train.inputs[0], bom.train.inputs[0])
+    assert load_csv(tmp_path / "bom.csv", "label", encoding="utf-8").info["encoding"] == "utf-8"
+
+
+def test_undecodable_bytes_name_the_offset_and_the_encoding_option(tmp_path) -> None:
+    raw = b"a,label\n" + b"".join(f"{i},caf".encode() + (b"\xe9" if i == 3 else b"e") + b"\n" for i in range(9))
+    (tmp_path / "latin.csv").write_bytes(raw)
+    with pytest.raises(DataError) as e:
+        load_csv(tmp_path / "latin.csv", "label")
+    message, offset = str(e.value), raw.index(bytes([0xE9]))
+    assert f"byte {offset} (line 5" in message and "--encoding" in message and "\n" not in message
+    bundle = load_csv(tmp_path / "latin.csv", "label", encoding="latin-1")
+    assert bundle.info["classes"] == ["cafe", "caf\u00e9"]
+    with pytest.raises(DataError, match="unknown encoding 'klingon'"):
+        load_csv(tmp_path / "latin.csv", "label", encoding="klingon")
+
+
+@pytest.mark.parametrize("delimiter", [",", ";", "\t"])
+def test_the_delimiter_is_sniffed_or_given(tmp_path, delimiter) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("\n".join(delimiter.join(map(str, r)) for r in [["a", "b", "label"], *ROWS]) + "\n")
+    reference = load_csv(tmp_path / "d.csv", "label", delimiter=delimiter)
+    sniffed = load_csv(path, "label")
+    assert sniffed.info["delimiter"] == delimiter and sniffed.in_features == 2
+    assert torch.equal(sniffed.train.inputs[0], reference.train.inputs[0])
+
+
+def test_semicolons_with_decimal_commas_are_not_mistaken_for_commas(tmp_path) -> None:
+    path = tmp_path / "eu.csv"
+    path.write_text("a;b;label\n" + "".join(f"{i};{i},5;{i % 2}\n" for i in range(20)))
+    with pytest.raises(DataError, match=r"column 'b' is not numeric \(line 2: '0,5'\)"):
+        load_csv(path, "label")
+    with pytest.raises(DataError, match="one character"):
+        load_csv(path, "label", delimiter=";;")
+    path.write_text("a|label\n" + "".join(f"{i}|{i % 2}\n" for i in range(20)))
+    with pytest.raises(DataError, match="--delimiter"):
+        load_csv(path, "label")
+    assert load_csv(path, "label", delimiter="|").in_features == 1
+
+
+def test_duplicate_or_empty_column_names_are_errors(tmp_path) -> None:
+    path = tmp_path / "d.csv"
+    _write_csv(path, ["a", "b", "a", "b", "y"], [[1, 2, 3, 4, i % 2] for i in range(10)])
+    with pytest.raises(DataError, match="column name\\(s\\) 'a', 'b' appear more than once"):
+        load_csv(path, "y")
+    _write_csv(path, ["a", "", "y"], [[1, 2, i % 2] for i in range(10)])
+    with pytest.raises(DataError, match="column 2 of the header has no name"):
+        load_csv(path, "y")
+
+
+def test_a_blank_line_does_not_shift_the_line_named_in_an_error(tmp_path) -> None:
+    (tmp_path / "d.csv").write_text("a,y\n1,0\n\n2,1\nnan,0\n3,1\n")
+    with pytest.raises(DataError, match="'nan' at line 5, NaN"):
+        load_csv(tmp_path / "d.csv", "y")
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [("1e308", False), ("-1e39", False), ("inf", False), ("-Infinity", False), ("nan", False), ("3e38", True)],
+)
+def test_feature_values_must_fit_float32(tmp_path, value, accepted) -> None:
+    rows = [[i, i % 2] for i in range(10)]
+    rows[4][0] = value
+    _write_csv(tmp_path / "d.csv", ["a", "y"], rows)
+    if accepted:
+        bundle = load_csv(tmp_path / "d.csv", "y")
+        assert all(bool(torch.isfinite(s.inputs[0]).all()) for s in (bundle.train, bundle.val, bundle.test))
+        return
+    with pytest.raises(DataError, match=f"column 'a' holds '{value}' at line 6"):
+        load_csv(tmp_path / "d.csv", "y")
+
+
+def test_huge_values_would_overflow_standardisation_so_they_are_refused() -> None:
+    X = np.zeros((10, 2))
+    X[3, 1] = 1e308
+    with np.errstate(over="ignore"):  # the oracle: float64 statistics of such a column overflow
+        assert not np.isfinite(np.std(np.concatenate([X[:, 1], [1e308]])))
+    with pytest.raises(DataError, match=r"feature column 'b' at row 3 \(counting from 0\) is 1e\+308, beyond float32"):
+        from_arrays(X, np.arange(10) % 2, name="t", feature_names=["a", "b"])
+    with pytest.raises(DataError, match=r"target column 0 at row 2 .* is inf"):
+        from_arrays(np.ones((10, 1)), np.array([0.5, 1.5, np.inf] + [0.25] * 7), name="t")
+    with pytest.raises(DataError, match="the target is nan at row 1"):
+        from_arrays(np.ones((5, 1)), np.array([0.0, np.nan, 1.0, 0.0, 1.0]), name="t", task="classification")
+
+
+def test_npz_values_are_checked_like_csv_values(tmp_path) -> None:
+    X = np.random.default_rng(0).normal(size=(20, 3))
+    X[7, 2] = -np.inf
+    np.savez(tmp_path / "d.npz", X=X, y=np.arange(20) % 2)
+    with pytest.raises(DataError, match=r"d: feature column 2 at row 7 .* is -inf, infinite"):
+        load_data(str(tmp_path / "d.npz"))
+    y = np.random.default_rng(1).normal(size=20)
+    y[5] = 4e38
+    np.savez(tmp_path / "e.npz", X=np.ones((20, 1)), y=y)
+    with pytest.raises(DataError, match=r"target column 0 at row 5 .* beyond float32"):
+        load_data(str(tmp_path / "e.npz"))
+
+
+def test_a_thousand_integer_classes_are_classification(tmp_path) -> None:
+    y = np.repeat(np.arange(1000), 5)
+    X = np.random.default_rng(0).normal(size=(len(y), 2))
+    np.savez(tmp_path / "many.npz", X=X, y=y)
+    bundle = load_data(str(tmp_path / "many.npz"))
+    assert (bundle.task, bundle.out_features, bundle.info["task_source"]) == ("classification", 1000, "inferred")
+    assert "1000 distinct integer values over 5000 rows" in bundle.info["task_reason"]
+    np.savez(tmp_path / "thin.npz", X=X[:4999], y=y[:4999])  # one row short of 5 per class
+    assert load_data(str(tmp_path / "thin.npz")).task == "regression"
+
+
+def test_a_small_integer_regression_target_is_not_taken_for_classes(tmp_path) -> None:
+    from sklearn.datasets import load_linnerud
+
+    d = load_linnerud()  # 20 rows; body weight in whole pounds, 17 distinct values
+    header = [*d.feature_names, "Weight"]
+    _write_csv(tmp_path / "linnerud.csv", header, [[*map(int, x), int(t[0])] for x, t in zip(d.data, d.target)])
+    bundle = load_csv(tmp_path / "linnerud.csv", "Weight")
+    assert (bundle.task, bundle.info["task_source"]) == ("regression", "inferred")
+    assert "over 20 rows (fewer than 5 per class)" in bundle.info["task_reason"]
+    forced = load_csv(tmp_path / "linnerud.csv", "Weight", task="classification")
+    assert (forced.task, forced.info["task_source"]) == ("classification", "given")
+    assert forced.out_features == len(np.unique(d.target[:, 0]))
+    _write_csv(tmp_path / "b.csv", ["a", "y"], [[i, i % 2] for i in range(6)])  # two values: classes at any size
+    assert load_csv(tmp_path / "b.csv", "y").task == "classification"

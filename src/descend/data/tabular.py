@@ -9,13 +9,30 @@ standardised with the mean and standard deviation of the *training* rows only:
 
 Regression targets are standardised the same way (``info["target_mean"]``, ``info["target_std"]``
 hold the scale, so ``y = y' * std + mean``). Bad input raises :class:`DataError`, whose message
-says what is wrong and how to fix it.
+says what is wrong and how to fix it: undecodable bytes (by offset), duplicate column names,
+and any NaN, infinite or out-of-range value (by row and column).
+
+**Which task.** ``task="classification"`` or ``"regression"`` is used as given. Otherwise
+(:func:`infer_task`): text labels are classes; an integer-valued target with ``k`` distinct
+values over ``n`` rows is classification when ``k <= 2`` or ``k * MIN_ROWS_PER_CLASS <= n``
+(at least 5 rows per class on average), else regression; fractional or multi-column targets,
+and integers beyond ±2**31, are regression. So 1,000 integer classes over 5,000 rows are
+classes, and a 20-row table of integer body weights (17 distinct values) is regression. The
+bundle records the choice and why in ``info["task_source"]`` (``"given"`` or ``"inferred"``)
+and ``info["task_reason"]``.
+
+**Which values.** Every feature (and regression target) must be finite and within float32's
+range, ``|x| <= 3.4e38``, since the model computes in float32; then the float64 mean and
+variance cannot overflow (``n * 3.4e38`` and ``(3.4e38)**2`` are far below float64's 1.8e308).
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import itertools
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,8 +46,14 @@ __all__ = ["DEFAULT_FRACTIONS", "DataError", "from_arrays", "infer_task", "load_
 #: Default (train, val) fractions of the rows; the test split gets the rest (0.2).
 DEFAULT_FRACTIONS = (0.7, 0.1)
 
-#: A numeric target with at most this many distinct integer values is read as class labels.
-MAX_INFERRED_CLASSES = 20
+#: An integer-valued target is read as class labels when its classes average at least this many rows.
+MIN_ROWS_PER_CLASS = 5
+
+#: The largest magnitude a feature or regression target may have (float32's largest finite value).
+MAX_ABS_VALUE = float(np.finfo(np.float32).max)
+
+#: Delimiters :func:`load_csv` tries when none is given.
+DELIMITERS = (",", ";", "\t")
 
 
 class DataError(ValueError):
@@ -38,14 +61,46 @@ class DataError(ValueError):
 
 
 def infer_task(y: np.ndarray) -> Task:
-    """``"classification"`` for string labels or few distinct integers, else ``"regression"``."""
+    """The task a target ``y [M]`` (or ``[M, K]``) implies; the rule is in the module docstring."""
+    return _infer_task(np.asarray(y))[0]
+
+
+def _infer_task(y: np.ndarray) -> tuple[Task, str]:
+    """``(task, reason)`` for a target; ``reason`` says in a few words why."""
     if y.dtype.kind in "OUSb":
-        return "classification"
+        return "classification", "the target holds labels, not numbers"
     if y.ndim > 1 and y.shape[1] > 1:
-        return "regression"
+        return "regression", f"the target has {y.shape[1]} columns"
     values = np.unique(y)
-    integral = bool(np.all(np.isfinite(values)) and np.all(values == np.round(values)))
-    return "classification" if integral and len(values) <= MAX_INFERRED_CLASSES else "regression"
+    if not (np.all(np.abs(values) < 2**31) and np.all(values == np.round(values))):
+        return "regression", "the target holds fractional, huge or non-finite values"
+    k, n = len(values), len(y)
+    if k <= 2 or k * MIN_ROWS_PER_CLASS <= n:
+        return "classification", f"{k} distinct integer values over {n} rows (at least {MIN_ROWS_PER_CLASS} per class)"
+    return "regression", f"{k} distinct integer values over {n} rows (fewer than {MIN_ROWS_PER_CLASS} per class)"
+
+
+def _bad_value(v: float) -> str | None:
+    """Why the number ``v`` cannot be used as a feature or regression target (None: it can)."""
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "infinite"
+    if abs(v) > MAX_ABS_VALUE:
+        return "beyond float32's range (|x| <= 3.4e38)"
+    return None
+
+
+def _check_values(a: np.ndarray, name: str, what: str, columns: Sequence[str] | None = None) -> None:
+    """DataError naming the first NaN, infinite or out-of-range entry of the 2-D float array ``a``."""
+    bad = ~np.isfinite(a) | (np.abs(np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)) > MAX_ABS_VALUE)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        column = repr(columns[col]) if columns is not None else str(col)
+        raise DataError(
+            f"{name}: {what} column {column} at row {row} (counting from 0) is {float(a[row, col])!r}, "
+            f"{_bad_value(float(a[row, col]))} ({int(bad.sum())} such value(s)); remove, impute or rescale them"
+        )
 
 
 def _split_index(m: int, fractions: Sequence[float], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -85,26 +140,31 @@ def from_arrays(
         raise DataError(f"{name}: targets must have shape [{X.shape[0]}] or [{X.shape[0]}, K], got {tuple(y.shape)}")
     if X.dtype.kind not in "biuf":
         raise DataError(f"{name}: features must be numeric, got dtype {X.dtype}; encode or drop non-numeric columns")
+    if feature_names is not None and len(feature_names) != X.shape[1]:
+        raise DataError(f"{name}: {len(feature_names)} feature names for {X.shape[1]} feature columns")
     X = X.astype(np.float64)
-    bad = ~np.isfinite(X)
-    if bad.any():
-        row, col = (int(i) for i in np.argwhere(bad)[0])
-        col_name = feature_names[col] if feature_names is not None else f"feature {col}"
-        raise DataError(
-            f"{name}: {int(bad.sum())} NaN/inf value(s) in the features (first at row {row}, column {col_name!r}); "
-            "remove or impute them"
-        )
-    task = task or infer_task(y)
+    _check_values(X, name, "feature", feature_names)
+    if task is None:
+        task, reason = _infer_task(y)
+        source = "inferred"
+    else:
+        reason, source = "given", "given"
     if task not in ("classification", "regression"):
         raise DataError(f"task must be 'classification' or 'regression', got {task!r}")
-    info: dict[str, object] = {"rows": int(X.shape[0]), "features": int(X.shape[1])}
+    info: dict[str, object] = {
+        "rows": int(X.shape[0]),
+        "features": int(X.shape[1]),
+        "task_source": source,
+        "task_reason": reason,
+    }
     if feature_names is not None:
         info["feature_names"] = list(feature_names)
     if task == "classification":
         if y.ndim != 1:
             raise DataError(f"{name}: classification needs one target column, got shape {tuple(y.shape)}")
         if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
-            raise DataError(f"{name}: NaN/inf in the target; remove those rows")
+            row = int(np.argwhere(~np.isfinite(y))[0][0])
+            raise DataError(f"{name}: the target is {float(y[row])!r} at row {row}; remove those rows")
         classes, y_index = np.unique(y, return_inverse=True)
         info["classes"] = [c.item() if hasattr(c, "item") else c for c in classes]
         targets = torch.as_tensor(y_index.reshape(-1), dtype=torch.int64)
@@ -117,8 +177,7 @@ def from_arrays(
                 f"{name}: a regression target must be numeric, got dtype {y.dtype}; use --task classification"
             )
         y = y.astype(np.float64).reshape(len(y), -1)
-        if not np.all(np.isfinite(y)):
-            raise DataError(f"{name}: NaN/inf in the target; remove those rows")
+        _check_values(y, name, "target")
         targets = torch.as_tensor(y, dtype=torch.float64)
         out_features = int(y.shape[1])
 
@@ -171,6 +230,44 @@ def _parse_float(text: str) -> float | None:
         return None
 
 
+def _decode(path: Path, encoding: str | None) -> tuple[str, str]:
+    """The file's text and the encoding used: UTF-8 (a byte-order mark is dropped) unless ``encoding``."""
+    raw = path.read_bytes()
+    used = encoding or "utf-8"
+    try:
+        text = raw.decode(used)
+    except LookupError:
+        raise DataError(
+            f"{path.name}: unknown encoding {encoding!r}; use a Python codec name such as utf-8, latin-1 or cp1252"
+        ) from None
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path.name}: byte {e.start} (line {line}, {raw[e.start : e.start + 1]!r}) is not valid {used}; "
+            "if the file is in another encoding, name it with --encoding (e.g. --encoding latin-1 or cp1252)"
+        ) from None
+    return text.removeprefix("\ufeff"), used
+
+
+def _sniff_delimiter(text: str) -> str:
+    """The delimiter of :data:`DELIMITERS` that splits the first rows into the same number (> 1) of
+    fields, the most fields winning; if none is consistent, the one giving the header most fields."""
+    best, best_n, fallback, fallback_n = None, 1, ",", 1
+    for d in DELIMITERS:
+        try:
+            rows = [r for r in itertools.islice(csv.reader(io.StringIO(text), delimiter=d), 50) if "".join(r).strip()]
+        except csv.Error:  # e.g. a NUL byte; reading the file reports it
+            continue
+        if not rows:
+            continue
+        counts = {len(r) for r in rows}
+        if len(counts) == 1 and len(rows[0]) > best_n:
+            best, best_n = d, len(rows[0])
+        if len(rows[0]) > fallback_n:
+            fallback, fallback_n = d, len(rows[0])
+    return best or fallback
+
+
 def load_csv(
     path: str | Path,
     target: str | None,
@@ -178,53 +275,90 @@ def load_csv(
     task: Task | None = None,
     seed: int = 0,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    encoding: str | None = None,
+    delimiter: str | None = None,
 ) -> DataBundle:
     """A CSV file with a header row; ``target`` names the label column, all other columns are features.
 
-    Every feature must be numeric and finite. The task is inferred from the target column
-    (see :func:`infer_task`) unless ``task`` is given.
+    The file is read as UTF-8 (with or without a byte-order mark) unless ``encoding`` names another
+    codec; the delimiter (comma, semicolon or tab) is sniffed from the first rows unless
+    ``delimiter`` is given. Column names must be unique; every feature must be a number, finite and
+    within float32's range. The task is inferred from the target column (see :func:`infer_task`)
+    unless ``task`` is given; ``info`` records the encoding, delimiter and why the task was chosen.
+    Rows in error messages are the file's line numbers (the header is line 1).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist; check the path")
     if target is None:
         raise DataError(f"{path.name}: a CSV needs --target COLUMN naming the label column")
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if delimiter is not None and len(delimiter) != 1:
+        raise DataError(f"the delimiter must be one character (e.g. ',', ';' or a tab), got {delimiter!r}")
+    text, used = _decode(path, encoding)
+    delimiter = delimiter or _sniff_delimiter(text)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        rows = [(reader.line_num, r) for r in reader if any(cell.strip() for cell in r)]
+    except csv.Error as e:
+        raise DataError(f"{path.name}: line {reader.line_num} is not valid CSV ({e})") from None
     if not rows:
         raise DataError(f"{path.name}: the file is empty; it needs a header row and at least 3 data rows")
-    header, body = [h.strip() for h in rows[0]], rows[1:]
+    header, body = [h.strip() for h in rows[0][1]], rows[1:]
+    duplicates = sorted(h for h, c in Counter(header).items() if c > 1)
+    if duplicates:
+        names = ", ".join(map(repr, duplicates))
+        raise DataError(f"{path.name}: column name(s) {names} appear more than once in the header; rename them")
+    if "" in header:
+        raise DataError(f"{path.name}: column {header.index('') + 1} of the header has no name; name or drop it")
     if target not in header:
-        raise DataError(f"{path.name}: no column {target!r}; the columns are {', '.join(header)}")
+        hint = (
+            f"; the header is one column: if the file is not {'tab' if delimiter == chr(9) else repr(delimiter)}-"
+            "delimited, name its delimiter with --delimiter"
+            if len(header) == 1
+            else ""
+        )
+        raise DataError(f"{path.name}: no column {target!r}; the columns are {', '.join(header)}{hint}")
     if not body:
         raise DataError(f"{path.name}: the file has a header but no data rows")
-    for i, r in enumerate(body):
+    for line, r in body:
         if len(r) != len(header):
-            raise DataError(f"{path.name}: row {i + 2} has {len(r)} fields, the header has {len(header)}")
+            raise DataError(f"{path.name}: line {line} has {len(r)} fields, the header has {len(header)}")
     t = header.index(target)
     feature_names = [h for j, h in enumerate(header) if j != t]
     X = np.empty((len(body), len(feature_names)))
     for j_out, j in enumerate(j for j in range(len(header)) if j != t):
-        for i, r in enumerate(body):
+        for i, (line, r) in enumerate(body):
             v = _parse_float(r[j])
             if v is None:
                 raise DataError(
-                    f"{path.name}: column {header[j]!r} is not numeric (row {i + 2}: {r[j]!r}); "
+                    f"{path.name}: column {header[j]!r} is not numeric (line {line}: {r[j]!r}); "
                     "features must be numbers: encode or drop that column"
                 )
-            if not math.isfinite(v):
-                raise DataError(f"{path.name}: column {header[j]!r} holds {r[j]!r} at row {i + 2}; remove or impute it")
+            why = _bad_value(v)
+            if why is not None:
+                raise DataError(
+                    f"{path.name}: column {header[j]!r} holds {r[j].strip()!r} at line {line}, {why}; "
+                    "remove, impute or rescale it"
+                )
             X[i, j_out] = v
-    labels = [r[t].strip() for r in body]
+    labels = [r[t].strip() for _, r in body]
     if any(label == "" for label in labels):
-        row = labels.index("") + 2
-        raise DataError(f"{path.name}: the target column {target!r} is empty at row {row}; remove that row")
+        line = body[labels.index("")][0]
+        raise DataError(f"{path.name}: the target column {target!r} is empty at line {line}; remove that row")
     numeric = [_parse_float(v) for v in labels]
-    y = np.array(labels, dtype=object) if any(v is None for v in numeric) else np.array(numeric, dtype=np.float64)
-    if y.dtype == object:
-        y = y.astype(str)
-    return from_arrays(X, y, name=path.stem, task=task, seed=seed, fractions=fractions, feature_names=feature_names)
+    if all(v is not None for v in numeric):
+        for (line, _), v, label in zip(body, numeric, labels, strict=True):
+            why = _bad_value(v)  # type: ignore[arg-type]
+            if why is not None:
+                raise DataError(
+                    f"{path.name}: the target column {target!r} holds {label!r} at line {line}, {why}; remove that row"
+                )
+        y = np.array(numeric, dtype=np.float64)
+    else:
+        y = np.array(labels, dtype=str)
+    bundle = from_arrays(X, y, name=path.stem, task=task, seed=seed, fractions=fractions, feature_names=feature_names)
+    bundle.info.update(encoding=used, delimiter=delimiter)
+    return bundle
 
 
 def load_npz(
