@@ -55,6 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     from descend import distributed as dd
     from descend import optim
     from descend.nn import MLP
+    from descend.train import Minibatch
 
     @dd.entrypoint
     def run() -> None:
@@ -68,10 +69,10 @@ def worker(args: argparse.Namespace) -> None:
         g = torch.Generator().manual_seed(1)
         x = torch.randn(args.batch * 4, d_in, generator=g).to(info.device)
         y = torch.randn(args.batch * 4, 16, generator=g).to(info.device)
-        sampler = dd.GlobalBatchSampler(len(x), args.batch, seed=0)
+        sampler = Minibatch(len(x), args.batch, seed=0)  # the same global batches on every rank
 
         def step(t: int) -> None:
-            idx = sampler.global_batch(t)
+            (idx,) = sampler.next_step()
             mine = dd.shard(idx).to(info.device)
             opt.zero_grad(set_to_none=True)
             loss = 0.5 * (model(x[mine]) - y[mine]).square().sum() * dd.grad_scale(len(idx))

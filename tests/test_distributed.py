@@ -20,6 +20,7 @@ from torch import nn
 from _distributed_helpers import ENV, max_abs_diff, run
 from descend import distributed as dd
 from descend import optim
+from descend.train import Minibatch
 
 SCRIPTS = Path(__file__).parent / "distributed_scripts"
 JOB = SCRIPTS / "job.py"
@@ -66,17 +67,17 @@ def test_shard_rejects_bad_rank_and_open_slices() -> None:
         dd.shard(slice(0, None), 0, 2)
 
 
-def test_global_batch_sampler_is_the_single_process_stream_split() -> None:
-    one = dd.GlobalBatchSampler(23, 5, seed=3, rank=0, world_size=1)
-    ranks = [dd.GlobalBatchSampler(23, 5, seed=3, rank=r, world_size=3) for r in range(3)]
+def test_the_one_sampler_sharded_over_ranks_is_the_single_process_stream() -> None:
+    one, many = Minibatch(23, 5, seed=3), Minibatch(23, 5, seed=3)  # every rank runs its own copy
     assert one.steps_per_epoch == 5  # 4 batches of 5 and the remainder of 3
-    for step in range(12):
-        assert torch.equal(torch.cat([s.local_batch(step) for s in ranks]), one.global_batch(step))
-    epochs = [torch.cat([one.global_batch(e * 5 + i) for i in range(5)]) for e in range(2)]
+    for _ in range(10):  # two epochs
+        (batch,), (same,) = one.next_step(), many.next_step()
+        assert torch.equal(torch.cat([dd.shard(same, r, 3) for r in range(3)]), batch)
+        assert dd.shard(batch, 0, 1) is batch  # a world of one: the identity
+    epochs = [torch.cat([one.next_step()[0] for _ in range(5)]) for _ in range(2)]
     for order in epochs:
         assert sorted(order.tolist()) == list(range(23))  # every example once per epoch
     assert not torch.equal(epochs[0], epochs[1])  # reshuffled per epoch
-    assert dd.GlobalBatchSampler(23, 5, drop_last=True, rank=0, world_size=1).steps_per_epoch == 4
 
 
 def test_grad_scale_gives_the_global_mean_gradient_for_unequal_shards() -> None:
@@ -97,41 +98,11 @@ def test_grad_scale_gives_the_global_mean_gradient_for_unequal_shards() -> None:
         torch.testing.assert_close(got, want)
 
 
-def test_sharded_sampler_keeps_this_ranks_share_of_each_micro_batch() -> None:
-    class Fixed:
-        n, steps_per_epoch = 10, 1
-
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def next_step(self) -> list[dd.Batch]:
-            self.calls += 1
-            return [torch.tensor([4, 1, 7, 0, 9]), slice(0, 10)]
-
-        def state_dict(self) -> dict[str, int]:
-            return {"calls": self.calls}
-
-        def load_state_dict(self, state: dict[str, int]) -> None:
-            self.calls = state["calls"]
-
-    sampler = dd.ShardedSampler(Fixed(), rank=1, world_size=2)
-    batches = sampler.next_step()
-    assert batches[0].tolist() == [0, 9] and batches[1] == slice(5, 10)
-    assert sampler.global_sizes == [5, 10] and sampler.n == 10 and sampler.state_dict() == {"calls": 1}
-
-
-def test_full_batch_backward_in_chunks_is_the_mean_gradient() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1))
-    x, y = torch.randn(17, 3), torch.randn(17, 1)
-    loss = (model(x) - y).square().mean()
-    loss.backward()
-    expected = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    mean = dd.full_batch_backward(model, lambda s: (model(x[s]) - y[s]).square().sum(), 17, chunk_size=4)
-    assert mean == pytest.approx(float(loss.detach()), rel=1e-6)
-    for p, want in zip(model.parameters(), expected):
-        torch.testing.assert_close(p.grad, want)
+def test_total_norm_is_the_norm_of_all_tensors_together() -> None:
+    tensors = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 2, dtype=torch.float64)]
+    expected = torch.cat([t.double().reshape(-1) for t in tensors]).norm()
+    assert dd.total_norm(tensors) == pytest.approx(float(expected), rel=1e-12)
+    assert dd.total_norm([]) == 0.0
 
 
 def test_single_process_helpers_answer_for_a_world_of_one() -> None:

@@ -213,7 +213,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path) -> None:
     calls = []
 
     def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        calls.append(1)
+        calls.extend([1] if model.training else [])  # training steps only, not evaluations
         loss = cross_entropy(outputs, targets)
         return loss * math.inf if len(calls) == 4 else loss
 
@@ -290,3 +290,299 @@ def test_bf16_autocast_trains() -> None:
         model, torch.optim.Adam(model.parameters(), 1e-2), _bundle(), TrainConfig(steps=5, bf16=True, progress=False)
     ).fit()
     assert math.isfinite(summary["train"]["loss"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Devices
+# ------------------------------------------------------------------------------------------------
+
+
+def test_device_names_resolve_and_unavailable_devices_are_one_line_errors() -> None:
+    from descend.train._device import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto") == resolve_device(None)
+    for bad in ("tpu", "gpu0", "cuda:x"):
+        with pytest.raises(ValueError, match="device"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA") as info:
+            Trainer(_model(), torch.optim.SGD(_model().parameters(), 0.1), _bundle(), TrainConfig(steps=1),
+                    device="cuda:1")
+        assert "\n" not in str(info.value)
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="no MPS"):
+            resolve_device("mps")
+
+
+def test_checkpoints_record_no_device_and_load_onto_the_trainers(tmp_path) -> None:
+    """A checkpoint's tensors are read to the CPU and copied onto the trainer's device (``map_location``):
+    here the saved copy is re-read as if it came from another device and must give the same run."""
+    from safetensors import safe_open
+
+    trainer = _run(tmp_path / "a", 6, stop=3)
+    step_dir = trainer.last_checkpoint
+    with safe_open(step_dir / "model.safetensors", "pt") as f:
+        assert (f.metadata() or {}) == {} or "device" not in json.dumps(f.metadata())
+    header = (step_dir / "model.safetensors").read_bytes()[8:2000].decode("utf-8", "ignore")
+    assert "cuda" not in header and "cpu" not in header
+    resumed = _run(tmp_path / "a", 6, resume=True)
+    assert all(p.device == resumed.device for p in resumed.model.parameters())
+    assert all(v.device == resumed.device for s in resumed.optimizer.state.values() for v in s.values() if v.dim())
+    full = _run(tmp_path / "b", 6)
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Datasets and DataLoaders
+# ------------------------------------------------------------------------------------------------
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """A map-style dataset over a Split: item i is ``(x_i, y_i)`` (what users write)."""
+
+    def __init__(self, split: Split) -> None:
+        self.x, self.y = split.inputs[0], split.targets
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("batch_size", [None, 6])
+def test_a_map_style_dataset_trains_like_the_same_tensors(batch_size: int | None) -> None:
+    data = _bundle(m=50)
+    runs = []
+    for splits in (data, {name: _Pairs(getattr(data, name)) for name in ("train", "val", "test")}):
+        model = _model(seed=2)
+        config = TrainConfig(steps=9, batch_size=batch_size, accumulation=2, chunk_size=7, eval_every=3,
+                             log_every=1, progress=False)
+        summary = Trainer(model, torch.optim.Adam(model.parameters(), 0.01), splits, config).fit()
+        runs.append((model, summary))
+    (a, sa), (b, sb) = runs  # the same examples in the same order; slices of a tensor vs collated copies
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert sa["test"] == pytest.approx(sb["test"], rel=1e-6) and set(sb["test"]) == {"loss", "accuracy"}
+
+
+def test_a_dataloaders_batches_are_the_steps() -> None:
+    data = _bundle(m=60)
+    dataset = torch.utils.data.TensorDataset(data.train.inputs[0], data.train.targets)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=7, shuffle=False)
+    model, reference = _model(seed=3), _model(seed=3)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), 0.3), {"train": loader, "val": data.val},
+                      TrainConfig(epochs=2, accumulation=2, progress=False))
+    assert trainer.total_steps == 2 * math.ceil(len(loader) / 2)  # a step never spans two epochs
+    summary = trainer.fit()
+    opt = torch.optim.SGD(reference.parameters(), 0.3)
+    for _ in range(2):  # reference: pairs of batches, the last one alone, as one mean-loss step each
+        batches = list(loader)
+        for k in range(0, len(batches), 2):
+            x = torch.cat([b[0] for b in batches[k : k + 2]])
+            y = torch.cat([b[1] for b in batches[k : k + 2]])
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(reference(x), y).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert summary["epochs"] == 2.0 and "test" not in summary
+
+
+def test_a_dataloader_run_resumes_exactly(tmp_path) -> None:
+    data = _bundle(m=60)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.train.inputs[0], data.train.targets),
+                                         batch_size=8)
+
+    def run(out, stop: int | None = None, resume: bool = False) -> nn.Module:
+        model = _model(seed=5)
+        trainer = Trainer(model, torch.optim.Adam(model.parameters(), 0.01), {"train": loader, "val": data.val},
+                          TrainConfig(steps=13, progress=False, tensorboard=False, checkpoint_every=2), out_dir=out)
+        if resume:
+            assert trainer.resume() == 10
+        trainer.fit(max_steps=stop)
+        return model
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "split", stop=10)  # mid-epoch: 8 batches per epoch
+    resumed = run(tmp_path / "split", resume=True)
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_the_task_is_inferred_from_a_datasets_targets() -> None:
+    data = _bundle()
+    x = data.train.inputs[0]
+    as_regression = torch.utils.data.TensorDataset(x, torch.randn(len(x), 3))
+    model = _model()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), 0.1), as_regression,
+                      TrainConfig(steps=2, progress=False))
+    assert trainer.task == "regression" and set(trainer.fit()["train"]) == {"loss", "rmse", "r2"}
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), 0.1), _Pairs(data.train), TrainConfig(steps=1))
+    assert trainer.task == "classification"
+    with pytest.raises(TypeError, match="Split, a map-style torch Dataset"):
+        Trainer(model, torch.optim.SGD(model.parameters(), 0.1), [1, 2, 3], TrainConfig(steps=1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics and callbacks
+# ------------------------------------------------------------------------------------------------
+
+
+def _regression(m: int = 40, std: float | None = None) -> DataBundle:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, 5, generator=g)
+    y = x[:, :3] * 2 + 0.3 * torch.randn(m, 3, generator=g)
+    bundle = DataBundle("toy", "regression", "vector", Split((x[:30],), y[:30]), Split((x[30:],), y[30:]),
+                        Split((x[30:],), y[30:]), out_features=3, in_features=5)
+    if std is not None:
+        bundle.target_std = torch.tensor([std, 2 * std, 3 * std])  # type: ignore[attr-defined]
+    return bundle
+
+
+def test_regression_metrics_are_rmse_in_original_units_and_r2() -> None:
+    model = _model()
+    for std in (None, 10.0):
+        data = _regression(std=std)
+        trainer = Trainer(model, torch.optim.SGD(model.parameters(), 0.0), data, TrainConfig(steps=1))
+        got = trainer.evaluate("val", chunk_size=3)  # uneven chunks: the sums must still be exact
+        x, y = data.val.inputs[0], data.val.targets
+        with torch.no_grad():
+            err = model(x).double() - y.double()
+        scale = torch.ones(3, dtype=torch.float64) if std is None else data.target_std.double()
+        assert got["rmse"] == pytest.approx(float((err * scale).square().mean().sqrt()), rel=1e-9)
+        sst = (y.double() - y.double().mean(0)).square().sum(0)
+        assert got["r2"] == pytest.approx(float((1 - err.square().sum(0) / sst).mean()), rel=1e-9)
+        assert got["loss"] == pytest.approx(float(err.square().mean()), rel=1e-6)
+
+
+def test_user_metrics_per_example_or_scalar_are_means_over_the_split() -> None:
+    data = _bundle(m=50)
+    model = _model()
+    metrics = {
+        "margin": lambda out, y: out.gather(1, y[:, None])[:, 0] - out.logsumexp(1),  # per example
+        "mean_logit": lambda out, y: out.mean(),  # a scalar: the chunk's mean
+    }
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), 0.0), data, TrainConfig(steps=1), metrics=metrics)
+    got = trainer.evaluate("train", chunk_size=4)
+    with torch.no_grad():
+        out = model(data.train.inputs[0])
+    y = data.train.targets
+    assert got["margin"] == pytest.approx(float((out.gather(1, y[:, None])[:, 0] - out.logsumexp(1)).mean()), rel=1e-6)
+    assert got["mean_logit"] == pytest.approx(float(out.mean()), rel=1e-6)
+
+
+def test_callbacks_see_every_step_validation_and_the_end() -> None:
+    events: list[tuple[str, int]] = []
+
+    class Recorder:
+        def on_step_end(self, trainer: Trainer, row: dict) -> None:
+            events.append(("step", trainer.step))
+            if trainer.step == 7:
+                trainer.should_stop = True
+
+        def on_validation_end(self, trainer: Trainer, metrics: dict) -> None:
+            assert "val_loss" in metrics
+            events.append(("val", trainer.step))
+
+        def on_fit_end(self, trainer: Trainer, summary: dict) -> None:
+            events.append(("end", summary["steps"]))
+
+    model = _model()
+    Trainer(model, torch.optim.SGD(model.parameters(), 0.1), _bundle(), TrainConfig(steps=20, eval_every=3),
+            callbacks=[Recorder()]).fit()
+    assert [s for e, s in events if e == "step"] == list(range(1, 8))
+    assert [s for e, s in events if e == "val"] == [3, 6]
+    assert events[-1] == ("end", 7)
+    with pytest.raises(TypeError, match="on_step_end"):
+        Trainer(model, torch.optim.SGD(model.parameters(), 0.1), _bundle(), TrainConfig(steps=1), callbacks=[object()])
+
+
+# ------------------------------------------------------------------------------------------------
+# Honest outcomes: early stopping, divergence
+# ------------------------------------------------------------------------------------------------
+
+
+def _learnable(m: int = 90) -> DataBundle:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(m, 5, generator=g)
+    y = (x @ torch.randn(5, 3, generator=g)).argmax(1)
+    return DataBundle("toy", "classification", "vector", Split((x[:60],), y[:60]), Split((x[60:75],), y[60:75]),
+                      Split((x[75:],), y[75:]), out_features=3, in_features=5)
+
+
+def test_early_stopping_says_why_restores_the_best_weights_and_keeps_best(tmp_path, capsys) -> None:
+    kept: dict[int, list[torch.Tensor]] = {}
+
+    class Sabotage:  # after step 3 every step adds noise, so the validation loss stops improving
+        def on_step_end(self, trainer: Trainer, row: dict) -> None:
+            if trainer.step > 3:
+                with torch.no_grad():
+                    for p in trainer.model.parameters():
+                        p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(trainer.step)) * 0.5)
+
+        def on_validation_end(self, trainer: Trainer, metrics: dict) -> None:
+            kept[trainer.step] = [p.detach().clone() for p in trainer.model.parameters()]
+
+    model = _model()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), 0.5), _learnable(),
+                      TrainConfig(steps=200, batch_size=None, eval_every=1, patience=2, tensorboard=False),
+                      callbacks=[Sabotage()], out_dir=tmp_path)
+    summary = trainer.fit()
+    assert summary["stopped_early"] and summary["steps"] < 200
+    best = summary["best_step"]
+    losses = {r["step"]: r["val_loss"] for r in trainer.history}
+    assert best == min(losses, key=losses.get)
+    for p, q in zip(model.parameters(), kept[best]):
+        assert torch.equal(p, q)  # the best weights are back
+    assert summary["val"]["loss"] == pytest.approx(losses[best], rel=1e-6)
+    out = capsys.readouterr().out
+    assert f"early stopping at step {summary['steps']}" in out and "restored the best weights" in out
+    assert f"best {losses[best]:.4g} at step {best}" in out
+    assert json.loads((tmp_path / "best" / "latest.json").read_text())["step"] == best
+    # a new process resuming the stopped run gets the best weights back from best/
+    again = _model(seed=7)
+    resumed = Trainer(again, torch.optim.SGD(again.parameters(), 0.5), _learnable(),
+                      TrainConfig(steps=200, batch_size=None, eval_every=1, patience=2, progress=False,
+                                  tensorboard=False), out_dir=tmp_path)
+    resumed.resume()
+    resumed.fit()
+    for p, q in zip(again.parameters(), kept[best]):
+        assert torch.equal(p, q)
+
+
+def test_a_blown_up_validation_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path, capsys) -> None:
+    data = _regression()
+    model = nn.Linear(5, 3)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), 3.0), data,
+                      TrainConfig(steps=100, batch_size=None, eval_every=1, progress=False, tensorboard=False),
+                      out_dir=tmp_path)
+    summary = trainer.fit()  # lr 3 on this least squares problem: the loss grows geometrically, finite for a while
+    assert summary["diverged"] and summary["steps"] < 100
+    start = summary["val_loss_start"]
+    rows = {r["step"]: r["val_loss"] for r in trainer.history}
+    assert rows[summary["steps"]] > 100 * start >= max(v for s, v in rows.items() if s < summary["steps"])
+    assert json.loads((tmp_path / "checkpoint" / "latest.json").read_text())["step"] == summary["steps"] - 1
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the validation loss rose from") and "diverged" in err and err.count("\n") == 1
+
+
+def test_a_run_ending_above_its_starting_validation_loss_is_diverged(capsys) -> None:
+    class Spoil:
+        def on_step_end(self, trainer: Trainer, row: dict) -> None:
+            if trainer.step == trainer.total_steps - 1:  # before the last step: weights made 3x too large
+                with torch.no_grad():
+                    for p in trainer.model.parameters():
+                        p.mul_(3.0)
+
+    data = _regression()
+    for callbacks, expected in (([], False), ([Spoil()], True)):
+        model = nn.Linear(5, 3)
+        summary = Trainer(model, torch.optim.SGD(model.parameters(), 0.01), data,
+                          TrainConfig(steps=5, batch_size=None, progress=False), callbacks=callbacks).fit()
+        assert summary["diverged"] is expected
+        assert (summary["val"]["loss"] > summary["val_loss_start"]) is expected
+    assert "warning: the validation loss ended at" in capsys.readouterr().err

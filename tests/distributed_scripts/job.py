@@ -21,7 +21,9 @@ from torch import Tensor, nn
 
 from descend import distributed as dd
 from descend import optim
+from descend.data._base import Split
 from descend.optim._chain import ENGINES
+from descend.train import FullBatch, Minibatch, accumulate_gradient
 
 N, D_IN, D_OUT, HIDDEN = 64, 6, 2, 16
 GLOBAL_BATCH = 11  # shards of 6 and 5 examples, and a last batch of 9 per epoch (5 and 4): unequal on purpose
@@ -54,19 +56,31 @@ def summed_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return 0.5 * (model(x) - y).square().sum()
 
 
+def mean_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """``summed_loss`` per example: the mean over examples of ``0.5·||f(x) - y||²``."""
+    return 0.5 * (outputs - targets).square().sum(1).mean()
+
+
 def train(model: nn.Module, opt: torch.optim.Optimizer, start: int, stop: int, *, full_batch: bool = False,
           on_step: Callable[[int], None] | None = None) -> None:
-    """Steps ``start..stop-1`` of the job; the same code for 1 process and for W ranks."""
+    """Steps ``start..stop-1`` of the job; the same code for 1 process and for W ranks.
+
+    Minibatches: the trainer's one sampler (every rank draws the same global batch) and the raw
+    recipe, this rank's share with its summed loss times ``W/N``. Full batch: the trainer's one
+    gradient accumulator over chunks of 10 examples, each shared by the ranks.
+    """
     x, y = problem()
-    sampler = dd.GlobalBatchSampler(N, GLOBAL_BATCH, seed=7)
+    sampler = Minibatch(N, GLOBAL_BATCH, seed=7)
+    for _ in range(start):  # the sampler's stream up to the resumed step
+        sampler.next_step()
     for step in range(start, stop):
         if on_step is not None:
             on_step(step)
         opt.zero_grad(set_to_none=True)
         if full_batch:
-            dd.full_batch_backward(model, lambda s: summed_loss(model, x[s], y[s]), N, chunk_size=10)
+            accumulate_gradient(model, mean_loss, Split((x,), y), FullBatch(N, chunk_size=10).next_step())
         else:
-            idx = sampler.global_batch(step)
+            (idx,) = sampler.next_step()
             mine = dd.shard(idx)
             (summed_loss(model, x[mine], y[mine]) * dd.grad_scale(len(idx))).backward()
         opt.step()

@@ -4,21 +4,25 @@ A script runs unchanged as one process (``python train.py``) or as ``W`` (``torc
 --nproc_per_node=W train.py``); the global batch, and so every step, is the same::
 
     from descend import distributed as dd, optim
+    from descend.train import Minibatch
 
     @dd.entrypoint                      # a failing rank prints "descend: rank R failed: ..." and ends the job
     def main():
         dd.setup()                      # gloo on CPU, nccl on CUDA; timeouts set; no-op outside torchrun
         model = dd.wrap(make_model(), "fsdp")        # or "ddp" / "none"
         opt = optim.AdamW(model.parameters(), lr=1e-3)
-        sampler = dd.GlobalBatchSampler(n, batch_size=256, seed=0)
+        sampler = Minibatch(n, batch_size=256, seed=0)  # the same global batches on every rank
         for step in range(steps):
-            idx = sampler.global_batch(step)
+            (idx,) = sampler.next_step()
             mine = dd.shard(idx)                                          # this rank's share
             loss = loss_fn(model(x[mine]), y[mine], reduction="sum") * dd.grad_scale(len(idx))
             opt.zero_grad(); loss.backward(); opt.step()                  # the single-process step
             if dd.is_main(): print(step, dd.reduce_metrics({"loss": ...}, count=len(mine)))
         dd.save_checkpoint("ckpt/step_100", model, opt, extra={"step": steps})
         dd.teardown()
+
+``descend.train.Trainer`` runs this loop for you (micro-batches, clipping, checkpoints); this
+package sits below ``descend.train`` and never imports it.
 """
 
 from descend.distributed._checkpoint import (
@@ -50,19 +54,13 @@ from descend.distributed._env import (
     torchrun_command,
     world_size,
 )
-from descend.distributed._sampling import (
-    GlobalBatchSampler,
-    ShardedSampler,
-    batch_size_of,
-    full_batch_backward,
-    grad_scale,
-    shard,
-)
+from descend.distributed._shard import Batch, batch_size_of, grad_scale, local_tensor, shard, total_norm
 from descend.distributed._wrap import (
     STRATEGIES,
     check_wrapped,
     default_fsdp_units,
     is_data_parallel,
+    load_full_state,
     sync_gradients,
     unwrap,
     wrap,
@@ -71,9 +69,8 @@ from descend.distributed._wrap import (
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "STRATEGIES",
+    "Batch",
     "DistInfo",
-    "GlobalBatchSampler",
-    "ShardedSampler",
     "all_reduce_sum",
     "barrier",
     "batch_size_of",
@@ -83,7 +80,6 @@ __all__ = [
     "default_fsdp_units",
     "device",
     "entrypoint",
-    "full_batch_backward",
     "full_state_dict",
     "grad_norm",
     "grad_scale",
@@ -95,7 +91,9 @@ __all__ = [
     "launch",
     "launched",
     "load_checkpoint",
+    "load_full_state",
     "local_rank",
+    "local_tensor",
     "rank",
     "reduce_metrics",
     "save_checkpoint",
@@ -104,6 +102,7 @@ __all__ = [
     "sync_gradients",
     "teardown",
     "torchrun_command",
+    "total_norm",
     "unwrap",
     "world_size",
     "wrap",

@@ -152,9 +152,10 @@ def barrier() -> None:
 
 def all_reduce_sum(values: Sequence[float]) -> list[float]:
     """Elementwise sum of ``values`` over ranks, in float64 (every rank passes the same length)."""
-    t = torch.tensor(list(values), dtype=torch.float64, device=device())
-    if is_distributed() and world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    if not (is_distributed() and world_size() > 1):
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu().tolist()
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from descend.distributed._env import device as current_device
@@ -108,3 +111,34 @@ def check_wrapped(model: nn.Module) -> None:
     if world_size() > 1 and not is_data_parallel(model):
         raise ValueError(f"with {world_size()} processes the model must be wrapped by descend.distributed.wrap "
                          f"(strategy 'ddp' or 'fsdp') so gradients are averaged; got {type(model).__name__}")
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict[str, Tensor],
+                    optimizer_state: dict[str, Any] | None = None) -> None:
+    """Load full (unsharded) state dicts, as one process saves them, into ``model`` and ``optimizer``.
+
+    Plain and DDP models load the whole state on every rank. FSDP2 parameters are DTensors: the
+    optimizer state is re-keyed from parameter positions to parameter names and each rank keeps its
+    shard of every full tensor (``set_state_dict`` with ``full_state_dict=True``). Tensors may be on
+    any device; they are copied to the parameters' devices.
+    """
+    module = unwrap(model)
+    if not any(isinstance(p, DTensor) for p in module.parameters()):
+        module.load_state_dict(model_state)
+        if optimizer is not None and optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    name_of = {id(p): n for n, p in module.named_parameters()}
+    by_name: dict[str, Any] = {}
+    if optimizer is not None and optimizer_state is not None:
+        names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        by_name = {
+            "state": {names[int(i)]: v for i, v in optimizer_state["state"].items()},
+            "param_groups": [
+                {**g, "params": [names[int(i)] for i in g["params"]]} for g in optimizer_state["param_groups"]
+            ],
+        }
+    set_state_dict(model, optimizer if optimizer is not None else (), model_state_dict=model_state,
+                   optim_state_dict=by_name, options=StateDictOptions(full_state_dict=True))

@@ -15,12 +15,14 @@ from descend.train._build import (
     make_optimizer,
     optimizer_class,
 )
+from descend.train._callbacks import Callback
 from descend.train._checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from descend.train._compare import CompareSpec, compare
+from descend.train._evaluate import EarlyStopping
 from descend.train._losses import LOSSES, cross_entropy, get_loss, l2_penalty, mse
 from descend.train._output import MetricsWriter, Progress
 from descend.train._run import RUN_FILES, RunError, RunSpec, check_out_dir, load_run_spec, prepare, run_training
-from descend.train._sampling import FullBatch, Minibatch, Sampler
+from descend.train._sampling import FullBatch, Minibatch, Sampler, Stream
 from descend.train._schedule import SCHEDULES, Schedule
 from descend.train._trainer import NonFiniteLossError, TrainConfig, Trainer, accumulate_gradient, seed_everything
 
@@ -32,9 +34,11 @@ __all__ = [
     "OPTIMIZER_NAMES",
     "RUN_FILES",
     "SCHEDULES",
+    "Callback",
     "Checkpoint",
     "CheckpointError",
     "CompareSpec",
+    "EarlyStopping",
     "FullBatch",
     "MetricsWriter",
     "Minibatch",
@@ -44,6 +48,7 @@ __all__ = [
     "RunSpec",
     "Sampler",
     "Schedule",
+    "Stream",
     "TrainConfig",
     "Trainer",
     "accumulate_gradient",

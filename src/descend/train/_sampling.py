@@ -7,18 +7,26 @@ training split). The step's gradient is the size-weighted mean over its micro-ba
 
 which is the gradient of the mean loss over all examples the step saw. Full-batch gradient descent
 is the sampler whose one step covers the whole set, cut into chunks only to bound memory.
+
+This is the one sampler for every world size: at ``W`` processes every rank runs its own copy with
+the same seed, so all ranks draw the same global micro-batches, and each keeps its share of every
+one (:func:`descend.distributed.shard`, the identity at ``W = 1``). A ``DataLoader``'s batches are
+taken as they come (:class:`Stream`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from descend._random import generator
+
 Batch = Tensor | slice
 
-__all__ = ["Batch", "FullBatch", "Minibatch", "Sampler"]
+__all__ = ["Batch", "FullBatch", "Minibatch", "Sampler", "Stream"]
 
 
 class Sampler:
@@ -80,7 +88,7 @@ class Minibatch(Sampler):
             raise ValueError(f"accumulation must be >= 1, got {accumulation}")
         self.n, self.batch_size = n, min(batch_size, n)
         self.replacement, self.accumulation = replacement, accumulation
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = generator(seed)
         self.batches_per_epoch = math.ceil(n / self.batch_size)
         self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / accumulation))
         self.order = torch.empty(0, dtype=torch.int64)
@@ -114,3 +122,56 @@ class Minibatch(Sampler):
         self.position = int(state["position"])  # type: ignore[arg-type]
         self.order = state["order"].clone()  # type: ignore[union-attr]
         self.generator.set_state(state["generator"])  # type: ignore[arg-type]
+
+
+class Stream(Sampler):
+    """The batches of a ``DataLoader`` in its own order, ``accumulation`` of them per optimizer step.
+
+    An epoch is one pass over the loader; a step never spans two epochs (the last step of an epoch
+    may have fewer batches). At each new epoch ``loader.sampler.set_epoch(epoch)`` is called when
+    it exists (``DistributedSampler``). Resuming skips the batches of the current epoch already used,
+    which continues the run exactly when the loader's order is reproducible (a seeded generator).
+    """
+
+    def __init__(self, loader: Any, accumulation: int = 1) -> None:
+        if accumulation < 1:
+            raise ValueError(f"accumulation must be >= 1, got {accumulation}")
+        try:
+            batches = len(loader)
+        except TypeError:
+            raise ValueError("a DataLoader for training needs a length (an iterable-style dataset has none)") from None
+        if batches < 1:
+            raise ValueError("the training DataLoader yields no batches")
+        self.loader, self.accumulation = loader, accumulation
+        self.n, self.batches_per_epoch = batches, batches  # ``epoch`` counts passes: examples_seen counts batches
+        self.steps_per_epoch = math.ceil(batches / accumulation)
+        self.epochs_done, self.position = 0, 0
+        self._iterator: Any = None
+
+    def _start_epoch(self) -> None:
+        set_epoch = getattr(getattr(self.loader, "sampler", None), "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(self.epochs_done)
+        self._iterator = iter(self.loader)
+        for _ in range(self.position):  # resumed mid-epoch
+            next(self._iterator)
+
+    def next_step(self) -> list[Any]:
+        if self.position >= self.batches_per_epoch:
+            self.epochs_done, self.position, self._iterator = self.epochs_done + 1, 0, None
+        if self._iterator is None:
+            self._start_epoch()
+        count = min(self.accumulation, self.batches_per_epoch - self.position)
+        batches = [next(self._iterator) for _ in range(count)]
+        self.position += count
+        self.examples_seen += count
+        return batches
+
+    def state_dict(self) -> dict[str, object]:
+        return {"examples_seen": self.examples_seen, "epochs_done": self.epochs_done, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        super().load_state_dict(state)
+        self.epochs_done = int(state["epochs_done"])  # type: ignore[arg-type]
+        self.position = int(state["position"])  # type: ignore[arg-type]
+        self._iterator = None

@@ -1,0 +1,169 @@
+"""One optimizer step: the gradient over the step's micro-batches, the finite check, clipping, the update.
+
+A step with micro-batches ``B_1 .. B_k`` of sizes ``m_j`` (``M = Σ m_j``) minimises
+
+    L(w) = Σ_j (m_j / M) · mean_{i ∈ B_j} ℓ(f_w(x_i), y_i)  +  λ/2 · ||w||²
+
+At ``W`` processes rank ``r`` holds a share ``B_rj`` (``m_rj`` examples) of every ``B_j`` and
+backpropagates ``(W·m_rj/M)·mean_{B_rj} ℓ``; DDP/FSDP2 average over ranks on the last micro-batch
+only, so every rank ends with ``Σ_rj (m_rj/M)·∇mean_{B_rj} ℓ``, the one-process gradient. At
+``W = 1`` the share is the micro-batch, the weight ``m_j/M`` and the synchronisation a no-op: one
+code path. The L2 term's gradient ``λ·w`` is added to each rank's (shard of the) averaged gradient.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from descend import distributed as dd
+from descend.data._base import Split
+from descend.train._data import Source, as_source
+from descend.train._device import autocast, move
+from descend.train._losses import LossFn
+
+__all__ = ["NonFiniteLossError", "accumulate_gradient", "constraint_metrics", "optimizer_step"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the parameters are those of the last finite step."""
+
+
+def _accumulator(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def accumulate_gradient(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Source | Split,
+    batches: list[Any],
+    *,
+    l2: float = 0.0,
+    bf16: bool = False,
+    count_correct: bool = False,
+    device: torch.device | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Add this rank's part of ``∇L(w)`` to each ``p.grad`` (``L`` as in the module docstring).
+
+    ``batches`` are the step's global micro-batches (index tensors or slices of ``data``, or a
+    ``DataLoader``'s batches). Each is backpropagated as soon as it is computed, so memory holds
+    one at a time. An empty share still runs forward and backward (zero gradient) so every rank
+    joins the same collectives.
+
+    Returns ``(part, correct)``, detached, on the device: ``part`` summed over ranks is ``L``;
+    ``correct`` (when ``count_correct``) counts this rank's ``argmax(outputs) == targets``.
+    """
+    source = as_source(data)
+    device = device or next(model.parameters()).device
+    world, total = dd.world_size(), source.total(batches)
+    acc = _accumulator(device)
+    loss_sum = torch.zeros((), dtype=acc, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device) if count_correct else None
+    for j, batch in enumerate(batches):
+        inputs, targets = source.local(batch)
+        inputs, (targets,) = move(inputs, device), move((targets,), device)
+        m = int(targets.shape[0])
+        with dd.sync_gradients(model, enabled=j == len(batches) - 1):
+            with autocast(device, bf16):
+                outputs = model(*inputs)
+                loss = loss_fn(outputs, targets) if m else outputs.sum() * 0.0  # an empty mean is NaN
+            (loss * (world * m / total)).backward()
+        loss_sum += loss.detach().to(acc) * (m / total)
+        if correct is not None and m:
+            correct += (outputs.detach().argmax(-1) == targets).sum()
+    if l2:
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for p in params:
+                if p.grad is None:
+                    p.grad = p.detach() * l2
+                else:
+                    p.grad.add_(p.detach(), alpha=l2)
+        # Σ over ranks of this term is λ/2·||w||²: shards count once each, replicas W times.
+        for p in params:
+            square = dd.local_tensor(p).detach().to(acc).square().sum()
+            loss_sum += 0.5 * l2 * (square if isinstance(p, DTensor) else square / world)
+    return loss_sum, correct
+
+
+def constraint_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``max|w|`` against the radius ``1/λ`` of decoupled-decay sign methods (from ``optim.constraint_state``)."""
+    try:
+        groups = importlib.import_module("descend.optim").constraint_state(optimizer)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return {}
+    constrained = [g for g in groups if g.get("radius") is not None]
+    if not constrained:
+        return {}
+    out: dict[str, float] = {}
+    for key in constrained[0]:
+        values = [float(g[key]) for g in constrained if isinstance(g.get(key), (int, float))]
+        if values:
+            out[key] = max(values)  # the tightest spot over param groups
+    return out
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss_fn: LossFn,
+    source: Source,
+    batches: list[Any],
+    *,
+    l2: float = 0.0,
+    clip_grad_norm: float | None = None,
+    bf16: bool = False,
+    device: torch.device,
+    measure: bool = False,
+    classify: bool = False,
+) -> dict[str, Any]:
+    """Zero the gradients, accumulate ``∇L``, check ``L`` is finite, clip, step the optimizer and schedule.
+
+    Raises :class:`NonFiniteLossError` (with ``.loss``) before anything moves when ``L`` is NaN or
+    infinite. Returns the step's metrics when ``measure`` (``lr`` used, ``loss``, ``accuracy`` for
+    ``classify``, ``grad_norm`` before clipping, ``update_norm``, ``weight_norm``), else ``{"loss": L}``.
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    lr = optimizer.param_groups[0]["lr"]
+    loss, correct = accumulate_gradient(
+        model, loss_fn, source, batches, l2=l2, bf16=bf16, count_correct=measure and classify, device=device
+    )
+    counts = (
+        [float(loss)] if correct is None else [float(loss), float(correct), sum(source.local_count(b) for b in batches)]
+    )
+    counts = dd.all_reduce_sum(counts) if dd.world_size() > 1 else counts  # one collective per step
+    if not math.isfinite(counts[0]):
+        error = NonFiniteLossError(f"the loss became {counts[0]}")
+        error.loss = counts[0]  # type: ignore[attr-defined]
+        raise error
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = None
+    if clip_grad_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    before = [p.detach().clone() for p in params] if measure else None
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    if not measure:
+        return {"loss": counts[0]}
+    assert before is not None
+    row: dict[str, Any] = {"lr": float(lr), "loss": counts[0]}
+    if correct is not None:
+        row["accuracy"] = counts[1] / counts[2]
+    if grad_norm is None:
+        grad_norm = dd.total_norm(p.grad for p in params if p.grad is not None)
+    row["grad_norm"] = grad_norm
+    row["update_norm"] = dd.total_norm(p.detach() - b for p, b in zip(params, before))
+    row["weight_norm"] = dd.total_norm(p.detach() for p in params)
+    if not any(isinstance(p, DTensor) for p in params):  # max|w| of a shard is not the model's
+        row.update(constraint_metrics(optimizer))
+    return row
