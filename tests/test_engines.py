@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from descend import optim
-from descend.optim._engines import CompiledEngine, ForeachEngine, ReferenceEngine
+from descend.optim._engines import AutoEngine, CompiledEngine, ForeachEngine, ReferenceEngine
 from descend.optim._rounding import (
     element_noise,
     rounding_seeds,
@@ -114,7 +114,7 @@ def test_engine_names_and_auto() -> None:
     p = [torch.nn.Parameter(torch.zeros(2))]
     assert isinstance(optim.Adam(p, engine="reference")._engine, ReferenceEngine)
     assert type(optim.Adam(p, engine="foreach")._engine) is ForeachEngine
-    assert type(optim.Adam(p)._engine) is ForeachEngine  # auto: no compile latency
+    assert type(optim.Adam(p)._engine) is AutoEngine
     assert isinstance(optim.Adam(p, engine="compiled")._engine, CompiledEngine)
     with pytest.raises(ValueError, match="engine must be one of"):
         optim.Adam(p, engine="fast")

@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 
 from descend.optim._flat import FlatLayout
-from descend.optim._rules import EMA, ClipByGlobalNorm, Projection, Rule, ScaleByLR
+from descend.optim._rules import EMA, ClipByGlobalNorm, Projection, Rule, ScaleByLR, step_dtype
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
-ENGINES = ("auto", "reference", "foreach", "compiled")
+ENGINES = ("auto", "reference", "foreach", "compiled", "fused")
 
 
 def _normalise(rules: Sequence[Rule]) -> tuple[list[Rule], list[Rule], list[Projection]]:
@@ -40,6 +40,31 @@ def _normalise(rules: Sequence[Rule]) -> tuple[list[Rule], list[Rule], list[Proj
         if isinstance(rule, ClipByGlobalNorm) and i != 0:
             raise ValueError("clip_by_global_norm must be the first rule of a chain (it clips the gradient)")
     return transforms, decays, projections
+
+
+def torch_engine_flags(engine: str, foreach: bool | None, fused: bool | None, capturable: bool,
+                       differentiable: bool) -> str:
+    """The engine that honours torch's ``foreach``/``fused``/``capturable``/``differentiable`` arguments.
+
+    ``None`` and ``False`` leave ``engine`` as it is, except ``foreach=False`` (torch's single-tensor
+    loop: the reference engine) and ``fused=False`` (no fused kernel: the foreach engine).
+    """
+    if capturable:
+        raise ValueError("capturable=True (CUDA graph capture) is not supported: descend reads each step count "
+                         "on the host. Use torch.optim with capturable=True, or leave capturable at False")
+    if differentiable:
+        raise ValueError("differentiable=True is not supported: descend steps run under torch.no_grad(). "
+                         "Use torch.optim with differentiable=True to differentiate through a step")
+    if foreach and fused:
+        raise ValueError("foreach=True and fused=True cannot be set together; pick one (or engine=...)")
+    wanted = ("fused" if fused else "foreach" if foreach else "reference" if foreach is False
+              else "foreach" if fused is False else None)
+    if wanted is None:
+        return engine
+    if engine not in ("auto", wanted):
+        raise ValueError(f"engine={engine!r} conflicts with torch's foreach={foreach!r}, fused={fused!r} "
+                         f"(engine {wanted!r}); pass only one of them")
+    return wanted
 
 
 def _assign_keys(rules: Sequence[Rule]) -> dict[str, Any]:
@@ -78,11 +103,14 @@ class ChainOptimizer(torch.optim.Optimizer):
         rules: the chain (see :mod:`descend.optim`); ``scale_by_lr`` is appended if absent.
         lr: learning rate (group key ``lr``).
         maximize: ascend instead of descend (``g <- -g``).
-        engine: how steps execute: ``"reference"`` (readable per-tensor loop, the oracle),
-            ``"foreach"`` (multi-tensor ``torch._foreach_*`` launches), ``"compiled"`` (one fused pass
-            per bucket via ``torch.compile``; warns and falls back to foreach without a compiler) or
-            ``"auto"`` (foreach: no compile latency). Every engine runs the same rule code; see
-            :mod:`descend.optim._engines`.
+        engine: how steps execute (every engine computes what ``"reference"`` computes):
+            ``"auto"`` (default: per param group, torch's fused kernel where the chain is exactly
+            torch's Adam, AdamW or SGD, a compiled kernel for large ``flat=True`` buffers, the
+            foreach engine otherwise; see ``docs/guide/engines.md``), ``"reference"`` (readable
+            per-tensor loop, the oracle), ``"foreach"`` (multi-tensor ``torch._foreach_*``
+            operations), ``"compiled"`` (one fused pass per bucket via ``torch.compile``; warns and
+            falls back to foreach without a compiler) or ``"fused"`` (torch's fused kernels; only
+            for torch's chains). See :mod:`descend.optim._engines`.
         state_dtype: dtype of the optimizer state (default: the parameter's dtype), e.g.
             ``torch.bfloat16`` to halve the state memory (2 bytes per state value). bfloat16 state is
             updated in float32 and written back with stochastic rounding, so small EMA updates are
@@ -94,12 +122,18 @@ class ChainOptimizer(torch.optim.Optimizer):
             the views, so every parameter that requires grad steps every step, as with
             ``zero_grad(set_to_none=False)`` in torch. Create the optimizer after moving the model
             to its device. Sharded (DTensor), non-contiguous and frozen parameters stay as they are.
+        foreach, fused, capturable, differentiable: torch's arguments, so torch-style code runs
+            unchanged: ``foreach=True`` is ``engine="foreach"``, ``foreach=False`` the reference
+            engine, ``fused=True`` ``engine="fused"``, ``fused=False`` the foreach engine; ``None``
+            keeps ``engine``. ``capturable=True`` and ``differentiable=True`` raise (not supported).
         **hyper: overrides of rule hyperparameters by group key (e.g. ``beta=0.95``).
     """
 
     def __init__(self, params: ParamsT, rules: Sequence[Rule], *, lr: float = 1e-3, maximize: bool = False,
                  engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False,
-                 **hyper: Any) -> None:
+                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, **hyper: Any) -> None:
+        engine = torch_engine_flags(engine, foreach, fused, capturable, differentiable)
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
@@ -198,10 +232,16 @@ class ChainOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state (also a ``torch.optim`` state_dict of the same rule); missing keys take defaults."""
         state_dtype = self.state_dtype
+        defaults = dict(self.defaults)
         super().load_state_dict(state_dict)
+        self.defaults = defaults  # torch's __setstate__ adds "differentiable", which would spread to the groups
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+            for p in group["params"]:  # torch before 1.12 saved "step" as a Python number
+                state = self.state.get(p)
+                if state is not None and "step" in state and not torch.is_tensor(state["step"]):
+                    state["step"] = torch.tensor(float(state["step"]), dtype=step_dtype())
             if state_dtype is not None:  # torch casts loaded state to the parameter dtype: undo that
                 for p in group["params"]:
                     for key, value in self.state.get(p, {}).items():
@@ -237,7 +277,8 @@ class ChainOptimizer(torch.optim.Optimizer):
 
 
 def chain(params: ParamsT, *rules: Rule, lr: float = 1e-3, maximize: bool = False, engine: str = "auto",
-          state_dtype: torch.dtype | None = None, flat: bool = False, **hyper: Any) -> ChainOptimizer:
+          state_dtype: torch.dtype | None = None, flat: bool = False, foreach: bool | None = None,
+          fused: bool | None = None, **hyper: Any) -> ChainOptimizer:
     """Compose rules into an optimizer, e.g. Signum with decoupled decay::
 
         opt = chain(model.parameters(), ema(0.9), sign(), decoupled_decay(0.1), lr=1e-3)
@@ -247,7 +288,7 @@ def chain(params: ParamsT, *rules: Rule, lr: float = 1e-3, maximize: bool = Fals
     chain, sets ``keep = 1 - lr*lambda``) and any projections. See :class:`ChainOptimizer`.
     """
     return ChainOptimizer(params, rules, lr=lr, maximize=maximize, engine=engine, state_dtype=state_dtype,
-                          flat=flat, **hyper)
+                          flat=flat, foreach=foreach, fused=fused, **hyper)
 
 
 def _format_value(value: Any) -> str:

@@ -1,34 +1,24 @@
-"""How a chain's step executes. Every engine runs the same rule code (:mod:`descend.optim._rules`).
+"""How a chain's step executes. Every engine computes what :class:`ReferenceEngine` computes.
 
 - :class:`ReferenceEngine` (``engine="reference"``): one parameter at a time, Python numbers for
-  hyperparameters. Readable, and the oracle the others are tested against.
+  hyperparameters. The oracle the other engines are tested against.
 - :class:`ForeachEngine` (``engine="foreach"``): the parameters of a bucket (param group, device,
   dtype, step count) go through the chain together as a :class:`~descend.optim._tensorlist.TensorList`,
-  so every tensor operation of a rule is one multi-tensor operation for a chunk of the bucket.
-  Contiguous tensors are cut into flat chunks of at most :data:`CHUNK` elements, and the rules'
-  temporaries of large tensors are written into scratch buffers the engine keeps between steps (a
-  :class:`~descend.optim._tensorlist.Scratch`): a fresh multi-MiB temporary per operation costs a
-  page fault per 4 KiB on CPU, which profiled at more than the arithmetic. Small tensors (under
-  16K elements on average) take fresh ``torch._foreach_*`` results instead, one call per list
-  rather than one per tensor. Needs no compiler.
-- :class:`CompiledEngine` (``engine="compiled"``): the whole chain of a bucket, gradient unscaling,
-  ``maximize``, stochastic rounding and projections included, traced once by ``torch.compile`` into
-  one fused pass over memory (C++/OpenMP on CPU, Triton on GPU). Hyperparameters, and the per-step
-  scalars of :meth:`Rule.scalars <descend.optim._rules.Rule.scalars>` (Adam's bias corrections,
-  computed once per step in Python), enter as 0-d float64 tensors, so a scheduler changing ``lr``
-  (or betas, weight decay, the step) triggers no recompile. Scalar expressions such as ``1 - beta``
-  are evaluated in double precision, as the reference engine does with Python floats, and converted
-  to the parameter's dtype before they meet the elements, so the per-element math stays in that
-  dtype. Compiled steps are cached per bucket by shapes, dtypes and static flags. The step
-  receives flat lists of tensors (per state tensor of each rule, one list over the parameters)
-  rather than a dict per parameter, and inductor's per-call size asserts are off (dynamo's guards
-  already check every input's shape and stride): both were per-tensor costs of every call.
-  Where compilation fails it warns once and runs the foreach engine instead.
-- ``engine="auto"``: the foreach engine, whatever the model size: it never pays a compile (one to
-  three minutes per chain on a small CPU machine), which would stall short runs and tests. The
-  compiled engine's steps are several times faster on large models (2.4-3.9x at 20M parameters on
-  a 2-core CPU), so long runs of large models should ask for ``engine="compiled"`` (see the README,
-  "Optimizer performance").
+  so each tensor operation of a rule is one multi-tensor operation per chunk of at most
+  :data:`CHUNK` elements; temporaries of large tensors go to reused scratch buffers.
+- :class:`CompiledEngine` (``engine="compiled"``): the whole chain of a bucket (gradient unscaling,
+  ``maximize``, stochastic rounding and projections included) traced by ``torch.compile`` into one
+  fused pass. Hyperparameters and the per-step scalars of :meth:`Rule.scalars
+  <descend.optim._rules.Rule.scalars>` enter as 0-d float64 tensors, so a scheduler triggers no
+  recompile; scalar expressions are evaluated in double precision and converted to the parameter's
+  dtype before they meet the elements. If compiling fails it runs the foreach engine instead.
+- :class:`FusedEngine` (``engine="fused"``): torch's own fused kernels (``torch._fused_adam_``,
+  ``torch._fused_adamw_``, ``torch._fused_sgd_``) for buckets whose live chain is exactly one of
+  them (:func:`torch_kernel`); the same equations as the rules, evaluated in another order.
+- :class:`AutoEngine` (``engine="auto"``, the default): per bucket, the torch kernel where
+  :func:`torch_kernel` finds one, the compiled engine for a flat buffer (``flat=True``) of at least
+  :data:`COMPILE_MIN` elements, the foreach engine otherwise. A compile failure falls back to the
+  foreach engine and is logged, never raised. Why: ``docs/guide/engines.md``.
 
 With ``flat=True`` (:mod:`descend.optim._flat`) a group's parameters, gradients and state are views
 of one buffer each, and the multi-tensor engines step such a buffer as a single tensor
@@ -37,14 +27,15 @@ of one buffer each, and the multi-tensor engines step such a buffer as a single 
 Shared by all engines: a parameter's first step (state creation, ``Rule.first_update``) and
 zero-size parameters go through the reference path; the multi-tensor engines keep the step
 counters of a bucket as the elements of one tensor and advance them with one operation
-(:func:`advance_steps`); ``clip_by_global_norm`` computes the global
-norm over every gradient first; ``grad_scale`` (from ``torch.amp.GradScaler``) divides the gradient
-inside the step; state kept in ``state_dtype=torch.bfloat16`` is updated in float32 and written back
-with stochastic rounding (:mod:`descend.optim._rounding`).
+(:func:`advance_steps`); ``clip_by_global_norm`` computes the global norm over every gradient
+first; ``grad_scale`` (from ``torch.amp.GradScaler``) divides the gradient inside the step; state
+kept in ``state_dtype=torch.bfloat16`` is updated in float32 and written back with stochastic
+rounding (:mod:`descend.optim._rounding`).
 """
 
 from __future__ import annotations
 
+import logging
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -67,7 +58,17 @@ from descend.optim._rounding import (
     stochastic_round_into_,
     write_back_,
 )
-from descend.optim._rules import ClipByGlobalNorm, Projection, Rule
+from descend.optim._rules import (
+    L2,
+    ClipByGlobalNorm,
+    DecoupledDecay,
+    HeavyBall,
+    Projection,
+    Rule,
+    ScaleByAdam,
+    ScaleByLR,
+    step_dtype,
+)
 from descend.optim._tensorlist import Scratch, TensorList
 
 if TYPE_CHECKING:
@@ -79,6 +80,11 @@ Live = list[tuple[Rule, dict[str, Any]]]
 #: large enough that per-operation overhead stays small, small enough that a chunk's working set
 #: stays in cache and its scratch buffers are few MiB.
 CHUNK = 1 << 18
+
+#: Fewest elements of a flat buffer for which ``engine="auto"`` compiles its step.
+COMPILE_MIN = 1 << 20
+
+logger = logging.getLogger("descend.optim")
 
 
 def check_grad(p: Tensor) -> Tensor:
@@ -92,11 +98,6 @@ def check_grad(p: Tensor) -> Tensor:
         raise RuntimeError("descend optimizers do not support complex parameters; store them as real "
                            "tensors (torch.view_as_real) and rebuild with torch.view_as_complex")
     return g
-
-
-def scalar_dtype() -> torch.dtype:
-    """The dtype torch.optim uses for the ``step`` counter."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def clip_coefficients(opt: ChainOptimizer, grad_scale: Tensor | None = None) -> list[Any] | None:
@@ -249,7 +250,7 @@ class ReferenceEngine(Engine):
         u = -u if group["maximize"] else u
         state = opt.state[p]
         if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
+            state["step"] = torch.tensor(0.0, dtype=step_dtype())
         state["step"] += 1
         step = int(state["step"].item())
         widen = rounds_stochastically(opt)
@@ -275,9 +276,8 @@ def advance_steps(opt: ChainOptimizer, params: list[Tensor]) -> Tensor:
     """``state["step"] += 1`` for every parameter of a bucket (equal step counts); returns one of them.
 
     The step counters of a bucket are kept as the elements of one 1-D tensor (each ``state["step"]``
-    is still its own 0-d tensor, a view), so the increment is one operation: ``torch._foreach_add_``
-    on a hundred 0-d CPU tensors costs about 150 us per step, more than the rest of the bookkeeping.
-    Counters that are not packed this way (first bucket step, after ``load_state_dict``, a bucket
+    is still its own 0-d tensor, a view), so the increment is one operation rather than one per
+    parameter. Counters that are not packed this way (first bucket step, after ``load_state_dict``, a bucket
     that changed) are packed anew.
     """
     steps = [opt.state[p]["step"] for p in params]
@@ -576,10 +576,9 @@ def inductor_options(low_precision_state: bool) -> dict[str, Any]:
     """The inductor settings of a compiled step.
 
     ``size_asserts`` off: they re-check every input's shape and stride on each call, which dynamo's
-    guards have just done (about 1.6 us per tensor per step). For state kept in bfloat16 on an
-    AVX-512 CPU, 256-bit vectors: inductor's loops take 16 floats per iteration, so 16 bf16 values
-    are half a 512-bit vector, loaded and stored with masked instructions that are slow on some
-    CPUs (AMD EPYC here); at 256 bits they are plain loads and stores.
+    guards have just done. For state kept in bfloat16 on an AVX-512 CPU, 256-bit vectors:
+    inductor's loops take 16 floats per iteration, so 16 bf16 values are half a 512-bit vector,
+    loaded and stored with masked instructions; at 256 bits they are plain loads and stores.
     """
     options: dict[str, Any] = {"size_asserts": False}
     if low_precision_state:
@@ -599,13 +598,16 @@ class CompiledEngine(BucketEngine):
     Args:
         opt: the optimizer.
         backend: the ``torch.compile`` backend (``"inductor"``; tests use a counting backend).
+        quiet: report a compile failure in the ``descend.optim`` log instead of a ``RuntimeWarning``
+            (``engine="auto"``, where the user asked for no engine in particular).
     """
 
     name = "compiled"
 
-    def __init__(self, opt: ChainOptimizer, backend: Any = "inductor") -> None:
+    def __init__(self, opt: ChainOptimizer, backend: Any = "inductor", quiet: bool = False) -> None:
         super().__init__(opt)
         self.backend = backend
+        self.quiet = quiet
         self.fallback: ForeachEngine | None = None
         self.cache: dict[tuple[Any, ...], Callable[..., None]] = {}
         self.outside: list[Projection] = []  # projections the last compiled step left to project()
@@ -661,9 +663,13 @@ class CompiledEngine(BucketEngine):
                states, hps, phps, keep_t, step, scale, seeds, [item.offset for item in items] if widen else [],
                self.lanes_on(params[0].device) if widen else None)
         except Exception as err:  # no compiler, an unsupported op: run the same rules without one
-            warnings.warn(f"descend: engine='compiled' could not compile the optimizer step "
-                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                          "falling back to engine='foreach'", RuntimeWarning, stacklevel=4)
+            message = (f"descend: engine='compiled' could not compile the optimizer step "
+                       f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                       "falling back to engine='foreach'")
+            if self.quiet:
+                logger.info(message)
+            else:
+                warnings.warn(message, RuntimeWarning, stacklevel=4)
             self.fallback = ForeachEngine(self.opt)
             self.cache.clear()
             self.fallback.run_bucket(group, live, keep, items, step, grad_scale)
@@ -675,12 +681,154 @@ class CompiledEngine(BucketEngine):
             self.apply_projections(self.outside, group, params)
 
 
+def is_torch_chain(rules: list[Rule], decays: list[Rule], projections: list[Projection]) -> bool:
+    """Whether a chain is torch's Adam, AdamW or SGD (``[l2] adam|heavy_ball scale_by_lr [decay]``)."""
+    kinds = [type(rule) for rule in rules]
+    if kinds and kinds[0] is L2:
+        kinds = kinds[1:]
+    return (not projections and kinds in ([ScaleByAdam, ScaleByLR], [HeavyBall, ScaleByLR], [ScaleByLR])
+            and len(decays) <= 1 and all(isinstance(d, DecoupledDecay) and d.lr_scaled for d in decays))
+
+
+def torch_kernel(live: Live, decays: list[Rule], projections: list[Projection], group: dict[str, Any],
+                 items: list[_Item], step: Tensor, grad_scale: Tensor | None) -> Callable[[], None] | None:
+    """torch's fused kernel that computes this bucket's step, as a call ready to run, or None.
+
+    A bucket qualifies when its live chain is exactly torch's Adam (``[l2] adam scale_by_lr``), AdamW
+    (``adam scale_by_lr`` with lr-scaled decoupled decay) or SGD (``[l2] [heavy_ball] scale_by_lr``),
+    with no projection, no clipping and no ``grad_scale`` (torch's kernels unscale ``.grad`` in
+    place; the chain leaves it as it is), and parameters, gradients and state share one dtype on a
+    device torch has fused kernels for.
+    """
+    if grad_scale is not None or projections or not items:
+        return None
+    kinds = [type(rule) for rule, _ in live]
+    hps = [hp for _, hp in live]
+    active_decays = [rule for rule in decays if rule.active(rule.read(group))]
+    if len(active_decays) > 1 or any(not getattr(rule, "lr_scaled", False) for rule in active_decays):
+        return None
+    l2 = 0.0
+    if kinds and kinds[0] is L2:
+        l2 = float(hps[0]["weight_decay"])
+        kinds, hps = kinds[1:], hps[1:]
+    if active_decays and l2:
+        return None
+    p0 = items[0].param
+    dtype = p0.dtype
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    if (p0.device.type not in _get_fused_kernels_supported_devices() or not dtype.is_floating_point
+            or any(it.param.dtype != dtype or it.grad.dtype != dtype or any(t.dtype != dtype for t in it.states)
+                   for it in items)):
+        return None
+    params = [it.param for it in items]
+    grads = [it.grad for it in items]
+    lr = group["lr"]
+    lr = float(lr) if not torch.is_tensor(lr) else lr
+    maximize = bool(group["maximize"])
+    if kinds == [ScaleByAdam, ScaleByLR]:
+        hp = hps[0]
+        amsgrad = bool(hp["amsgrad"])
+        beta1, beta2 = (float(b) for b in hp["betas"])
+        columns = [[it.states[j] for it in items] for j in range(3 if amsgrad else 2)]
+        if active_decays:
+            fn, weight_decay = torch._fused_adamw_, float(active_decays[0].read(group)["weight_decay"])
+        else:
+            fn, weight_decay = torch._fused_adam_, l2
+
+        steps = [step.to(p0.device, torch.float32)] * len(params)  # read, not advanced, by the kernel
+
+        def adam() -> None:
+            fn(params, grads, columns[0], columns[1], columns[2] if amsgrad else [], steps,
+               lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=float(hp["eps"]),
+               amsgrad=amsgrad, maximize=maximize)
+        return adam
+    if active_decays:
+        return None
+    if kinds in ([HeavyBall, ScaleByLR], [ScaleByLR]):
+        hp = hps[0] if kinds[0] is HeavyBall else {"momentum": 0.0, "dampening": 0.0, "nesterov": False}
+        buffers = [it.states[0] for it in items] if kinds[0] is HeavyBall else []
+
+        def sgd() -> None:
+            torch._fused_sgd_(params, grads, buffers, weight_decay=l2, momentum=float(hp["momentum"]), lr=lr,
+                              dampening=float(hp["dampening"]), nesterov=bool(hp["nesterov"]), maximize=maximize,
+                              is_first_step=False)
+        return sgd
+    return None
+
+
+class FusedEngine(BucketEngine):
+    """torch's fused kernels for the buckets :func:`torch_kernel` matches (``engine="fused"``).
+
+    The chain must be one of torch's (Adam, AdamW, SGD); a bucket that is not (a ``grad_scale``, a
+    parameter dtype without a kernel) runs on the foreach engine.
+    """
+
+    name = "fused"
+
+    def __init__(self, opt: ChainOptimizer) -> None:
+        super().__init__(opt)
+        if self.name == "fused" and not is_torch_chain(opt.rules, opt.decays, opt.projections):
+            chain = " -> ".join(rule.name for rule in opt.all_rules)
+            raise ValueError(f"engine='fused' (fused=True) runs torch's Adam, AdamW and SGD kernels; this chain "
+                             f"({chain}) is none of them: use engine='auto' or engine='compiled'")
+        self.foreach = ForeachEngine(opt)
+        self.last: BucketEngine = self
+
+    def reset(self) -> None:
+        super().reset()
+        self.foreach.reset()
+
+    def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
+                   grad_scale: Tensor | None) -> None:
+        kernel = torch_kernel(live, self.opt.decays, self.opt.projections, group, items, step, grad_scale)
+        if kernel is not None:
+            self.last = self
+            kernel()
+        else:
+            self.last = self.foreach
+            self.foreach.run_bucket(group, live, keep, items, step, grad_scale)
+
+
+class AutoEngine(FusedEngine):
+    """``engine="auto"``: per bucket, torch's fused kernel, else the compiled step for a large flat
+    buffer, else the foreach engine (see the module docstring)."""
+
+    name = "auto"
+
+    def __init__(self, opt: ChainOptimizer, compile_min: int = COMPILE_MIN) -> None:
+        super().__init__(opt)
+        self.compile_min = compile_min
+        self.compiled = CompiledEngine(opt, quiet=True)
+
+    def reset(self) -> None:
+        super().reset()
+        self.compiled.reset()
+
+    def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
+                   grad_scale: Tensor | None) -> None:
+        kernel = torch_kernel(live, self.opt.decays, self.opt.projections, group, items, step, grad_scale)
+        if kernel is not None:
+            self.last = self
+            kernel()
+            return
+        flat = len(items) == 1 and not items[0].whole
+        engine: BucketEngine = self.compiled if flat and items[0].param.numel() >= self.compile_min else self.foreach
+        self.last = engine
+        engine.run_bucket(group, live, keep, items, step, grad_scale)
+
+    def project(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        if self.last is self:
+            super().project(group, params)
+        else:
+            self.last.project(group, params)
+
+
 def make_engine(opt: ChainOptimizer, name: str) -> Engine:
-    """The engine called ``name`` for ``opt`` (``"auto"`` is the foreach engine; see the module docstring)."""
-    if name == "reference":
-        return ReferenceEngine(opt)
-    if name in ("foreach", "auto"):
-        return ForeachEngine(opt)
-    if name == "compiled":
-        return CompiledEngine(opt)
-    raise ValueError(f"engine must be one of auto, reference, foreach, compiled; got {name!r}")
+    """The engine called ``name`` for ``opt`` (see the module docstring)."""
+    engines: dict[str, Callable[[ChainOptimizer], Engine]] = {
+        "auto": AutoEngine, "reference": ReferenceEngine, "foreach": ForeachEngine, "compiled": CompiledEngine,
+        "fused": FusedEngine}
+    if name not in engines:
+        raise ValueError(f"engine must be one of {', '.join(engines)}; got {name!r}")
+    return engines[name](opt)

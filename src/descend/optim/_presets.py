@@ -8,6 +8,8 @@ Common keyword-only arguments of every preset:
 - ``constraint`` (``"box"`` or ``"ball"``) and ``radius``: project ``w`` after every step.
 - ``max_grad_norm``: clip the gradients by their global norm first.
 - ``maximize``, ``engine``, ``state_dtype``, ``flat``: see :class:`~descend.optim.ChainOptimizer`.
+- ``SGD``, ``Adam`` and ``AdamW`` also take torch's ``foreach``, ``fused``, ``capturable`` and
+  ``differentiable`` (see :class:`~descend.optim.ChainOptimizer`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class _Preset(ChainOptimizer):
     def __init__(self, params: ParamsT, core: list[Rule], *, lr: float, weight_decay: float,
                  decoupled_weight_decay: bool, constraint: str | None, radius: float | None,
                  max_grad_norm: float | None, maximize: bool, engine: str,
-                 state_dtype: torch.dtype | None, flat: bool) -> None:
+                 state_dtype: torch.dtype | None, flat: bool, foreach: bool | None = None,
+                 fused: bool | None = None, capturable: bool = False, differentiable: bool = False) -> None:
         rules: list[Rule] = []
         if max_grad_norm is not None:
             rules.append(clip_by_global_norm(max_grad_norm))
@@ -53,12 +56,17 @@ class _Preset(ChainOptimizer):
         elif radius is not None:
             raise ValueError("radius is set but constraint is None; pass constraint='box' or 'ball'")
         self.decoupled_weight_decay = decoupled_weight_decay
-        super().__init__(params, rules, lr=lr, maximize=maximize, engine=engine, state_dtype=state_dtype, flat=flat)
+        super().__init__(params, rules, lr=lr, maximize=maximize, engine=engine, state_dtype=state_dtype, flat=flat,
+                         foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "decoupled_weight_decay": self.decoupled_weight_decay}
 
 
 def _options(kw: dict[str, Any]) -> dict[str, Any]:
-    return {k: kw[k] for k in ("lr", "weight_decay", "decoupled_weight_decay", "constraint", "radius",
-                               "max_grad_norm", "maximize", "engine", "state_dtype", "flat")}
+    names = ("lr", "weight_decay", "decoupled_weight_decay", "constraint", "radius", "max_grad_norm", "maximize",
+             "engine", "state_dtype", "flat", "foreach", "fused", "capturable", "differentiable")
+    return {k: kw[k] for k in names if k in kw}
 
 
 class SGD(_Preset):
@@ -73,7 +81,8 @@ class SGD(_Preset):
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  decoupled_weight_decay: bool = False, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
+                 state_dtype: torch.dtype | None = None, flat: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None, capturable: bool = False, differentiable: bool = False) -> None:
         super().__init__(params, [heavy_ball(momentum, dampening, nesterov)], **_options(locals()))
 
 
@@ -147,7 +156,8 @@ class Adam(_Preset):
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
                  maximize: bool = False, decoupled_weight_decay: bool = False, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
+                 state_dtype: torch.dtype | None = None, flat: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None, capturable: bool = False, differentiable: bool = False) -> None:
         super().__init__(params, [scale_by_adam(betas, eps, amsgrad)], **_options(locals()))
 
 
@@ -158,7 +168,8 @@ class AdamW(_Preset):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, decoupled_weight_decay: bool = True, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
+                 state_dtype: torch.dtype | None = None, flat: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None, capturable: bool = False, differentiable: bool = False) -> None:
         super().__init__(params, [scale_by_adam(betas, eps, amsgrad)], **_options(locals()))
 
 

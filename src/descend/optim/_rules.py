@@ -34,6 +34,11 @@ Hyper = Mapping[str, Any]
 State = dict[str, Tensor]
 
 
+def step_dtype() -> torch.dtype:
+    """The dtype torch.optim uses for the ``step`` counter."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
 def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
                  high_open: bool = True) -> None:
     """Raise ``ValueError`` unless ``low <= value < high`` (brackets as given)."""

@@ -39,8 +39,7 @@ class Scratch:
     Writing into a scratch buffer costs one ``torch.<op>(..., out=)`` call per tensor, against one
     ``torch._foreach_*`` call for the whole list. That pays only for large tensors, whose fresh
     temporaries would be fresh ``mmap`` calls; small ones come from the allocator's free lists. So
-    :meth:`take` declines (returns None) when the tensors average fewer than ``min_mean`` elements:
-    for 100 tensors of 64 elements an AdamW step took 7.1 ms through the scratch, 3.0 ms without.
+    :meth:`take` declines (returns None) when the tensors average fewer than ``min_mean`` elements.
     """
 
     def __init__(self, limit: int, min_mean: int = 1 << 14) -> None:
