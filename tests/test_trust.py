@@ -399,3 +399,81 @@ def test_cli_resume_with_a_planted_pickle_never_runs_it(tmp_path: Path, capsys: 
     assert not marker.exists()
     lines = [line for line in err.splitlines() if line.startswith("descend: error")]
     assert len(lines) == 1 and "a file its manifest does not name" in lines[0] and "Traceback" not in err
+
+
+# ---- the exit-code table: what the command line does with each bad input of this page ------------------
+def _csv(path: Path, text: bytes) -> Path:
+    path.write_bytes(text)
+    return path
+
+
+def _rows(sep: str = ",", n: int = 40) -> bytes:
+    return "".join(f"{i}{sep}{(i * 7) % 5}{sep}{i % 2}\n" for i in range(n)).encode()
+
+
+EXIT_CASES = {
+    # name: (file bytes, expected exit code, a phrase of the one-line error, or None when it runs)
+    "utf-8 with BOM": (b"\xef\xbb\xbfa,b,label\n" + _rows(), 0, None),
+    "semicolons": (b"a;b;label\n" + _rows(";"), 0, None),
+    "tabs": (b"a\tb\tlabel\n" + _rows("\t"), 0, None),
+    "latin-1 byte": (b"a,b,label\n" + _rows() + b"1,2,caf\xe9\n", 2, "--encoding"),
+    "duplicate columns": (b"a,a,label\n" + _rows(), 2, "appear more than once"),
+    "1e308 feature": (b"a,b,label\n" + _rows() + b"1e308,1,0\n", 2, "beyond float32's range"),
+    "inf feature": (b"a,b,label\n" + _rows() + b"inf,1,0\n", 2, "infinite"),
+    "nan feature": (b"a,b,label\n" + _rows() + b"nan,1,0\n", 2, "NaN"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXIT_CASES))
+def test_cli_exit_codes_for_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
+    from descend.cli import main
+
+    text, code, phrase = EXIT_CASES[case]
+    data = _csv(tmp_path / "d.csv", text)
+    argv = ["train", "--data", str(data), "--target", "label", "--steps", "2", "--width", "4"]
+    assert main([*argv, "--out", str(tmp_path / "R")]) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if phrase is not None:
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("descend: error:") and phrase in lines[0], err
+
+
+def test_cli_resume_falls_back_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from descend.cli import main
+
+    run = tmp_path / "R"
+    argv = ["train", "--data", "digits", "--model", "mlp", "--width", "8", "--checkpoint-every", "5"]
+    assert main([*argv, "--steps", "10", "--out", str(run)]) == 0
+    _forge_state_step(run / "checkpoint" / "step-00000010")  # the issue's "step": -5
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "--resume", str(run), "--steps", "15"]) == 0
+    said = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    assert len(said) == 1 and "resuming from step-00000005" in said[0]
+    assert (run / "checkpoint" / "step-00000010.rejected").is_dir()
+    assert read_checked_json(run / "checkpoint" / "latest.json", "index")["step"] == 15
+
+
+@pytest.mark.slow
+def test_a_replaced_metadata_in_a_two_rank_checkpoint_never_runs(tmp_path: Path) -> None:
+    """The issue's second repro: a real ``--nproc 2`` (FSDP2, gloo) checkpoint whose .metadata is replaced."""
+    import subprocess
+    import sys
+
+    run, marker = tmp_path / "R", tmp_path / "MARKER"
+    argv = [sys.executable, "-m", "descend", "train", "--data", "digits", "--model", "mlp", "--width", "8",
+            "--checkpoint-every", "3", "--threads", "1", "--no-progress", "--no-tensorboard"]
+    first = subprocess.run([*argv, "--nproc", "2", "--strategy", "fsdp", "--steps", "6", "--out", str(run)],
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    newest = run / "checkpoint" / "step-00000006"
+    assert is_sharded(newest) and verify_step(newest, kind="dcp")["step"] == 6
+    (newest / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    resume = [sys.executable, "-m", "descend", "train", "--resume", str(run), "--steps", "9"]
+    second = subprocess.run(resume, capture_output=True, text=True, timeout=300)
+    assert not marker.exists()
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from step-00000003" in second.stderr and "Traceback" not in second.stderr
+    assert (run / "checkpoint" / "step-00000006.rejected").is_dir()
