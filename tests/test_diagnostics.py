@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from descend.diagnostics import gradient_flow, layer_gains, plot_gradient_flow
+from descend.diagnostics import activation_gradients, gradient_flow, layer_gains, plot_gradient_flow
 from descend.nn import MLP, ResidualMLP, count_parameters
 
 SEED = 0
@@ -49,6 +49,20 @@ def test_gradient_flow_matches_hand_gradients_and_leaves_grad_alone() -> None:
     before = model.head.weight.grad.clone()
     gradient_flow(model, x, y, F.cross_entropy)
     assert torch.equal(model.head.weight.grad, before)
+
+
+def test_activation_gradients_closed_form_at_the_last_block() -> None:
+    # cross-entropy: dL/dy = (softmax(y) - onehot) / B, and the last block's output h feeds y = h W^T + b
+    torch.manual_seed(0)
+    model = MLP(5, 3, 4, 3, "tanh")
+    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
+    signal = activation_gradients(model, x, y, F.cross_entropy)
+    assert list(signal) == ["blocks.0", "blocks.1", "blocks.2"]
+    with torch.no_grad():
+        dy = (torch.softmax(model(x), -1) - F.one_hot(y, 3)) / 7
+        expected = float((dy @ model.head.weight).norm())
+    assert signal["blocks.2"] == pytest.approx(expected, rel=1e-5)
+    assert model.head.weight.grad is None  # .grad fields untouched
 
 
 def test_gradient_flow_closed_form_for_a_linear_model_and_tuple_inputs() -> None:

@@ -1,28 +1,30 @@
-"""Each experiment asserts its finding, through the same ``run`` the command line calls."""
+"""The experiments: their building blocks against independent references, and each experiment's robust
+findings (those that held on every seed when measured) through the same ``run`` the command line calls."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
+from matplotlib.figure import Figure
+from torch import nn
 
-from descend.experiments import EXPERIMENTS, run
+from descend import optim
+from descend.data._base import Split
+from descend.experiments import ALIASES, EXPERIMENTS, render_markdown, run
+from descend.experiments._common import band, finding, seed_list
+from descend.experiments._momentum import heavy_ball, quadratic
+from descend.experiments._point_sets import _reorder
 
-NAMES = ["gd-vs-sgd", "momentum-noise", "badly-scaled", "adam-softsign", "weight-decay", "depth", "point-sets"]
-
-
-def _run(name: str, tmp_path: Path, quick: bool = True) -> dict:
-    numbers = run(name, tmp_path, quick=quick, verbose=False)
-    png, data = tmp_path / f"{name}.png", tmp_path / f"{name}.json"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads(data.read_text())["finding"] == numbers["finding"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
-    return numbers
+NAMES = ["momentum", "depth", "weight-decay", "adam-softsign", "gd-vs-sgd", "badly-scaled", "point-sets"]
 
 
 def test_registry_names_every_experiment() -> None:
     assert list(EXPERIMENTS) == NAMES
+    assert ALIASES["momentum-noise"] == "momentum"
 
 
 def test_unknown_name_lists_the_valid_ones(tmp_path: Path) -> None:
@@ -30,80 +32,137 @@ def test_unknown_name_lists_the_valid_ones(tmp_path: Path) -> None:
         run("sgd-vs-gd", tmp_path)
 
 
-def test_adam_direction_is_close_to_softsign_momentum(tmp_path: Path) -> None:
-    cos = _run("adam-softsign", tmp_path)["mean_cosine_second_half"]
-    softsign = cos["softsign momentum (eps 1e-4)"]
-    assert softsign > 0.8
-    assert softsign > cos["momentum (EMA)"] + 0.03
-    assert softsign > cos["Signum"]
-    assert softsign > cos["SGD (the gradient)"] + 0.4
+def test_seed_list_defaults_and_validation() -> None:
+    assert seed_list(quick=False) == [0, 1, 2, 3, 4]
+    assert seed_list(quick=True, seed=7) == [7, 8]
+    assert seed_list(quick=True, n=3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="seeds"):
+        seed_list(quick=True, n=0)
+
+
+def test_finding_counts_seeds_and_states_them() -> None:
+    f = finding("k", "a beats b", [True, False, True])
+    assert (f.holds, f.seeds, f.robust) == (2, 3, False)
+    assert f.line() == "a beats b (on 2 of 3 seeds)"
+    assert finding("k", "x", [True, True]).robust
+
+
+def test_band_leaves_diverged_points_undrawn_and_says_so() -> None:
+    ax = Figure().add_subplot()
+    band(ax, [0, 1, 2], [[1.0, 2.0, 3.0], [1.0, math.inf, 5.0]], "#000000", "m")
+    line = ax.get_lines()[0]
+    assert line.get_label() == "m (1 of 2 seeds diverged)"
+    y = line.get_ydata()
+    assert y[0] == 1.0 and math.isnan(y[1]) and y[2] == 4.0  # not clamped to a finite number
+
+
+def test_heavy_ball_counts_match_descend_momentum() -> None:
+    # the vectorised recurrence is descend.optim.Momentum with lr = alpha / (1 - beta)
+    h, w0 = quadratic(100.0, seed=3, dim=10)
+    alpha, beta = 1.5, 0.8
+    w = nn.Parameter(w0.clone())
+    opt = optim.Momentum([w], lr=alpha / (1 - beta), beta=beta)
+    reached = None
+    for t in range(1, 2000):
+        opt.zero_grad()
+        (0.5 * (h * w * w).sum()).backward()
+        opt.step()
+        if reached is None and float(w.detach().norm()) <= 1e-3 * float(w0.norm()):
+            reached = t
+            break
+    counts = heavy_ball(h[None], w0[None], torch.tensor([alpha], dtype=torch.float64),
+                        torch.tensor([beta], dtype=torch.float64), 2000)
+    assert reached is not None and counts[0, 0] == reached
+    # GD (beta 0) past its stable step 2/h_max diverges: inf, not a count
+    zero = torch.zeros(1, dtype=torch.float64)
+    gd = heavy_ball(h[None], w0[None], torch.tensor([2.5], dtype=torch.float64), zero, 500)
+    assert math.isinf(gd[0, 0])
+
+
+def test_reorder_shuffles_and_thins_each_set() -> None:
+    locations = torch.arange(24.0).reshape(2, 6, 2)
+    values = torch.arange(12.0).reshape(2, 6, 1)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.float32)
+    split = Split((locations, values, mask), torch.tensor([0, 1]))
+    shuffled = _reorder(split, seed=0)
+    loc, val, m = shuffled.inputs
+    for i in range(2):
+        real = mask[i].bool()
+        assert sorted(val[i][m[i].bool()].flatten().tolist()) == sorted(values[i][real].flatten().tolist())
+        assert m[i].tolist() == mask[i].tolist()  # padding stays last
+    assert torch.equal(loc[..., 0], 2 * val[..., 0])  # each location stays with its value
+    assert not torch.equal(val, values)
+    half = _reorder(split, seed=0, keep=0.5)
+    assert half.inputs[2].sum(1).tolist() == [2.0, 3.0]
+
+
+def test_render_markdown_shows_each_figure_with_its_findings(tmp_path: Path) -> None:
+    data = {"title": "Momentum accelerates.", "description": "Part 1 ...", "seeds": [0, 1], "quick": True,
+            "seconds": 12.3, "notes": ["kappa 10: 35 iterations"],
+            "findings": [{"key": "k", "text": "momentum is faster", "holds": 2, "seeds": 2}]}
+    (tmp_path / "momentum.json").write_text(json.dumps(data))
+    page = render_markdown(tmp_path)
+    assert page.startswith("# Experiments")
+    assert "![momentum](../figures/momentum.png)" in page
+    assert "- momentum is faster (**on 2 of 2 seeds**)" in page
+    assert "kappa 10: 35 iterations" in page and "2 seeds (0, 1), quick mode, 12 s" in page
+    assert "## depth" not in page  # only experiments with a JSON file
+
+
+# --- each experiment in quick mode (2 seeds): the findings that held on every seed --------------
+
+
+def _run(name: str, tmp_path: Path) -> dict:
+    numbers = run(name, tmp_path, quick=True, verbose=False)
+    png, data = tmp_path / f"{name}.png", tmp_path / f"{name}.json"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(data.read_text())
+    assert saved["finding"] == numbers["finding"] and saved["seeds"] == [0, 1]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    return {f["key"]: f for f in saved["findings"]}
+
+
+def _holds(findings: dict, *keys: str) -> None:
+    for key in keys:
+        f = findings[key]
+        assert f["seeds"] == 2 and f["holds"] == 2, f"{key}: {f['text']} held on {f['holds']} of {f['seeds']}"
 
 
 @pytest.mark.slow
-def test_sgd_reaches_gd_loss_touching_fewer_examples(tmp_path: Path) -> None:
-    reach = _run("gd-vs-sgd", tmp_path)["reach"]
-    fractions = [reach[f"SGD batch {b}"]["fraction_of_gd_examples"] for b in (256, 32, 1)]
-    assert None not in fractions
-    assert fractions[0] < 1.0 and fractions[1] < 0.5 and fractions[2] < 0.25
-    assert fractions[2] < fractions[1] < fractions[0]  # smaller batches: fewer examples
-    # ... but batch 1 is slower in wall time than full-batch GD on a vectorised machine
-    numbers = json.loads((tmp_path / "gd-vs-sgd.json").read_text())
-    assert reach["SGD batch 1"]["seconds"] > numbers["gd_seconds"]
+def test_momentum_accelerates_and_smooths(tmp_path: Path) -> None:
+    _holds(_run("momentum", tmp_path), "momentum_fewer_iterations", "gd_linear_momentum_sqrt",
+           "larger_stable_step", "momentum_smooths")
 
 
 @pytest.mark.slow
-def test_momentum_smooths_the_update_direction(tmp_path: Path) -> None:
-    numbers = _run("momentum-noise", tmp_path, quick=False)
-    variance = [numbers["variance"][b] for b in ("0.0", "0.5", "0.9", "0.99")]
-    assert variance[0] > 0.9  # plain SGD: consecutive minibatch directions nearly uncorrelated
-    assert variance == sorted(variance, reverse=True) and variance[3] < 0.2
-    best = numbers["best_final_loss"]
-    assert best["0.99"] < best["0.0"] / 2  # at its best lr, momentum ends lower
+def test_depth_skip_gain_and_bare_residual(tmp_path: Path) -> None:
+    _holds(_run("depth", tmp_path), "skip_decisive_for_sigmoid", "plain_sigmoid_degrades_with_depth",
+           "gain_below_one_vanishes", "gain_above_one_explodes", "gain_one_keeps_signal", "bare_residual_blows_up")
+
+
+@pytest.mark.slow
+def test_weight_decay_u_curve_and_box(tmp_path: Path) -> None:
+    _holds(_run("weight-decay", tmp_path), "too_much_decay_hurts", "lion_in_the_box", "signum_in_the_box",
+           "sign_methods_fill_the_box")
+
+
+@pytest.mark.slow
+def test_adam_is_a_shorter_softsign(tmp_path: Path) -> None:
+    _holds(_run("adam-softsign", tmp_path), "adam_steps_are_smaller", "adam_norm_below_softsign", "best_eps_is_larger")
+
+
+@pytest.mark.slow
+def test_gd_cost_grows_with_data_size(tmp_path: Path) -> None:
+    _holds(_run("gd-vs-sgd", tmp_path), "gd_step_cost_grows", "sgd_noise_floor")
 
 
 @pytest.mark.slow
 def test_normalised_methods_ignore_the_scale(tmp_path: Path) -> None:
-    numbers = _run("badly-scaled", tmp_path)
-    quad = numbers["quadratic"]
-    for method in ("sign", "softsign 0.9", "Adam"):
-        assert quad[method]["fraction_reduced_10x"] == 1.0
-        assert quad[method]["relative_distance"] < 0.05
-    assert quad["GD"]["fraction_reduced_10x"] < 0.6 and quad["GD"]["relative_distance"] > 0.3
-    net = numbers["network"]
-    assert net["softsign 0.9"]["final_loss"] < net["GD"]["final_loss"] / 10
-    assert net["Adam"]["final_loss"] < net["GD"]["final_loss"] / 10
-    # GD on the badly scaled features ends far above GD on the standardised ones
-    assert net["GD"]["final_loss"] > 10 * numbers["network_gd_unscaled"]["final_loss"]
-
-
-@pytest.mark.slow
-def test_decay_narrows_the_gap_and_boxes_sign_methods(tmp_path: Path) -> None:
-    numbers = _run("weight-decay", tmp_path)
-    runs = numbers["overfit"]
-    assert numbers["l2_vs_coupled_max_loss_difference"] < 1e-5  # the same gradient g + lambda*w
-    for kind in ("L2 in the loss", "decoupled decay"):
-        assert runs[kind]["loss_gap"] < 0.9 * runs["no decay"]["loss_gap"]
-    for box in numbers["box"].values():
-        assert box["initial_max_abs_weight"] > 2.5 * box["radius"]
-        assert box["radius"] == pytest.approx(1 / box["lambda"])
-        assert box["final_max_abs_weight"] <= box["bound_plus_lr"]
-
-
-@pytest.mark.slow
-def test_residual_nets_keep_the_gradient(tmp_path: Path) -> None:
-    numbers = _run("depth", tmp_path)
-    first = numbers["first_layer_gradient_norm"]
-    assert numbers["residual_over_plain_sigmoid_first_layer_depth16"] > 1e6
-    sigmoid = list(first["plain sigmoid"].values())
-    assert sigmoid == sorted(sigmoid, reverse=True)  # vanishing, faster with depth
-    assert min(first["residual sigmoid"].values()) > 0.1
-    loss = numbers["final_loss_depth16"]
-    assert loss["plain sigmoid"] > 2.0 and loss["residual sigmoid"] < 0.5 and loss["residual relu"] < 0.5
+    _holds(_run("badly-scaled", tmp_path), "normalised_reduce_every_coordinate", "adam_beats_gd_on_scaled_net",
+           "softsign_beats_gd_on_scaled_net")
 
 
 @pytest.mark.slow
 def test_attention_ignores_the_order_of_the_points(tmp_path: Path) -> None:
-    numbers = _run("point-sets", tmp_path)
-    assert numbers["test_accuracy"]["attention, raster"] > 0.8
-    assert abs(numbers["attention_drop_points"]) <= 1.0
-    assert numbers["flat_mlp_drop_points"] > 15.0
+    _holds(_run("point-sets", tmp_path), "attention_order_free", "mlp_drops_on_shuffle",
+           "attention_with_half_the_points")

@@ -6,13 +6,15 @@ side to the input side; exploding gradients as the reverse (or as non-finite nor
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from descend._io import atomic_write
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -55,6 +57,40 @@ def gradient_flow(
         name: (0.0 if g is None else float(torch.linalg.vector_norm(g.detach().double())))
         for (name, _), g in zip(layers, grads)
     }
+
+
+def activation_gradients(
+    model: nn.Module,
+    inputs: Tensor | tuple[Tensor, ...],
+    targets: Tensor,
+    loss_fn: LossFn,
+    blocks: Iterable[tuple[str, nn.Module]] | None = None,
+) -> dict[str, float]:
+    """The backward signal: ``{block name: ||dL/dz_b||_2}`` for each block's output ``z_b``, input side first.
+
+    ``L = loss_fn(model(*inputs), targets)``; ``blocks`` as in :func:`layer_gains` (``model.blocks``
+    by default). Where weight-gradient norms can hide it (in a linear chain every ``||dL/dW_l||`` is
+    the same product of layer scales), this shows vanishing (norms falling towards the input side)
+    and exploding (rising) directly. Non-finite values are returned as they are.
+    """
+    chosen = list(_default_blocks(model) if blocks is None else blocks)
+    seen: dict[str, Tensor] = {}
+    handles = []
+    for name, block in chosen:
+        def hook(module: nn.Module, args: tuple[object, ...], output: Tensor, name: str = name) -> None:
+            if name not in seen:
+                seen[name] = output
+        handles.append(block.register_forward_hook(hook))
+    try:
+        with torch.enable_grad():
+            loss = loss_fn(model(*_as_tuple(inputs)), targets)
+            names = [n for n, _ in chosen if n in seen and seen[n].requires_grad]
+            grads = torch.autograd.grad(loss, [seen[n] for n in names], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (0.0 if g is None else float(torch.linalg.vector_norm(g.detach().double())))
+            for n, g in zip(names, grads)}
 
 
 def _default_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -118,8 +154,8 @@ def plot_gradient_flow(
     """Plot several models' :func:`gradient_flow` results on one log-scale figure; write a PNG.
 
     ``results`` maps a model label to ``{layer name: gradient norm}`` (input side first); the x axis is
-    the layer index. The file is written to a temporary file beside ``path`` then moved into place
-    with ``os.replace``, so readers never see a half-written image. Returns the path.
+    the layer index. The file is written atomically (:func:`descend._io.atomic_write`), so readers
+    never see a half-written image. Returns the path.
     """
     import matplotlib
 
@@ -141,15 +177,10 @@ def plot_gradient_flow(
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write(path, buffer.getvalue())
     return path
 
 
-__all__ = ["gradient_flow", "layer_gains", "plot_gradient_flow", "weight_layers"]
+__all__ = ["activation_gradients", "gradient_flow", "layer_gains", "plot_gradient_flow", "weight_layers"]

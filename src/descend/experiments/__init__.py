@@ -1,24 +1,24 @@
-"""descend.experiments: one function and one figure per claim about training.
+"""descend.experiments: one figure per idea about training, each claim measured over seeds.
 
-Each experiment trains small models on the digits data (or a quadratic) with descend's own
-optimizers and networks, and measures one claim:
-
-- ``gd-vs-sgd``: minibatch SGD reaches full-batch GD's final loss touching fewer examples.
-- ``momentum-noise``: EMA momentum lowers the step-to-step variance of the update direction.
-- ``badly-scaled``: sign, softsign and Adam ignore gradient magnitudes that cripple GD.
-- ``adam-softsign``: Adam's update direction is close to softsign momentum's.
-- ``weight-decay``: decay narrows the train/test gap; decoupled decay confines sign methods to ``|w| <= 1/lambda``.
-- ``depth``: plain deep sigmoid/tanh nets lose their gradient; residual nets keep it.
-- ``point-sets``: attention over (location, value) points does not care about their order; a flat MLP does.
+Every experiment runs several seeds (5 by default, 2 with ``quick``), tunes each method's learning
+rate on a grid extended while its best point is at an edge (:func:`descend.train._tuning.tune_lr`,
+scored by the mean final validation loss over seeds), plots the mean over seeds with a min-max band,
+and states each finding with the number of seeds it holds on ("on 5 of 5 seeds").
 
     from descend import experiments
-    numbers = experiments.run("gd-vs-sgd", Path("out"))     # out/gd-vs-sgd.png, out/gd-vs-sgd.json
+    numbers = experiments.run("momentum", Path("out"))        # out/momentum.png, out/momentum.json
     experiments.run_all(Path("out"), quick=True)
+    page = experiments.render_markdown(Path("out"))            # the docs page, from the JSON files
+
+``descend experiments NAME|all [--quick] [--seed S] [--out DIR]`` is the same from the command line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,25 +26,29 @@ from typing import Any
 
 import torch
 
+from descend._io import atomic_path, write_json
 from descend.experiments._adam_softsign import adam_softsign
-from descend.experiments._common import Outcome, save_figure, save_json
+from descend.experiments._common import DPI, Finding, Outcome, seed_list
 from descend.experiments._depth import depth
 from descend.experiments._gd_vs_sgd import gd_vs_sgd
-from descend.experiments._momentum import momentum_noise
+from descend.experiments._momentum import momentum
 from descend.experiments._point_sets import point_sets
 from descend.experiments._scaling import badly_scaled
 from descend.experiments._weight_decay import weight_decay
 
-#: Experiment name -> function ``(*, quick, seed) -> Outcome``.
+#: Experiment name -> function ``(*, quick, seeds) -> Outcome``, in the order ``all`` runs them.
 EXPERIMENTS: dict[str, Callable[..., Outcome]] = {
-    "gd-vs-sgd": gd_vs_sgd,
-    "momentum-noise": momentum_noise,
-    "badly-scaled": badly_scaled,
-    "adam-softsign": adam_softsign,
-    "weight-decay": weight_decay,
+    "momentum": momentum,
     "depth": depth,
+    "weight-decay": weight_decay,
+    "adam-softsign": adam_softsign,
+    "gd-vs-sgd": gd_vs_sgd,
+    "badly-scaled": badly_scaled,
     "point-sets": point_sets,
 }
+
+#: Former names that still work.
+ALIASES = {"momentum-noise": "momentum"}
 
 
 @contextlib.contextmanager
@@ -58,35 +62,110 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run(name: str, out_dir: Path, *, quick: bool = False, seed: int = 0, verbose: bool = True) -> dict[str, Any]:
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf" / "nan": strict JSON has neither
+    return value
+
+
+def run(name: str, out_dir: Path, *, quick: bool = False, seed: int = 0, seeds: int | None = None,
+        verbose: bool = True) -> dict[str, Any]:
     """Run experiment ``name``; write ``out_dir/<name>.png`` and ``out_dir/<name>.json``; return its numbers.
 
-    ``quick`` shortens the runs (fewer steps or examples; the tests use it). ``seed`` fixes the
-    initialisation and the data order. The finding is printed as a few lines of numbers unless
-    ``verbose`` is false. The returned dict holds the measured numbers, plus ``finding`` (the printed
-    lines), ``seconds`` (wall time) and ``figure``/``json`` (the paths written).
+    The seeds are ``seed, seed + 1, ..., seed + seeds - 1``; ``seeds`` defaults to 5, or 2 with
+    ``quick`` (which also shortens the runs; the tests use it). Each seed fixes the initialisation,
+    the data order and, where the data is generated, the data. The returned dict holds the measured
+    numbers plus ``findings`` (each claim with the seeds it holds on), ``finding`` (the printed
+    lines), ``seeds``, ``seconds`` (wall time), ``title`` and ``figure``/``json`` (the paths written).
     """
+    name = ALIASES.get(name, name)
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)} (or 'all')")
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chosen = seed_list(quick, seed, seeds)
+    fn = EXPERIMENTS[name]
     start = time.perf_counter()
     with _threads(1):
-        outcome = EXPERIMENTS[name](quick=quick, seed=seed)
+        outcome = fn(quick=quick, seeds=chosen)
     seconds = time.perf_counter() - start
     figure, json_path = out_dir / f"{name}.png", out_dir / f"{name}.json"
-    numbers = {**outcome.numbers, "finding": outcome.finding, "seconds": seconds, "quick": quick, "seed": seed}
-    save_figure(outcome.figure, figure)
-    save_json(numbers, json_path)
+    doc = (fn.__doc__ or "").strip()
+    numbers = {
+        **outcome.numbers,
+        "name": name,
+        "title": doc.split("\n", 1)[0],
+        "description": doc.split("\n\n", 1)[1].strip() if "\n\n" in doc else "",
+        "findings": [f.to_dict() for f in outcome.findings],
+        "notes": outcome.notes,
+        "finding": outcome.finding,
+        "seeds": chosen,
+        "seconds": seconds,
+        "quick": quick,
+    }
+    outcome.figure.tight_layout()
+    buffer = io.BytesIO()
+    outcome.figure.savefig(buffer, format="png", dpi=DPI)
+    with atomic_path(figure) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    write_json(json_path, _jsonable(numbers), indent=1, allow_nan=False)
     if verbose:
-        print(f"[{name}] ({seconds:.1f} s) -> {figure}")
+        print(f"[{name}] {len(chosen)} seeds, {seconds:.1f} s -> {figure}")
         for line in outcome.finding:
             print(f"  {line}")
     return {**numbers, "figure": str(figure), "json": str(json_path)}
 
 
-def run_all(out_dir: Path, *, quick: bool = False, seed: int = 0, verbose: bool = True) -> dict[str, dict[str, Any]]:
+def run_all(out_dir: Path, *, quick: bool = False, seed: int = 0, seeds: int | None = None,
+            verbose: bool = True) -> dict[str, dict[str, Any]]:
     """Run every experiment in :data:`EXPERIMENTS` in order; ``{name: numbers}`` (see :func:`run`)."""
-    return {name: run(name, out_dir, quick=quick, seed=seed, verbose=verbose) for name in EXPERIMENTS}
+    return {name: run(name, out_dir, quick=quick, seed=seed, seeds=seeds, verbose=verbose) for name in EXPERIMENTS}
 
 
-__all__ = ["EXPERIMENTS", "Outcome", "run", "run_all"]
+def render_markdown(json_dir: Path, figures: str = "../figures/") -> str:
+    """The experiments page as Markdown, generated from the ``<name>.json`` files in ``json_dir``.
+
+    One section per experiment found (in :data:`EXPERIMENTS` order): its title and description, the
+    figure (linked as ``figures + "<name>.png"``, relative to where the page will live), each finding
+    with the number of seeds it holds on, the measured notes, and the seeds, mode and wall time.
+    Nothing on the page is typed in: rerunning the experiments and this function regenerates it.
+    """
+    json_dir = Path(json_dir)
+    lines = ["# Experiments", "",
+             "Each experiment below was generated by `descend experiments all --out docs/figures` and this page by",
+             "`descend.experiments.render_markdown(\"docs/figures\")`. Every claim is checked separately on each seed",
+             "and says on how many it holds; figures show the mean over seeds with the min-max range shaded.", ""]
+    total = 0.0
+    for name in EXPERIMENTS:
+        path = json_dir / f"{name}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        total += float(data.get("seconds", 0.0))
+        seeds = data.get("seeds", [])
+        mode = "quick mode" if data.get("quick") else "full mode"
+        lines += [f"## {name}", "", f"**{data.get('title', '')}**", ""]
+        if data.get("description"):
+            lines += [" ".join(data["description"].split()), ""]
+        lines += [f"![{name}]({figures}{name}.png)", ""]
+        if data.get("findings"):
+            lines += ["Findings:", ""]
+            lines += [f"- {f['text']} (**on {f['holds']} of {f['seeds']} seeds**)" for f in data["findings"]]
+            lines.append("")
+        if data.get("notes"):
+            lines += ["Measured:", ""]
+            lines += [f"- {note}" for note in data["notes"]]
+            lines.append("")
+        lines += [f"*{len(seeds)} seeds ({', '.join(map(str, seeds))}), {mode}, "
+                  f"{float(data.get('seconds', 0.0)):.0f} s wall time.*", ""]
+    lines += [f"Total wall time of the experiments on this page: {total:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["ALIASES", "EXPERIMENTS", "Finding", "Outcome", "render_markdown", "run", "run_all"]

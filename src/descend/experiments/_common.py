@@ -1,114 +1,177 @@
-"""What every experiment shares: its outcome, atomic file writing, the digits data and small loops."""
+"""What every experiment shares: its outcome and findings, seeds, tuning, plotting, the digits data.
+
+A *finding* is a claim checked separately on every seed; it carries how many seeds it holds on, so
+what is printed and documented is computed from the runs, never typed in.
+"""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from descend.train._tuning import TuneResult, seed_stats, tune_lr
+
 DPI = 100
+
+#: Okabe & Ito's colour-blind-safe palette; yellow, hard to see on white, comes last.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+
+#: Default number of seeds: full mode and ``quick`` mode.
+FULL_SEEDS, QUICK_SEEDS = 5, 2
+
+
+@dataclass
+class Finding:
+    """One claim, checked on each seed: it holds on ``holds`` of ``seeds`` seeds.
+
+    ``key`` names it for tests and the JSON; ``text`` states it in words, numbers included.
+    """
+
+    key: str
+    text: str
+    holds: int
+    seeds: int
+
+    @property
+    def robust(self) -> bool:
+        """Whether the claim holds on every seed."""
+        return self.holds == self.seeds
+
+    def line(self) -> str:
+        return f"{self.text} (on {self.holds} of {self.seeds} seeds)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "text": self.text, "holds": self.holds, "seeds": self.seeds, "line": self.line()}
+
+
+def finding(key: str, text: str, per_seed: Sequence[bool]) -> Finding:
+    """A :class:`Finding` from one boolean per seed (whether the claim holds on that seed)."""
+    flags = [bool(v) for v in per_seed]
+    return Finding(key, text, sum(flags), len(flags))
 
 
 @dataclass
 class Outcome:
-    """What an experiment returns: its numbers, its figure and its finding as a few printed lines."""
+    """What an experiment returns: its numbers, figure, findings (claims over seeds) and notes.
+
+    ``notes`` are lines of measured numbers that claim nothing (means and ranges over seeds).
+    """
 
     numbers: dict[str, Any]
     figure: Figure
-    finding: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def finding(self) -> list[str]:
+        """Every printed line: the findings with their seed counts, then the notes."""
+        return [f.line() for f in self.findings] + self.notes
 
 
-def new_figure(ncols: int, width: float = 4.2, height: float = 3.4) -> tuple[Figure, list[Any]]:
-    """A matplotlib ``Figure`` (no pyplot, so no global state) with ``ncols`` axes side by side."""
-    fig = Figure(figsize=(width * ncols, height), dpi=DPI)
-    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+def seed_list(quick: bool, seed: int = 0, n: int | None = None) -> list[int]:
+    """Seeds ``seed .. seed + n - 1``; ``n`` defaults to 5 (2 with ``quick``)."""
+    count = (QUICK_SEEDS if quick else FULL_SEEDS) if n is None else n
+    if count < 1:
+        raise ValueError(f"the number of seeds must be >= 1, got {count}")
+    return list(range(seed, seed + count))
+
+
+def span(values: Sequence[float], fmt: str = ".3g") -> str:
+    """``"mean (min..max)"`` of ``values`` over seeds."""
+    s = seed_stats([float(v) for v in values])
+    return f"{s.mean:{fmt}} ({s.min:{fmt}}..{s.max:{fmt}})"
+
+
+def tune(run: Callable[[float, int], Any], grid: Sequence[float], seeds: Sequence[int],
+         max_extensions: int = 4) -> TuneResult:
+    """:func:`descend.train._tuning.tune_lr`: the grid extended while its best (mean over seeds) is at an edge."""
+    return tune_lr(run, grid, seeds, max_extensions=max_extensions)
+
+
+def tuned_dict(result: TuneResult) -> dict[str, Any]:
+    """A tuning result for the JSON: the grid, its mean validation losses, the chosen rate, ``at_edge``."""
+    out = result.to_dict()
+    out["mean_val_loss"] = [v if math.isfinite(v) else None for v in out["mean_val_loss"]]
+    return out
+
+
+# --- figures ---------------------------------------------------------------------------------------
+
+
+def new_figure(ncols: int, width: float = 4.2, height: float = 3.4, nrows: int = 1) -> tuple[Figure, list[Any]]:
+    """A matplotlib ``Figure`` (no pyplot, so no global state) with ``nrows x ncols`` axes, row-major."""
+    fig = Figure(figsize=(width * ncols, height * nrows), dpi=DPI)
+    axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(nrows * ncols)]
+    for ax in axes:
+        ax.set_prop_cycle(color=list(PALETTE))
     return fig, axes
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def band(ax: Any, x: Sequence[float], curves: Sequence[Sequence[float]], color: str, label: str,
+         linestyle: str = "-") -> None:
+    """Mean over seeds as a line and the min-max over seeds as a shaded band.
+
+    ``curves`` is one curve per seed, all of ``len(x)``. A non-finite value (a diverged seed) is not
+    clamped: the mean and band are left undrawn at that point, and the label says how many diverged.
+    """
+    t = torch.tensor([list(map(float, c)) for c in curves], dtype=torch.float64)
+    bad = ~torch.isfinite(t)
+    diverged = int(bad.any(1).sum())
+    t = t.masked_fill(bad, float("nan"))
+    mean, lo, hi = t.mean(0), t.amin(0), t.amax(0)  # NaN propagates: undrawn where any seed diverged
+    if diverged:
+        label = f"{label} ({diverged} of {len(curves)} seeds diverged)"
+    xs = list(map(float, x))
+    ax.plot(xs, mean.tolist(), color=color, linestyle=linestyle, label=label, linewidth=1.5)
+    ax.fill_between(xs, lo.tolist(), hi.tolist(), color=color, alpha=0.2, linewidth=0)
 
 
-def save_figure(fig: Figure, path: Path) -> None:
-    """Write ``fig`` as a PNG to a temporary file beside ``path``, then move it into place."""
-    fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI), "wb")
+def outside_legend(ax: Any, **kwargs: Any) -> None:
+    """A legend below the axes, so it never covers data."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=7, frameon=False, **kwargs)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Tensor):
-        return _jsonable(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf
-    return value
+# --- data and small loops --------------------------------------------------------------------------
 
 
-def save_json(numbers: dict[str, Any], path: Path) -> None:
-    """Write ``numbers`` as indented JSON, atomically (non-finite floats become strings)."""
-    _atomic_write(path, lambda f: json.dump(_jsonable(numbers), f, indent=1), "w")
+class Digits(NamedTuple):
+    """Standardised digits: train ``[1258, 64]``, validation and test splits (labels ``0..9``)."""
+
+    x: Tensor
+    y: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
 
 
-@lru_cache(maxsize=4)
-def _digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+@lru_cache(maxsize=16)
+def digits(seed: int = 0) -> Digits:
+    """The digits split by ``seed`` (:func:`descend.data.tabular.load_digits`), standardised on train."""
     from descend.data.tabular import load_digits
 
-    bundle = load_digits(seed=seed)
-    # train on the train split, report on val + test together (the experiments tune nothing on it)
-    x_test = torch.cat([bundle.val.inputs[0], bundle.test.inputs[0]])
-    y_test = torch.cat([bundle.val.targets, bundle.test.targets])
-    return bundle.train.inputs[0], bundle.train.targets, x_test, y_test
+    b = load_digits(seed=seed)
+    return Digits(b.train.inputs[0], b.train.targets, b.val.inputs[0], b.val.targets,
+                  b.test.inputs[0], b.test.targets)
 
 
-def digits(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Standardised digits ``(x_train [1078, 64], y_train [1078], x_test [719, 64], y_test [719])``."""
-    return _digits(seed)
-
-
-def seed_all(seed: int) -> torch.Generator:
-    """Seed torch's global generator and return a fresh generator for the data order."""
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed + 1)
-
-
-def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Endless index batches: a fresh permutation of ``range(n)`` each epoch, cut into ``batch_size``."""
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield perm[start : start + batch_size]
-
-
-def flat(tensors: list[Tensor]) -> Tensor:
+def flat(tensors: Sequence[Tensor]) -> Tensor:
     """All tensors concatenated into one 1-D float64 vector."""
     return torch.cat([t.detach().reshape(-1).double() for t in tensors])
 
 
-def loss_of(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Mean cross-entropy of ``model`` on ``(x, y)``, without gradients."""
+def loss_of(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> float:
+    """Mean loss (cross-entropy unless ``loss_fn``) of ``model`` on ``(x, y)``, without gradients; inf if not finite."""
     with torch.no_grad():
-        return float(nn.functional.cross_entropy(model(x), y))
+        value = float((loss_fn or nn.functional.cross_entropy)(model(x), y))
+    return value if math.isfinite(value) else math.inf
 
 
 def accuracy(model: nn.Module, inputs: tuple[Tensor, ...], y: Tensor) -> float:

@@ -1,97 +1,213 @@
-"""Depth: per-layer gradient norms of plain and residual networks, and whether they train."""
+"""Depth: skip connections with the same init and norm, the init gain, and the bare residual's blow-up."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from descend import optim
-from descend.diagnostics import gradient_flow
-from descend.experiments._common import Outcome, digits, loss_of, minibatches, new_figure, seed_all
+from descend._random import generator, seed_everything
+from descend.diagnostics import activation_gradients, gradient_flow
+from descend.experiments._common import (
+    PALETTE,
+    Outcome,
+    band,
+    digits,
+    finding,
+    loss_of,
+    new_figure,
+    span,
+    tune,
+    tuned_dict,
+)
 from descend.nn import MLP, ResidualMLP
+from descend.train import Minibatch
 
 WIDTH = 64
+GAINS = (0.5, 1.0, math.sqrt(2), 4.0)
+NETS = (("plain", "relu"), ("residual", "relu"), ("plain", "sigmoid"), ("residual", "sigmoid"))
 
 
-def _model(kind: str, activation: str, depth: int) -> nn.Module:
-    if kind == "plain":
-        return MLP(64, 10, hidden=WIDTH, depth=depth, activation=activation)
-    return ResidualMLP(64, 10, width=WIDTH, depth=depth, activation=activation)
+def _net(kind: str, activation: str, depth: int, norm: str | None = "layer") -> nn.Module:
+    """``ResidualMLP`` (He init, pre-LayerNorm) with or without the skip: the same parameters either way."""
+    return ResidualMLP(64, 10, width=WIDTH, depth=depth, activation=activation, residual=kind == "residual",
+                       norm=norm)
 
 
-def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> list[float]:
-    gen = torch.Generator().manual_seed(seed + 1)
-    opt = optim.Momentum(model.parameters(), lr=0.1, beta=0.9)
-    batches = minibatches(len(y), 64, gen)
-    curve = [loss_of(model, x, y)]
-    for t in range(1, steps + 1):
-        idx = next(batches)
+def _train(kind: str, activation: str, depth: int, lr: float, seed: int, steps: int) -> tuple[float, dict[str, Any]]:
+    """Adam, minibatches of 64: final validation loss, and the final training loss (full training set)."""
+    data = digits(seed)
+    seed_everything(seed)
+    model = _net(kind, activation, depth)
+    opt = optim.Adam(model.parameters(), lr=lr)
+    sampler = Minibatch(len(data.y), 64, seed=seed)
+    for _ in range(steps):
+        (idx,) = sampler.next_step()
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        nn.functional.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
         opt.step()
-        if t % 10 == 0:
-            curve.append(loss_of(model, x, y))
-    return curve
+    return loss_of(model, data.x_val, data.y_val), {"train_loss": loss_of(model, data.x, data.y)}
 
 
-def depth(*, quick: bool = False, seed: int = 0) -> Outcome:
-    """Plain deep sigmoid/tanh nets lose the gradient at the input side; residual nets keep it.
+def _probe(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    data = digits(seed)
+    pick = torch.randperm(len(data.y), generator=generator(seed))[:256]
+    return data.x[pick], data.y[pick]
 
-    At initialisation (PyTorch's default init for the plain :class:`descend.nn.MLP`, He init and
-    pre-LayerNorm blocks for :class:`descend.nn.ResidualMLP`, width 64), the gradient norm of every
-    weight matrix (:func:`descend.diagnostics.gradient_flow`, cross-entropy on 512 digits) for
-    sigmoid, tanh and ReLU nets of depth 2, 4, 8, 16 (and 32) hidden layers; the first layer's norm
-    against depth, and each layer's at depth 16. Then all depth-16 nets are trained by EMA momentum
-    (beta 0.9, lr 0.1, minibatches of 64) for 300 steps. Reported: the first-layer gradient norms and
-    the final training losses.
+
+def depth(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
+    """With the same init and norm, the skip keeps deep sigmoid nets trainable; the init gain sets the backward signal.
+
+    Part 1 (the anchor is He et al.'s figure of training loss against depth): :class:`descend.nn.ResidualMLP`
+    of width 64 with He init and pre-LayerNorm blocks, with the skip (``z + W act(norm(z))``) and
+    without it (``W act(norm(z))``, the same parameters), ReLU and sigmoid, at several depths, trained
+    on digits by Adam (minibatches of 64); each net's learning rate is tuned at the deepest depth on the
+    mean final validation loss over seeds. Reported: the final training loss against depth.
+    Part 2: a plain tanh :class:`descend.nn.MLP` of 16 hidden layers initialised with
+    ``W ~ N(0, g^2/fan_in)``, ``g`` in {0.5, 1, sqrt 2, 4}: the norm of the loss gradient at each layer's
+    output (:func:`descend.diagnostics.activation_gradients`) at initialisation, 256 digits.
+    Part 3: the weight-gradient norm of every layer (:func:`descend.diagnostics.gradient_flow`) of the
+    16-block nets of part 1 at initialisation. Part 4: the bare residual ``z + f(z)`` (no norm) against
+    the pre-norm one: the size of the output and of the first layer's gradient against depth.
     """
-    x, y, _, _ = digits(seed)
-    depths = (2, 4, 8, 16) if quick else (2, 4, 8, 16, 32)
-    nets = [("plain", a) for a in ("sigmoid", "tanh", "relu")] + [("residual", a) for a in ("sigmoid", "relu")]
-    probe = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:512]
-    flows: dict[str, dict[int, dict[str, float]]] = {}
-    for kind, act in nets:
+    depths = (2, 8) if quick else (2, 4, 8, 16, 32)
+    steps = 100 if quick else 150
+    tune_depth = depths[-1]
+    n = len(seeds)
+    tuned, train_loss = {}, {}
+    for kind, act in NETS:
         label = f"{kind} {act}"
-        flows[label] = {}
+        tuned[label] = tune(lambda lr, s, k=kind, a=act: _train(k, a, tune_depth, lr, s, steps),
+                            [1e-3, 3e-3, 1e-2], seeds, 3)
+        lr = tuned[label].best_lr
+        train_loss[label] = {}
         for d in depths:
-            seed_all(seed)
-            flows[label][d] = gradient_flow(_model(kind, act, d), x[probe], y[probe], nn.functional.cross_entropy)
-    first = {label: {d: next(iter(f.values())) for d, f in by_depth.items()} for label, by_depth in flows.items()}
-    steps = 150 if quick else 300
-    curves = {}
-    for kind, act in nets:
-        seed_all(seed)
-        curves[f"{kind} {act}"] = _train(_model(kind, act, 16), x, y, steps, seed)
-    ratio = first["residual sigmoid"][16] / max(first["plain sigmoid"][16], 1e-300)
-    numbers: dict[str, Any] = {
-        "depths": list(depths), "width": WIDTH, "first_layer_gradient_norm": first,
-        "residual_over_plain_sigmoid_first_layer_depth16": ratio,
-        "final_loss_depth16": {label: c[-1] for label, c in curves.items()}, "train_steps": steps,
-        "gradient_flow_depth16": {label: f[16] for label, f in flows.items()},
-        "curves": curves,
-    }
-    finding = [f"first-layer gradient norm at depth {', '.join(map(str, depths))}:"]
-    finding += [f"  {label:>16}: " + ", ".join(f"{v:.1e}" for v in by_depth.values())
-                for label, by_depth in first.items()]
-    finding.append(f"depth 16: residual sigmoid / plain sigmoid first-layer gradient = {ratio:.1e}")
-    finding.append(f"depth 16, training loss after {steps} steps: "
-                   + ", ".join(f"{label} {c[-1]:.3f}" for label, c in curves.items()))
+            if d == tune_depth:
+                train_loss[label][d] = [det["train_loss"] for det in tuned[label].details[lr]]
+            else:
+                train_loss[label][d] = [_train(kind, act, d, lr, s, steps)[1]["train_loss"] for s in seeds]
 
-    fig, (ax1, ax2, ax3) = new_figure(3, width=4.0)
-    for label, by_depth in first.items():
-        style = "--" if label.startswith("residual") else "-"
-        ax1.plot(list(by_depth), list(by_depth.values()), style, marker="o", markersize=3, label=label)
-        norms = list(flows[label][16].values())
-        ax2.plot(range(len(norms)), norms, style, marker=".", markersize=3, label=label)
-        ax3.plot([10 * i for i in range(len(curves[label]))], curves[label], style, label=label)
-    ax1.set(xscale="log", yscale="log", xlabel="hidden layers", ylabel="‖∂L/∂W‖ of the first layer",
-            title="gradient reaching the input side")
+    # part 2: init gain of a plain tanh net, the backward signal per layer
+    signal: dict[float, list[list[float]]] = {}
+    for g in GAINS:
+        signal[g] = []
+        for s in seeds:
+            seed_everything(s)
+            x, y = _probe(s)
+            signal[g].append(list(activation_gradients(MLP(64, 10, WIDTH, 16, "tanh", init=g), x, y,
+                                                       nn.functional.cross_entropy).values()))
+    # ratio of the first hidden layer's backward signal to the last's
+    ratio = {g: [r[0] / r[-1] for r in rows] for g, rows in signal.items()}
+
+    # part 3: weight-gradient norm per layer, 16 blocks, plain vs residual
+    flows: dict[str, list[list[float]]] = {}
+    for kind, act in NETS:
+        flows[f"{kind} {act}"] = []
+        for s in seeds:
+            seed_everything(s)
+            x, y = _probe(s)
+            flows[f"{kind} {act}"].append(list(gradient_flow(_net(kind, act, 16), x, y,
+                                                             nn.functional.cross_entropy).values()))
+
+    # part 4: the bare residual z + f(z) against the pre-norm residual, at initialisation
+    bare_depths = (2, 8, 32, 128, 256) if quick else (2, 8, 32, 64, 128, 192, 256, 320)
+    blow: dict[str, dict[str, list[list[float]]]] = {}
+    for label, norm in (("bare z + f(z)", None), ("pre-norm residual", "layer")):
+        blow[label] = {"output_std": [], "first_grad": []}
+        for s in seeds:
+            x, y = _probe(s)
+            out_row, grad_row = [], []
+            for d in bare_depths:
+                seed_everything(s)
+                model = _net("residual", "relu", d, norm)
+                with torch.no_grad():
+                    out_row.append(float(model(x).std()))
+                grad_row.append(next(iter(gradient_flow(model, x, y, nn.functional.cross_entropy).values())))
+            blow[label]["output_std"].append(out_row)
+            blow[label]["first_grad"].append(grad_row)
+    bare_nan = [next((d for d, v in zip(bare_depths, row) if not math.isfinite(v)), None)
+                for row in blow["bare z + f(z)"]["output_std"]]
+
+    deep = depths[-1]
+    findings = [
+        finding("skip_decisive_for_sigmoid",
+                f"at depth {deep}, the residual sigmoid net ends with a lower training loss than the plain one "
+                f"({span(train_loss['residual sigmoid'][deep])} against {span(train_loss['plain sigmoid'][deep])})",
+                [r < p for r, p in zip(train_loss["residual sigmoid"][deep], train_loss["plain sigmoid"][deep])]),
+        finding("plain_sigmoid_degrades_with_depth",
+                f"the plain sigmoid net's training loss is higher at depth {deep} than at depth {depths[0]} "
+                f"({span(train_loss['plain sigmoid'][deep])} against {span(train_loss['plain sigmoid'][depths[0]])})",
+                [a > b for a, b in zip(train_loss["plain sigmoid"][deep], train_loss["plain sigmoid"][depths[0]])]),
+        finding("skip_helps_relu",
+                f"at depth {deep}, the residual ReLU net ends with a lower training loss than the plain ReLU net "
+                f"({span(train_loss['residual relu'][deep])} against {span(train_loss['plain relu'][deep])})",
+                [r < p for r, p in zip(train_loss["residual relu"][deep], train_loss["plain relu"][deep])]),
+        finding("gain_below_one_vanishes",
+                f"tanh, 16 layers, gain 0.5: the backward signal at the first layer is below 1e-3 of the last "
+                f"layer's (ratio {span(ratio[0.5], '.1e')})", [r < 1e-3 for r in ratio[0.5]]),
+        finding("gain_above_one_explodes",
+                f"tanh, 16 layers, gain 4: the backward signal at the first layer is above 10x the last "
+                f"layer's (ratio {span(ratio[4.0], '.1e')})", [r > 10 for r in ratio[4.0]]),
+        finding("gain_one_keeps_signal",
+                f"tanh, 16 layers, gain 1: first/last ratio within 0.1..10 ({span(ratio[1.0], '.2f')})",
+                [0.1 < r < 10 for r in ratio[1.0]]),
+        finding("bare_residual_blows_up",
+                f"the bare residual's output grows with depth to non-finite values by depth {bare_depths[-1]} "
+                f"(first non-finite depth per seed: {', '.join(str(d) for d in bare_nan)}), while the "
+                f"pre-norm residual's output std stays within 0.1..10",
+                [d is not None and all(0.1 < v < 10 for v in row)
+                 for d, row in zip(bare_nan, blow["pre-norm residual"]["output_std"])]),
+    ]
+    notes = [f"{label}: learning rate {r.best_lr:g}{' (at the grid edge)' if r.at_edge else ''}; final training "
+             "loss by depth " + ", ".join(f"{d}: {span(train_loss[label][d])}" for d in depths)
+             for label, r in tuned.items()]
+    numbers: dict[str, Any] = {
+        "depths": list(depths), "steps": steps, "width": WIDTH, "tune_depth": tune_depth,
+        "tuning": {label: tuned_dict(r) for label, r in tuned.items()},
+        "train_loss": {label: {str(d): v for d, v in by.items()} for label, by in train_loss.items()},
+        "gains": list(GAINS), "backward_signal": {f"{g:.3g}": v for g, v in signal.items()},
+        "first_over_last_signal": {f"{g:.3g}": v for g, v in ratio.items()},
+        "gradient_flow_depth16": flows, "bare_depths": list(bare_depths), "blow_up": blow,
+        "bare_first_nonfinite_depth": bare_nan,
+    }
+
+    fig, axes = new_figure(2, width=5.2, height=3.6, nrows=2)
+    ax1, ax2, ax3, ax4 = axes
+    for (label, by), color in zip(train_loss.items(), PALETTE):
+        style = "-" if label.startswith("residual") else "--"
+        band(ax1, depths, [[by[d][i] for d in depths] for i in range(n)], color,
+             f"{label} (lr {tuned[label].best_lr:g})", style)
+    ax1.set(xscale="log", yscale="log", xlabel="hidden layers (depth)",
+            ylabel=f"training loss after {steps} steps", title="same init (He) and LayerNorm; skip on/off")
     ax1.set_xticks(list(depths), [str(d) for d in depths])
-    ax2.set(yscale="log", xlabel="layer (input side → output)", ylabel="‖∂L/∂W‖", title="per layer, 16 hidden layers")
-    ax3.set(yscale="log", xlabel="step (momentum, lr 0.1)", ylabel="training loss", title="training, 16 hidden layers")
-    for ax in (ax1, ax2, ax3):
-        ax.grid(True, alpha=0.3)
+    ax1.minorticks_off()
     ax1.legend(fontsize=7)
-    return Outcome(numbers, fig, finding)
+    for g, color in zip(GAINS, PALETTE):
+        rows = signal[g]
+        band(ax2, range(1, len(rows[0]) + 1), rows, color, f"gain {g:.3g}")
+    ax2.set(yscale="log", xlabel="hidden layer (input side → output)", ylabel="‖∂L/∂h_l‖ at initialisation",
+            title="plain tanh MLP, 16 layers, W ~ N(0, g²/fan_in)")
+    ax2.legend(fontsize=7)
+    for (label, rows), color in zip(flows.items(), PALETTE):
+        style = "-" if label.startswith("residual") else "--"
+        band(ax3, range(len(rows[0])), rows, color, label, style)
+    ax3.set(yscale="log", xlabel="layer (stem → blocks → head)", ylabel="‖∂L/∂W‖ at initialisation",
+            title="16 blocks, He init, LayerNorm")
+    ax3.legend(fontsize=7)
+    for (label, parts), color in zip(blow.items(), PALETTE[4:]):
+        for rows, style, what in ((parts["output_std"], "-", "output std"), (parts["first_grad"], ":", "‖∂L/∂W₁‖")):
+            band(ax4, bare_depths, rows, color, f"{label}: {what}", style)
+    for d in {d for d in bare_nan if d is not None}:
+        ax4.axvline(d, color=PALETTE[4], linestyle="--", linewidth=1)
+        ax4.annotate(f"non-finite\nat depth {d}", (d, 10.0), fontsize=7, color=PALETTE[4], ha="center", va="bottom")
+    ax4.set_xlim(right=bare_depths[-1] * 1.6)
+    ax4.set(xscale="log", yscale="log", xlabel="residual blocks (depth)", ylabel="size at initialisation",
+            title="ReLU residual, He init: with and without norm")
+    ax4.legend(fontsize=7, loc="upper left")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    return Outcome(numbers, fig, findings, notes)

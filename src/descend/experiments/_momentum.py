@@ -1,99 +1,279 @@
-"""Momentum as noise smoothing: how much the update direction wanders from step to step."""
+"""Momentum: acceleration on ill-conditioned quadratics, a larger stable step, and noise smoothing."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from descend import optim
-from descend.experiments._common import Outcome, digits, flat, loss_of, minibatches, new_figure, seed_all
+from descend._random import generator, seed_everything
+from descend.experiments._common import (
+    PALETTE,
+    Outcome,
+    band,
+    digits,
+    finding,
+    flat,
+    loss_of,
+    new_figure,
+    span,
+    tune,
+    tuned_dict,
+)
 from descend.nn import MLP
+from descend.train import Minibatch
 
-BETAS = (0.0, 0.5, 0.9, 0.99)
-WINDOW = 50
+DIM = 50
+TOL = 1e-3
+BETAS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.94, 0.96, 0.98, 0.99, 0.995)
+SMOOTH_BETAS = (0.0, 0.9, 0.99)
 
 
-def _train(x: torch.Tensor, y: torch.Tensor, beta: float, lr: float, steps: int, seed: int) -> dict[str, Any]:
-    """Minibatch (32) training with ``Momentum(beta)``; the per-step unit update directions and the loss."""
-    n = len(y)
-    gen = seed_all(seed)
-    model = MLP(x.shape[1], 10, hidden=32, depth=1)
+def quadratic(kappa: float, seed: int, dim: int = DIM) -> tuple[Tensor, Tensor]:
+    """Curvatures ``h`` (``h_min = 1/kappa``, ``h_max = 1``, the rest log-uniform between) and a start ``w0 ~ N(0, I)``.
+
+    ``f(w) = 1/2 sum_i h_i w_i^2``: condition number ``kappa``, minimum at 0. Float64, shape ``[dim]`` each.
+    """
+    g = generator(seed)
+    inner = torch.rand(dim - 2, generator=g, dtype=torch.float64)
+    h = torch.cat([torch.tensor([1.0 / kappa, 1.0], dtype=torch.float64), kappa ** (inner - 1)])
+    return h, torch.randn(dim, generator=g, dtype=torch.float64)
+
+
+def heavy_ball(h: Tensor, w0: Tensor, alpha: Tensor, beta: Tensor, max_iter: int, tol: float = TOL) -> Tensor:
+    """Iterations until ``||w_t|| <= tol ||w_0||`` on ``f = 1/2 sum h_i w_i^2``, for many runs at once.
+
+    The update is :class:`descend.optim.Momentum`'s, ``m <- beta m + (1-beta) g``, ``w <- w - lr m``,
+    written with the heavy-ball step ``alpha = lr (1 - beta)``: ``v <- beta v + alpha g``, ``w <- w - v``
+    (``beta = 0`` is gradient descent with step ``alpha``). ``h, w0``: ``[S, d]`` (one quadratic per seed);
+    ``alpha, beta``: ``[C]`` (configurations). Returns ``[C, S]`` float iteration counts, ``inf`` where
+    the tolerance was not reached within ``max_iter`` or the run diverged (``||w_t|| > 1e6 ||w_0||``).
+    """
+    a, b = alpha[:, None, None], beta[:, None, None]
+    w = w0.expand(len(alpha), *w0.shape).clone()
+    v = torch.zeros_like(w)
+    start = w0.norm(dim=-1)
+    done = torch.full(w.shape[:2], math.inf, dtype=torch.float64)
+    active = torch.ones(w.shape[:2], dtype=torch.bool)
+    for t in range(1, max_iter + 1):
+        v.mul_(b).add_(a * h * w)
+        w.sub_(v)
+        if t <= 1000 or t % 10 == 0:
+            norm = w.norm(dim=-1)
+            reached = active & (norm <= tol * start)
+            done[reached] = t
+            active &= ~reached & (norm < 1e6 * start) & torch.isfinite(norm)
+            if not active.any():
+                break
+    return done
+
+
+def _tune_quadratic(kappa: float, seeds: Sequence[int], betas: Sequence[float], max_iter: int) -> dict[str, Any]:
+    """Per beta, the step alpha minimising the mean iterations to tolerance over seeds (grid extended at edges)."""
+    hs, w0s = zip(*(quadratic(kappa, s) for s in seeds))
+    h, w0 = torch.stack(hs), torch.stack(w0s)
+    grid = [0.3, 0.53, 0.95, 1.69, 3.0]
+    cache: dict[tuple[float, float], list[float]] = {}
+
+    def simulate(pairs: list[tuple[float, float]]) -> None:
+        alpha = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
+        beta = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+        counts = heavy_ball(h, w0, alpha, beta, max_iter)
+        for pair, row in zip(pairs, counts.tolist()):
+            cache[pair] = row
+
+    simulate([(a, b) for b in betas for a in grid])
+    results = {}
+    for b in betas:
+        def run(alpha: float, seed: int, b: float = b) -> float:
+            if (alpha, b) not in cache:
+                simulate([(alpha, b)])
+            return cache[(alpha, b)][list(seeds).index(seed)]
+
+        results[b] = tune(run, grid, seeds, max_extensions=4)
+    best_beta = min(results, key=lambda b: results[b].mean_score(results[b].best_lr))
+    return {"per_beta": results, "best_beta": best_beta}
+
+
+def max_stable_step(beta: float, kappa: float, seed: int, iters: int = 400) -> float:
+    """The largest heavy-ball step ``alpha`` (of a fine log grid) after which ``||w_T|| <= ||w_0||``."""
+    h, w0 = quadratic(kappa, seed)
+    alphas = torch.logspace(math.log10(0.5), math.log10(20.0), 200, dtype=torch.float64)
+    w = w0.expand(len(alphas), -1).clone()
+    v = torch.zeros_like(w)
+    a = alphas[:, None]
+    for _ in range(iters):
+        v.mul_(beta).add_(a * h * w)
+        w.sub_(v)
+    stable = torch.isfinite(w.norm(dim=-1)) & (w.norm(dim=-1) <= w0.norm())
+    return float(alphas[stable].max()) if stable.any() else math.nan
+
+
+def _smoothing_run(beta: float, lr: float, seed: int, steps: int) -> tuple[float, dict[str, Any]]:
+    """Minibatch (32) training with ``Momentum(beta)`` on digits: final validation loss, the curves, and the
+    cosine between each 10th update ``w_t - w_{t+1}`` and the full-batch gradient at ``w_t``."""
+    data = digits(seed)
+    seed_everything(seed)
+    model = MLP(64, 10, hidden=32, depth=1)
     params = list(model.parameters())
     opt = optim.Momentum(params, lr=lr, beta=beta)
-    batches = minibatches(n, 32, gen)
-    directions, curve = [], [(0, loss_of(model, x, y))]
+    sampler = Minibatch(len(data.y), 32, seed=seed)
+    cosines, losses = [], [loss_of(model, data.x, data.y)]
     for t in range(1, steps + 1):
-        idx = next(batches)
-        before = flat(params)
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        u = flat(params) - before
-        directions.append(u / u.norm())
+        (idx,) = sampler.next_step()
+        full = None
         if t % 10 == 0:
-            curve.append((t, loss_of(model, x, y)))
-    # skip the first 2 windows: the EMA starts at zero and needs ~1/(1-beta) steps to fill
-    d = torch.stack(directions[2 * WINDOW : len(directions) // WINDOW * WINDOW])  # (T, P)
-    windows = d.reshape(-1, WINDOW, d.shape[1])
-    variance = float((1 - windows.mean(1).norm(dim=1) ** 2).mean())  # mean_t ||d_t - mean d||^2 per window
-    cosine = float((d[1:] * d[:-1]).sum(1).mean())
-    return {"beta": beta, "lr": lr, "variance": variance, "consecutive_cosine": cosine,
-            "steps": [s for s, _ in curve], "loss": [v for _, v in curve], "final_loss": curve[-1][1]}
+            full = flat(torch.autograd.grad(nn.functional.cross_entropy(model(data.x), data.y), params))
+            before = flat(params)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
+        opt.step()
+        if full is not None:
+            u = before - flat(params)
+            cosines.append(float(u @ full / (u.norm() * full.norm()).clamp_min(1e-300)))
+            losses.append(loss_of(model, data.x, data.y))
+            if not math.isfinite(losses[-1]):
+                return math.inf, {}
+    return loss_of(model, data.x_val, data.y_val), {"cosine": cosines, "loss": losses}
 
 
-def momentum_noise(*, quick: bool = False, seed: int = 0) -> Outcome:
-    """EMA momentum smooths the minibatch noise out of the update direction.
+def momentum(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
+    """Momentum accelerates on ill-conditioned quadratics, tolerates a larger step, and smooths the noise.
 
-    A one-hidden-layer MLP (64-32-10) on digits, minibatches of 32, trained by
-    :class:`descend.optim.Momentum` (``m <- a m + (1-a) g``, ``w <- w - lr m``) with
-    ``a in {0, 0.5, 0.9, 0.99}`` (``a = 0`` is plain SGD) at the same learning rate 0.3. For every step
-    the update ``u_t = w_{t+1} - w_t`` is normalised, ``d_t = u_t/||u_t||``; its step-to-step variance is
-    ``mean ||d_t - mean_window(d)||^2 = 1 - ||mean_window(d)||^2`` over windows of 50 steps (1: directions
-    uncorrelated, 0: a fixed direction), and the mean cosine of consecutive updates is reported too.
-    Progress is the full training loss after the last step, at lr 0.3 and at each ``a``'s best
-    learning rate of ``{0.1, 0.3, 1}``.
+    Part 1, acceleration: ``f(w) = 1/2 sum_i h_i w_i^2`` in 50 dimensions, curvatures from ``1/kappa``
+    to 1 (log-uniform between, drawn per seed), start ``w0 ~ N(0, I)``. Gradient descent and EMA momentum
+    (:class:`descend.optim.Momentum`, written as the heavy ball ``v <- beta v + alpha g, w <- w - v``
+    with ``alpha = lr (1 - beta)``) are tuned for the fewest iterations to ``||w|| <= 1e-3 ||w0||``
+    (mean over seeds; alpha on a grid extended at its edges, beta on a grid from 0.1 to 0.995).
+    Theory: about ``kappa/2 ln(1/tol)`` iterations for GD and ``sqrt(kappa)/2 ln(1/tol)`` for momentum.
+    Part 2, stability: the largest step alpha that does not diverge, against beta (theory ``2 (1 + beta) / h_max``).
+    Part 3, smoothing: an MLP 64-32-10 on digits with minibatches of 32, ``beta`` in {0, 0.9, 0.99},
+    each at its own learning rate tuned on the mean final validation loss; the cosine between the
+    update and the full-batch gradient, and the training loss.
     """
-    x, y, _, _ = digits(seed)
-    steps = 400 if quick else 800
-    runs = {beta: _train(x, y, beta, 0.3, steps, seed) for beta in BETAS}
-    best = {}
-    for beta in BETAS:
-        candidates = [runs[beta]] + [_train(x, y, beta, lr, steps, seed) for lr in (0.1, 1.0)]
-        best[beta] = min(candidates, key=lambda r: r["final_loss"] if r["final_loss"] == r["final_loss"] else 9e9)
-    numbers: dict[str, Any] = {
-        "steps": steps, "batch": 32, "lr": 0.3,
-        "variance": {str(b): r["variance"] for b, r in runs.items()},
-        "consecutive_cosine": {str(b): r["consecutive_cosine"] for b, r in runs.items()},
-        "final_loss": {str(b): r["final_loss"] for b, r in runs.items()},
-        "best_lr": {str(b): r["lr"] for b, r in best.items()},
-        "best_final_loss": {str(b): r["final_loss"] for b, r in best.items()},
-        "curves": {str(b): {"steps": r["steps"], "loss": r["loss"]} for b, r in runs.items()},
-    }
-    finding = [f"a={b:<4}: variance of the unit update {r['variance']:.3f}, consecutive cosine "
-               f"{r['consecutive_cosine']:+.3f}, loss after {steps} steps {r['final_loss']:.4f} (lr 0.3); "
-               f"best lr {best[b]['lr']:g}: {best[b]['final_loss']:.4f}" for b, r in runs.items()]
+    kappas = (10.0, 100.0, 1000.0) if quick else (10.0, 100.0, 1000.0, 10000.0)
+    ln_tol = math.log(1 / TOL)
+    gd, mom, tuned_beta = {}, {}, {}
+    tuning: dict[str, Any] = {}
+    for kappa in kappas:
+        gd_cap = int(2 * kappa * ln_tol) + 100
+        hs, w0s = zip(*(quadratic(kappa, s) for s in seeds))
+        h, w0 = torch.stack(hs), torch.stack(w0s)
+        gd_cache: dict[float, list[float]] = {}
 
-    fig, (ax1, ax2) = new_figure(2)
-    for b, r in runs.items():
-        ax1.plot(r["steps"], r["loss"], label=f"a = {b:g}")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("step (minibatch 32)")
-    ax1.set_ylabel("training loss")
-    ax1.set_title("EMA momentum, lr 0.3")
-    ax1.legend(fontsize=8)
-    ax1.grid(True, alpha=0.3)
-    labels = [f"{b:g}" for b in BETAS]
-    pos = torch.arange(len(BETAS)).tolist()
-    ax2.bar([p - 0.2 for p in pos], [runs[b]["variance"] for b in BETAS], width=0.4,
-            label="variance of u/‖u‖ (50-step windows)")
-    ax2.bar([p + 0.2 for p in pos], [runs[b]["consecutive_cosine"] for b in BETAS], width=0.4,
-            label="cosine of consecutive updates")
-    ax2.set_xticks(pos, labels)
-    ax2.set_xlabel("momentum a")
-    ax2.set_ylim(-0.05, 1.1)
-    ax2.set_title("how much the direction wanders")
-    ax2.legend(fontsize=8)
-    ax2.grid(True, axis="y", alpha=0.3)
-    return Outcome(numbers, fig, finding)
+        def run_gd(alpha: float, seed: int, h: Tensor = h, w0: Tensor = w0, cap: int = gd_cap,
+                   cache: dict[float, list[float]] = gd_cache) -> float:
+            if alpha not in cache:
+                cache[alpha] = heavy_ball(h, w0, torch.tensor([alpha], dtype=torch.float64),
+                                          torch.zeros(1, dtype=torch.float64), cap)[0].tolist()
+            return cache[alpha][list(seeds).index(seed)]
+
+        g = tune(run_gd, [0.3, 0.53, 0.95, 1.69, 1.9], seeds)
+        m = _tune_quadratic(kappa, seeds, BETAS, min(gd_cap, int(40 * math.sqrt(kappa) * ln_tol) + 200))
+        best = m["per_beta"][m["best_beta"]]
+        gd[kappa] = g.scores[g.best_lr]
+        mom[kappa] = best.scores[best.best_lr]
+        tuned_beta[kappa] = m["best_beta"]
+        tuning[str(kappa)] = {"gd": tuned_dict(g), "momentum_beta": m["best_beta"],
+                              "momentum": tuned_dict(best)}
+    n = len(seeds)
+    logk = torch.tensor([math.log(k) for k in kappas])
+
+    def slope(counts: list[float]) -> float:
+        y = torch.tensor([math.log(c) for c in counts])
+        x = logk - logk.mean()
+        return float((x * (y - y.mean())).sum() / (x * x).sum())
+
+    gd_slopes = [slope([gd[k][i] for k in kappas]) for i in range(n)]
+    mom_slopes = [slope([mom[k][i] for k in kappas]) for i in range(n)]
+    stab_betas = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99)
+    stable = {b: [max_stable_step(b, 100.0, s) for s in seeds] for b in stab_betas}
+
+    # part 3: smoothing, each beta at its tuned learning rate
+    steps = 150 if quick else 300
+    smooth = {}
+    for b in SMOOTH_BETAS:
+        smooth[b] = tune(lambda lr, seed, b=b: _smoothing_run(b, lr, seed, steps), [0.1, 0.3, 1.0], seeds, 3)
+    best_runs = {b: [d for d in r.details[r.best_lr]] for b, r in smooth.items()}
+    half = lambda c: sum(c[len(c) // 2:]) / len(c[len(c) // 2:])  # noqa: E731
+    cos = {b: [half(d["cosine"]) for d in runs] for b, runs in best_runs.items()}
+    val = {b: r.scores[r.best_lr] for b, r in smooth.items()}
+
+    big = [k for k in kappas if k >= 100]
+    findings = [
+        finding("momentum_fewer_iterations",
+                f"tuned momentum reaches ||w|| <= 1e-3 ||w0|| in fewer iterations than tuned GD at every "
+                f"condition number >= 100 (at kappa = {kappas[-1]:g}: GD {span(gd[kappas[-1]])}, momentum "
+                f"{span(mom[kappas[-1]])} iterations)",
+                [all(mom[k][i] < gd[k][i] for k in big) for i in range(n)]),
+        finding("gd_linear_momentum_sqrt",
+                f"iterations grow like kappa for GD and like sqrt(kappa) for momentum: log-log slopes "
+                f"GD {span(gd_slopes, '.2f')}, momentum {span(mom_slopes, '.2f')} "
+                "(per seed: GD > 0.85, momentum < 0.65)",
+                [gs > 0.85 and ms < 0.65 for gs, ms in zip(gd_slopes, mom_slopes)]),
+        finding("larger_stable_step",
+                f"with beta = 0.9 the largest stable step alpha is {span(stable[0.9], '.2f')}, at least 1.8x "
+                f"GD's {span(stable[0.0], '.2f')} (theory 2(1+beta) = 3.8 against 2)",
+                [s9 >= 1.8 * s0 for s9, s0 in zip(stable[0.9], stable[0.0])]),
+        finding("momentum_smooths",
+                f"at tuned learning rates, the update's cosine with the full-batch gradient (second half) is "
+                f"higher with beta = 0.9 ({span(cos[0.9], '.2f')}) than with plain SGD ({span(cos[0.0], '.2f')})",
+                [c9 > c0 for c9, c0 in zip(cos[0.9], cos[0.0])]),
+        finding("momentum_lower_val_loss",
+                f"at tuned learning rates, beta = 0.9 ends with a lower validation loss than plain SGD "
+                f"({span(val[0.9])} against {span(val[0.0])})",
+                [v9 < v0 for v9, v0 in zip(val[0.9], val[0.0])]),
+    ]
+    notes = [f"kappa {k:g}: iterations GD {span(gd[k])}, momentum {span(mom[k])} (tuned beta {tuned_beta[k]:g})"
+             for k in kappas]
+    notes += [f"minibatch SGD with beta = {b:g}: tuned lr {r.best_lr:g}{' (at the grid edge)' if r.at_edge else ''}, "
+              f"validation loss {span(val[b])}" for b, r in smooth.items()]
+    numbers: dict[str, Any] = {
+        "kappas": list(kappas), "tolerance": TOL, "dimension": DIM,
+        "iterations_gd": {str(k): v for k, v in gd.items()},
+        "iterations_momentum": {str(k): v for k, v in mom.items()},
+        "tuned_beta": {str(k): v for k, v in tuned_beta.items()},
+        "slope_gd": gd_slopes, "slope_momentum": mom_slopes, "quadratic_tuning": tuning,
+        "max_stable_step": {str(b): v for b, v in stable.items()},
+        "smoothing": {str(b): {"tuning": tuned_dict(r), "cosine_second_half": cos[b], "val_loss": val[b]}
+                      for b, r in smooth.items()},
+    }
+
+    fig, (ax1, ax2, ax3, ax4) = new_figure(4, width=3.9, height=3.5)
+    for label, data, color in (("GD", gd, PALETTE[0]), ("momentum", mom, PALETTE[1])):
+        mean = [sum(data[k]) / n for k in kappas]
+        lo = [mean[j] - min(data[k]) for j, k in enumerate(kappas)]
+        hi = [max(data[k]) - mean[j] for j, k in enumerate(kappas)]
+        ax1.errorbar(kappas, mean, yerr=[lo, hi], color=color, marker="o", markersize=4, capsize=3,
+                     label=f"{label}, tuned")
+    ax1.plot(kappas, [kappas[0] / 2 * ln_tol * k / kappas[0] for k in kappas], ":", color="gray",
+             label="κ/2 · ln(1/tol)")
+    ax1.plot(kappas, [math.sqrt(k) / 2 * ln_tol for k in kappas], "--", color="gray", label="√κ/2 · ln(1/tol)")
+    ax1.set(xscale="log", yscale="log", xlabel="condition number κ", ylabel="iterations to ‖w‖ ≤ 1e-3 ‖w₀‖",
+            title="quadratic, 50 dimensions")
+    ax1.legend(fontsize=7)
+    mean_stable = [sum(stable[b]) / n for b in stab_betas]
+    ax2.plot(stab_betas, mean_stable, "o", color=PALETTE[1], label="measured (mean over seeds)")
+    ax2.plot(stab_betas, [2 * (1 + b) for b in stab_betas], "-", color="gray", linewidth=1, label="2(1+β) / h_max")
+    ax2.set(xlabel="momentum β", ylabel="largest stable step α = lr(1−β)", title="κ = 100, h_max = 1")
+    ax2.legend(fontsize=7)
+    for b, color in zip(SMOOTH_BETAS, PALETTE):
+        runs = best_runs[b]
+        lr = smooth[b].best_lr
+        x = [10 * (i + 1) for i in range(len(runs[0]["cosine"]))]
+        band(ax3, x, [d["cosine"] for d in runs], color, f"β = {b:g} (lr {lr:g})")
+        band(ax4, [10 * i for i in range(len(runs[0]["loss"]))], [d["loss"] for d in runs], color,
+             f"β = {b:g} (lr {lr:g})")
+    ax3.set(xlabel="step (minibatch 32)", ylabel="cos(update, full-batch gradient)",
+            title="digits MLP: smoothing", ylim=(0, 1))
+    ax4.set(yscale="log", xlabel="step (minibatch 32)", ylabel="training loss (cross-entropy)",
+            title="tuned learning rates")
+    ax3.legend(fontsize=7, loc="lower right")
+    ax4.legend(fontsize=7, loc="upper right")
+    for ax in (ax1, ax2, ax3, ax4):
+        ax.grid(True, alpha=0.3)
+    return Outcome(numbers, fig, findings, notes)

@@ -1,135 +1,201 @@
-"""Weight decay: L2 in the loss, coupled and decoupled decay on an overfitting net; decay as a box constraint."""
+"""Weight decay: a decay sweep on an overfitting net, and the box ``|w| <= 1/lambda`` of decoupled decay."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from descend import optim
-from descend.experiments._common import Outcome, accuracy, digits, loss_of, new_figure, seed_all
+from descend._random import generator, seed_everything
+from descend.experiments._common import (
+    PALETTE,
+    Outcome,
+    band,
+    digits,
+    finding,
+    loss_of,
+    new_figure,
+    span,
+    tune,
+    tuned_dict,
+)
 from descend.nn import MLP
+from descend.train import Minibatch
 
-LR = 1e-3
-L2 = 1e-3  # L2 in the loss and coupled decay (the same gradient g + lambda*w)
-DECOUPLED = 1.0  # AdamW's lambda: w <- (1 - lr*lambda) w each step
-BOX_LAMBDA = 5.0  # Lion/Signum: |w| <= 1/lambda = 0.2
-BOX_LR = 3e-3
+FEW = 150  # training examples of the overfitting task
+BOX_LAMBDA = 5.0  # bound 1/lambda = 0.2
+AT_BOUND = 0.95  # |w| >= 0.95/lambda counts as at the bound
 
-
-def _overfit(kind: str, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-             steps: int, seed: int) -> dict[str, Any]:
-    """Full-batch Adam on a few examples with a wide MLP; ``kind`` picks the regularisation."""
-    seed_all(seed)
-    model = MLP(x.shape[1], 10, hidden=256, depth=2)
-    params = list(model.parameters())
-    if kind == "decoupled decay":
-        opt: torch.optim.Optimizer = optim.AdamW(params, lr=LR, weight_decay=DECOUPLED)
-    elif kind == "coupled decay":
-        opt = optim.Adam(params, lr=LR, weight_decay=L2)
-    else:
-        opt = optim.Adam(params, lr=LR)
-    curve: dict[str, list[float]] = {"step": [], "train_loss": [], "test_loss": []}
-    for t in range(1, steps + 1):
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        if kind == "L2 in the loss":
-            loss = loss + L2 / 2 * sum((p * p).sum() for p in params)
-        loss.backward()
-        opt.step()
-        if t % 10 == 0:
-            curve["step"].append(t)
-            curve["train_loss"].append(loss_of(model, x, y))
-            curve["test_loss"].append(loss_of(model, x_test, y_test))
-    train_acc, test_acc = accuracy(model, (x,), y), accuracy(model, (x_test,), y_test)
-    return {"train_loss": curve["train_loss"][-1], "test_loss": curve["test_loss"][-1],
-            "loss_gap": curve["test_loss"][-1] - curve["train_loss"][-1],
-            "train_accuracy": train_acc, "test_accuracy": test_acc, "accuracy_gap": train_acc - test_acc,
-            "weight_norm": float(torch.sqrt(sum((p.detach() ** 2).sum() for p in params))), "curve": curve}
+#: Method -> optimizer with decoupled decay ``w <- w - lr*lambda*w`` (SGD's made decoupled, as the others').
+BOX_METHODS: dict[str, Callable[[Any, float, float], torch.optim.Optimizer]] = {
+    "Lion": lambda p, lr, wd: optim.Lion(p, lr=lr, weight_decay=wd),
+    "Signum": lambda p, lr, wd: optim.Signum(p, lr=lr, weight_decay=wd),
+    "AdamW": lambda p, lr, wd: optim.AdamW(p, lr=lr, weight_decay=wd),
+    "SGD": lambda p, lr, wd: optim.SGD(p, lr=lr, weight_decay=wd, decoupled_weight_decay=True),
+}
+BOX_GRIDS = {"Lion": [3e-4, 1e-3, 3e-3], "Signum": [3e-4, 1e-3, 3e-3], "AdamW": [3e-4, 1e-3, 3e-3],
+             "SGD": [1e-3, 3e-3, 1e-2]}
 
 
-def _box(name: str, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> dict[str, Any]:
-    """Lion or Signum with decoupled decay ``lambda``, some weights started at ``3/lambda``; max|w| per step."""
-    gen = seed_all(seed)
-    model = MLP(x.shape[1], 10, hidden=256, depth=2)
-    with torch.no_grad():  # push 1% of the first layer's weights far outside the box |w| <= 1/lambda
-        w = model.blocks[0].linear.weight
-        outside = torch.rand(w.shape, generator=gen) < 0.01
-        w[outside] = 3.0 / BOX_LAMBDA * torch.sign(torch.randn(int(outside.sum()), generator=gen))
-    cls = optim.Lion if name == "Lion" else optim.Signum
-    opt = cls(model.parameters(), lr=BOX_LR, weight_decay=BOX_LAMBDA)  # decoupled by default
-    state = optim.constraint_state(opt)[0]
-    max_abs, fraction = [state["max_abs_weight"]], [state["fraction_at_bound"]]
-    losses = [loss_of(model, x, y)]
+def _few(seed: int) -> tuple[torch.Tensor, ...]:
+    data = digits(seed)
+    pick = torch.randperm(len(data.y), generator=generator(seed + 7))[:FEW]
+    return data.x[pick], data.y[pick], data.x_val, data.y_val, data.x_test, data.y_test
+
+
+def _overfit(lam: float, lr: float, seed: int, steps: int) -> tuple[float, dict[str, float]]:
+    """Full-batch AdamW (decay ``lam``) on 150 digits, MLP 64-256-256-10: validation loss, train/test losses."""
+    x, y, xv, yv, xt, yt = _few(seed)
+    seed_everything(seed)
+    model = MLP(64, 10, 256, 2)
+    opt = optim.AdamW(model.parameters(), lr=lr, weight_decay=lam)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        state = optim.constraint_state(opt)[0]
-        max_abs.append(state["max_abs_weight"])
-        fraction.append(state["fraction_at_bound"])
-        losses.append(loss_of(model, x, y))
-    return {"radius": state["radius"], "max_abs_weight": max_abs, "fraction_at_bound": fraction, "loss": losses,
-            "final_max_abs_weight": max_abs[-1], "bound_plus_lr": 1.0 / BOX_LAMBDA + BOX_LR}
+    return loss_of(model, xv, yv), {"train_loss": loss_of(model, x, y), "test_loss": loss_of(model, xt, yt)}
 
 
-def weight_decay(*, quick: bool = False, seed: int = 0) -> Outcome:
-    """Decay shrinks the train/test loss gap; for sign methods decoupled decay is the box ``|w| <= 1/lambda``.
+def _weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for name, p in model.named_parameters() if p.dim() >= 2])
 
-    Part 1: a wide MLP (64-256-256-10) fitted full-batch by Adam (lr 1e-3) to 150 digits, tested
-    on 719, with no decay, L2 in the loss (``lambda/2 ||w||^2``, lambda 1e-3), coupled decay
-    (``Adam(weight_decay=1e-3)``: the same gradient ``g + lambda w``, so the same run to rounding) and
-    decoupled decay (``AdamW(weight_decay=1)``); reported: train and test loss and accuracy, and gaps.
-    Part 2: Lion and Signum (lr 3e-3) with decoupled decay lambda = 5 on the same task, 1% of the
-    first layer's weights started at ``|w| = 3/lambda``; ``max|w|`` (from
-    :func:`descend.optim.constraint_state`) per step against the radius ``1/lambda``: every step
-    ``|w| - 1/lambda`` shrinks by ``(1 - lr lambda)`` while outside, and never leaves once inside.
+
+def _box(method: str, lr: float, seed: int, steps: int) -> tuple[float, dict[str, Any]]:
+    """Minibatch (64) training of an MLP 64-64-10 on digits with decoupled decay lambda = 5.
+
+    Returns the validation loss and, every 10 steps, ``max|w| * lambda`` and the share of weight-matrix
+    entries with ``|w| >= 0.95/lambda``; the final weights too.
     """
-    x_all, y_all, x_test, y_test = digits(seed)
-    pick = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(seed + 7))[:150]
-    x, y = x_all[pick], y_all[pick]
-    steps = 250 if quick else 400
-    kinds = ("no decay", "L2 in the loss", "coupled decay", "decoupled decay")
-    runs = {kind: _overfit(kind, x, y, x_test, y_test, steps, seed) for kind in kinds}
-    box_steps = 500  # (1 - lr lambda)^500 < 1e-3: the excess 0.4 is then below lr
-    boxes = {name: _box(name, x, y, box_steps, seed) for name in ("Lion", "Signum")}
+    data = digits(seed)
+    seed_everything(seed)
+    model = MLP(64, 10, 64, 1)
+    opt = BOX_METHODS[method](model.parameters(), lr, BOX_LAMBDA)
+    sampler = Minibatch(len(data.y), 64, seed=seed)
+    w = _weights(model)
+    max_abs, at_bound = [float(w.abs().max()) * BOX_LAMBDA], [float((w.abs() >= AT_BOUND / BOX_LAMBDA).double().mean())]
+    for t in range(1, steps + 1):
+        (idx,) = sampler.next_step()
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
+        opt.step()
+        if t % 10 == 0:
+            w = _weights(model)
+            max_abs.append(float(w.abs().max()) * BOX_LAMBDA)
+            at_bound.append(float((w.abs() >= AT_BOUND / BOX_LAMBDA).double().mean()))
+    return loss_of(model, data.x_val, data.y_val), {
+        "max_abs_times_lambda": max_abs, "fraction_at_bound": at_bound, "weights": _weights(model),
+        "train_loss": loss_of(model, data.x, data.y)}
 
+
+def weight_decay(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
+    """Decay has a best strength on an overfitting net, and for sign methods it is the box ``|w| <= 1/lambda``.
+
+    Part 1: an MLP 64-256-256-10 fitted full-batch by AdamW to 150 digits (its learning rate tuned at
+    lambda = 0 on the mean final validation loss), for decoupled decay lambda from 0 to 100; the
+    validation and test loss (test: 360 digits never used for choosing anything) against lambda.
+    Part 2: an MLP 64-64-10 trained on all training digits (minibatches of 64) with the same decoupled decay
+    ``w <- w - lr*lambda*w``, lambda = 5 (bound ``1/lambda = 0.2``), by Lion, Signum, AdamW and SGD, each at
+    its learning rate tuned on the mean validation loss. A sign method moves each weight by at most
+    ``lr (1 + lambda |w|)`` per step and ``|w| = 1/lambda`` is where decay cancels a full sign step, so
+    ``||w||_inf <= 1/lambda`` emerges from plain training; reported: ``max|w|*lambda`` and the share
+    of weights at ``|w| >= 0.95/lambda`` over training, and the final weight histograms.
+    """
+    n = len(seeds)
+    steps = 200 if quick else 300
+    lams = (0.0, 1.0, 10.0, 100.0) if quick else (0.0, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+    lr_tune = tune(lambda lr, s: _overfit(0.0, lr, s, steps), [3e-4, 1e-3, 3e-3], seeds, 3)
+    lr = lr_tune.best_lr
+    sweep = {lam: [_overfit(lam, lr, s, steps) for s in seeds] for lam in lams}
+    val = {lam: [r[0] for r in runs] for lam, runs in sweep.items()}
+    test = {lam: [r[1]["test_loss"] for r in runs] for lam, runs in sweep.items()}
+    train = {lam: [r[1]["train_loss"] for r in runs] for lam, runs in sweep.items()}
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    best_lam = min(lams, key=lambda lam: mean(val[lam]))
+
+    box_steps = 200 if quick else 400
+    box = {m: tune(lambda lr, s, m=m: _box(m, lr, s, box_steps), BOX_GRIDS[m], seeds, 3) for m in BOX_METHODS}
+    box_runs = {m: r.details[r.best_lr] for m, r in box.items()}
+    final_frac = {m: [d["fraction_at_bound"][-1] for d in runs] for m, runs in box_runs.items()}
+    final_max = {m: [d["max_abs_times_lambda"][-1] for d in runs] for m, runs in box_runs.items()}
+    bound_slack = {m: [box[m].best_lr * BOX_LAMBDA * (1 + 1 / BOX_LAMBDA)] * n for m in BOX_METHODS}
+
+    findings = [
+        finding("best_decay_beats_none",
+                f"the decay chosen on validation loss (lambda = {best_lam:g}) gives a lower test loss than no decay "
+                f"({span(test[best_lam])} against {span(test[0.0])})",
+                [a < b for a, b in zip(test[best_lam], test[0.0])]),
+        finding("too_much_decay_hurts",
+                f"too much decay hurts: the test loss at lambda = {lams[-1]:g} ({span(test[lams[-1]])}) is above the "
+                f"one at lambda = {best_lam:g}", [a > b for a, b in zip(test[lams[-1]], test[best_lam])]),
+    ]
+    for m in ("Lion", "Signum"):
+        findings.append(finding(
+            f"{m.lower()}_in_the_box",
+            f"{m} with decoupled lambda = {BOX_LAMBDA:g} keeps max|w| <= (1/lambda)(1 + lr*lambda) throughout "
+            f"(final max|w|*lambda {span(final_max[m], '.3f')}); {span([100 * f for f in final_frac[m]], '.1f')}% of "
+            f"weights end at |w| >= 0.95/lambda",
+            [all(v <= 1 + box[m].best_lr * BOX_LAMBDA + 1e-6 for v in d["max_abs_times_lambda"]) for d in box_runs[m]]))
+    findings.append(finding(
+        "sign_methods_fill_the_box",
+        f"more weights end at the bound with Lion ({span([100 * f for f in final_frac['Lion']], '.1f')}%) than with "
+        f"SGD at the same decay ({span([100 * f for f in final_frac['SGD']], '.2f')}%)",
+        [a > b for a, b in zip(final_frac["Lion"], final_frac["SGD"])]))
+    notes = [f"AdamW on 150 digits: learning rate {lr:g} (tuned at lambda = 0"
+             f"{', at the grid edge' if lr_tune.at_edge else ''})"]
+    notes += [f"lambda = {lam:g}: train {span(train[lam])}, validation {span(val[lam])}, test {span(test[lam])}"
+              for lam in lams]
+    notes += [f"{m}: tuned lr {r.best_lr:g}{' (at the grid edge)' if r.at_edge else ''}, validation loss "
+              f"{span(r.scores[r.best_lr])}, final max|w|*lambda {span(final_max[m], '.3f')}, at the bound "
+              f"{span([100 * f for f in final_frac[m]], '.2f')}%" for m, r in box.items()]
     numbers: dict[str, Any] = {
-        "train_examples": len(y), "test_examples": len(y_test), "steps": steps, "lr": LR, "l2": L2,
-        "decoupled": DECOUPLED,
-        "overfit": {k: {key: v for key, v in r.items() if key != "curve"} for k, r in runs.items()},
-        "l2_vs_coupled_max_loss_difference": max(
-            abs(a - b) for a, b in zip(runs["L2 in the loss"]["curve"]["test_loss"],
-                                       runs["coupled decay"]["curve"]["test_loss"])),
-        "box": {name: {"lambda": BOX_LAMBDA, "lr": BOX_LR, "radius": b["radius"],
-                       "initial_max_abs_weight": b["max_abs_weight"][0],
-                       "final_max_abs_weight": b["final_max_abs_weight"], "bound_plus_lr": b["bound_plus_lr"],
-                       "final_fraction_at_bound": b["fraction_at_bound"][-1], "final_loss": b["loss"][-1]}
-                for name, b in boxes.items()},
-        "curves": {"overfit": {k: r["curve"] for k, r in runs.items()},
-                   "box_max_abs_weight": {n: b["max_abs_weight"] for n, b in boxes.items()}},
+        "lambdas": list(lams), "steps": steps, "lr": lr, "lr_tuning": tuned_dict(lr_tune),
+        "best_lambda": best_lam, "val_loss": {str(k): v for k, v in val.items()},
+        "test_loss": {str(k): v for k, v in test.items()}, "train_loss": {str(k): v for k, v in train.items()},
+        "box_lambda": BOX_LAMBDA, "box_steps": box_steps,
+        "box": {m: {"tuning": tuned_dict(r), "final_fraction_at_bound": final_frac[m],
+                    "final_max_abs_times_lambda": final_max[m]} for m, r in box.items()},
+        "lr_lambda_slack": {m: v[0] for m, v in bound_slack.items()},
     }
-    finding = [f"{k:>15}: train loss {r['train_loss']:.4f}, test loss {r['test_loss']:.3f} (gap {r['loss_gap']:.3f}); "
-               f"accuracy train {r['train_accuracy']:.3f} test {r['test_accuracy']:.3f}" for k, r in runs.items()]
-    finding.append(f"L2 in the loss vs coupled decay: largest test-loss difference "
-                   f"{numbers['l2_vs_coupled_max_loss_difference']:.1e}")
-    finding += [f"{n} with decoupled lambda {BOX_LAMBDA:g}: max|w| {b['max_abs_weight'][0]:.3f} -> "
-                f"{b['final_max_abs_weight']:.4f} after {box_steps} steps (1/lambda + lr = {b['bound_plus_lr']:.4f})"
-                for n, b in boxes.items()]
 
-    fig, (ax1, ax2) = new_figure(2, width=4.6)
-    for k, r in runs.items():
-        line = ax1.plot(r["curve"]["step"], r["curve"]["test_loss"], label=f"{k}: test")[0]
-        ax1.plot(r["curve"]["step"], r["curve"]["train_loss"], color=line.get_color(), linestyle=":", linewidth=1)
-    ax1.set(yscale="log", xlabel="full-batch Adam step", ylabel="loss (dotted: train)",
-            title="150 training digits, MLP 64-256-256-10")
-    ax1.legend(fontsize=7)
-    for n, b in boxes.items():
-        ax2.plot(b["max_abs_weight"], label=f"{n}, λ = {BOX_LAMBDA:g}")
-    ax2.axhline(1.0 / BOX_LAMBDA, color="gray", linestyle="--", linewidth=1, label="1/λ")
-    ax2.set(xlabel="step", ylabel="max |w|", title="decoupled decay as a box constraint")
-    ax2.legend(fontsize=8)
-    for ax in (ax1, ax2):
-        ax.grid(True, alpha=0.3)
-    return Outcome(numbers, fig, finding)
+    fig, axes = new_figure(4, width=3.8, height=3.3, nrows=2)
+    ax = axes[0]
+    pos = lams[1:]
+    curves = ((test, PALETTE[0], "test"), (val, PALETTE[1], "validation"), (train, PALETTE[2], "train"))
+    for data, color, label in curves:
+        band(ax, pos, [[data[lam][i] for lam in pos] for i in range(n)], color, label)
+        ax.axhline(mean(data[0.0]), color=color, linestyle=":", linewidth=1)
+    ax.set(xscale="log", yscale="log", xlabel="decoupled decay λ (AdamW)", ylabel="loss (cross-entropy)",
+           title="150 digits, MLP 64-256-256-10\n(dotted: λ = 0)")
+    ax.legend(fontsize=7, loc="lower right")
+    x = [10 * i for i in range(len(box_runs["Lion"][0]["fraction_at_bound"]))]
+    for (m, runs), color in zip(box_runs.items(), PALETTE):
+        band(axes[1], x, [[100 * f for f in d["fraction_at_bound"]] for d in runs], color,
+             f"{m} (lr {box[m].best_lr:g})")
+        band(axes[2], x, [d["max_abs_times_lambda"] for d in runs], color, m)
+    axes[1].set(xlabel="step (minibatch 64)", ylabel="% of weights with |w| ≥ 0.95/λ",
+                title=f"decoupled decay λ = {BOX_LAMBDA:g}")
+    axes[1].legend(fontsize=7)
+    axes[2].axhline(1.0, color="gray", linestyle="--", linewidth=1, label="1/λ")
+    axes[2].set(yscale="log", xlabel="step (minibatch 64)", ylabel="max|w| · λ", title="the largest weight")
+    axes[2].legend(fontsize=7)
+    axes[3].bar(range(len(BOX_METHODS)), [mean(final_frac[m]) * 100 for m in BOX_METHODS],
+                color=PALETTE[: len(BOX_METHODS)],
+                yerr=[[100 * (mean(final_frac[m]) - min(final_frac[m])) for m in BOX_METHODS],
+                      [100 * (max(final_frac[m]) - mean(final_frac[m])) for m in BOX_METHODS]], capsize=3)
+    axes[3].set_xticks(range(len(BOX_METHODS)), list(BOX_METHODS))
+    axes[3].set(ylabel="% at the bound, end (min-max)", title=f"after {box_steps} steps")
+    edges = torch.linspace(-1.5 / BOX_LAMBDA, 1.5 / BOX_LAMBDA, 61)
+    for ax, (m, runs), color in zip(axes[4:], box_runs.items(), PALETTE):
+        w = torch.cat([d["weights"] for d in runs])
+        outside = int(((w < edges[0]) | (w > edges[-1])).sum())
+        ax.hist(w.clamp(float(edges[0]), float(edges[-1])).tolist(), bins=edges.tolist(), color=color)
+        for side in (-1, 1):
+            ax.axvline(side / BOX_LAMBDA, color="black", linestyle="--", linewidth=1)
+        ax.set(yscale="log", xlabel="weight value (dashed: ±1/λ)", ylabel="count (all seeds)",
+               title=f"{m}: final weights" + (f"\n({outside} beyond ±0.3 piled at the ends)" if outside else ""))
+    for a in axes:
+        a.grid(True, alpha=0.3)
+    return Outcome(numbers, fig, findings, notes)
