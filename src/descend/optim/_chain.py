@@ -232,9 +232,7 @@ class ChainOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state (also a ``torch.optim`` state_dict of the same rule); missing keys take defaults."""
         state_dtype = self.state_dtype
-        defaults = dict(self.defaults)
         super().load_state_dict(state_dict)
-        self.defaults = defaults  # torch's __setstate__ adds "differentiable", which would spread to the groups
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -257,7 +255,13 @@ class ChainOptimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's __setstate__ (also run by load_state_dict) adds "differentiable" to the defaults, whence
+        # load_state_dict would spread it to every group: a chain has no such key
+        defaults = state.get("defaults", self.__dict__.get("defaults"))
+        foreign = defaults is not None and "differentiable" not in defaults
         super().__setstate__(state)
+        if foreign:
+            self.defaults.pop("differentiable", None)
         if "_engine" in self.__dict__:  # load_state_dict goes through here too: keep the engine (and its settings)
             return
         from descend.optim._engines import make_engine
