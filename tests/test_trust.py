@@ -229,6 +229,21 @@ def test_a_tampered_index_is_never_followed_out_of_the_run(tmp_path: Path, case:
     assert (other / "step-00000009").is_dir()  # the other run is untouched
 
 
+def test_a_read_only_run_still_falls_back_without_moving_anything(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "checkpoint"
+    _run(root)
+    _flip_last_byte(root / "step-00000004" / "model.safetensors")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "rename", refuse)
+    monkeypatch.setattr("descend.train._checkpoint.write_checked_json", refuse)
+    path, said = _resume(root)
+    assert path == root / "step-00000002" and len(said) == 1 and "nothing was moved: Permission denied" in said[0]
+    assert (root / "step-00000004").is_dir()
+
+
 def test_the_unhealthy_latest_offers_the_last_healthy_one_which_pruning_keeps(tmp_path: Path) -> None:
     root = tmp_path / "checkpoint"
     save_checkpoint(root, 2, {"w": torch.zeros(1)}, {}, keep=1)

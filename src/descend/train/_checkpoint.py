@@ -31,6 +31,7 @@ verifies, warns in one line (:class:`CheckpointWarning`), renames the bad one to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -164,9 +165,12 @@ def remove_temporaries(root: str | Path) -> list[Path]:
     for p in Path(root).glob(".*"):
         if p.name.startswith(".step-") and p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
         elif p.name.endswith(".tmp") and (p.is_file() or p.is_symlink()):
-            p.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # read-only: left for a later start
+                p.unlink()
+        else:
+            continue
+        if not (p.exists() or p.is_symlink()):
             removed.append(p)
     return removed
 
@@ -260,15 +264,15 @@ def latest_dir(root: str | Path) -> Path:
         except CheckpointError:
             continue
         kept = ""
-        if bad.exists() or bad.is_symlink():
-            aside = _aside(bad)
-            try:
+        try:  # best effort: a read-only run directory still resumes (or predicts) from the good one
+            if bad.exists() or bad.is_symlink():
+                aside = _aside(bad)
                 bad.rename(aside)
                 kept = f"; the bad one is kept as {aside.name}"
-            except OSError:  # another rank of the same job moved it first
-                pass
-        entry = {"format": FORMAT, "step": step, "dir": path.name, "kind": manifest["kind"], "healthy": path.name}
-        write_checked_json(root / LATEST, entry)
+            entry = {"format": FORMAT, "step": step, "dir": path.name, "kind": manifest["kind"], "healthy": path.name}
+            write_checked_json(root / LATEST, entry)
+        except OSError as e:  # read-only, or another rank of the same job moved it first
+            kept = kept or f" (nothing was moved: {e.strerror or e})"
         _warn(f"{reason}; resuming from {path.name}, the newest checkpoint that verifies{kept}")
         _remove_incomplete(root, step)
         return path
@@ -281,7 +285,8 @@ def _remove_incomplete(root: Path, committed: int) -> None:
     for step, path in _step_dirs(root):
         if step > committed and not (path / MANIFEST).exists():
             shutil.rmtree(path, ignore_errors=True)
-            _warn(f"removed {path}, a checkpoint whose save was cut short (it has no {MANIFEST})")
+            if not path.exists():
+                _warn(f"removed {path}, a checkpoint whose save was cut short (it has no {MANIFEST})")
 
 
 def _aside(path: Path) -> Path:
