@@ -212,7 +212,7 @@ def test_tensor_lr(info: OptimizerInfo) -> None:
 
 
 def test_correctness_of_every_implementation(info: OptimizerInfo) -> None:
-    """foreach=False (the reference), foreach=True and fused=True take the same steps, as torch's ``test_correctness``."""
+    """foreach=False (reference), foreach=True and fused=True take the same steps (torch's ``test_correctness``)."""
     for optim_input in info.optim_inputs_func(DEVICE):
         out = []
         for flags in ({"foreach": False}, {"foreach": True}, {"fused": True}, {}):

@@ -44,7 +44,7 @@ def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bo
     """Raise ``ValueError`` unless ``low <= value < high`` (brackets as given)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a 1-element tensor, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
         value = float(value)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
