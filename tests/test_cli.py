@@ -229,7 +229,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["train", "--data", str(tmp / "empty.csv"), "--target", "y", *out], "empty"),
         (["train", "--lr", "-0.1", *out], "--lr must be > 0"),
         (["train", "--optimizer", "rmsprop", *out], "unknown optimizer 'rmsprop'"),
-        (["train", "--model", "transformer", *out], "unknown model 'transformer'"),
+        (["train", "--model", "cnn", *out], "unknown model 'cnn'"),
         (["train", "--data", "mnist", *out], "unknown dataset 'mnist'"),
         (["train", "--data", "digits", "--model", "pointset", *out], "needs point-set data"),
         (["train", "--resume", str(tmp / "corrupt")], "corrupt"),

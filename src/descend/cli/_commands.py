@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
+import io
 import math
-import os
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
+from descend._io import atomic_write, write_json
+from descend._options import DEFAULT_LR, FULL_BATCH, OPTIMIZER_NAMES, OPTIMIZER_SUMMARY, CompareSpec, RunSpec
 from descend.cli._options import UsageError, collect
 
 
@@ -25,11 +22,11 @@ def _out_dir(args: argparse.Namespace, command: str) -> Path:
     return Path(args.out or default_out(command))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+def _write_csv(path: Path, rows: list[list[Any]]) -> None:
+    """``rows`` (the first one the header) as a CSV file, written atomically."""
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(rows)
+    atomic_write(path, text.getvalue())
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -65,15 +62,15 @@ def _launch_train(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from descend import distributed as dd
-    from descend.train import RunSpec, load_run_spec, run_training
-
     values, given = collect(RunSpec, args)
-    if args.nproc is not None and args.nproc < 1:
-        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc is not None and not 1 <= args.nproc <= 1024:
+        raise UsageError(f"--nproc must be between 1 and 1024, got {args.nproc}")
+    new_spec = None if args.resume else RunSpec.from_dict(values)  # a bad option fails here, before torch loads
+
+    from descend import distributed as dd
+    from descend.train import load_run_spec, run_training
+
     if args.nproc is not None and args.nproc > 1 and not dd.launched():
-        if not args.resume:
-            RunSpec.from_dict(values).validate()  # a bad option fails here, not once per rank
         return _launch_train(args)
     if args.resume:
         if args.out or args.overwrite:
@@ -89,7 +86,8 @@ def train(args: argparse.Namespace) -> int:
             spec = replace(spec, epochs=None)
         out = Path(args.resume)
     else:
-        spec = RunSpec.from_dict(values)
+        assert new_spec is not None
+        spec = new_spec
         out = _out_dir(args, "train")
     joined = dd.launched() and not dd.is_distributed()
     if joined:  # a rank of a torchrun job
@@ -107,75 +105,42 @@ def train(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
-    from descend.report import comparison_table, write_report
-    from descend.train import CompareSpec, check_out_dir
+    from rich.console import Console
+    from rich.table import Table
+
+    from descend.report import summary_table, task_table, write_outputs
+    from descend.train import check_out_dir, describe_tasks, resolve_plan
     from descend.train import compare as run_compare
 
+    if getattr(args, "list", False):
+        print(describe_tasks())
+        return 0
     values, _ = collect(CompareSpec, args)
     spec = CompareSpec.from_dict(values)
-    spec.optimizer_list()  # fail on a bad name before touching the output directory
-    spec.multipliers()
+    plan = resolve_plan(spec)  # fail on a bad task or optimizer name before touching the output directory
     out = _out_dir(args, "compare")
     check_out_dir(out, args.overwrite)
     console = Console()
-    console.print(f"comparing {spec.optimizers} on {spec.data} ({spec.model}); writing to {out}")
-    results = run_compare(spec, log=lambda line: console.print(line, highlight=False))
-    out.mkdir(parents=True, exist_ok=True)
-
-    rows = comparison_table(results)
-    table = Table(
-        title=f"{results['data']}: test {results['metric']} over {spec.seeds} seeds ({results['seconds']:.0f}s)"
+    console.print(
+        f"comparing {', '.join(plan['optimizers'])} on {', '.join(plan['tasks'])} "
+        f"({plan['seeds']} seeds, tuning on {plan['tune_seeds']}); writing to {out}",
+        highlight=False,
     )
-    for column in rows[0]:
-        table.add_column(column, justify="left" if column == "optimizer" else "right")
-    for row in rows:
-        table.add_row(*row.values())
-    console.print(table)
+    results = run_compare(spec, log=lambda line: console.print(line, highlight=False))
 
-    summary = {k: v for k, v in results.items() if k != "optimizers"}
-    summary["optimizers"] = {
-        name: {k: v for k, v in e.items() if k != "runs"}
-        | {"runs": [{k: v for k, v in r.items() if k != "history"} for r in e["runs"]]}
-        for name, e in results["optimizers"].items()
-    }
-    _write_json(out / "summary.json", _finite(summary))
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(
-            [
-                "optimizer",
-                "lr",
-                "seed",
-                "diverged",
-                "test_loss",
-                "test_accuracy",
-                "val_loss",
-                "val_accuracy",
-                "steps_to_goal",
-                "seconds_to_goal",
-                "seconds",
-            ]
-        )
-        for name, e in results["optimizers"].items():
-            for r in e["runs"]:
-                test, val = r.get("test", {}), r.get("val", {})
-                writer.writerow(
-                    [
-                        name,
-                        e["lr"],
-                        r["seed"],
-                        r["diverged"],
-                        test.get("loss"),
-                        test.get("accuracy"),
-                        val.get("loss"),
-                        val.get("accuracy"),
-                        r.get("steps_to_goal"),
-                        r.get("seconds_to_goal"),
-                        r.get("seconds"),
-                    ]
-                )
-    write_report(results, out / "report.html")
-    console.print(f"wrote {out / 'report.html'}, {out / 'summary.json'}, {out / 'results.csv'}", highlight=False)
+    def show(title: str, rows: list[dict[str, str]]) -> None:
+        table = Table(title=title)
+        for column in rows[0]:
+            table.add_column(column, justify="left" if column in ("optimizer", "grid") else "right")
+        for row in rows:
+            table.add_row(*row.values())
+        console.print(table)
+
+    for name, task in results["tasks"].items():
+        show(f"{name}: {task['description']}", task_table(task))
+    show(f"summary: rank per task ('=' tied within 95% intervals), {results['seconds']:.0f}s", summary_table(results))
+    paths = write_outputs(results, out)
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}", highlight=False)
     return 0
 
 
@@ -192,6 +157,8 @@ def _finite(obj: Any) -> Any:
 
 def gradflow(args: argparse.Namespace) -> int:
     import torch
+    from rich.console import Console
+    from rich.table import Table
 
     from descend import diagnostics, nn
     from descend.data.registry import load_data
@@ -229,12 +196,11 @@ def gradflow(args: argparse.Namespace) -> int:
         results, out / "gradflow.png", title=f"Gradient norm per layer, depth {args.depth}, width {args.width}"
     )
     layers = list(next(iter(results.values())))
-    with (out / "gradflow.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["layer", *results])
-        for layer in layers:
-            writer.writerow([layer, *(results[k][layer] for k in results)])
-    _write_json(out / "gradflow.json", results)
+    _write_csv(
+        out / "gradflow.csv",
+        [["layer", *results], *([layer, *(results[k][layer] for k in results)] for layer in layers)],
+    )
+    write_json(out / "gradflow.json", results)
     table = Table(title=f"‖∂L/∂W‖ per layer (depth {args.depth}); first/last = input-side over output-side")
     table.add_column("layer")
     for key in results:
@@ -253,17 +219,24 @@ def _ratio(norms: dict[str, float]) -> float:
 
 
 def optimizers(args: argparse.Namespace) -> int:
-    import torch
-
-    from descend import optim
-    from descend.train import DEFAULT_LR, FULL_BATCH, OPTIMIZER_NAMES, make_optimizer
-
-    for name in OPTIMIZER_NAMES:
-        opt = make_optimizer(name, [torch.zeros(1, requires_grad=True)])
+    """Each optimizer's default learning rate and update (torch-free); ``--explain``: its chain of rules."""
+    names = [n.lower() for n in args.names] or list(OPTIMIZER_NAMES)
+    unknown = [n for n in names if n not in OPTIMIZER_NAMES]
+    if unknown:
+        raise UsageError(f"unknown optimizer {unknown[0]!r}; choose from {', '.join(OPTIMIZER_NAMES)}")
+    for name in names:
         note = "  (full-batch gradient descent: SGD on the whole training set)" if name in FULL_BATCH else ""
         print(f"{name}  default lr {DEFAULT_LR[name]:g}{note}")
-        print(optim.explain(opt))
-        print()
+        if args.explain:
+            import torch
+
+            from descend import optim
+            from descend.train import make_optimizer
+
+            print(optim.explain(make_optimizer(name, [torch.zeros(1, requires_grad=True)])))
+            print()
+        else:
+            print(f"  {OPTIMIZER_SUMMARY[name]}")
     return 0
 
 

@@ -1,86 +1,119 @@
-"""Command-line options generated from the option dataclasses, and their three sources.
+"""Command-line flags generated from the option dataclasses, and the three sources of a value.
 
-Every field of :class:`~descend.train.RunSpec` / :class:`~descend.train.CompareSpec` becomes a flag
-(``batch_size`` -> ``--batch-size``), a key of a ``--config`` TOML file and a ``--set key=value``
-target. Precedence, lowest first: the dataclass default, the TOML file, ``--set``, explicit flags.
+Every option field of :class:`~descend._options.RunSpec` / :class:`~descend._options.CompareSpec`
+becomes a flag (``batch_size`` -> ``--batch-size``), a key of a ``--config`` TOML file and a
+``--set key=value`` target, with the metavar, choices, help and default of its
+:class:`~descend._options.Option`. Precedence, lowest first: the default, the TOML file, ``--set``,
+explicit flags. Values are converted here and validated once, when the spec is built.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UsageError", "add_options", "collect"]
+from descend._options import GROUPS, Option, OptionError, option_fields
 
-_NONE = {"none", "null", ""}
+__all__ = ["UsageError", "add_options", "collect", "converter"]
+
+_NONE = {"none", "null"}
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
-class UsageError(ValueError):
+class UsageError(OptionError):
     """The command line or configuration is malformed."""
 
 
-def _parse_bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in _TRUE | _FALSE:
-        return low in _TRUE
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
-def _converter(f: Field[Any]) -> Callable[[str], Any]:
-    kind = str(f.type).replace("Optional[", "").replace("]", "").split("|")[0].strip()
-    optional = "None" in str(f.type)
-    base: Callable[[str], Any] = {"int": int, "float": float, "bool": _parse_bool}.get(kind, str)
+def converter(option: Option) -> Callable[[str], Any]:
+    """Text -> value for ``option`` (``none``/``null`` for a nullable option; empty text is refused)."""
 
     def convert(text: str) -> Any:
-        if optional and text.strip().lower() in _NONE | ({"full"} if f.name == "batch_size" else set()):
+        low = text.strip().lower()
+        if not low:
+            raise argparse.ArgumentTypeError(f"empty value; give {_what(option)}")
+        if option.nullable and low in _NONE:
             return None
-        return base(text)
+        if low in option.aliases:
+            return option.aliases[low]
+        if option.kind is bool:
+            if low in _TRUE | _FALSE:
+                return low in _TRUE
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        if option.kind is int:
+            try:
+                return int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if option.kind is float:
+            try:
+                return float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+        return text.strip()
 
-    convert.__name__ = kind  # argparse names the type in its messages
+    convert.__name__ = option.kind.__name__  # argparse names the type in its messages
     return convert
 
 
+def _what(option: Option) -> str:
+    words = {int: "an integer", float: "a number", str: "a value", bool: "true or false"}[option.kind]
+    extra = [*option.aliases, *(["none"] if option.nullable else [])]
+    return words + (f" (or {', '.join(extra)})" if extra else "")
+
+
+def help_text(option: Option) -> str:
+    """The help line of ``option``: what it is, its choices, and its default, once."""
+    text = option.help
+    if option.choices is not None:
+        text += f"; one of {', '.join(option.choices)}"
+    elif option.kind is not bool and option.range_text():
+        text += f"; {option.range_text()}"
+    return f"{text} (default: {option.default_text()})".replace("%", "%%")
+
+
 def add_options(parser: argparse.ArgumentParser, spec: type) -> None:
-    """One flag per field of the dataclass ``spec``; absent flags stay absent from the namespace."""
-    for f in fields(spec):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if f.type == "bool":
-            parser.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+    """One flag per option field of the dataclass ``spec``, in argument groups; absent flags stay absent."""
+    groups: dict[str, Any] = {}
+    for f, option in option_fields(spec):
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(GROUPS.get(option.group, option.group))
+        group = groups[option.group]
+        if option.kind is bool:
+            group.add_argument(
+                option.flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text(option),
             )
         else:
-            parser.add_argument(
-                flag, dest=f.name, type=_converter(f), default=argparse.SUPPRESS, metavar="VALUE", help=help_text
+            group.add_argument(
+                option.flag,
+                dest=f.name,
+                type=converter(option),
+                default=argparse.SUPPRESS,
+                metavar=option.metavar or "VALUE",
+                help=help_text(option),
             )
 
 
-def _coerce(f: Field[Any], value: Any, source: str) -> Any:
+def _coerce(option: Option, value: Any, source: str) -> Any:
+    """A TOML value for ``option``: text goes through the converter; typed values are validated later."""
     if isinstance(value, str):
         try:
-            return _converter(f)(value)
-        except ValueError as e:
-            raise UsageError(f"{source}: bad value for {f.name}: {e}") from e
-    kind = str(f.type).split("|")[0].strip()
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-    }.get(kind, False)
-    if not ok:
-        raise UsageError(f"{source}: {f.name} must be a {kind}, got {value!r}")
-    return float(value) if kind == "float" else value
+            return converter(option)(value)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"{source}: bad value for {option.name}: {e}") from e
+    return value
 
 
 def collect(spec: type, args: argparse.Namespace) -> tuple[dict[str, Any], set[str]]:
     """The option values from ``--config``, ``--set`` and flags (in that order), and the names set."""
-    table = {f.name: f for f in fields(spec)}
+    table = {f.name: option for f, option in option_fields(spec)}
 
-    def field_of(key: str, source: str) -> Field[Any]:
+    def option_named(key: str, source: str) -> Option:
         name = key.strip().replace("-", "_")
         if name not in table:
             raise UsageError(f"{source}: unknown option {key!r}; valid options are {', '.join(sorted(table))}")
@@ -91,23 +124,23 @@ def collect(spec: type, args: argparse.Namespace) -> tuple[dict[str, Any], set[s
         path = Path(args.config)
         if not path.is_file():
             raise UsageError(f"--config {path}: no such file")
+        import tomllib
+
         try:
-            import tomllib  # Python >= 3.11
-        except ModuleNotFoundError as e:  # pragma: no cover - Python 3.10
-            raise UsageError("--config needs Python >= 3.11 (tomllib); use --set key=value instead") from e
-        try:
-            loaded = tomllib.loads(path.read_text())
+            loaded = tomllib.loads(path.read_text(encoding="utf-8-sig"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UsageError(f"--config {path}: not valid TOML ({e})") from e
         for key, value in loaded.items():
-            f = field_of(key, f"--config {path.name}")
-            values[f.name] = _coerce(f, value, f"--config {path.name}")
+            option = option_named(key, f"--config {path.name}")
+            if isinstance(value, dict):
+                raise UsageError(f"--config {path.name}: {key} must be a value, not a table (keys are flat)")
+            values[option.name] = _coerce(option, value, f"--config {path.name}")
     for item in getattr(args, "set", None) or []:
         if "=" not in item:
             raise UsageError(f"--set {item!r}: expected key=value, e.g. --set lr=0.01")
         key, value = item.split("=", 1)
-        f = field_of(key, "--set")
-        values[f.name] = _coerce(f, value, f"--set {key}")
+        option = option_named(key, "--set")
+        values[option.name] = _coerce(option, value, f"--set {key}")
     for name in table:
         if hasattr(args, name):
             values[name] = getattr(args, name)

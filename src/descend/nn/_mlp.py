@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 from torch import Tensor, nn
 
@@ -111,34 +112,40 @@ class MLPBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """A plain multi-layer perceptron: ``depth`` hidden layers of ``hidden`` units, then a linear head.
+    """A plain multi-layer perceptron: ``depth`` hidden layers of ``width`` units, then a linear head.
 
     ``x [B, in_features] -> h_1 -> ... -> h_depth -> y [B, out_features]`` with
     ``h_l = act(norm(W_l h_{l-1} + b_l))`` and ``y = W_out h_depth + b_out``; ``depth = 0`` is a
     linear model. ``init`` is ``"default" | "xavier" | "he"`` or a float gain (see :func:`init_linear`),
-    applied to every layer; ``norm`` is ``"layer" | "batch" | None``.
+    applied to every layer; ``norm`` is ``"layer" | "batch" | None``. ``width`` is the name used by
+    :class:`ResidualMLP` and ``--width`` too; ``hidden=`` is its deprecated alias.
     """
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        hidden: int = 64,
+        width: int = 64,
         depth: int = 2,
         activation: str = "relu",
         init: InitSpec = "default",
         norm: str | None = None,
+        *,
+        hidden: int | None = None,
     ) -> None:
         super().__init__()
+        if hidden is not None:
+            warnings.warn("MLP(hidden=) is deprecated; use MLP(width=)", DeprecationWarning, stacklevel=2)
+            width = hidden
         _check_positive("in_features", in_features)
         _check_positive("out_features", out_features)
-        _check_positive("hidden", hidden)
+        _check_positive("width", width)
         if not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth={depth!r}: expected an integer >= 0 (the number of hidden layers)")
         make_activation(activation)
         make_norm(norm, 1)
         _check_init(init)
-        widths = [in_features] + [hidden] * depth
+        widths = [in_features] + [width] * depth
         self.blocks = nn.ModuleList(MLPBlock(a, b, activation, norm) for a, b in itertools.pairwise(widths))
         self.head = nn.Linear(widths[-1], out_features)
         for module in self.modules():

@@ -2,7 +2,7 @@
 
 Models: ``linear``, ``mlp``, ``resmlp`` (vector inputs) and ``pointset`` (point sets: a
 :class:`~descend.nn.PointSetTransformer`, or a :class:`~descend.nn.PointSetDecoder` for query
-tasks). Optimizers: ``gd`` (full-batch gradient descent: SGD fed the whole-set gradient) and every
+tasks), ``transformer`` (token sequences: a causal :class:`~descend.nn.TransformerLM`). Optimizers: ``gd`` (full-batch gradient descent: SGD fed the whole-set gradient) and every
 name in :data:`descend.optim.OPTIMIZERS`.
 """
 
@@ -15,37 +15,46 @@ import torch
 from torch import nn
 
 from descend import optim
+from descend._options import (
+    DEFAULT_LR,
+    FULL_BATCH,
+    MODELS,
+    OPTIMIZER_NAMES,
+    OPTIONS,
+    check,
+    check_model_size,
+    physical_memory,
+)
 from descend.data._base import DataBundle
 
-__all__ = ["DEFAULT_LR", "MODELS", "OPTIMIZER_NAMES", "build_model", "make_optimizer", "optimizer_class"]
-
-MODELS = ("linear", "mlp", "resmlp", "pointset")
-OPTIMIZER_NAMES: tuple[str, ...] = ("gd", *optim.OPTIMIZERS)
-FULL_BATCH = frozenset({"gd"})
-
-#: A learning rate that works for an MLP on standardised data: the default and the LR-sweep centre.
-DEFAULT_LR: dict[str, float] = {
-    "gd": 0.3,
-    "sgd": 0.1,
-    "momentum": 0.1,
-    "signsgd": 3e-4,
-    "signum": 3e-4,
-    "softsign": 3e-4,
-    "lion": 3e-4,
-    "adam": 1e-3,
-    "adamw": 1e-3,
-}
+# The names and default learning rates live in the torch-free options module (one table each).
+__all__ = ["DEFAULT_LR", "FULL_BATCH", "MODELS", "OPTIMIZER_NAMES", "build_model", "make_optimizer", "optimizer_class"]
 
 
 def build_model(
-    name: str, data: DataBundle, *, depth: int = 2, width: int = 128, activation: str = "relu"
+    name: str, data: DataBundle, *, depth: int = OPTIONS["depth"].default, width: int = OPTIONS["width"].default,
+    activation: str = OPTIONS["activation"].default,
 ) -> nn.Module:
-    """The model ``name`` shaped for ``data`` (inputs, outputs); ``ValueError`` if it cannot fit it."""
+    """The model ``name`` shaped for ``data`` (inputs, outputs); ``ValueError`` if it cannot fit it.
+
+    The model's size is checked before anything is allocated (see
+    :func:`~descend._options.check_model_size`): a request beyond the machine's memory is an error.
+    """
     from descend import nn as dnn
 
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    check("depth", depth)
+    check("width", width)
     vector = data.input_kind == "vector"
+    inputs = data.in_features if vector else (data.location_dim or 0) + (data.value_dim or 0)
+    check_model_size(name, depth, width, inputs or 0, data.out_features, physical_memory())
+    if name == "transformer" or data.input_kind == "tokens":
+        if name != "transformer":
+            raise ValueError(f"{data.name!r} holds token sequences; use --model transformer")
+        if data.input_kind != "tokens":
+            raise ValueError(f"model 'transformer' needs token sequences (e.g. --data stdlib-text), not {data.name!r}")
+        return dnn.TransformerLM(data.out_features, int(data.info["context"]), width=width, depth=depth)  # type: ignore[call-overload]
     if name == "pointset":
         if vector:
             raise ValueError(
@@ -64,7 +73,7 @@ def build_model(
     if name == "linear":
         return dnn.Linear(data.in_features, data.out_features)
     if name == "mlp":
-        return dnn.MLP(data.in_features, data.out_features, hidden=width, depth=depth, activation=activation)
+        return dnn.MLP(data.in_features, data.out_features, width=width, depth=depth, activation=activation)
     return dnn.ResidualMLP(data.in_features, data.out_features, width=width, depth=depth, activation=activation)
 
 
@@ -81,17 +90,15 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """``optimizer_class(name)(params, lr=..., weight_decay=..., **kwargs)``.
 
-    ``lr=None`` takes :data:`DEFAULT_LR`; ``weight_decay=None`` the class default. Options the class
-    does not take (e.g. ``betas`` for SGD) are an error naming the options it does take.
+    ``lr=None`` takes :data:`~descend._options.DEFAULT_LR` (the one table of per-optimizer defaults);
+    ``weight_decay=None`` the class default. Both are checked by the ``lr`` / ``weight_decay`` options'
+    one validation (finite, ``lr > 0``, ``weight_decay >= 0``). Options the class does not take
+    (e.g. ``betas`` for SGD) are an error naming the options it does take.
     """
     cls = optimizer_class(name)
-    lr = DEFAULT_LR[name.lower()] if lr is None else lr
-    if not lr > 0:
-        raise ValueError(f"the learning rate must be > 0, got lr={lr}")
+    lr = check("lr", DEFAULT_LR[name.lower()] if lr is None else lr)
     if weight_decay is not None:
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        kwargs["weight_decay"] = weight_decay
+        kwargs["weight_decay"] = check("weight_decay", weight_decay)
     accepted = inspect.signature(cls).parameters
     unknown = [k for k in kwargs if k not in accepted]
     if unknown:
