@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,6 +54,12 @@ class RunError(OptionError):
 
 
 _Spec = TypeVar("_Spec")
+
+
+def _opt(default: Any, help: str) -> Any:
+    """A dataclass field with a help text (kept for older option dataclasses; new ones use
+    :func:`descend._options.opt` / :func:`descend._options.define`)."""
+    return field(default=default, metadata={"help": help})
 
 
 def _spec_from_dict(cls: type[_Spec], values: dict[str, Any]) -> _Spec:
