@@ -1,9 +1,7 @@
-"""The HTML report: self-contained (no external resources), every plot embedded, renders in Chromium."""
+"""The comparison report: tables that say what the seeds support, a self-contained HTML file, and a render check."""
 
 from __future__ import annotations
 
-import base64
-import re
 import shutil
 import subprocess
 import sys
@@ -11,32 +9,43 @@ from pathlib import Path
 
 import pytest
 
-from descend.report import comparison_table, render_report, write_report
+from descend.report import COLOURS, render_report, summary_table, task_table, write_report
 from descend.train import CompareSpec, compare
 
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    spec = CompareSpec(optimizers="sgd,adam", seeds=2, steps=20, sweep="1,3", sweep_steps=10, eval_every=5, width=16)
+    spec = CompareSpec(task="digits-mlp", optimizers="sgd,signum,adam", seeds=3, tune_seeds=1, steps=30)
     return compare(spec)
 
 
-def test_report_is_self_contained_with_decodable_plots(results, tmp_path) -> None:
-    path = write_report(results, tmp_path / "report.html")
-    text = path.read_text()
-    assert not re.search(r'(src|href)="(https?:|//)', text)  # nothing fetched from elsewhere
-    images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
-    assert len(images) == 4  # loss, val loss, val accuracy, LR sweep
-    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
-    assert "<table>" in text and "Update equations" in text and "g ← ∇L(w)" in text
+def test_task_table_follows_the_tie_groups_and_explains_ties(results) -> None:
+    task = results["tasks"]["digits-mlp"]
+    rows = task_table(task)
+    assert [r["optimizer"] for r in rows] == [n for g in task["ranking"] for n in g["members"]]
+    for group in task["ranking"]:
+        labels = {r["rank"] for r in rows if r["optimizer"] in group["members"]}
+        assert labels == ({f"{group['rank']}="} if len(group["members"]) > 1 else {str(group["rank"])})
+    for row in rows:
+        seeds = int(row["reached"].split("/")[1])
+        assert seeds == 3 and "±" in row["test accuracy (95% CI)"]
+        assert row["steps to target"] == "–" or float(row["steps to target"]).is_integer()  # a median of steps
+    summary = summary_table(results)
+    assert [r["optimizer"] for r in summary] == ["sgd", "signum", "adam"]
+    assert all(r["digits-mlp"].rstrip("=").isdigit() for r in summary)
 
 
-def test_table_ranks_by_mean_test_metric(results) -> None:
-    rows = comparison_table(results)
-    means = [results["optimizers"][r["optimizer"]]["test_mean"] for r in rows]
-    assert means == sorted(means, reverse=True)
-    assert [r["rank"] for r in rows] == ["1", "2"]
-    assert render_report(results).count("<tr>") == 1 + len(rows)
+def test_palette_is_okabe_ito_and_every_optimizer_has_its_own_colour() -> None:
+    okabe_ito = {"#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#999999"}
+    assert len(set(COLOURS.values())) == len(COLOURS)
+    assert len(set(COLOURS.values()) - okabe_ito) <= 1  # signsgd: Okabe-Ito yellow, darkened for white paper
+
+
+def test_report_explains_its_columns_and_keeps_the_equations(results) -> None:
+    text = render_report(results)
+    for phrase in ("Performance profile", "Columns of the task tables", "95% Student-t", "Update equations"):
+        assert phrase in text
+    assert text.count("<table>") == 2  # the summary and one task
 
 
 @pytest.mark.slow

@@ -750,7 +750,8 @@ class CompareSpec:
         metavar="N", nullable=True, none_means="each task's own budget", low=1,
     )  # fmt: skip
     workers: int = define(
-        "workers", int, 1, "processes running (task, optimizer) units in parallel", metavar="N", low=1, high=256,
+        "workers", int, 2, "processes running (task, optimizer) units in parallel, one thread each by default",
+        metavar="N", low=1, high=256,
     )  # fmt: skip
     device: str = opt("device")
     threads: int | None = define(

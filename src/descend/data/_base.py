@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 Task = Literal["classification", "regression"]
-InputKind = Literal["vector", "pointset", "pointset-query"]
+InputKind = Literal["vector", "pointset", "pointset-query", "tokens"]
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Datasets by name: what ``descend --data NAME_OR_PATH`` resolves.
 
 Built-in names: ``digits`` (tabular, the default), ``digits-points``, ``shapes`` and ``gp1d``
-(point sets from :mod:`descend.data.points`). Anything else is a path: ``.csv`` (with
+(point sets from :mod:`descend.data.points`), ``stdlib-text`` (bytes of the standard library's
+sources, :mod:`descend.data.text`). Anything else is a path: ``.csv`` (with
 ``target=COLUMN``) or ``.npz`` (arrays ``X`` and ``y``).
 """
 
@@ -35,6 +36,8 @@ DATASETS: dict[str, Callable[..., DataBundle]] = {
     # scale-free clouds in their principal axes: the setting the >= 95% learning test uses
     "shapes": _points("make_shapes", pose="principal", normalise=True),
     "gp1d": _points("make_gp1d"),
+    # byte-level language modelling on the standard library's .py files (descend.data.text)
+    "stdlib-text": lambda seed=0: importlib.import_module("descend.data.text").load_stdlib_text(seed=seed),
 }
 
 

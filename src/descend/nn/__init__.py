@@ -7,6 +7,8 @@
 - :class:`PointSetTransformer` and :class:`PointSetDecoder`: attention over point sets
   (``locations [B, N, d_loc]``, ``values [B, N, d_val]``, ``mask [B, N]``), with full or induced-point
   self-attention, pooling by attention and a cross-attention decoder.
+- :class:`TransformerLM`: a small causal (GPT-style) language model, ``idx [B, T] -> logits [B, T, vocab]``,
+  pre-norm blocks on ``scaled_dot_product_attention(is_causal=True)``, tied embeddings.
 """
 
 from ._attention import (
@@ -31,6 +33,7 @@ from ._mlp import (
     init_linear,
 )
 from ._pointset import PointSetDecoder, PointSetEncoder, PointSetTransformer
+from ._transformer import CausalSelfAttention, TransformerBlock, TransformerLM
 
 __all__ = [
     "ACTIVATIONS",
@@ -38,6 +41,7 @@ __all__ = [
     "MLP",
     "NORMS",
     "AttentionPooling",
+    "CausalSelfAttention",
     "CrossAttentionBlock",
     "FeedForward",
     "InducedAttentionBlock",
@@ -51,6 +55,8 @@ __all__ = [
     "ResidualBlock",
     "ResidualMLP",
     "SelfAttentionBlock",
+    "TransformerBlock",
+    "TransformerLM",
     "count_parameters",
     "init_linear",
 ]

@@ -1,11 +1,33 @@
-"""descend.report: plots and the self-contained HTML report of ``descend compare``.
+"""descend.report: the tables, figures and self-contained HTML report of ``descend compare``.
 
-- :func:`write_report` / :func:`render_report`: one HTML file, plots embedded as base64 PNG.
-- :func:`comparison_table`: the rows shared by the terminal table and the report.
-- :func:`curves_png`, :func:`sweep_png`: the figures (matplotlib, Agg backend) as PNG bytes.
+- :func:`write_outputs`: ``report.html``, ``results.csv`` and ``results.json`` of a comparison;
+- :func:`render_report` / :func:`write_report`: the HTML file, figures embedded as base64 PNG;
+- :func:`summary_table`, :func:`task_table`: the rows the terminal and the report share;
+- :func:`profile_png`, :func:`curves_png`, :func:`sweep_png`: the figures (matplotlib, Agg) as PNG bytes.
 """
 
-from descend.report._html import comparison_table, render_report, write_report
-from descend.report._plots import curves_png, sweep_png
+from descend.report._html import (
+    COLUMNS,
+    comparison_table,
+    render_report,
+    summary_table,
+    task_table,
+    write_outputs,
+    write_report,
+)
+from descend.report._plots import COLOURS, curves_png, profile_png, style_of, sweep_png
 
-__all__ = ["comparison_table", "curves_png", "render_report", "sweep_png", "write_report"]
+__all__ = [
+    "COLOURS",
+    "COLUMNS",
+    "comparison_table",
+    "curves_png",
+    "profile_png",
+    "render_report",
+    "style_of",
+    "summary_table",
+    "sweep_png",
+    "task_table",
+    "write_outputs",
+    "write_report",
+]

@@ -17,13 +17,14 @@ from descend.train._build import (
 )
 from descend.train._callbacks import Callback
 from descend.train._checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from descend.train._compare import CompareSpec, compare
+from descend.train._compare import CompareSpec, compare, describe_tasks, resolve_plan
 from descend.train._evaluate import EarlyStopping
 from descend.train._losses import LOSSES, cross_entropy, get_loss, l2_penalty, mse
 from descend.train._output import MetricsWriter, Progress
 from descend.train._run import RUN_FILES, RunError, RunSpec, check_out_dir, load_run_spec, prepare, run_training
 from descend.train._sampling import FullBatch, Minibatch, Sampler, Stream
 from descend.train._schedule import SCHEDULES, Schedule
+from descend.train._tasks import SUITES, TASKS, Task
 from descend.train._trainer import NonFiniteLossError, TrainConfig, Trainer, accumulate_gradient, seed_everything
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "OPTIMIZER_NAMES",
     "RUN_FILES",
     "SCHEDULES",
+    "SUITES",
+    "TASKS",
     "Callback",
     "Checkpoint",
     "CheckpointError",
@@ -48,6 +51,7 @@ __all__ = [
     "RunSpec",
     "Sampler",
     "Schedule",
+    "Task",
     "Stream",
     "TrainConfig",
     "Trainer",
@@ -55,6 +59,7 @@ __all__ = [
     "build_model",
     "check_out_dir",
     "compare",
+    "describe_tasks",
     "cross_entropy",
     "get_loss",
     "l2_penalty",
@@ -64,6 +69,7 @@ __all__ = [
     "mse",
     "optimizer_class",
     "prepare",
+    "resolve_plan",
     "run_training",
     "save_checkpoint",
     "seed_everything",

@@ -2,7 +2,8 @@
 
 Models: ``linear``, ``mlp``, ``resmlp`` (vector inputs) and ``pointset`` (point sets: a
 :class:`~descend.nn.PointSetTransformer`, or a :class:`~descend.nn.PointSetDecoder` for query
-tasks), ``transformer`` (token sequences: a causal :class:`~descend.nn.TransformerLM`). Optimizers: ``gd`` (full-batch gradient descent: SGD fed the whole-set gradient) and every
+tasks), ``transformer`` (token sequences: a causal :class:`~descend.nn.TransformerLM`).
+Optimizers: ``gd`` (full-batch gradient descent: SGD fed the whole-set gradient) and every
 name in :data:`descend.optim.OPTIMIZERS`.
 """
 

@@ -1,213 +1,428 @@
-"""Compare optimizers fairly: a short learning-rate sweep each, then the best LR over several seeds.
+"""Compare optimizers on named workloads: fair learning-rate tuning, several seeds, honest statistics.
 
-For each optimizer ``o`` with default rate ``η_o`` (:data:`~descend.train.DEFAULT_LR`):
+For every task ``k`` (:mod:`descend.train._tasks`) and optimizer ``o``:
 
-1. sweep: train ``sweep_steps`` steps at ``η_o · m`` for each multiplier ``m`` (seed 0) and score the
-   final *validation* metric (accuracy for classification, ``-loss`` for regression; diverged = -inf);
-2. final: train ``steps`` steps at the best rate for seeds ``0 .. seeds-1`` and report the *test*
-   metric (mean ± std), plus the steps and seconds until the validation metric first reaches ``goal``.
+1. **tune**: :func:`~descend.train._tuning.tune_lr` trains the task's full step budget at each rate of
+   the log grid ``η_o · c_k · m`` (``η_o`` the default rate, ``c_k`` the task's scale, ``m`` the
+   multipliers, half a decade apart by default) for the tuning seeds, scores a rate by the mean over
+   those seeds of the final *validation loss* (a diverged seed is the worst score) and extends the
+   grid while the best rate sits at an edge;
+2. **final**: trains at the chosen rate for ``seeds`` seeds ``0 .. seeds-1`` (a tuning run at that rate
+   and seed is reused, not repeated); a seed whose loss becomes NaN/inf has *diverged*;
+3. **statistics**: the final *test* metric over the seeds that did not diverge, as mean with a 95%
+   Student-t interval (:func:`~descend.train._tuning.seed_stats`). A seed has *reached* the target
+   when its final validation metric meets it; its steps (seconds) to target are those of the first
+   evaluation from which the validation metric meets the target until the end of the run; the table
+   gives their median over the seeds that reached it, with the count.
 
-Every run uses the same data split, model and step budget; only the optimizer and its LR change.
+Ranking within a task: by mean final test metric; an optimizer whose interval overlaps the interval
+of its group's leader (the best not yet grouped) shares that rank, so a rank states only differences
+that the seeds support. Across tasks: the performance profile of AlgoPerf/Dolan-Moré,
+``ρ_o(τ) = |{k : t_{o,k} ≤ τ · min_p t_{p,k}}| / |tasks|``, where ``t_{o,k}`` is the median time
+(or steps) to target over the seeds if at least half of them reached it, else infinite.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from descend import optim
-from descend.data.registry import load_data
-from descend.train._build import DEFAULT_LR, FULL_BATCH, OPTIMIZER_NAMES, build_model, make_optimizer
-from descend.train._run import RunError, _opt, _spec_from_dict
-from descend.train._trainer import NonFiniteLossError, TrainConfig, Trainer, seed_everything
+from descend._options import CompareSpec
+from descend._random import seed_everything
+from descend.data._base import DataBundle
+from descend.train._build import DEFAULT_LR, FULL_BATCH, OPTIMIZER_NAMES, make_optimizer
+from descend.train._run import RunError
+from descend.train._tasks import SUITES, TASKS, Task, load_task_data, suite_tasks
+from descend.train._trainer import Trainer
+from descend.train._tuning import seed_stats, tie_groups, tune_lr
 
-__all__ = ["CompareSpec", "compare"]
+__all__ = [
+    "CompareSpec",
+    "compare",
+    "describe_tasks",
+    "performance_profile",
+    "resolve_plan",
+    "run_task_optimizer",
+    "time_to_target",
+]
+
+#: Multipliers of each optimizer's grid centre: half a decade apart.
+DEFAULT_GRID = (10**-0.5, 1.0, 10**0.5)
 
 
-@dataclass
-class CompareSpec:
-    """Every option of ``descend compare``; the defaults finish in well under 3 minutes on 2 CPU cores."""
-
-    data: str = _opt("digits", "dataset: digits, digits-points, shapes, gp1d, or a .csv/.npz path")
-    target: str | None = _opt(None, "label column of a CSV file")
-    task: str | None = _opt(None, "classification or regression (default: inferred)")
-    model: str = _opt("mlp", "linear, mlp, resmlp or pointset")
-    depth: int = _opt(2, "hidden layers / blocks")
-    width: int = _opt(64, "hidden width")
-    activation: str = _opt("relu", "relu, tanh, sigmoid or gelu")
-    optimizers: str = _opt(",".join(OPTIMIZER_NAMES), "comma-separated optimizer names")
-    seeds: int = _opt(3, "seeds per optimizer at its best learning rate")
-    steps: int = _opt(600, "optimizer steps of each final run")
-    batch_size: int = _opt(32, "minibatch size (gd always uses the full batch)")
-    sweep: str = _opt("0.1,0.3,1,3,10", "LR multipliers of each optimizer's default rate tried in the sweep")
-    sweep_steps: int = _opt(300, "optimizer steps of each sweep run")
-    eval_every: int = _opt(25, "steps between validations (the curves' resolution)")
-    weight_decay: float | None = _opt(None, "optimizer weight decay (default: each optimizer's own)")
-    l2: float = _opt(0.0, "L2 penalty λ in the loss")
-    goal: float | None = _opt(None, "validation target: accuracy (default 0.95) or loss for regression")
-    seed: int = _opt(0, "seed of the data split")
-    threads: int | None = _opt(1, "torch CPU threads (small models run fastest on one); 0: torch's default")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> CompareSpec:
-        return _spec_from_dict(cls, values)
-
-    def optimizer_list(self) -> list[str]:
-        names = [n.strip().lower() for n in self.optimizers.split(",") if n.strip()]
-        for n in names:
-            if n not in OPTIMIZER_NAMES:
-                raise RunError(f"unknown optimizer {n!r} in --optimizers; choose from {', '.join(OPTIMIZER_NAMES)}")
-        if not names:
-            raise RunError("--optimizers is empty; give comma-separated names, e.g. sgd,adam")
-        return names
-
-    def multipliers(self) -> list[float]:
+def resolve_plan(spec: CompareSpec) -> dict[str, Any]:
+    """The tasks, optimizers, seeds and grid a spec asks for (suite defaults filled in); ``RunError`` if bad."""
+    if spec.suite not in SUITES:
+        raise RunError(f"unknown suite {spec.suite!r}; choose from {', '.join(SUITES)}")
+    suite_task_names, suite_optimizers, suite_seeds, suite_tune_seeds = SUITES[spec.suite]
+    try:
+        tasks = suite_tasks(spec.task) if spec.task else [TASKS[n] for n in suite_task_names]
+    except ValueError as e:
+        raise RunError(str(e)) from e
+    if spec.optimizers:
+        names = [n.strip().lower() for n in spec.optimizers.split(",") if n.strip()]
+        unknown = [n for n in names if n not in OPTIMIZER_NAMES]
+        if unknown or not names:
+            raise RunError(
+                f"unknown optimizer {unknown[0]!r} in --optimizers; choose from {', '.join(OPTIMIZER_NAMES)}"
+                if unknown
+                else "--optimizers is empty; give comma-separated names, e.g. sgd,adam"
+            )
+        optimizers = list(dict.fromkeys(names))
+    else:
+        optimizers = list(suite_optimizers)
+    if spec.grid:
         try:
-            values = [float(m) for m in self.sweep.split(",") if m.strip()]
+            grid = [float(m) for m in spec.grid.split(",") if m.strip()]
         except ValueError as e:
-            raise RunError(f"--sweep must be comma-separated numbers, got {self.sweep!r}") from e
-        if not values or any(not m > 0 for m in values):
-            raise RunError(f"--sweep needs positive LR multipliers, got {self.sweep!r}")
-        return values
+            raise RunError(f"--grid must be comma-separated numbers, got {spec.grid!r}") from e
+        if not grid or any(not (math.isfinite(m) and m > 0) for m in grid):
+            raise RunError(f"--grid needs positive finite multipliers, got {spec.grid!r}")
+    else:
+        grid = list(DEFAULT_GRID)
+    seeds = spec.seeds or suite_seeds
+    tune_seeds = spec.tune_seeds or suite_tune_seeds
+    return {
+        "suite": spec.suite,
+        "tasks": [t.name for t in tasks],
+        "optimizers": optimizers,
+        "seeds": seeds,
+        "tune_seeds": min(tune_seeds, seeds),
+        "grid": grid,
+        "max_extensions": spec.max_extensions,
+        "steps": spec.steps,
+    }
 
 
-def _score(metrics: dict[str, float], task: str) -> float:
-    return metrics["accuracy"] if task == "classification" else -metrics["loss"]
+def time_to_target(history: list[dict[str, Any]], task: Task) -> tuple[int | None, float | None]:
+    """``(step, seconds)`` of the first evaluation from which the validation metric meets the target
+    through the end of the run; ``(None, None)`` if the final evaluation misses it."""
+    key = f"val_{task.metric}"
+    rows = [r for r in history if isinstance(r.get(key), (int, float))]
+    hit: dict[str, Any] | None = None
+    for row in rows:
+        if task.reached(float(row[key])):
+            hit = hit or row
+        else:
+            hit = None
+    return (int(hit["step"]), float(hit["seconds"])) if hit is not None else (None, None)
 
 
-def _first_reaching(
-    history: list[dict[str, Any]], key: str, goal: float, higher: bool
-) -> tuple[int | None, float | None]:
-    for row in history:
-        value = row.get(key)
-        if value is not None and (value >= goal if higher else value <= goal):
-            return int(row["step"]), float(row["seconds"])
-    return None, None
+def _device(name: str | None) -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _on(bundle: DataBundle, device: torch.device) -> DataBundle:
+    if device.type == "cpu":
+        return bundle
+    moved = {k: getattr(bundle, k).to(device) for k in ("train", "val", "test")}
+    return DataBundle(**{**{f: getattr(bundle, f) for f in bundle.__dataclass_fields__}, **moved})
+
+
+def run_once(
+    task: Task,
+    optimizer: str,
+    lr: float,
+    seed: int,
+    *,
+    steps: int | None = None,
+    device: str | None = None,
+    bundle: DataBundle | None = None,
+) -> dict[str, Any]:
+    """Train ``task``'s model with ``optimizer`` at ``lr`` from ``seed``; one JSON-able record.
+
+    Keys: ``seed``, ``lr``, ``diverged``, ``val``/``test`` (final metrics; absent when diverged),
+    ``seconds`` and ``steps`` run, ``reached``, ``steps_to_target``, ``seconds_to_target`` and the
+    ``history`` (one row per evaluation: ``step``, ``seconds``, ``loss`` (training minibatch),
+    ``val_loss`` and, for classification, ``val_accuracy``).
+    """
+    from descend.train._trainer import NonFiniteLossError, TrainConfig
+
+    where = _device(device)
+    data = _on(bundle or load_task_data(task.data), where)
+    seed_everything(seed)
+    model = task.model(data).to(where)
+    opt = make_optimizer(optimizer, model.parameters(), lr=lr)
+    budget = steps or task.steps
+    config = TrainConfig(
+        steps=budget,
+        batch_size=None if (optimizer in FULL_BATCH or task.batch_size is None) else task.batch_size,
+        seed=seed,
+        eval_every=min(task.eval_every, budget),
+        log_every=min(task.eval_every, budget),
+        progress=False,
+        tensorboard=False,
+    )
+    trainer = _Run(model, opt, data, config)
+    record: dict[str, Any] = {"seed": seed, "lr": lr}
+    started = time.perf_counter()
+    try:
+        summary = trainer.fit()
+    except NonFiniteLossError:
+        trainer.close()
+        record.update(diverged=True, seconds=time.perf_counter() - started, steps=trainer.step)
+        record.update(reached=False, steps_to_target=None, seconds_to_target=None, history=_rows(trainer.history))
+        return record
+    history = _rows(trainer.history)
+    final_val = summary["val"][task.metric]
+    diverged = not all(math.isfinite(v) for v in (*summary["val"].values(), *summary["test"].values()))
+    step_to, seconds_to = time_to_target(history, task)
+    record.update(
+        diverged=diverged,
+        val=summary["val"],
+        test=summary["test"],
+        seconds=summary["seconds"],
+        steps=summary["steps"],
+        reached=(not diverged) and task.reached(final_val) and step_to is not None,
+        steps_to_target=step_to,
+        seconds_to_target=seconds_to,
+        history=history,
+    )
+    return record
+
+
+class _Run(Trainer):
+    """The trainer, less the evaluation of the whole training split at the end (compare reports validation
+    and test; on ``text-lm`` that evaluation would cost as much as the run)."""
+
+    def summary(self) -> dict[str, Any]:
+        return {"val": self.evaluate("val"), "test": self.evaluate("test"), "steps": self.step, "seconds": self.seconds}
+
+
+_KEEP = ("step", "seconds", "loss", "val_loss", "val_accuracy")
+
+
+def _rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: r[k] for k in _KEEP if k in r} for r in history if "val_loss" in r]
+
+
+def grid_for(task: Task, optimizer: str, multipliers: Sequence[float]) -> list[float]:
+    """The tuning grid ``η_o · c_k · m`` for each multiplier ``m`` (3 significant digits)."""
+    centre = DEFAULT_LR[optimizer] * task.lr_scale.get(optimizer, 1.0)
+    return sorted({float(f"{centre * m:.3g}") for m in multipliers})
+
+
+def run_task_optimizer(
+    task_name: str,
+    optimizer: str,
+    plan: dict[str, Any],
+    device: str | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Tune ``optimizer`` on ``task_name`` and run its seeds (one unit of work; runs in a worker process).
+
+    Returns the ``tuning`` (:meth:`TuneResult.to_dict` plus the runs' count and seconds), the
+    per-seed ``runs`` at the chosen ``lr`` and the ``equations`` of the update.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    task = TASKS[task_name]
+    bundle = load_task_data(task.data)
+    steps = plan.get("steps")
+    started = time.perf_counter()
+
+    def run(lr: float, seed: int) -> tuple[float, dict[str, Any]]:
+        record = run_once(task, optimizer, lr, seed, steps=steps, device=device, bundle=bundle)
+        loss = math.inf if record["diverged"] else float(record["val"]["loss"])
+        return loss, record
+
+    tuned = tune_lr(
+        run,
+        grid_for(task, optimizer, plan["grid"]),
+        seeds=list(range(plan["tune_seeds"])),
+        max_extensions=plan["max_extensions"],
+    )
+    lr = tuned.best_lr
+    reused = dict(enumerate(tuned.details[lr]))
+    runs = [reused[s] if s in reused else run(lr, s)[1] for s in range(plan["seeds"])]
+    probe = make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)], lr=lr)
+    return {
+        "lr": lr,
+        "tuning": {**tuned.to_dict(), "seeds": plan["tune_seeds"]},
+        "runs": runs,
+        "equations": optim.explain(probe),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _summarise(task: Task, entry: dict[str, Any]) -> dict[str, Any]:
+    runs = entry["runs"]
+    ok = [r for r in runs if not r["diverged"]]
+    finals = [float(r["test"][task.metric]) for r in ok]
+    vals = [float(r["val"][task.metric]) for r in ok]
+    reached = [r for r in runs if r["reached"]]
+    return {
+        "seeds": len(runs),
+        "diverged": len(runs) - len(ok),
+        "test": seed_stats(finals).to_dict() if finals else None,
+        "val": seed_stats(vals).to_dict() if vals else None,
+        "reached": len(reached),
+        "steps_to_target": statistics.median(r["steps_to_target"] for r in reached) if reached else None,
+        "seconds_to_target": statistics.median(r["seconds_to_target"] for r in reached) if reached else None,
+        "seconds_per_run": statistics.median(r["seconds"] for r in runs),
+    }
+
+
+def performance_profile(times: dict[str, dict[str, float]], taus: Sequence[float]) -> dict[str, list[float]]:
+    """``ρ_o(τ)`` for each optimizer ``o`` and each ``τ`` in ``taus``, from ``times[task][o]`` (``inf``: missed).
+
+    A task that no optimizer solved counts against every optimizer (its ratio is infinite for all).
+    """
+    tasks = list(times)
+    optimizers = list(dict.fromkeys(o for t in tasks for o in times[t]))
+    ratios: dict[str, list[float]] = {o: [] for o in optimizers}
+    for t in tasks:
+        best = min(times[t].values(), default=math.inf)
+        for o in optimizers:
+            value = times[t].get(o, math.inf)
+            ratios[o].append(value / best if math.isfinite(value) and best > 0 else math.inf)
+    n = max(len(tasks), 1)
+    return {o: [sum(r <= tau for r in ratios[o]) / n for tau in taus] for o in optimizers}
+
+
+def _profile_time(summary: dict[str, Any], key: str) -> float:
+    """Median time (or steps) to target if at least half of the seeds reached it, else ``inf``."""
+    if summary["reached"] * 2 < summary["seeds"] or summary[key] is None:
+        return math.inf
+    return float(summary[key])
+
+
+PROFILE_TAUS = tuple(round(1 + 0.05 * i, 2) for i in range(20)) + tuple(round(2 + 0.25 * i, 2) for i in range(33))
+
+
+def _execute(
+    jobs: list[tuple[str, str]], plan: dict[str, Any], spec: CompareSpec, log: Callable[[str], None]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    done: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def note(key: tuple[str, str], result: dict[str, Any]) -> None:
+        done[key] = result
+        t = result["tuning"]
+        edge = " (still at the grid's edge)" if t["at_edge"] else ""
+        log(
+            f"{key[0]:<16} {key[1]:<9} lr={result['lr']:.3g}{edge}  tuning {t['runs']} runs "
+            f"{t['seconds']:.1f}s, total {result['seconds']:.1f}s  [{len(done)}/{len(jobs)}]"
+        )
+
+    workers = min(spec.workers, len(jobs))
+    if workers <= 1:
+        for key in jobs:
+            note(key, run_task_optimizer(*key, plan, spec.device, spec.threads))
+        return done
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(run_task_optimizer, *key, plan, spec.device, spec.threads): key for key in jobs}
+        for future in cf.as_completed(futures):
+            note(futures[future], future.result())
+    return done
 
 
 def compare(spec: CompareSpec, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Run the sweep and the seeded final runs for every optimizer; return everything as JSON-able data.
+    """Run the comparison ``spec`` asks for; return everything as JSON-able data.
 
-    Result keys: ``spec``, ``task``, ``metric``, ``goal``, ``seconds``, ``ranking`` (best first) and
-    ``optimizers[name]`` with ``lr``, ``sweep`` (lr, score), ``runs`` (per seed: test/val metrics,
-    ``steps_to_goal``, ``seconds_to_goal``, the metric ``history``), ``test_mean``/``test_std``,
-    ``equations``.
+    Keys: ``spec``, ``plan`` (tasks, optimizers, seeds, grid), ``tasks[name]`` (the task's
+    description, metric, target, ``ranking`` groups and ``optimizers[name]`` with ``lr``,
+    ``tuning``, ``runs``, ``summary``, ``equations``), ``profile`` (``taus`` and ``ρ`` by time and by
+    steps), ``summary`` (one row per optimizer across tasks), ``seconds``, ``environment``.
     """
-    threads = torch.get_num_threads()
+    started = time.perf_counter()
+    plan = resolve_plan(spec)
+    previous = torch.get_num_threads()
     if spec.threads:
         torch.set_num_threads(spec.threads)
     try:
-        return _compare(spec, log)
+        for name in plan["tasks"]:  # fail on missing data before any training
+            load_task_data(TASKS[name].data)
+        jobs = [(t, o) for t in plan["tasks"] for o in plan["optimizers"]]
+        done = _execute(jobs, plan, spec, log)
     finally:
-        torch.set_num_threads(threads)
-
-
-def _compare(spec: CompareSpec, log: Callable[[str], None]) -> dict[str, Any]:
-    started = time.perf_counter()
-    names, multipliers = spec.optimizer_list(), spec.multipliers()
-    if spec.seeds < 1 or spec.steps < 1 or spec.sweep_steps < 1:
-        raise RunError("--seeds, --steps and --sweep-steps must be >= 1")
-    bundle = load_data(spec.data, target=spec.target, task=spec.task, seed=spec.seed)  # type: ignore[arg-type]
-    task = bundle.task
-    metric = "accuracy" if task == "classification" else "loss"
-    goal = spec.goal if spec.goal is not None else (0.95 if task == "classification" else None)
-
-    def run(name: str, lr: float, seed: int, steps: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        seed_everything(seed)
-        try:
-            model = build_model(spec.model, bundle, depth=spec.depth, width=spec.width, activation=spec.activation)
-            opt = make_optimizer(name, model.parameters(), lr=lr, weight_decay=spec.weight_decay)
-        except ValueError as e:
-            raise RunError(str(e)) from e
-        config = TrainConfig(
-            steps=steps,
-            batch_size=None if name in FULL_BATCH else spec.batch_size,
-            l2=spec.l2,
-            seed=seed,
-            eval_every=spec.eval_every,
-            log_every=max(1, spec.eval_every // 5),
-            progress=False,
-            tensorboard=False,
+        torch.set_num_threads(previous)
+    tasks: dict[str, Any] = {}
+    for name in plan["tasks"]:
+        task = TASKS[name]
+        entries = {o: done[(name, o)] for o in plan["optimizers"]}
+        for entry in entries.values():
+            entry["summary"] = _summarise(task, entry)
+        stats = {o: e["summary"]["test"] for o, e in entries.items()}
+        groups = tie_groups(
+            {o: (s["mean"], s["low"], s["high"]) if s else None for o, s in stats.items()},
+            higher_is_better=task.higher_is_better,
         )
-        trainer = Trainer(model, opt, bundle, config)
-        try:
-            summary = trainer.fit()
-        except NonFiniteLossError:
-            trainer.close()
-            return {"diverged": True}, trainer.history
-        return {"diverged": False, **summary}, trainer.history
-
-    results: dict[str, Any] = {}
-    for name in names:
-        t0 = time.perf_counter()
-        sweep = []
-        for m in multipliers:
-            lr = DEFAULT_LR[name] * m
-            summary, _ = run(name, lr, 0, spec.sweep_steps)
-            score = -math.inf if summary["diverged"] else _score(summary["val"], task)
-            if not math.isfinite(score):
-                score = -math.inf
-            sweep.append({"lr": lr, "score": score, "diverged": summary["diverged"]})
-        best = max(sweep, key=lambda s: (s["score"], -abs(math.log(s["lr"] / DEFAULT_LR[name]))))
-        runs = []
-        for seed in range(spec.seeds):
-            summary, history = run(name, best["lr"], seed, spec.steps)
-            entry: dict[str, Any] = {"seed": seed, "diverged": summary["diverged"], "history": history}
-            if not summary["diverged"]:
-                key = f"val_{metric}"
-                steps_to, seconds_to = (
-                    _first_reaching(history, key, goal, metric == "accuracy") if goal is not None else (None, None)
-                )
-                entry.update(
-                    test=summary["test"],
-                    val=summary["val"],
-                    seconds=summary["seconds"],
-                    steps_to_goal=steps_to,
-                    seconds_to_goal=seconds_to,
-                )
-            runs.append(entry)
-        finals = [r["test"][metric] for r in runs if not r["diverged"]]
-        reached = [r for r in runs if r.get("steps_to_goal") is not None]
-        probe = make_optimizer(
-            name, [torch.zeros(1, requires_grad=True)], lr=best["lr"], weight_decay=spec.weight_decay
-        )
-        results[name] = {
-            "lr": best["lr"],
-            "sweep": sweep,
-            "runs": runs,
-            "test_mean": statistics.fmean(finals) if finals else math.nan,
-            "test_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
-            "diverged": len(runs) - len(finals),
-            "reached_goal": len(reached),
-            "steps_to_goal": statistics.fmean(r["steps_to_goal"] for r in reached) if reached else None,
-            "seconds_to_goal": statistics.fmean(r["seconds_to_goal"] for r in reached) if reached else None,
-            "seconds": statistics.fmean(r["seconds"] for r in runs if not r["diverged"]) if finals else None,
-            "equations": optim.explain(probe),
-            "wall_seconds": time.perf_counter() - t0,
+        tasks[name] = {
+            "description": task.describe(),
+            "summary": task.summary,
+            "metric": task.metric,
+            "higher_is_better": task.higher_is_better,
+            "target": task.target,
+            "unit": task.unit,
+            "steps": plan["steps"] or task.steps,
+            "batch_size": task.batch_size,
+            "ranking": groups,
+            "optimizers": entries,
         }
-        log(
-            f"{name:<9} lr={best['lr']:.3g}  test {metric} {results[name]['test_mean']:.4f} "
-            f"± {results[name]['test_std']:.4f}  ({results[name]['wall_seconds']:.1f}s)"
-        )
-    sign = 1 if metric == "accuracy" else -1
-    ranking = sorted(
-        results,
-        key=lambda n: -math.inf if math.isnan(results[n]["test_mean"]) else sign * results[n]["test_mean"],
-        reverse=True,
-    )
+    profile = {"taus": list(PROFILE_TAUS)}
+    for key in ("seconds_to_target", "steps_to_target"):
+        times = {t: {o: _profile_time(e["summary"], key) for o, e in tasks[t]["optimizers"].items()} for t in tasks}
+        profile[key] = performance_profile(times, PROFILE_TAUS)  # type: ignore[assignment]
     return {
         "spec": asdict(spec),
-        "data": bundle.name,
-        "task": task,
-        "metric": metric,
-        "goal": goal,
-        "ranking": ranking,
-        "optimizers": results,
+        "plan": plan,
+        "tasks": tasks,
+        "profile": profile,
+        "summary": summary_rows(tasks, plan["optimizers"]),
         "seconds": time.perf_counter() - started,
+        "environment": {
+            "torch": torch.__version__,
+            "threads_per_run": spec.threads or torch.get_num_threads(),
+            "workers": min(spec.workers, len(plan["tasks"]) * len(plan["optimizers"])),
+            "cpus": os.cpu_count(),
+            "device": str(_device(spec.device)),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        },
     }
+
+
+def summary_rows(tasks: dict[str, Any], optimizers: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per optimizer across tasks: rank per task, tasks reached, divergences, tuning cost."""
+    rows = []
+    for o in optimizers:
+        row: dict[str, Any] = {"optimizer": o, "ranks": {}, "reached": 0, "diverged": 0, "runs": 0, "seconds": 0.0}
+        for t, info in tasks.items():
+            entry = info["optimizers"][o]
+            s = entry["summary"]
+            rank = next(g["rank"] for g in info["ranking"] if o in g["members"])
+            tied = next(len(g["members"]) > 1 for g in info["ranking"] if o in g["members"])
+            row["ranks"][t] = f"{rank}=" if tied else str(rank)
+            row["reached"] += int(s["reached"] * 2 >= s["seeds"])
+            row["diverged"] += s["diverged"]
+            row["runs"] += entry["tuning"]["runs"] + max(0, s["seeds"] - entry["tuning"]["seeds"])
+            row["seconds"] += entry["seconds"]
+        row["tasks"] = len(tasks)
+        rows.append(row)
+    return rows
+
+
+def describe_tasks() -> str:
+    """``descend compare --list``: every task with its budget and target, then the suites."""
+    lines = ["tasks:"]
+    for task in TASKS.values():
+        lines.append(f"  {task.name:<16} {task.describe()}")
+    lines.append("suites:")
+    for name, (tasks, optimizers, seeds, tune_seeds) in SUITES.items():
+        lines.append(
+            f"  {name:<16} tasks {', '.join(tasks)}; optimizers {', '.join(optimizers)}; "
+            f"{tune_seeds} tuning seed(s), {seeds} final seeds"
+        )
+    return "\n".join(lines)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["SeedStats", "TuneResult", "log_grid", "seed_stats", "t_quantile", "tune_lr"]
+__all__ = ["SeedStats", "TuneResult", "log_grid", "seed_stats", "t_quantile", "tie_groups", "tune_lr"]
 
 # t_{0.975, df} for df = 1..30; beyond that the normal quantile is within 1%.
 _T975 = (
@@ -121,7 +121,7 @@ class TuneResult:
 
 def _score(result: Any) -> tuple[float, Any]:
     """A run returns its final validation loss, or ``(loss, anything)``; non-finite means diverged."""
-    loss, detail = (result if isinstance(result, tuple) else (result, None))
+    loss, detail = result if isinstance(result, tuple) else (result, None)
     loss = float(loss)
     return (loss if math.isfinite(loss) else math.inf), detail
 
@@ -188,3 +188,36 @@ def tune_lr(
         seconds=time.perf_counter() - started,
         details=details,
     )
+
+
+def tie_groups(
+    intervals: dict[str, tuple[float, float, float] | None], *, higher_is_better: bool
+) -> list[dict[str, Any]]:
+    """Rank ``name -> (mean, low, high)`` by mean, grouping names whose intervals overlap the leader's.
+
+    Sorted best first, the best name not yet grouped leads a group; every later name whose
+    ``[low, high]`` overlaps the leader's joins it (the seeds cannot tell them apart). A group's
+    ``rank`` is one more than the names ranked before it, so ranks read like "1, 1, 3". ``None`` (every seed
+    diverged) ranks last, in a group of its own each. Returns ``[{"rank", "members"}]``.
+    """
+    valid = [n for n, v in intervals.items() if v is not None and math.isfinite(v[0])]
+    sign = -1.0 if higher_is_better else 1.0
+    order = sorted(valid, key=lambda n: sign * intervals[n][0])  # type: ignore[index]
+    groups: list[dict[str, Any]] = []
+    placed: set[str] = set()
+    for leader in order:
+        if leader in placed:
+            continue
+        _, low, high = intervals[leader]  # type: ignore[misc]
+        members = [leader] + [
+            n
+            for n in order
+            if n not in placed and n != leader and intervals[n][1] <= high and low <= intervals[n][2]  # type: ignore[index]
+        ]
+        groups.append({"rank": len(placed) + 1, "members": members})
+        placed.update(members)
+    for name in intervals:
+        if name not in placed:
+            groups.append({"rank": len(placed) + 1, "members": [name]})
+            placed.add(name)
+    return groups

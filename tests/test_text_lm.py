@@ -1,0 +1,108 @@
+"""The byte-level standard-library corpus (descend.data.text) and the causal transformer LM (descend.nn)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from descend.data.registry import load_data
+from descend.data.text import load_stdlib_text, stdlib_files
+from descend.nn import TransformerLM
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_stdlib_text(0)
+
+
+def test_corpus_is_deterministic_split_by_file_and_shifted_by_one(bundle) -> None:
+    again = load_stdlib_text(0)
+    assert again.info["sha256"] == bundle.info["sha256"]
+    assert torch.equal(again.val.inputs[0], bundle.val.inputs[0])
+    assert load_stdlib_text(1).info["sha256"] != bundle.info["sha256"]  # another seed, another split
+    names = bundle.info["file_names"]
+    assert not set(names["train"]) & set(names["val"]) and not set(names["train"]) & set(names["test"])
+    assert not set(names["val"]) & set(names["test"])
+    assert all("site-packages" not in n and "/test/" not in f"/{n}" for split in names.values() for n in split)
+    x, y = bundle.train.inputs[0], bundle.train.targets
+    assert x.dtype == torch.long and x.shape == y.shape and x.shape[1] == bundle.info["context"]
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one byte
+    assert 0 <= int(x.min()) and int(x.max()) < 256
+    assert bundle.info["bytes"]["train"] == 1_000_000 and bundle.task == "classification"
+
+
+def test_files_are_sorted_and_found_by_the_registry(bundle) -> None:
+    files = stdlib_files()
+    assert len(files) > 100 and list(files) == sorted(files, key=lambda p: p.as_posix())
+    named = load_data("stdlib-text")
+    assert named.info["sha256"] == bundle.info["sha256"] and named.input_kind == "tokens"
+
+
+def _model(seed: int = 0, **kw) -> TransformerLM:
+    torch.manual_seed(seed)
+    return TransformerLM(256, 16, width=32, depth=2, heads=4, **kw)
+
+
+def test_transformer_is_causal() -> None:
+    model = _model().eval()
+    idx = torch.randint(0, 256, (2, 16))
+    changed = idx.clone()
+    changed[:, 9:] = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    assert a.shape == (2, 16, 256)
+    torch.testing.assert_close(a[:, :9], b[:, :9])  # positions before the change see none of it
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_attention_matches_an_explicit_masked_softmax() -> None:
+    attn = _model().blocks[0].attn
+    x = torch.randn(3, 10, 32)
+    B, T, W, H = 3, 10, 32, 4
+    q, k, v = attn.qkv(x).view(B, T, 3, H, W // H).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(W // H)
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), -math.inf)
+    expected = attn.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, W))
+    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_output_projection_is_the_embedding_and_initial_loss_is_uniform() -> None:
+    model = _model()
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("head" in n or "lm_" in n for n in names)  # no separate output matrix: tied
+    idx = torch.randint(0, 256, (4, 16))
+    with torch.no_grad():
+        before = model(idx)
+        model.embed.weight[7] += 1.0
+        after = model(idx)
+    assert not torch.allclose(before[..., 7], after[..., 7])  # the logit of byte 7 reads embedding row 7
+    other = torch.randint(0, 256, (4 * 16,))
+    loss = F.cross_entropy(before.reshape(-1, 256), other)
+    assert abs(float(loss) - math.log(256)) < 0.1  # near-uniform predictions of unrelated bytes at initialisation
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_a_few_adam_steps_learn_the_byte_statistics(bundle) -> None:
+    torch.manual_seed(0)
+    model = TransformerLM(256, bundle.info["context"], width=32, depth=1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = bundle.train.inputs[0], bundle.train.targets
+    g = torch.Generator().manual_seed(0)
+
+    def val_loss() -> float:
+        with torch.no_grad():
+            logits = model(bundle.val.inputs[0][:200])
+            return float(F.cross_entropy(logits.reshape(-1, 256), bundle.val.targets[:200].reshape(-1)))
+
+    start = val_loss()
+    for _ in range(30):
+        i = torch.randint(0, len(x), (16,), generator=g)
+        loss = F.cross_entropy(model(x[i]).reshape(-1, 256), y[i].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert val_loss() < start - 1.0  # from ln 256 ≈ 5.5 towards the unigram entropy of Python source
