@@ -8,14 +8,19 @@ its whole process group is killed.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from _distributed_helpers import max_abs_diff, run
+from _distributed_helpers import ENV, max_abs_diff, run
 from descend.cli import main
 from descend.cli._commands import _without_nproc
 from descend.data.registry import load_data
@@ -153,3 +158,60 @@ def test_a_failed_rank_ends_the_job_and_resume_continues(tmp_path: Path) -> None
     code, log, _ = descend(*options, "--out", str(tmp_path / "ref"))
     assert code == 0, log[-3000:]
     assert max_abs_diff(weights(run_dir), weights(tmp_path / "ref")) <= 1e-5
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (children, grandchildren...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped counts as ended)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+def test_killing_the_launcher_ends_torchrun_and_every_rank(tmp_path: Path) -> None:
+    """SIGKILL to ``descend train --nproc 2`` (a scheduler, the OOM killer) must not leave the job running."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "descend", "train", "--nproc", "2", "--steps", "100000", *TINY, "--out", str(run_dir)],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    family: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # torchrun's agent and both ranks, the ranks training
+            family = _descendants(launcher.pid)
+            if len(family) >= 3 and (run_dir / "metrics.jsonl").is_file():
+                break
+            assert launcher.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the 2-process run did not start within 180 s (processes: {sorted(family)})")
+        family = _descendants(launcher.pid)
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_alive(p) for p in family):
+            time.sleep(0.2)
+        assert not [p for p in family if _alive(p)], "processes of the run outlived the launcher"
+    finally:
+        for pid in [launcher.pid, *family]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)

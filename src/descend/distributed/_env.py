@@ -9,10 +9,14 @@ of one process, so the same script runs either way.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import functools
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -87,6 +91,7 @@ def setup(backend: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -
         torch.cuda.set_device(device)
     if not launched():
         return DistInfo(0, 0, 1, None, device)
+    die_with_parent(signal.SIGKILL)  # an orphaned rank must not keep training
     if not dist.is_initialized():
         kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
@@ -240,6 +245,44 @@ def exit_now(code: int = 0) -> NoReturn:
     os._exit(code)
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
+    """End this process with ``sig`` when its parent process dies (a launcher killed by SIGKILL, say).
+
+    On Linux the kernel delivers ``sig`` (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread
+    watches the parent's pid and sends ``sig`` to this process once it changes. ``parent``: the pid
+    the parent is expected to have (default: the current parent); if it is already gone, ``sig``
+    comes at once. Safe to call more than once, and in a ``preexec_fn`` between fork and exec.
+    """
+    parent = os.getppid() if parent is None else parent
+    prctl = _prctl()
+    if prctl is not None:
+        if prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0:
+            if os.getppid() != parent:  # died before the signal was armed
+                os.kill(os.getpid(), sig)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=watch, name="descend-parent-watch", daemon=True).start()
+
+
+@functools.cache
+def _prctl() -> Any:
+    """libc's ``prctl`` on Linux (looked up once, so a forked child need not load anything), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
 def torchrun_command(nproc: int, argv: Sequence[str], *, master_port: int | None = None,
                      extra: Sequence[str] = ()) -> list[str]:
     """The ``python -m torch.distributed.run`` command that starts ``nproc`` local processes of ``argv``.
@@ -263,7 +306,8 @@ def launch(nproc: int, argv: Sequence[str], *, env: Mapping[str, str] | None = N
 
     The processes inherit stdout/stderr. ``OMP_NUM_THREADS`` defaults to ``cpus // nproc`` so the
     processes do not oversubscribe the CPU. A failed rank makes torchrun stop the others and exit
-    non-zero with a summary naming the rank.
+    non-zero with a summary naming the rank. If this process dies, however it dies, torchrun and
+    every rank end too (:func:`die_with_parent`): nothing keeps writing into the run directory.
 
     Args:
         nproc: processes on this node (one per GPU on a GPU machine).
@@ -275,7 +319,13 @@ def launch(nproc: int, argv: Sequence[str], *, env: Mapping[str, str] | None = N
     full_env = dict(os.environ)
     full_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     full_env.update(env or {})
-    proc = subprocess.Popen(torchrun_command(nproc, argv, master_port=master_port), env=full_env)
+    me = os.getpid()
+    _prctl()  # looked up here: between fork and exec the child only calls it
+    # If this process dies (even by SIGKILL), torchrun gets SIGTERM and stops its ranks; each rank
+    # also dies with torchrun (setup()), so no process of the job outlives the one that launched it.
+    preexec = (lambda: die_with_parent(signal.SIGTERM, me)) if sys.platform.startswith("linux") else None
+    proc = subprocess.Popen(torchrun_command(nproc, argv, master_port=master_port), env=full_env,
+                            preexec_fn=preexec)
     try:
         return proc.wait(timeout=timeout_s)
     except BaseException:  # timeout or Ctrl-C: SIGTERM lets torchrun stop its workers before it exits

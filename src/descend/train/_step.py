@@ -63,18 +63,19 @@ def accumulate_gradient(
     device = device or next(model.parameters()).device
     world, total = dd.world_size(), source.total(batches)
     acc = _accumulator(device)
-    loss_sum = torch.zeros((), dtype=acc, device=device)
+    parts: list[Tensor] = []  # summed once at the end: no per-micro-batch bookkeeping ops
     correct = torch.zeros((), dtype=torch.int64, device=device) if count_correct else None
     for j, batch in enumerate(batches):
         inputs, targets = source.local(batch)
         inputs, (targets,) = move(inputs, device), move((targets,), device)
         m = int(targets.shape[0])
+        weight = world * m / total
         with dd.sync_gradients(model, enabled=j == len(batches) - 1):
             with autocast(device, bf16):
                 outputs = model(*inputs)
                 loss = loss_fn(outputs, targets) if m else outputs.sum() * 0.0  # an empty mean is NaN
-            (loss * (world * m / total)).backward()
-        loss_sum += loss.detach().to(acc) * (m / total)
+            (loss if weight == 1.0 else loss * weight).backward()
+        parts.append(loss.detach() if m == total else loss.detach() * (m / total))
         if correct is not None and m:
             correct += (outputs.detach().argmax(-1) == targets).sum()
     if l2:
@@ -88,7 +89,8 @@ def accumulate_gradient(
         # Σ over ranks of this term is λ/2·||w||²: shards count once each, replicas W times.
         for p in params:
             square = dd.local_tensor(p).detach().to(acc).square().sum()
-            loss_sum += 0.5 * l2 * (square if isinstance(p, DTensor) else square / world)
+            parts.append(0.5 * l2 * (square if isinstance(p, DTensor) else square / world))
+    loss_sum = parts[0] if len(parts) == 1 else torch.stack([t.to(acc) for t in parts]).sum()
     return loss_sum, correct
 
 
