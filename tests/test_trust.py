@@ -492,3 +492,41 @@ def test_a_replaced_metadata_in_a_two_rank_checkpoint_never_runs(tmp_path: Path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from step-00000003" in second.stderr and "Traceback" not in second.stderr
     assert (run / "checkpoint" / "step-00000006.rejected").is_dir()
+
+
+_SAVER = """
+import sys, torch
+from descend.train._checkpoint import save_checkpoint
+root = sys.argv[1]
+model = {"w": torch.randn(1024, 1024)}  # 4 MiB per step: a kill often lands mid-write
+for step in range(1, 10_000):
+    save_checkpoint(root, step, model, {"step": step, "m": model["w"] * step}, keep=2)
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kills_during_saves_leave_a_checkpoint_that_verifies_and_temporaries_that_go(tmp_path: Path) -> None:
+    """SIGKILL a process that saves 4 MiB checkpoints in a loop, at several moments, until one kill
+    has landed mid-save (about half do); after every kill the next start finds a verified checkpoint."""
+    import subprocess
+    import sys
+    import time
+
+    cut_short = 0
+    for attempt in range(8):
+        root = tmp_path / f"run{attempt}" / "checkpoint"
+        saver = subprocess.Popen([sys.executable, "-c", _SAVER, str(root)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert saver.stdout is not None and saver.stdout.readline().strip() == "1"  # the first save is done
+            time.sleep(0.2 + 0.13 * attempt)
+        finally:
+            saver.kill()  # no cleanup runs
+            saver.wait(timeout=30)
+        cut_short += bool(list(root.glob(".step-*")))
+        ckpt = load_checkpoint(root)
+        assert ckpt.step >= 1 and torch.equal(ckpt.state["m"], ckpt.model["w"] * ckpt.step)
+        assert not list(root.glob(".*"))  # whatever the kill left was removed on this start
+        if cut_short and attempt >= 2:
+            break
+    assert cut_short, "no kill landed during a save; the cleanup went untested"
