@@ -121,32 +121,29 @@ def test_compare_tiny(tmp_path) -> None:
     out = tmp_path / "cmp"
     result = descend(
         "compare",
+        "--task",
+        "digits-mlp",
         "--optimizers",
         "sgd,signum",
         "--seeds",
         "2",
         "--steps",
         "20",
-        "--sweep",
-        "1,3",
-        "--sweep-steps",
-        "10",
-        "--eval-every",
-        "5",
-        "--width",
-        "16",
+        "--workers",
+        "1",
         "--out",
         str(out),
     )
     assert result.returncode == 0, result.stderr
     assert "signum" in result.stdout and "±" in result.stdout
-    summary = json.loads((out / "summary.json").read_text())
-    assert sorted(summary["ranking"]) == ["sgd", "signum"]
-    assert len(summary["optimizers"]["sgd"]["sweep"]) == 2
+    results = json.loads((out / "results.json").read_text())
+    task = results["tasks"]["digits-mlp"]
+    assert sorted(n for g in task["ranking"] for n in g["members"]) == ["sgd", "signum"]
+    assert len(task["optimizers"]["sgd"]["runs"]) == 2
     lines = (out / "results.csv").read_text().splitlines()
-    assert len(lines) == 1 + 2 * 2
+    assert len(lines) == 1 + 2  # one row per task and optimizer
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 4 and "signum" in html
+    assert html.count("data:image/png;base64,") == 3 and "signum" in html  # profile, curves, lr sweep
 
 
 def test_gradflow_and_optimizers(tmp_path) -> None:
@@ -276,14 +273,12 @@ def test_train_defaults_reach_97_percent_on_digits(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_compare_defaults_rank_every_optimizer_within_3_minutes(tmp_path) -> None:
+def test_compare_defaults_run_the_quick_suite_within_3_minutes(tmp_path) -> None:
     started = time.perf_counter()
-    result = descend("compare", "--out", str(tmp_path / "c"), timeout=400)
+    result = descend("compare", "--out", str(tmp_path / "c"), timeout=600)
     seconds = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
-    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
-    assert sorted(summary["ranking"]) == sorted(
-        ["gd", "sgd", "momentum", "signsgd", "signum", "softsign", "lion", "adam", "adamw"]
-    )
-    print(f"descend compare defaults: {seconds:.1f}s wall, ranking {summary['ranking']}")
+    results = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert "text-lm" in results["tasks"] and len(results["tasks"]) >= 3
+    print(f"descend compare defaults: {seconds:.1f}s wall, {results['environment']}")
     assert seconds < 180
