@@ -563,3 +563,117 @@ def test_adam_bias_corrections_come_from_the_scalars_hook() -> None:
     rule = optim.scale_by_adam((0.9, 0.999))
     s = rule.scalars({"betas": (0.9, 0.999)}, 3)
     assert s["bias1"] == pytest.approx(1 - 0.9**3) and s["bias2_sqrt"] == pytest.approx((1 - 0.999**3) ** 0.5)
+
+
+# -- engine="auto" -----------------------------------------------------------------------------------------
+def _auto_run(factory: Callable[..., torch.optim.Optimizer], steps: int = 5, **kw: Any) -> torch.optim.Optimizer:
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(4, 3), (5,)]]
+    opt = factory(params, **kw)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize(("name", "fused"), [("adamw", True), ("sgd_nesterov_l2", True), ("sgd_plain", True),
+                                             ("adam_amsgrad_ball", False), ("lion_maximize", False),
+                                             ("softsign_clip", False), ("user_chain", False)])
+def test_auto_uses_torchs_kernel_exactly_for_torchs_chains(name: str, fused: bool) -> None:
+    """torch's kernel for Adam, AdamW and SGD (a projection or clipping makes the chain another one)."""
+    engine = _auto_run(PRESETS[name])._engine
+    assert isinstance(engine, AutoEngine)
+    assert (engine.last is engine) is fused
+    assert (engine.last is engine.foreach) is not fused
+
+
+def test_auto_adamw_steps_as_torch_fused_adamw() -> None:
+    """After the first step (the reference path), auto's AdamW is torch's fused kernel: bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(6, 5, generator=gen)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a = optim.AdamW(ours, lr=1e-2, weight_decay=0.1)
+    b = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, fused=True)
+    for t in range(6):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+        if t == 0:  # align the one step the two compute in a different order
+            for p, q in zip(ours, theirs):
+                q.data.copy_(p.data)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    b.state[q][key].copy_(a.state[p][key])
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+
+
+def test_auto_compiles_large_flat_buffers_only() -> None:
+    backend = CountingBackend()
+
+    def lion(params: Any, **kw: Any) -> torch.optim.Optimizer:
+        opt = optim.Lion(params, weight_decay=0.1, **kw)
+        opt._engine = AutoEngine(opt, compile_min=20)
+        opt._engine.compiled.backend = backend
+        return opt
+
+    _auto_run(lion)  # two tensors: not flat, so no compile however large
+    assert backend.compiles == 0
+    flat = _auto_run(lion, flat=True)._engine
+    assert backend.compiles == 1 and flat.last is flat.compiled
+    ref = _auto_run(lambda p, **kw: optim.Lion(p, weight_decay=0.1, engine="reference"))
+    out = [p.detach() for p in flat.opt.param_groups[0]["params"]]
+    assert_close(out, [p.detach() for p in ref.param_groups[0]["params"]])
+
+
+def test_auto_logs_a_compile_failure_and_steps_with_foreach(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        raise RuntimeError("no C++ compiler here")
+
+    def lion(params: Any, **kw: Any) -> torch.optim.Optimizer:
+        opt = optim.Lion(params, weight_decay=0.1, **kw)
+        opt._engine = AutoEngine(opt, compile_min=0)
+        opt._engine.compiled.backend = broken
+        return opt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # silent: no warning reaches the user
+        with caplog.at_level("INFO", logger="descend.optim"):
+            opt = _auto_run(lion, flat=True)
+    assert any("falling back" in r.message for r in caplog.records)
+    ref = _auto_run(lambda p, **kw: optim.Lion(p, weight_decay=0.1, engine="reference"))
+    out = [p.detach() for p in opt.param_groups[0]["params"]]
+    assert_close(out, [p.detach() for p in ref.param_groups[0]["params"]])
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_auto_behaves_as_torch_optim(name: str) -> None:
+    """zero_grad(set_to_none), a parameter without gradient, a frozen one, ``model.to()`` after construction and
+    a state_dict round trip with torch.optim: descend's default and torch's default take the same steps."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    unused = [torch.nn.Parameter(torch.randn(3)) for _ in range(2)]
+    kw = {"lr": 1e-2, "momentum": 0.9} if name == "SGD" else {"lr": 1e-2}
+    ours = getattr(optim, name)([*models[0].parameters(), unused[0]], **kw)
+    theirs = getattr(torch.optim, name)([*models[1].parameters(), unused[1]], **kw)
+    for m in models:
+        m[0].bias.requires_grad_(False)  # frozen after construction
+        m.to(torch.float64)  # moved after construction
+    x = torch.randn(8, 4, dtype=torch.float64)
+    for t in range(8):
+        for model, opt in zip(models, (ours, theirs)):
+            opt.zero_grad()
+            assert all(p.grad is None for p in model.parameters())
+            model(x).pow(2).mean().backward()
+            opt.step()
+        if t == 3:  # swap states through each other's state_dict
+            ours_sd, theirs_sd = copy.deepcopy(ours.state_dict()), copy.deepcopy(theirs.state_dict())
+            ours.load_state_dict(theirs_sd)
+            theirs.load_state_dict(ours_sd)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q)
+        assert p.dtype == torch.float64
+    assert unused[0] not in ours.state and models[0][0].bias not in ours.state

@@ -14,7 +14,8 @@ from descend.optim._rules import EMA, ClipByGlobalNorm, Projection, Rule, ScaleB
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
-ENGINES = ("auto", "reference", "foreach", "compiled", "fused")
+#: The engines that run every chain; ``"fused"`` (torch's kernels) runs only torch's chains.
+ENGINES = ("auto", "reference", "foreach", "compiled")
 
 
 def _normalise(rules: Sequence[Rule]) -> tuple[list[Rule], list[Rule], list[Projection]]:
@@ -134,8 +135,8 @@ class ChainOptimizer(torch.optim.Optimizer):
                  foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, **hyper: Any) -> None:
         engine = torch_engine_flags(engine, foreach, fused, capturable, differentiable)
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+        if engine not in (*ENGINES, "fused"):
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, fused; got {engine!r}")
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
                                             and state_dtype.is_floating_point):
             raise ValueError(f"state_dtype must be a floating torch.dtype or None, got {state_dtype!r}")
