@@ -1,0 +1,82 @@
+"""The trainer on CUDA: training, bf16, checkpoints that move between CUDA and CPU, NCCL data parallelism.
+
+Skipped on machines without CUDA (the CPU suite covers the same code paths with device="cpu").
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from _distributed_helpers import max_abs_diff, run
+from descend import distributed as dd
+from descend import optim
+from descend.data._base import DataBundle, Split
+from descend.train import TrainConfig, Trainer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+JOB = Path(__file__).parent / "distributed_scripts" / "trainer_job.py"
+
+
+def _bundle() -> DataBundle:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 5, generator=g)
+    y = (x @ torch.randn(5, 3, generator=g)).argmax(1)
+    return DataBundle("toy", "classification", "vector", Split((x[:70],), y[:70]), Split((x[70:85],), y[70:85]),
+                      Split((x[85:],), y[85:]), out_features=3, in_features=5)
+
+
+def _trainer(device: str, out: Path | None = None, steps: int = 8, **config: object) -> Trainer:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))  # no dropout: RNG streams differ by device
+    opt = optim.AdamW(model.parameters(), lr=1e-2)
+    cfg = TrainConfig(steps=steps, batch_size=10, progress=False, tensorboard=False, checkpoint_every=2, **config)
+    return Trainer(model, opt, _bundle(), cfg, device=device, out_dir=out)
+
+
+def test_training_on_cuda_keeps_model_state_and_metrics_on_the_device() -> None:
+    trainer = _trainer("cuda")
+    summary = trainer.fit()
+    assert trainer.device.type == "cuda"
+    assert all(p.device.type == "cuda" for p in trainer.model.parameters())
+    assert all(v.device.type == "cuda" for s in trainer.optimizer.state.values() for v in s.values() if v.dim())
+    assert math.isfinite(summary["test"]["loss"]) and 0 <= summary["test"]["accuracy"] <= 1
+    cpu = _trainer("cpu").fit()
+    assert summary["test"]["loss"] == pytest.approx(cpu["test"]["loss"], rel=1e-3)  # the same run, other kernels
+
+
+def test_bf16_autocast_on_cuda_trains() -> None:
+    summary = _trainer("cuda", steps=20, bf16=True).fit()
+    assert math.isfinite(summary["train"]["loss"])
+
+
+@pytest.mark.parametrize(("first", "second"), [("cuda", "cpu"), ("cpu", "cuda")])
+def test_a_checkpoint_resumes_on_the_other_device(tmp_path: Path, first: str, second: str) -> None:
+    _trainer(first, tmp_path / "run").fit(max_steps=4)
+    resumed = _trainer(second, tmp_path / "run")
+    assert resumed.resume() == 4
+    assert all(p.device.type == second for p in resumed.model.parameters())
+    resumed.fit()
+    reference = _trainer(first)
+    reference.fit()
+    for p, q in zip(resumed.model.parameters(), reference.model.parameters()):
+        torch.testing.assert_close(p.detach().cpu(), q.detach().cpu(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_nccl_ranks_train_the_one_gpu_model(tmp_path: Path, strategy: str) -> None:
+    code, log, _ = run([sys.executable, str(JOB), "--out", str(tmp_path / "one.pt")], timeout=300)
+    assert code == 0, log[-3000:]
+    code, log, _ = run(dd.torchrun_command(2, [str(JOB), "--strategy", strategy, "--out", str(tmp_path / "two.pt")]),
+                       timeout=300)
+    assert code == 0, log[-4000:]
+    one, two = (torch.load(tmp_path / f, weights_only=False) for f in ("one.pt", "two.pt"))
+    assert two["world"] == 2 and two["device"] == "cuda:0" and one["device"].startswith("cuda")
+    assert max_abs_diff(two["weights"], one["weights"]) <= 1e-5
