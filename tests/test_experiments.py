@@ -19,7 +19,8 @@ from descend.experiments._common import band, finding, seed_list
 from descend.experiments._momentum import heavy_ball, quadratic
 from descend.experiments._point_sets import _reorder
 
-NAMES = ["momentum", "depth", "weight-decay", "adam-softsign", "gd-vs-sgd", "badly-scaled", "point-sets"]
+NAMES = ["momentum", "depth", "weight-decay", "adam-softsign", "gd-vs-sgd", "badly-scaled", "point-sets",
+         "function-approximation", "flow-matching"]
 
 
 def test_registry_names_every_experiment() -> None:
@@ -166,3 +167,13 @@ def test_normalised_methods_ignore_the_scale(tmp_path: Path) -> None:
 def test_attention_ignores_the_order_of_the_points(tmp_path: Path) -> None:
     _holds(_run("point-sets", tmp_path), "attention_order_free", "mlp_drops_on_shuffle",
            "attention_with_half_the_points")
+
+
+@pytest.mark.slow
+def test_activations_make_an_mlp_more_than_linear(tmp_path: Path) -> None:
+    _holds(_run("function-approximation", tmp_path), "no_activation_is_linear", "activations_fit", "wider_is_better")
+
+
+@pytest.mark.slow
+def test_flow_matching_generates_points_like_the_data(tmp_path: Path) -> None:
+    _holds(_run("flow-matching", tmp_path), "samples_close_to_data", "within_10x_of_floor")

@@ -65,8 +65,8 @@ def depth(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
     Part 1 (the anchor is He et al.'s figure of training loss against depth): :class:`descend.nn.ResidualMLP`
     of width 64 with He init and pre-LayerNorm blocks, with the skip (``z + W act(norm(z))``) and
     without it (``W act(norm(z))``, the same parameters), ReLU and sigmoid, at several depths, trained
-    on digits by Adam (minibatches of 64); each net's learning rate is tuned at the deepest depth on the
-    mean final validation loss over seeds. Reported: the final training loss against depth.
+    on digits by Adam (100 steps, minibatches of 64); each net's learning rate is tuned at each depth on
+    the mean final validation loss over seeds. Reported: the final training loss against depth.
     Part 2: a plain tanh :class:`descend.nn.MLP` of 16 hidden layers initialised with
     ``W ~ N(0, g^2/fan_in)``, ``g`` in {0.5, 1, sqrt 2, 4}: the norm of the loss gradient at each layer's
     output (:func:`descend.diagnostics.activation_gradients`) at initialisation, 256 digits.
@@ -74,22 +74,18 @@ def depth(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
     16-block nets of part 1 at initialisation. Part 4: the bare residual ``z + f(z)`` (no norm) against
     the pre-norm one: the size of the output and of the first layer's gradient against depth.
     """
-    depths = (2, 8) if quick else (2, 4, 8, 16, 32)
-    steps = 100 if quick else 150
-    tune_depth = depths[-1]
+    depths = (2, 8) if quick else (2, 8, 32)
+    steps = 100
     n = len(seeds)
-    tuned, train_loss = {}, {}
+    tuned: dict[str, dict[int, Any]] = {}
+    train_loss: dict[str, dict[int, list[float]]] = {}
     for kind, act in NETS:
         label = f"{kind} {act}"
-        tuned[label] = tune(lambda lr, s, k=kind, a=act: _train(k, a, tune_depth, lr, s, steps),
-                            [1e-3, 3e-3, 1e-2], seeds, 3)
-        lr = tuned[label].best_lr
-        train_loss[label] = {}
-        for d in depths:
-            if d == tune_depth:
-                train_loss[label][d] = [det["train_loss"] for det in tuned[label].details[lr]]
-            else:
-                train_loss[label][d] = [_train(kind, act, d, lr, s, steps)[1]["train_loss"] for s in seeds]
+        tuned[label], train_loss[label] = {}, {}
+        for d in depths:  # every net tuned at every depth: a rate good for 2 layers may be bad for 32
+            r = tune(lambda lr, s, k=kind, a=act, d=d: _train(k, a, d, lr, s, steps), [1e-3, 3e-3, 1e-2], seeds, 2)
+            tuned[label][d] = r
+            train_loss[label][d] = [det["train_loss"] for det in r.details[r.best_lr]]
 
     # part 2: init gain of a plain tanh net, the backward signal per layer
     signal: dict[float, list[list[float]]] = {}
@@ -162,12 +158,11 @@ def depth(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
                 [d is not None and all(0.1 < v < 10 for v in row)
                  for d, row in zip(bare_nan, blow["pre-norm residual"]["output_std"])]),
     ]
-    notes = [f"{label}: learning rate {r.best_lr:g}{' (at the grid edge)' if r.at_edge else ''}; final training "
-             "loss by depth " + ", ".join(f"{d}: {span(train_loss[label][d])}" for d in depths)
-             for label, r in tuned.items()]
+    notes = [f"{label}, depth {d}: learning rate {r.best_lr:g}{' (at the grid edge)' if r.at_edge else ''}, final "
+             f"training loss {span(train_loss[label][d])}" for label, by in tuned.items() for d, r in by.items()]
     numbers: dict[str, Any] = {
-        "depths": list(depths), "steps": steps, "width": WIDTH, "tune_depth": tune_depth,
-        "tuning": {label: tuned_dict(r) for label, r in tuned.items()},
+        "depths": list(depths), "steps": steps, "width": WIDTH,
+        "tuning": {label: {str(d): tuned_dict(r) for d, r in by.items()} for label, by in tuned.items()},
         "train_loss": {label: {str(d): v for d, v in by.items()} for label, by in train_loss.items()},
         "gains": list(GAINS), "backward_signal": {f"{g:.3g}": v for g, v in signal.items()},
         "first_over_last_signal": {f"{g:.3g}": v for g, v in ratio.items()},
@@ -179,10 +174,9 @@ def depth(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
     ax1, ax2, ax3, ax4 = axes
     for (label, by), color in zip(train_loss.items(), PALETTE):
         style = "-" if label.startswith("residual") else "--"
-        band(ax1, depths, [[by[d][i] for d in depths] for i in range(n)], color,
-             f"{label} (lr {tuned[label].best_lr:g})", style)
+        band(ax1, depths, [[by[d][i] for d in depths] for i in range(n)], color, label, style)
     ax1.set(xscale="log", yscale="log", xlabel="hidden layers (depth)",
-            ylabel=f"training loss after {steps} steps", title="same init (He) and LayerNorm; skip on/off")
+            ylabel=f"training loss after {steps} steps", title="same init and norm, skip on/off, lr tuned per depth")
     ax1.set_xticks(list(depths), [str(d) for d in depths])
     ax1.minorticks_off()
     ax1.legend(fontsize=7)
