@@ -38,13 +38,15 @@ __all__ = ["EXPERIMENT_NAMES", "build_parser", "main"]
 
 #: ``descend experiments`` names (the same as :data:`descend.experiments.EXPERIMENTS`; a test keeps them equal).
 EXPERIMENT_NAMES = (
-    "gd-vs-sgd",
-    "momentum-noise",
-    "badly-scaled",
-    "adam-softsign",
-    "weight-decay",
+    "momentum",
     "depth",
+    "weight-decay",
+    "adam-softsign",
+    "gd-vs-sgd",
+    "badly-scaled",
     "point-sets",
+    "function-approximation",
+    "flow-matching",
 )
 
 
@@ -183,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Run an experiment that shows one idea of the system working; writes NAME.png and NAME.json. "
             f"Names: {', '.join(EXPERIMENT_NAMES)}, or all."
         ),
-        epilog=_example("descend experiments momentum-noise --quick --out runs/exp"),
+        epilog=_example("descend experiments momentum --quick --out runs/exp"),
     )
     experiments.add_argument("name", metavar="NAME", help="an experiment name, or 'all'")
     experiments.add_argument(

@@ -243,8 +243,8 @@ def optimizers(args: argparse.Namespace) -> int:
 def experiments(args: argparse.Namespace) -> int:
     from descend import experiments as ex
 
-    names = list(ex.EXPERIMENTS) if args.name == "all" else [args.name]
-    if args.name != "all" and args.name not in ex.EXPERIMENTS:
+    names = list(ex.EXPERIMENTS) if args.name == "all" else [ex.ALIASES.get(args.name, args.name)]
+    if args.name != "all" and names[0] not in ex.EXPERIMENTS:
         raise UsageError(f"unknown experiment {args.name!r}; choose one of {', '.join(ex.EXPERIMENTS)}, or all")
     out = _out_dir(args, "experiments")
     out.mkdir(parents=True, exist_ok=True)

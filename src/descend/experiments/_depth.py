@@ -198,9 +198,12 @@ def depth(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
     for d in {d for d in bare_nan if d is not None}:
         ax4.axvline(d, color=PALETTE[4], linestyle="--", linewidth=1)
         ax4.annotate(f"non-finite\nat depth {d}", (d, 10.0), fontsize=7, color=PALETTE[4], ha="center", va="bottom")
-    ax4.set_xlim(right=bare_depths[-1] * 1.6)
     ax4.set(xscale="log", yscale="log", xlabel="residual blocks (depth)", ylabel="size at initialisation",
             title="ReLU residual, He init: with and without norm")
+    ax4.set_xlim(bare_depths[0] / 1.3, bare_depths[-1] * 1.6)
+    ticks = [d for d in bare_depths if d & (d - 1) == 0]  # powers of two: labels that do not overlap
+    ax4.set_xticks(ticks, [str(d) for d in ticks])
+    ax4.minorticks_off()
     ax4.legend(fontsize=7, loc="upper left")
     for ax in axes:
         ax.grid(True, alpha=0.3)
