@@ -12,6 +12,7 @@ split evenly (``OMP_NUM_THREADS = cores / W``, or ``--threads``), so every row u
     python benchmarks/distributed.py --model-size 100m --batch 64  # ~100M parameters (a GPU)
     python benchmarks/distributed.py --nprocs 1,2,4 --strategies ddp,fsdp --out /tmp/dist.json
     python benchmarks/distributed.py --trainer --threads 1      # the trainer: `descend train --nproc W`
+    python benchmarks/distributed.py --equivalence              # 2 ranks vs 1 process: max |difference|
 
 ``--trainer`` times ``descend train`` itself (digits, MLP width 128, AdamW, global batch 32, one
 thread per process) at each process count and strategy, as ``steps / summary["seconds"]``: the
@@ -136,6 +137,57 @@ def trainer_rows(args: argparse.Namespace, nprocs: list[int], strategies: list[s
     return rows
 
 
+def equivalence(out: Path) -> None:
+    """2 gloo ranks vs one process on tests/distributed_scripts/job.py: max |difference| of every weight.
+
+    The job trains a 6-16-16-2 tanh MLP on 64 examples, global batch 11 (shares of 6 and 5, a last
+    batch of 9), 20 steps, with each optimizer under DDP, FSDP2 and DDP with flat storage.
+    """
+    import importlib.util
+    import platform
+
+    import torch
+
+    from descend import distributed as dd
+
+    path = Path(__file__).resolve().parent.parent / "tests" / "distributed_scripts" / "job.py"
+    spec = importlib.util.spec_from_file_location("descend_distributed_job", path)
+    assert spec is not None and spec.loader is not None
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "two.pt"
+        start = time.perf_counter()
+        code = dd.launch(2, [str(path), "equivalence", "--out", str(result)], env={"OMP_NUM_THREADS": "1"},
+                         timeout_s=1800)
+        if code != 0:
+            raise SystemExit(f"the 2-process job failed (exit code {code})")
+        seconds = time.perf_counter() - start
+        two = torch.load(result, weights_only=False)
+    rows = []
+    for case in job.OPTIMIZERS:
+        reference = job.run_case(case, "none", job.STEPS)
+        for strategy in ("ddp", "fsdp", "ddp_flat"):
+            got = two[f"{strategy}/{case}"]
+            diff = max(float((got[k] - reference[k]).abs().max()) for k in reference)
+            rows.append({"case": case, "strategy": strategy, "max_abs_diff": diff})
+    print("| optimizer | DDP | FSDP2 | DDP, flat storage |\n|---|---:|---:|---:|")
+    for case in job.OPTIMIZERS:
+        cells = [f"{r['max_abs_diff']:.1e}" for r in rows if r["case"] == case]
+        print(f"| {case} | " + " | ".join(cells) + " |")
+    record = {
+        "method": "max |difference| of every parameter, 2 gloo ranks vs the same job in one process, float32, "
+        f"{job.STEPS} steps, global batch {job.GLOBAL_BATCH} of {job.N} examples (tests/distributed_scripts/job.py)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "torch": torch.__version__,
+        "seconds": seconds,
+        "rows": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nprocs", default="1,2", help="comma-separated process counts")
@@ -147,12 +199,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (default: cores / W)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--trainer", action="store_true", help="time `descend train --nproc W` instead")
+    parser.add_argument("--equivalence", action="store_true", help="2 ranks vs 1 process: weight differences")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--result", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.equivalence:
+        equivalence(args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.with_name("distributed_equivalence.json"))
         return
 
     import torch

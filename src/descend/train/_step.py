@@ -132,7 +132,8 @@ def optimizer_step(
     infinite. Returns the step's metrics when ``measure`` (``lr`` used, ``loss``, ``accuracy`` for
     ``classify``, ``grad_norm`` before clipping, ``update_norm``, ``weight_norm``), else ``{"loss": L}``.
     """
-    model.train()
+    if not model.training:  # Module.train() walks every submodule: only after an evaluation
+        model.train()
     optimizer.zero_grad(set_to_none=True)
     lr = optimizer.param_groups[0]["lr"]
     loss, correct = accumulate_gradient(
@@ -146,7 +147,7 @@ def optimizer_step(
         error = NonFiniteLossError(f"the loss became {counts[0]}")
         error.loss = counts[0]  # type: ignore[attr-defined]
         raise error
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = None
     if clip_grad_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
