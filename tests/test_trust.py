@@ -122,7 +122,7 @@ STEP_MESSAGES = {
     "extra file planted": r"evil\.pt, a file its manifest does not name",
     "manifest edited, checksum kept": "does not match its checksum",
     "manifest forged with step -5": r"malformed manifest\.json",
-    "manifest forged to kind dcp": "is a 'dcp' checkpoint, expected 'single'",
+    "manifest forged to kind dcp": r"manifest\.json: it does not name \.metadata",
     "manifest deleted": r"has no manifest\.json",
     "manifest not JSON": "not valid JSON",
     "file replaced by a link": "not a plain file",
@@ -270,6 +270,18 @@ def test_temporaries_of_an_interrupted_save_are_removed_on_the_next_start(tmp_pa
     (root / ".step-00000003.a").mkdir()  # and a fresh (not resumed) run's first save removes them too
     save_checkpoint(root, 8, {"w": torch.zeros(1)}, {})
     assert not list(root.glob(".*"))
+
+
+def test_a_file_changed_after_verification_is_caught_despite_its_old_size_and_mtime(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoint"
+    _run(root, steps=(2,))
+    step = root / "step-00000002"
+    verify_step(step)  # verified once: an unchanged directory is not hashed again
+    stat = (step / "model.safetensors").stat()
+    _flip_last_byte(step / "model.safetensors")
+    os.utime(step / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime
+    with pytest.raises(CheckpointError, match="does not match its recorded SHA-256"):
+        verify_step(step)
 
 
 def test_a_crash_between_rename_and_index_resumes_from_the_index(tmp_path: Path) -> None:

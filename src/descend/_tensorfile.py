@@ -166,6 +166,16 @@ def write_manifest(directory: str | Path, kind: str, step: int) -> None:
     write_checked_json(directory / MANIFEST, {"format": FORMAT, "kind": kind, "step": int(step), "files": files})
 
 
+#: Directories verified in this process, by their files' (name, size, inode, mtime, ctime): a resume
+#: asks several times, and an unchanged directory is not hashed again (any write changes ctime).
+_VERIFIED: dict[Path, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+
+def _signature(directory: Path) -> tuple[Any, ...]:
+    stats = [(p.name, p.lstat()) for p in directory.iterdir()]
+    return tuple(sorted((n, s.st_size, s.st_ino, s.st_mode, s.st_mtime_ns, s.st_ctime_ns) for n, s in stats))
+
+
 def verify_step(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
     """Check a step directory against its manifest; return the manifest or raise :class:`CheckpointError`.
 
@@ -174,6 +184,22 @@ def verify_step(directory: str | Path, kind: str | None = None) -> dict[str, Any
     ``kind`` other than the one asked for.
     """
     directory = Path(directory)
+    if directory.is_dir() and not directory.is_symlink():
+        key, signature = directory.resolve(), _signature(directory)
+        cached = _VERIFIED.get(key)
+        if cached is not None and cached[0] == signature:
+            manifest = cached[1]
+        else:
+            manifest = _verify(directory)
+            _VERIFIED[key] = (signature, manifest)
+    else:
+        manifest = _verify(directory)
+    if kind is not None and manifest["kind"] != kind:
+        raise CheckpointError(f"checkpoint {directory} is a {manifest['kind']!r} checkpoint, expected {kind!r}")
+    return manifest
+
+
+def _verify(directory: Path) -> dict[str, Any]:
     where = f"checkpoint {directory}"
     if directory.is_symlink() or not directory.is_dir():
         raise IncompleteCheckpointError(f"{where} is not a directory")
@@ -196,8 +222,6 @@ def verify_step(directory: str | Path, kind: str | None = None) -> dict[str, Any
         or not isinstance(files, dict)
     ):
         raise CheckpointError(f"{where} has a malformed {MANIFEST}")
-    if kind is not None and m["kind"] != kind:
-        raise CheckpointError(f"{where} is a {m['kind']!r} checkpoint, expected {kind!r}")
     present = {p.name: p for p in directory.iterdir() if p.name != MANIFEST}
     for name in sorted(present.keys() - files.keys()):
         raise CheckpointError(f"{where} holds {name}, a file its manifest does not name (planted or left over)")

@@ -308,7 +308,7 @@ def load_checkpoint(root: str | Path) -> Checkpoint:
     :class:`CheckpointError` naming the problem when anything is missing, corrupt or forged.
     """
     path = latest_dir(root)
-    manifest = verify_step(path)
+    manifest = verify_step(path)  # verified by latest_dir: not hashed again unless a file changed since
     if manifest["kind"] == "dcp":
         raise CheckpointError(
             f"checkpoint {path} was written by several processes (torch.distributed.checkpoint); "
