@@ -39,7 +39,7 @@ def _model(cls: type, *args: object, seed: int = SEED, **kwargs: object) -> nn.M
 
 def test_gradient_flow_matches_hand_gradients_and_leaves_grad_alone() -> None:
     torch.manual_seed(0)
-    model = MLP(3, 2, hidden=4, depth=2, activation="tanh", norm="layer")
+    model = MLP(3, 2, 4, 2, activation="tanh", norm="layer")
     x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
     flow = gradient_flow(model, x, y, F.cross_entropy)
     assert list(flow) == ["blocks.0.linear", "blocks.1.linear", "head"]  # layer norms are 1-D: left out
@@ -127,7 +127,7 @@ def test_plot_gradient_flow_writes_a_png_atomically(tmp_path) -> None:
 
 
 def test_deep_sigmoid_mlp_gradient_vanishes() -> None:
-    norms = _flow(_model(MLP, 16, 10, hidden=64, depth=32, activation="sigmoid"))
+    norms = _flow(_model(MLP, 16, 10, 64, 32, activation="sigmoid"))
     # sigmoid' <= 1/4 per layer: measured first/last ~3e-28 (seeds 0-7)
     assert norms[0] / norms[-1] < 1e-4
     assert norms[0] / norms[-1] < 1e-20
@@ -135,10 +135,10 @@ def test_deep_sigmoid_mlp_gradient_vanishes() -> None:
 
 def test_large_init_gain_explodes() -> None:
     # tanh with gain 4: first/last measured 2.8e5 - 4.5e5; ReLU gain 4: first-layer norm ~1e14 vs ~0.3 with He
-    tanh = _flow(_model(MLP, 16, 10, hidden=64, depth=32, activation="tanh", init=4.0))
+    tanh = _flow(_model(MLP, 16, 10, 64, 32, activation="tanh", init=4.0))
     assert tanh[0] / tanh[-1] > 1e4
-    big = _flow(_model(MLP, 16, 10, hidden=64, depth=32, activation="relu", init=4.0))
-    he = _flow(_model(MLP, 16, 10, hidden=64, depth=32, activation="relu", init="he"))
+    big = _flow(_model(MLP, 16, 10, 64, 32, activation="relu", init=4.0))
+    he = _flow(_model(MLP, 16, 10, 64, 32, activation="relu", init="he"))
     assert not math.isfinite(big[0]) or big[0] > 1e10 * he[0]
 
 
@@ -146,14 +146,14 @@ def test_large_init_gain_explodes() -> None:
 def test_pytorch_default_init_loses_the_signal_in_deep_plain_nets(activation: str) -> None:
     # std(W) = 1/sqrt(3 fan_in) shrinks the signal each layer: first/last measured ~1e-7 (tanh),
     # ~2e-12 (ReLU); the variance-preserving init for the same net (Xavier / He) stays within 0.1-20
-    default = _flow(_model(MLP, 16, 10, hidden=64, depth=32, activation=activation))
-    good = _flow(_model(MLP, 16, 10, hidden=64, depth=32, activation=activation,
+    default = _flow(_model(MLP, 16, 10, 64, 32, activation=activation))
+    good = _flow(_model(MLP, 16, 10, 64, 32, activation=activation,
                         init="xavier" if activation == "tanh" else "he"))
     assert default[0] / default[-1] < 1e-5
     assert 1e-2 < good[0] / good[-1] < 1e2
     # forward view: the last hidden layer no longer depends on the input
     torch.manual_seed(SEED)
-    net = MLP(16, 10, hidden=64, depth=32, activation=activation)
+    net = MLP(16, 10, 64, 32, activation=activation)
     x, _ = _batch()
     h = x
     with torch.no_grad():
@@ -176,7 +176,7 @@ def test_residual_sigmoid_mlp_does_not_vanish() -> None:
     # the same-size sigmoid comparison: blocks sit at 0.04-0.08 of the output layer (not within 10x,
     # because sigmoid' <= 1/4 scales every block), but the 1e-28 collapse of the plain net is gone
     res = _flow(_model(ResidualMLP, 16, 10, width=64, depth=32, activation="sigmoid"))
-    plain = _flow(_model(MLP, 16, 10, hidden=64, depth=32, activation="sigmoid"))
+    plain = _flow(_model(MLP, 16, 10, 64, 32, activation="sigmoid"))
     assert min(res) / res[-1] > 1e-2
     assert res[0] / res[-1] > 1e20 * plain[0] / plain[-1]
 

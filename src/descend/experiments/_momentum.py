@@ -118,7 +118,7 @@ def _smoothing_run(beta: float, lr: float, seed: int, steps: int) -> tuple[float
     cosine between each 10th update ``w_t - w_{t+1}`` and the full-batch gradient at ``w_t``."""
     data = digits(seed)
     seed_everything(seed)
-    model = MLP(64, 10, hidden=32, depth=1)
+    model = MLP(64, 10, 32, 1)
     params = list(model.parameters())
     opt = optim.Momentum(params, lr=lr, beta=beta)
     sampler = Minibatch(len(data.y), 32, seed=seed)
