@@ -229,6 +229,26 @@ OPTIONS: dict[str, Option] = {
             group="data",
         ),
         _o(
+            "encoding",
+            str,
+            None,
+            "text encoding of a CSV file (a Python codec name, e.g. latin-1)",
+            metavar="NAME",
+            nullable=True,
+            none_means="UTF-8, with or without a byte-order mark",
+            group="data",
+        ),
+        _o(
+            "delimiter",
+            str,
+            None,
+            "field delimiter of a CSV file",
+            metavar="CHAR",
+            nullable=True,
+            none_means="sniffed: comma, semicolon or tab",
+            group="data",
+        ),
+        _o(
             "normalize_points",
             bool,
             True,
@@ -644,6 +664,8 @@ class RunSpec:
     data: str = opt("data")
     target: str | None = opt("target")
     task: str | None = opt("task")
+    encoding: str | None = opt("encoding")
+    delimiter: str | None = opt("delimiter")
     normalize_points: bool = opt("normalize_points")
     model: str = opt("model")
     depth: int = opt("depth")

@@ -75,12 +75,13 @@ def train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.out or args.overwrite:
             raise UsageError("--resume DIR continues the run in DIR; drop --out/--overwrite")
-        other = sorted(given - {"steps", "epochs", "progress", "tensorboard", "threads", "strategy"})
+        changeable = {"steps", "epochs", "progress", "tensorboard", "threads", "strategy", "device"}
+        other = sorted(given - changeable)
         if other:
             raise UsageError(
                 f"--resume uses the run's own config.json; only --steps/--epochs may change, not {other[0]}"
             )
-        spec = load_run_spec(args.resume)
+        spec = load_run_spec(args.resume, warn=_warn if dd.is_main() else None)
         spec = replace(spec, **{k: values[k] for k in given})
         if "steps" in given and "epochs" not in given:
             spec = replace(spec, epochs=None)
@@ -91,16 +92,30 @@ def train(args: argparse.Namespace) -> int:
         out = _out_dir(args, "train")
     joined = dd.launched() and not dd.is_distributed()
     if joined:  # a rank of a torchrun job
-        dd.setup("gloo")
+        dd.setup()
         out = Path(dd.broadcast_object(str(out)))  # a default --out names the time: take rank 0's
-    summary = run_training(spec, out, overwrite=args.overwrite, resume=bool(args.resume))
+    summary = run_training(spec, out, overwrite=args.overwrite, resume=bool(args.resume), log=print)
     if dd.is_main():
         test = summary["test"]
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items())
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, (int, float)))
         world = f" on {dd.world_size()} processes ({spec.strategy})" if dd.world_size() > 1 else ""
         print(f"test {shown} after {summary['steps']} steps ({summary['seconds']:.1f}s){world}; run in {out}")
+        if summary.get("diverged"):
+            _warn("the run diverged (summary.json says so); lower the learning rate (--lr) and train again")
     if joined:
         dd.teardown()
+    return 0
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def predict(args: argparse.Namespace) -> int:
+    from descend.train._predict import predict as run_predict
+
+    result = run_predict(args.run, args.data, args.out, device=args.device, batch_size=args.batch_size)
+    print(f"wrote {result['rows']} predictions ({result['task']}) to {result['out']}")
     return 0
 
 

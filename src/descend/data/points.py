@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -315,11 +316,150 @@ def nearest_context_value(
     return context_values.gather(1, nearest[..., None].expand(-1, -1, context_values.shape[-1]))
 
 
+
+def normalize_point_sets(locations: Tensor, mask: Tensor) -> Tensor:
+    """Each set centred on the mean of its real points and scaled to unit RMS radius.
+
+    ``locations [M, N, d]``, ``mask [M, N]`` (bool) -> ``[M, N, d]`` with, per set ``m`` over its real
+    points ``i``: ``p_i <- (p_i - c) / r``, ``c = mean_i p_i``, ``r = sqrt(mean_i |p_i - c|^2)`` (``r = 1``
+    for a set of one point or of identical points). Padded points stay at zero. This removes a set's
+    position and size, as :func:`make_shapes` does with ``normalise=True``.
+    """
+    weight = mask.to(locations.dtype)[..., None]  # (M, N, 1)
+    count = weight.sum(dim=1, keepdim=True).clamp_min(1.0)  # (M, 1, 1)
+    centre = (locations * weight).sum(dim=1, keepdim=True) / count
+    centred = (locations - centre) * weight
+    radius = (centred.square().sum(dim=-1, keepdim=True).sum(dim=1, keepdim=True) / count).sqrt()
+    radius = torch.where(radius > 0, radius, torch.ones_like(radius))
+    return centred / radius
+
+
+#: Arrays a point-set ``.npz`` may hold (``locations`` or a 3-D ``X`` is required; ``y`` for training).
+POINT_ARRAYS = ("locations", "values", "mask", "y")
+
+
+def point_arrays(archive: dict[str, np.ndarray], name: str, *, need_y: bool = True) -> dict[str, np.ndarray]:
+    """Validated point-set arrays from an ``.npz``'s arrays: ``locations [N, P, d]`` (or ``X [N, P, d]``),
+    ``values [N, P, k]`` (default: ones, ``k = 1``), ``mask [N, P]`` bool (default: all real) and ``y [N]``
+    or ``[N, K]``. Raises ``ValueError`` with a one-line message on a wrong name, shape, dtype or value."""
+    if "locations" in archive:
+        locations = archive["locations"]
+    elif "X" in archive and archive["X"].ndim == 3:
+        locations = archive["X"]
+    else:
+        raise ValueError(f"{name}: a point-set archive needs an array 'locations' [N, P, d] (or a 3-D 'X')")
+    if locations.ndim != 3 or 0 in locations.shape:
+        raise ValueError(f"{name}: locations must have shape [N sets, P points, d coordinates], got {locations.shape}")
+    n, p, _ = locations.shape
+    values = archive.get("values")
+    if values is None:
+        values = np.ones((n, p, 1), dtype=np.float32)
+    elif values.ndim == 2:
+        values = values[..., None]
+    if values.ndim != 3 or values.shape[:2] != (n, p):
+        raise ValueError(f"{name}: values must have shape [{n}, {p}, k] like locations, got {values.shape}")
+    mask = archive.get("mask")
+    if mask is None:
+        mask = np.ones((n, p), dtype=bool)
+    if mask.shape != (n, p) or mask.dtype.kind not in "bui":
+        raise ValueError(f"{name}: mask must be a boolean array of shape [{n}, {p}], got {mask.dtype} {mask.shape}")
+    mask = mask.astype(bool)
+    if not mask.any(axis=1).all():
+        raise ValueError(f"{name}: set {int(np.argmin(mask.any(axis=1)))} has no real point (its mask is all false)")
+    for key, array in (("locations", locations), ("values", values)):
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"{name}: {key} must be numeric, got dtype {array.dtype}")
+        real = array[mask]
+        bad = ~np.isfinite(real.astype(np.float64)) | (np.abs(real.astype(np.float64)) > 3e38)
+        if bad.any():
+            raise ValueError(f"{name}: {key} holds {int(bad.sum())} NaN/inf or out-of-range value(s) at real points")
+    out = {"locations": locations, "values": values, "mask": mask}
+    if need_y:
+        if "y" not in archive:
+            raise ValueError(f"{name}: the archive lacks 'y' (one label or target per set)")
+        y = archive["y"]
+        if y.ndim not in (1, 2) or y.shape[0] != n:
+            raise ValueError(f"{name}: y must have shape [{n}] or [{n}, K], got {y.shape}")
+        out["y"] = y
+    return out
+
+
+def load_point_npz(
+    path: str | Path,
+    *,
+    task: Task | None = None,
+    seed: int = 0,
+    normalize: bool = True,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+) -> DataBundle:
+    """Point sets from an ``.npz`` archive (read without pickle): see :func:`point_arrays` for the arrays.
+
+    Each set is centred and scaled by :func:`normalize_point_sets` unless ``normalize=False``
+    (``info["normalize_points"]`` records it, for prediction). Labels ``y [N]``: the task is inferred as
+    for tables (classes for strings or few distinct integers; ``task`` overrides it); regression targets are
+    standardised with the training sets' mean and std (``info["target_mean"]``, ``info["target_std"]``).
+    Splits: a seeded permutation (:func:`split_indices`).
+    """
+    from descend.data.tabular import DataError, infer_task
+
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = point_arrays({k: archive[k] for k in archive.files}, path.name)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    y = arrays["y"]
+    task = task or infer_task(y)
+    locations = torch.as_tensor(arrays["locations"], dtype=torch.float32)
+    values = torch.as_tensor(arrays["values"], dtype=torch.float32)
+    mask = torch.as_tensor(arrays["mask"])
+    if normalize:
+        locations = normalize_point_sets(locations, mask)
+    values = values * mask[..., None]
+    info: dict[str, object] = {"normalize_points": normalize, "max_points": int(locations.shape[1]), "sets": len(y)}
+    train, val, test = split_indices(len(y), val_fraction, test_fraction, seed)
+    if task == "classification":
+        if y.ndim != 1:
+            raise DataError(f"{path.name}: classification needs one label per set, got y of shape {y.shape}")
+        classes, index = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise DataError(f"{path.name}: classification needs at least 2 classes, y has {len(classes)}")
+        info["classes"] = [c.item() if hasattr(c, "item") else c for c in classes]
+        targets = torch.as_tensor(index.reshape(-1), dtype=torch.long)
+        out_features = len(classes)
+    else:
+        if y.dtype.kind not in "biuf" or not np.isfinite(y.astype(np.float64)).all():
+            raise DataError(f"{path.name}: a regression target y must be finite numbers; use --task classification")
+        t = torch.as_tensor(y.astype(np.float64).reshape(len(y), -1))
+        mean, std = t[train].mean(0), t[train].std(0, unbiased=False)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        targets = ((t - mean) / std).float()
+        info["target_mean"], info["target_std"] = mean.tolist(), std.tolist()
+        out_features = int(t.shape[1])
+    everything = Split((locations, values, mask), targets)
+    return DataBundle(
+        name=path.stem,
+        task=task,  # type: ignore[arg-type]
+        input_kind="pointset",
+        train=everything.subset(train),
+        val=everything.subset(val),
+        test=everything.subset(test),
+        out_features=out_features,
+        location_dim=int(locations.shape[2]),
+        value_dim=int(values.shape[2]),
+        info=info,
+    )
+
 __all__ = [
+    "POINT_ARRAYS",
     "SHAPES",
     "load_digits_points",
+    "load_point_npz",
     "make_gp1d",
     "make_shapes",
     "nearest_context_value",
+    "normalize_point_sets",
+    "point_arrays",
     "split_indices",
 ]

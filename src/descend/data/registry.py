@@ -3,7 +3,8 @@
 Built-in names: ``digits`` (tabular, the default), ``digits-points``, ``shapes`` and ``gp1d``
 (point sets from :mod:`descend.data.points`), ``stdlib-text`` (bytes of the standard library's
 sources, :mod:`descend.data.text`). Anything else is a path: ``.csv`` (with
-``target=COLUMN``) or ``.npz`` (arrays ``X`` and ``y``).
+``target=COLUMN``) or ``.npz`` (arrays ``X`` and ``y``, or point sets: ``locations``, ``values``,
+``mask`` and ``y``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from descend.data._base import DataBundle, Task
 from descend.data.tabular import DataError, load_csv, load_digits, load_npz
@@ -41,11 +44,35 @@ DATASETS: dict[str, Callable[..., DataBundle]] = {
 }
 
 
-def load_data(name_or_path: str, *, target: str | None = None, task: Task | None = None, seed: int = 0) -> DataBundle:
+def _is_point_archive(path: Path) -> bool:
+    """True when an ``.npz`` holds point sets (``locations``, or a 3-D ``X``); read without pickle."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "locations" in archive.files:
+                return True
+            return "X" in archive.files and archive["X"].ndim == 3
+    except Exception:  # not a readable archive: the tabular loader says why
+        return False
+
+
+def load_data(
+    name_or_path: str,
+    *,
+    target: str | None = None,
+    task: Task | None = None,
+    seed: int = 0,
+    normalize_points: bool = True,
+    encoding: str | None = None,
+    delimiter: str | None = None,
+) -> DataBundle:
     """The dataset ``name_or_path``: a built-in name (see :data:`DATASETS`), a ``.csv`` or an ``.npz``.
 
-    ``target`` names a CSV's label column; ``task`` overrides the inferred task of a file;
-    ``seed`` fixes the train/val/test split (and the draw, for synthetic sets).
+    ``target`` names a CSV's label column (``encoding`` and ``delimiter`` how to read it; default:
+    UTF-8 and sniffed); ``task`` overrides the inferred task of a file; ``seed`` fixes the
+    train/val/test split (and the draw, for synthetic sets). An ``.npz`` holds a table (``X [M, F]``,
+    ``y``) or point sets (``locations [N, P, d]``, optional ``values [N, P, k]`` and ``mask [N, P]``,
+    ``y``; or a 3-D ``X`` as the locations), each set centred and scaled unless
+    ``normalize_points=False`` (see :func:`descend.data.points.load_point_npz`).
     """
     if name_or_path in DATASETS:
         if target is not None:
@@ -57,11 +84,17 @@ def load_data(name_or_path: str, *, target: str | None = None, task: Task | None
     path = Path(name_or_path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return load_csv(path, target, task=task, seed=seed)
+        return load_csv(path, target, task=task, seed=seed, encoding=encoding, delimiter=delimiter)
     if suffix == ".npz":
         if target is not None:
             raise DataError("--target is for CSV files; an .npz holds its targets in the array 'y'")
+        if path.is_file() and _is_point_archive(path):
+            from descend.data.points import load_point_npz
+
+            return load_point_npz(path, task=task, seed=seed, normalize=normalize_points)
         return load_npz(path, task=task, seed=seed)
+    if path.is_dir():
+        raise DataError(f"--data {name_or_path!r} is a directory; give a .csv or .npz file")
     if path.exists():
         raise DataError(f"cannot read {name_or_path!r}: use a .csv or .npz file, or one of {', '.join(DATASETS)}")
     raise DataError(

@@ -188,6 +188,7 @@ def from_arrays(
         std = features[i_train].std(0, unbiased=False)
         std = torch.where(std > 0, std, torch.ones_like(std))
         features = (features - mean) / std
+        info["feature_mean"], info["feature_std"] = mean.tolist(), std.tolist()  # what predict applies
         if task == "regression":
             t_mean = targets[i_train].mean(0)
             t_std = targets[i_train].std(0, unbiased=False)
