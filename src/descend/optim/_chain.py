@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from descend.optim._flat import FlatLayout
-from descend.optim._rules import EMA, ClipByGlobalNorm, Projection, Rule, ScaleByLR, step_dtype
+from descend.optim._rules import Rule, ScaleByLR, WeightRule, step_dtype
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -18,28 +18,29 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 ENGINES = ("auto", "reference", "foreach", "compiled")
 
 
-def _normalise(rules: Sequence[Rule]) -> tuple[list[Rule], list[Rule], list[Projection]]:
-    """Sort a chain into update transforms, weight decays and projections; place ``scale_by_lr``."""
+def _normalise(rules: Sequence[Rule]) -> tuple[list[Rule], list[WeightRule], list[WeightRule]]:
+    """Sort a chain into update rules, weight scalings (decay) and projections; place ``scale_by_lr``."""
     transforms: list[Rule] = []
-    decays: list[Rule] = []
-    projections: list[Projection] = []
+    decays: list[WeightRule] = []
+    projections: list[WeightRule] = []
     for rule in rules:
         if not isinstance(rule, Rule):
             raise TypeError(f"chain takes descend.optim rules (e.g. optim.ema(0.9)), got {rule!r}")
-        if isinstance(rule, Projection):
-            projections.append(rule)
-        elif rule.decays_param:
-            decays.append(rule)
+        if isinstance(rule, WeightRule):
+            if rule.scales_weights:
+                decays.append(rule)
+            if rule.projects:
+                projections.append(rule)
         else:
             transforms.append(rule)
-    lr_rules = [i for i, r in enumerate(transforms) if isinstance(r, ScaleByLR)]
+    lr_rules = [i for i, r in enumerate(transforms) if r.lr_step]
     if not lr_rules:
         transforms.append(ScaleByLR())
     elif len(lr_rules) > 1:
         raise ValueError("a chain takes scale_by_lr at most once")
     for i, rule in enumerate(transforms):
-        if isinstance(rule, ClipByGlobalNorm) and i != 0:
-            raise ValueError("clip_by_global_norm must be the first rule of a chain (it clips the gradient)")
+        if rule.global_norm and i != 0:
+            raise ValueError(f"{rule.name} must be the first rule of a chain (it scales the gradient)")
     return transforms, decays, projections
 
 
@@ -80,7 +81,7 @@ def _assign_keys(rules: Sequence[Rule]) -> dict[str, Any]:
                 key, n = f"{rule.name}{n}.{name}", n + 1
             rule.keys[name] = key
             defaults[key] = value
-        for name in rule.state_keys({**rule.hyper, "amsgrad": True}):
+        for name in rule.all_state_keys():
             key = name if name not in state_taken else f"{rule.name}.{name}"
             n = 2
             while key in state_taken:
@@ -142,7 +143,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             raise ValueError(f"state_dtype must be a floating torch.dtype or None, got {state_dtype!r}")
         self.rules, self.decays, self.projections = _normalise(rules)
         defaults = {"lr": lr, "maximize": maximize,
-                    **_assign_keys([*self.rules, *self.decays, *self.projections])}
+                    **_assign_keys(self.all_rules)}
         unknown = sorted(set(hyper) - set(defaults))
         if unknown:
             raise ValueError(f"unknown hyperparameter(s) {unknown} for this chain; "
@@ -160,9 +161,14 @@ class ChainOptimizer(torch.optim.Optimizer):
         self._engine = make_engine(self, engine)
 
     @property
+    def weight_rules(self) -> list[WeightRule]:
+        """The rules that act on the weights (decays, then projections), each once."""
+        return [*self.decays, *(r for r in self.projections if r not in self.decays)]
+
+    @property
     def all_rules(self) -> list[Rule]:
-        """Transforms, decays and projections, in the order they act."""
-        return [*self.rules, *self.decays, *self.projections]
+        """Update rules, then weight rules, in the order they act."""
+        return [*self.rules, *self.weight_rules]
 
     # -- the contract ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -343,18 +349,13 @@ def implied_radius(opt: ChainOptimizer, group: dict[str, Any]) -> float | None:
     A projection onto a box of radius ``r`` gives ``r``. Decoupled decay ``lambda`` after a rule whose
     output is bounded by 1 per coordinate (sign, softsign, Lion) gives ``1/lambda``: at
     ``|w| > 1/lambda`` the decay term ``lambda*|w|`` outweighs any update, so ``|w|`` shrinks.
+    Each weight rule answers through :meth:`WeightRule.radius <descend.optim._rules.WeightRule.radius>`.
     """
-    radii = [float(group[rule.keys["radius"]]) for rule in opt.projections if rule.kind == "box"]
     bounded = False  # is the update direction bounded by 1 per coordinate?
     for rule in opt.rules:
-        if rule.bounded:
-            bounded = True
-        elif not isinstance(rule, (EMA, ScaleByLR, ClipByGlobalNorm)):  # these keep a bound of 1
-            bounded = False
-    for rule in opt.decays:
-        lam = float(group[rule.keys["weight_decay"]])
-        if bounded and lam > 0:
-            radii.append(1.0 / lam if rule.lr_scaled else float(group["lr"]) / lam)
+        bounded = rule.bounded or (bounded and rule.keeps_bound)
+    lr = float(group["lr"])
+    radii = [r for rule in opt.weight_rules if (r := rule.radius(rule.read(group), lr, bounded)) is not None]
     return min(radii) if radii else None
 
 

@@ -60,13 +60,12 @@ from descend.optim._rounding import (
 )
 from descend.optim._rules import (
     L2,
-    ClipByGlobalNorm,
     DecoupledDecay,
     HeavyBall,
-    Projection,
     Rule,
     ScaleByAdam,
     ScaleByLR,
+    WeightRule,
     step_dtype,
 )
 from descend.optim._tensorlist import Scratch, TensorList
@@ -102,7 +101,7 @@ def check_grad(p: Tensor) -> Tensor:
 
 def clip_coefficients(opt: ChainOptimizer, grad_scale: Tensor | None = None) -> list[Any] | None:
     """Per group, ``min(1, max_norm / (||g||_2 + 1e-6))`` with the norm over all (unscaled) gradients, or None."""
-    if not opt.rules or not isinstance(opt.rules[0], ClipByGlobalNorm):
+    if not opt.rules or not opt.rules[0].global_norm:
         return None
     grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
     if not grads:
@@ -403,12 +402,12 @@ class BucketEngine(Engine):
         """Apply the chain's projections to updated parameters (box elementwise, ball per whole tensor)."""
         self.apply_projections(self.opt.projections, group, params)
 
-    def apply_projections(self, projections: list[Projection], group: dict[str, Any], params: list[Tensor]) -> None:
+    def apply_projections(self, projections: list[WeightRule], group: dict[str, Any], params: list[Tensor]) -> None:
         """Apply ``projections`` to updated parameters (box elementwise, ball per whole tensor)."""
         for projection in projections:
             hp = projection.read(group)
-            if projection.kind == "box":
-                TensorList([_local(p) for p in params]).clamp_(-hp["radius"], hp["radius"])
+            if projection.elementwise:  # one multi-tensor pass over every parameter's local shard
+                projection.project_(TensorList([_local(p) for p in params]), hp)  # type: ignore[arg-type]
             else:
                 for p in params:
                     projection.project_(p, hp)
@@ -534,7 +533,7 @@ def _static_key(value: Any) -> Any:
     return type(value).__name__
 
 
-def _bucket_step(rules: tuple[Rule, ...], projections: tuple[Projection, ...], maximize: bool, widen: bool,
+def _bucket_step(rules: tuple[Rule, ...], projections: tuple[WeightRule, ...], maximize: bool, widen: bool,
                  state_keys: tuple[tuple[str, ...], ...], params: list[Tensor], grads: list[Tensor],
                  states: list[list[list[Tensor]]], hps: list[dict[str, Any]], phps: list[dict[str, Any]],
                  keep: Tensor | None, step: Tensor, grad_scale: Tensor | None, seeds: list[list[Tensor]],
@@ -610,7 +609,7 @@ class CompiledEngine(BucketEngine):
         self.quiet = quiet
         self.fallback: ForeachEngine | None = None
         self.cache: dict[tuple[Any, ...], Callable[..., None]] = {}
-        self.outside: list[Projection] = []  # projections the last compiled step left to project()
+        self.outside: list[WeightRule] = []  # projections the last compiled step left to project()
         self.lanes: dict[torch.device, Tensor] = {}
 
     def lanes_on(self, device: torch.device) -> Tensor:
@@ -631,7 +630,7 @@ class CompiledEngine(BucketEngine):
         rules = tuple(rule for rule, _ in live)
         # a ball projection needs each parameter whole: a flat buffer's are applied after the step
         whole = all(item.whole for item in items)
-        projections = tuple(pr for pr in self.opt.projections if whole or pr.kind == "box")
+        projections = tuple(pr for pr in self.opt.projections if whole or pr.elementwise)
         self.outside = [pr for pr in self.opt.projections if pr not in projections]
         params = [item.param for item in items]
         live = with_scalars(live, int(step.item()))
@@ -681,7 +680,7 @@ class CompiledEngine(BucketEngine):
             self.apply_projections(self.outside, group, params)
 
 
-def is_torch_chain(rules: list[Rule], decays: list[Rule], projections: list[Projection]) -> bool:
+def is_torch_chain(rules: list[Rule], decays: list[Rule], projections: list[WeightRule]) -> bool:
     """Whether a chain is torch's Adam, AdamW or SGD (``[l2] adam|heavy_ball scale_by_lr [decay]``)."""
     kinds = [type(rule) for rule in rules]
     if kinds and kinds[0] is L2:
@@ -690,7 +689,7 @@ def is_torch_chain(rules: list[Rule], decays: list[Rule], projections: list[Proj
             and len(decays) <= 1 and all(isinstance(d, DecoupledDecay) and d.lr_scaled for d in decays))
 
 
-def torch_kernel(live: Live, decays: list[Rule], projections: list[Projection], group: dict[str, Any],
+def torch_kernel(live: Live, decays: list[Rule], projections: list[WeightRule], group: dict[str, Any],
                  items: list[_Item], step: Tensor, grad_scale: Tensor | None) -> Callable[[], None] | None:
     """torch's fused kernel that computes this bucket's step, as a call ready to run, or None.
 

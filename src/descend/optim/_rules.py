@@ -72,10 +72,16 @@ class Rule:
     """
 
     name: ClassVar[str] = "rule"
-    #: Acts on the weights as ``w <- keep(hp, lr) * w`` instead of transforming ``u`` (decoupled decay).
-    decays_param: ClassVar[bool] = False
+    #: A weight rule (:class:`WeightRule`: decay, projection) acts on ``w``; the others transform ``u``.
+    on_weights: ClassVar[bool] = False
     #: Output bounded by 1 per coordinate (sign-like); decoupled decay then implies ``|w| <= 1/lambda``.
     bounded: ClassVar[bool] = False
+    #: Keeps a bound of 1 per coordinate on ``u`` if ``u`` had one (averaging, scaling down).
+    keeps_bound: ClassVar[bool] = False
+    #: The descent step ``u <- -lr * u``: a chain has it once (appended where absent).
+    lr_step: ClassVar[bool] = False
+    #: Reads the global gradient norm (the hyperparameter ``clip_coef``): must come first in a chain.
+    global_norm: ClassVar[bool] = False
     #: Whether :meth:`update` reads the parameter ``w``.
     reads_param: ClassVar[bool] = False
     #: Hyperparameters that change the computation's structure (flags); engines specialise on them.
@@ -92,6 +98,10 @@ class Rule:
     def state_keys(self, hp: Hyper) -> tuple[str, ...]:
         """Names of the per-parameter state tensors this rule keeps (may depend on ``hp``)."""
         return ()
+
+    def all_state_keys(self) -> tuple[str, ...]:
+        """Every state name this rule can keep, whatever its hyperparameters (``chain`` names them all)."""
+        return self.state_keys(self.hyper)
 
     def validate(self, hp: Hyper) -> None:
         """Raise ``ValueError`` naming the hyperparameter and its allowed range."""
@@ -134,6 +144,37 @@ class Rule:
         return f"{self.name}({args})"
 
 
+class WeightRule(Rule):
+    """A rule that acts on the weights rather than on the update: ``w <- keep * w + u``, then ``project_(w)``.
+
+    Subclasses provide :meth:`keep` (the factor the weights are multiplied by before the update is
+    added: decoupled decay) and/or :meth:`project_` (applied to ``w`` after the step: projections),
+    and :meth:`radius` (the ``||w||_inf`` bound they imply). Engines never call :meth:`update`.
+    """
+
+    on_weights = True
+    #: :meth:`keep` is not 1 (decoupled decay): engines fold it into ``w <- keep * w + u``.
+    scales_weights: ClassVar[bool] = False
+    #: :meth:`project_` acts after the step.
+    projects: ClassVar[bool] = False
+    #: ``project_`` treats every element alone (a box), so it may act on any flat view of ``w``.
+    elementwise: ClassVar[bool] = True
+
+    def keep(self, hp: Hyper, lr: Any) -> Any:
+        """The factor the weights are multiplied by on this step, before ``u`` is added."""
+        return 1
+
+    def project_(self, w: Tensor, hp: Hyper) -> None:
+        """Act on the updated weights in place (default: nothing)."""
+
+    def radius(self, hp: Hyper, lr: float, bounded: bool) -> float | None:
+        """The ``||w||_inf`` bound this rule implies, given whether the update is bounded by 1 per coordinate."""
+        return None
+
+    def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
+        raise TypeError(f"{self.name} acts on the weights: engines apply keep() and project_()")
+
+
 # ------------------------------------------------------------------------------------------------
 # The rules
 # ------------------------------------------------------------------------------------------------
@@ -143,6 +184,8 @@ class ScaleByLR(Rule):
     """Scale by the learning rate: ``u <- -lr * u`` (the descent step; ``lr`` is the group's ``lr``)."""
 
     name = "scale_by_lr"
+    lr_step = True
+    keeps_bound = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -184,7 +227,7 @@ class L2(Rule):
         return "u ← u + λ·w   (L2 penalty λ/2·‖w‖² in the loss)"
 
 
-class DecoupledDecay(Rule):
+class DecoupledDecay(WeightRule):
     """Decoupled weight decay: ``w <- (1 - lr*lambda) * w`` before the update is added (AdamW, Lion).
 
     It acts on the weights, not on the update, so its place in a chain does not matter; the engines
@@ -194,7 +237,7 @@ class DecoupledDecay(Rule):
     """
 
     name = "decoupled_decay"
-    decays_param: ClassVar[bool] = True
+    scales_weights = True
 
     def __init__(self, weight_decay: float, *, lr_scaled: bool = True) -> None:
         super().__init__(weight_decay=weight_decay)
@@ -207,11 +250,15 @@ class DecoupledDecay(Rule):
         return float(hp["weight_decay"]) != 0.0
 
     def keep(self, hp: Hyper, lr: Any) -> Any:
-        """The factor the weights are multiplied by on this step."""
         return 1 - lr * hp["weight_decay"] if self.lr_scaled else 1 - hp["weight_decay"]
 
-    def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
-        raise TypeError("decoupled decay acts on w; engines apply keep(hp, lr)")
+    def radius(self, hp: Hyper, lr: float, bounded: bool) -> float | None:
+        """``1/lambda`` (``lr/lambda`` if not lr-scaled) after a bounded update: beyond it the decay
+        ``lambda*|w|`` outweighs any step, so ``|w|`` shrinks."""
+        lam = float(hp["weight_decay"])
+        if not bounded or lam <= 0:
+            return None
+        return 1.0 / lam if self.lr_scaled else lr / lam
 
     def equation(self) -> str:
         if self.lr_scaled:
@@ -226,6 +273,7 @@ class EMA(Rule):
     """
 
     name = "ema"
+    keeps_bound = True
 
     def __init__(self, beta: float = 0.9) -> None:
         super().__init__(beta=beta)
@@ -340,6 +388,9 @@ class ScaleByAdam(Rule):
         keys = ("exp_avg", "exp_avg_sq")
         return (*keys, "max_exp_avg_sq") if hp["amsgrad"] else keys
 
+    def all_state_keys(self) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
     def validate(self, hp: Hyper) -> None:
         _check_betas("betas", hp["betas"])
         _check_range("eps", hp["eps"], 0.0, math.inf, low_open=True)
@@ -403,6 +454,8 @@ class ClipByGlobalNorm(Rule):
     """
 
     name = "clip_by_global_norm"
+    global_norm = True
+    keeps_bound = True
 
     def __init__(self, max_norm: float = 1.0) -> None:
         super().__init__(max_grad_norm=max_norm)
@@ -417,7 +470,7 @@ class ClipByGlobalNorm(Rule):
         return "u ← u · min(1, c / ‖g‖₂)   (‖g‖₂ over all parameters)"
 
 
-class Projection(Rule):
+class Projection(WeightRule):
     """Projection onto a constraint set, applied to ``w`` after the step.
 
     ``box``: ``w <- clamp(w, -r, r)`` (``||w||_inf <= r``); ``ball``: ``w <- w * min(1, r/||w||_2)``
@@ -425,11 +478,14 @@ class Projection(Rule):
     the constraint holds exactly, with no rounding from ``w + u``.
     """
 
+    projects = True
+
     def __init__(self, kind: str = "box", radius: float = 1.0) -> None:
         if kind not in ("box", "ball"):
             raise ValueError(f"constraint must be 'box' or 'ball', got {kind!r}")
         super().__init__(radius=radius)
         self.kind = kind
+        self.elementwise = kind == "box"  # type: ignore[misc]  (a ball needs each parameter whole)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -446,8 +502,8 @@ class Projection(Rule):
             norm = torch.linalg.vector_norm(w, dtype=torch.promote_types(w.dtype, torch.float32))
             w.mul_(torch.clamp(r / torch.clamp(norm, min=1e-30), max=1.0).to(w.dtype))
 
-    def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
-        raise TypeError("a projection acts on w after the step; call project_")
+    def radius(self, hp: Hyper, lr: float, bounded: bool) -> float | None:
+        return float(hp["radius"]) if self.kind == "box" else None
 
     def equation(self) -> str:
         if self.kind == "box":
