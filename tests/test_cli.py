@@ -264,12 +264,15 @@ def test_debug_shows_the_traceback(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_train_defaults_reach_97_percent_on_digits(tmp_path) -> None:
-    result = descend("train", "--data", "digits", "--model", "mlp", "--optimizer", "adam", "--out", str(tmp_path / "d"))
-    assert result.returncode == 0, result.stderr
-    accuracy = json.loads((tmp_path / "d" / "summary.json").read_text())["test"]["accuracy"]
-    print(f"descend train defaults: test accuracy {accuracy:.4f}")
-    assert accuracy >= 0.97
+def test_train_defaults_reach_96_percent_on_digits_over_3_seeds(tmp_path) -> None:
+    accuracies = []
+    for seed in range(3):
+        out = tmp_path / f"d{seed}"
+        result = descend("train", "--data", "digits", "--seed", str(seed), "--no-progress", "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        accuracies.append(json.loads((out / "summary.json").read_text())["test"]["accuracy"])
+    print(f"descend train defaults, seeds 0-2: test accuracy {accuracies}")
+    assert np.mean(accuracies) >= 0.96 and min(accuracies) >= 0.955
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ def test_predict_reproduces_the_test_accuracy(classification_run, capsys) -> Non
 
 
 def test_wrong_columns_or_shapes_are_one_line_exit_2(classification_run, capsys, tmp_path) -> None:
-    tmp, run, X, _ = classification_run
+    _, run, X, _ = classification_run
     _write_csv(tmp_path / "missing.csv", ["a", "b"], X[:5, :2])
     np.savez(tmp_path / "wide.npz", X=np.zeros((4, 5)))
     _write_csv(tmp_path / "text.csv", ["a", "b", "c"], [[1, "x", 2]])
