@@ -171,7 +171,9 @@ class Option:
         else:
             value = float(value)
             if not math.isfinite(value):
-                raise OptionError(f"{self.flag} must be finite ({self._expects()}), got {value}")
+                raise OptionError(
+                    f"{self.flag} must be a finite number {self.range_text()}".rstrip() + f", got {value}"
+                )
         low_bad = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         high_bad = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         if low_bad or high_bad:
