@@ -183,8 +183,13 @@ def gradflow(args: argparse.Namespace) -> int:
     unknown = [a for a in activations if a not in nn.ACTIVATIONS]
     if not activations or unknown:
         raise UsageError(f"--activations: unknown {unknown or activations!r}; choose from {', '.join(nn.ACTIVATIONS)}")
-    if args.depth < 1 or args.width < 1 or args.batch < 1:
-        raise UsageError("--depth, --width and --batch must be >= 1")
+    for flag, value, high in (
+        ("--depth", args.depth, 1024),
+        ("--width", args.width, 4096),
+        ("--batch", args.batch, 1797),
+    ):
+        if not 1 <= value <= high:
+            raise UsageError(f"{flag} must be between 1 and {high}, got {value}")
     out = _out_dir(args, "gradflow")
     present = [p for p in ("gradflow.png", "gradflow.csv", "gradflow.json") if (out / p).exists()]
     if present and not args.overwrite:
