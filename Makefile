@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/descend compare
 
 test: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples docs/hooks.py
 	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
 test-slow: install

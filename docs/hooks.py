@@ -153,7 +153,7 @@ def _machine(d: dict[str, Any]) -> str:
 def optimizer_step(name: str | None) -> str:
     """Markdown table of one ``benchmarks/optimizer_step.py`` result file."""
     if not name:
-        raise ValueError("optimizer-step needs a file name, e.g. <!-- generate: optimizer-step optimizer_step_20M.json -->")
+        raise ValueError("optimizer-step needs a file name: <!-- generate: optimizer-step optimizer_step_20M.json -->")
     d = load_result(name)
     bw = d.get("stream_gb_per_s", {})
     method = d.get("method") or (
@@ -225,12 +225,14 @@ def attention(name: str | None) -> str:
             return " | "
         if "skipped" in r:
             return f"skipped: {r['skipped']} | "
-        return f"{r['seconds'] * 1e3:,.1f} ({r['cpu_seconds'] * 1e3:,.0f}) | {r['peak_rss_mb']:,.0f} ({r['working_mb']:,.0f})"
+        time = f"{r['seconds'] * 1e3:,.1f} ({r['cpu_seconds'] * 1e3:,.0f})"
+        return f"{time} | {r['peak_rss_mb']:,.0f} ({r['working_mb']:,.0f})"
 
     lines = [
         caption,
         "",
-        "| N | full: ms (CPU ms) | full: peak RSS MB (working) | induced: ms (CPU ms) | induced: peak RSS MB (working) |",
+        "| N | full: ms (CPU ms) | full: peak RSS MB (working) "
+        "| induced: ms (CPU ms) | induced: peak RSS MB (working) |",
         "|---:|---:|---:|---:|---:|",
     ]
     for n in sorted(by_n):
@@ -258,6 +260,22 @@ def distributed(name: str | None) -> str:
     return "\n".join(lines)
 
 
+def distributed_equivalence(name: str | None) -> str:
+    """Markdown table of ``benchmarks/distributed.py --equivalence``: multi-process runs against one process."""
+    name = name or "distributed_equivalence.json"
+    d = load_result(name)
+    strategies = list(dict.fromkeys(r["strategy"] for r in d["rows"]))
+    cases = list(dict.fromkeys(r["case"] for r in d["rows"]))
+    diff = {(r["case"], r["strategy"]): r["max_abs_diff"] for r in d["rows"]}
+    caption = f"{d.get('method', 'max abs difference against one process')}; on {_machine(d)}. " \
+              f"Source: `benchmarks/results/{name}`."
+    lines = [caption, "", "| case | " + " | ".join(strategies) + " |", "|---|" + "---:|" * len(strategies)]
+    for case in cases:
+        cells = ["" if (case, s) not in diff else f"{diff[case, s]:.2g}" for s in strategies]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 GENERATORS: dict[str, Callable[[str | None], str]] = {
     "cli-reference": cli_reference,
     "rule-equations": rule_equations,
@@ -266,6 +284,7 @@ GENERATORS: dict[str, Callable[[str | None], str]] = {
     "optimizer-ratios": optimizer_ratios,
     "attention": attention,
     "distributed": distributed,
+    "distributed-equivalence": distributed_equivalence,
 }
 
 
