@@ -85,7 +85,7 @@ def test_foreach_chunks_large_tensors_like_whole_ones() -> None:
         gen = torch.Generator().manual_seed(1)
         params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(10, 3), (4,), (33,)]]
         opt = optim.AdamW(params, engine="foreach")
-        opt._engine = ForeachEngine(opt, chunk=chunk)
+        opt._engine = ForeachEngine(opt.plan(), opt, chunk=chunk)
         for _ in range(5):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen)
@@ -103,7 +103,7 @@ def test_foreach_scratch_path_matches_fresh_temporaries(name: str) -> None:
 
         def forced(groups: Any, engine: str, m: int = min_mean, **kw: Any) -> torch.optim.Optimizer:
             opt = factory(groups, engine=engine, **kw)
-            opt._engine = ForeachEngine(opt, scratch_min_mean=m)
+            opt._engine = ForeachEngine(opt.plan(), opt, scratch_min_mean=m)
             return opt
 
         outs.append(run(forced, "foreach"))
@@ -514,7 +514,7 @@ def test_bf16_state_foreach_chunking_changes_nothing() -> None:
         gen = torch.Generator().manual_seed(4)
         params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(10, 3), (4,), (33,)]]
         opt = optim.Signum(params, lr=1e-2, engine="foreach", state_dtype=torch.bfloat16)
-        opt._engine = ForeachEngine(opt, chunk=chunk)
+        opt._engine = ForeachEngine(opt.plan(), opt, chunk=chunk)
         for _ in range(10):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen)
@@ -615,7 +615,7 @@ def test_auto_compiles_large_flat_buffers_only() -> None:
 
     def lion(params: Any, **kw: Any) -> torch.optim.Optimizer:
         opt = optim.Lion(params, weight_decay=0.1, **kw)
-        opt._engine = AutoEngine(opt, compile_min=20)
+        opt._engine = AutoEngine(opt.plan(), opt, compile_min=20)
         opt._engine.compiled.backend = backend
         return opt
 
@@ -624,7 +624,7 @@ def test_auto_compiles_large_flat_buffers_only() -> None:
     flat = _auto_run(lion, flat=True)._engine
     assert backend.compiles == 1 and flat.last is flat.compiled
     ref = _auto_run(lambda p, **kw: optim.Lion(p, weight_decay=0.1, engine="reference"))
-    out = [p.detach() for p in flat.opt.param_groups[0]["params"]]
+    out = [p.detach() for p in flat.source.param_groups[0]["params"]]
     assert_close(out, [p.detach() for p in ref.param_groups[0]["params"]])
 
 
@@ -634,7 +634,7 @@ def test_auto_logs_a_compile_failure_and_steps_with_foreach(caplog: pytest.LogCa
 
     def lion(params: Any, **kw: Any) -> torch.optim.Optimizer:
         opt = optim.Lion(params, weight_decay=0.1, **kw)
-        opt._engine = AutoEngine(opt, compile_min=0)
+        opt._engine = AutoEngine(opt.plan(), opt, compile_min=0)
         opt._engine.compiled.backend = broken
         return opt
 

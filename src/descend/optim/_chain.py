@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from descend.optim._engines import Plan, make_engine
 from descend.optim._flat import FlatLayout
 from descend.optim._rules import Rule, ScaleByLR, WeightRule, step_dtype
 
@@ -156,9 +157,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         self.flat = flat
         self.flat_layout: FlatLayout | None = FlatLayout() if flat else None
         super().__init__(params, defaults)
-        from descend.optim._engines import make_engine
+        self._engine = make_engine(engine, self.plan(), self)
 
-        self._engine = make_engine(self, engine)
+    def plan(self) -> Plan:
+        """What the engine runs: the chain's rules, its weight rules, the state dtype and the flat layout."""
+        return Plan(tuple(self.rules), tuple(self.decays), tuple(self.projections), self.state_dtype, self.flat_layout)
 
     @property
     def weight_rules(self) -> list[WeightRule]:
@@ -271,8 +274,6 @@ class ChainOptimizer(torch.optim.Optimizer):
             self.defaults.pop("differentiable", None)
         if "_engine" in self.__dict__:  # load_state_dict goes through here too: keep the engine (and its settings)
             return
-        from descend.optim._engines import make_engine
-
         self.flat = state.get("flat", False)
         self.flat_layout = None
         if self.flat:  # a copy (pickle, deepcopy) lays out its own parameters anew
@@ -280,7 +281,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             for group in self.param_groups:
                 self.flat_layout.add_group(group["params"])
 
-        self._engine = make_engine(self, self.engine)
+        self._engine = make_engine(self.engine, self.plan(), self)
 
     def __repr__(self) -> str:
         chain = " -> ".join(rule.name for rule in self.all_rules)

@@ -38,8 +38,9 @@ from __future__ import annotations
 import logging
 import types
 import warnings
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -49,7 +50,7 @@ try:  # torch builds without distributed support have no DTensor
 except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment,misc]
 
-from descend.optim._flat import LANES, FlatBuffer
+from descend.optim._flat import LANES, FlatBuffer, FlatLayout
 from descend.optim._rounding import (
     LOW_PRECISION,
     element_noise,
@@ -70,10 +71,36 @@ from descend.optim._rules import (
 )
 from descend.optim._tensorlist import Scratch, TensorList
 
-if TYPE_CHECKING:
-    from descend.optim._chain import ChainOptimizer
-
 Live = list[tuple[Rule, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an engine runs, built by the optimizer from its chain.
+
+    Attributes:
+        rules: the update rules in order (``scale_by_lr`` included).
+        decays: weight rules folded into ``w <- keep * w + u`` (:attr:`WeightRule.scales_weights`).
+        projections: weight rules applied to ``w`` after the step (:attr:`WeightRule.projects`).
+        state_dtype: dtype of the optimizer state (None: the parameter's).
+        layout: the flat buffers (``flat=True``), or None.
+    """
+
+    rules: tuple[Rule, ...]
+    decays: tuple[WeightRule, ...] = ()
+    projections: tuple[WeightRule, ...] = ()
+    state_dtype: torch.dtype | None = None
+    layout: FlatLayout | None = None
+
+    def describe(self) -> str:
+        return " -> ".join(rule.name for rule in (*self.rules, *self.decays, *self.projections))
+
+
+class Source(Protocol):
+    """Where an engine finds what it steps: torch's ``param_groups`` and per-parameter ``state`` (an optimizer)."""
+
+    param_groups: list[dict[str, Any]]
+    state: Any
 
 #: Largest number of elements the foreach engine hands to one multi-tensor operation (1 MiB of float32):
 #: large enough that per-operation overhead stays small, small enough that a chunk's working set
@@ -99,11 +126,11 @@ def check_grad(p: Tensor) -> Tensor:
     return g
 
 
-def clip_coefficients(opt: ChainOptimizer, grad_scale: Tensor | None = None) -> list[Any] | None:
+def clip_coefficients(plan: Plan, groups: list[dict[str, Any]], grad_scale: Tensor | None = None) -> list[Any] | None:
     """Per group, ``min(1, max_norm / (||g||_2 + 1e-6))`` with the norm over all (unscaled) gradients, or None."""
-    if not opt.rules or not opt.rules[0].global_norm:
+    if not plan.rules or not plan.rules[0].global_norm:
         return None
-    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    grads = [p.grad for group in groups for p in group["params"] if p.grad is not None]
     if not grads:
         return None
     total = torch.nn.utils.get_total_norm(grads, foreach=False)
@@ -111,14 +138,14 @@ def clip_coefficients(opt: ChainOptimizer, grad_scale: Tensor | None = None) -> 
         total = total.full_tensor()
     if grad_scale is not None:
         total = total / grad_scale.to(total.device, total.dtype)
-    key = opt.rules[0].keys["max_grad_norm"]
-    return [torch.clamp(group[key] / (total + 1e-6), max=1.0) for group in opt.param_groups]
+    key = plan.rules[0].keys["max_grad_norm"]
+    return [torch.clamp(group[key] / (total + 1e-6), max=1.0) for group in groups]
 
 
-def weight_keep(opt: ChainOptimizer, group: dict[str, Any]) -> Any:
+def weight_keep(plan: Plan, group: dict[str, Any]) -> Any:
     """The factor decoupled decay multiplies the weights by this step (1 without decay)."""
     keep: Any = 1
-    for rule in opt.decays:
+    for rule in plan.decays:
         hp = rule.read(group)
         if rule.active(hp):
             keep = keep * rule.keep(hp, group["lr"])
@@ -173,27 +200,28 @@ def with_scalars(live: Live, step: int) -> Live:
     return out
 
 
-def rounds_stochastically(opt: ChainOptimizer) -> bool:
+def rounds_stochastically(plan: Plan) -> bool:
     """Whether state is kept in a low-precision dtype, updated in float32 and rounded stochastically."""
-    return opt.state_dtype in LOW_PRECISION
+    return plan.state_dtype in LOW_PRECISION
 
 
-def live_rules(opt: ChainOptimizer, group: dict[str, Any], clip_coef: Any) -> Live:
+def live_rules(plan: Plan, group: dict[str, Any], clip_coef: Any) -> Live:
     """The group's active rules with their hyperparameters (``clip_coef`` added for the clipping rule)."""
-    hps = [rule.read(group) for rule in opt.rules]
+    hps = [rule.read(group) for rule in plan.rules]
     if clip_coef is not None:
         hps[0]["clip_coef"] = clip_coef
-    return [(rule, hp) for rule, hp in zip(opt.rules, hps) if rule.active(hp)]
+    return [(rule, hp) for rule, hp in zip(plan.rules, hps) if rule.active(hp)]
 
 
-def group_plans(opt: ChainOptimizer, grad_scale: Tensor | None) -> Iterator[tuple[dict[str, Any], Live, Any]]:
+def group_plans(plan: Plan, groups: list[dict[str, Any]],
+                grad_scale: Tensor | None) -> Iterator[tuple[dict[str, Any], Live, Any]]:
     """Per param group: the group, its live rules (with the clipping factor) and its decay factor ``keep``.
 
     The global gradient norm for clipping is computed once, before the first group.
     """
-    clip = clip_coefficients(opt, grad_scale)
-    for gi, group in enumerate(opt.param_groups):
-        yield group, live_rules(opt, group, None if clip is None else clip[gi]), weight_keep(opt, group)
+    clip = clip_coefficients(plan, groups, grad_scale)
+    for gi, group in enumerate(groups):
+        yield group, live_rules(plan, group, None if clip is None else clip[gi]), weight_keep(plan, group)
 
 
 class Engine:
@@ -201,8 +229,9 @@ class Engine:
 
     name = "engine"
 
-    def __init__(self, opt: ChainOptimizer) -> None:
-        self.opt = opt
+    def __init__(self, plan: Plan, source: Source) -> None:
+        self.plan = plan
+        self.source = source
         self.ordinals: dict[Tensor, int] = {}
 
     def position(self, p: Tensor) -> tuple[int, int]:
@@ -212,13 +241,13 @@ class Engine:
         parameter in a flat buffer (``flat=True``) takes the buffer's ordinal and its offset in the
         buffer, so stepping it alone draws the noise that stepping the whole buffer draws.
         """
-        layout = self.opt.flat_layout
+        layout = self.plan.layout
         if layout is not None:
             found = layout.position(p)
             if found is not None:
                 return found
         if p not in self.ordinals:
-            self.ordinals = {q: i for i, q in enumerate(q for group in self.opt.param_groups for q in group["params"])}
+            self.ordinals = {q: i for i, q in enumerate(q for g in self.source.param_groups for q in g["params"])}
         return self.ordinals[p], 0
 
     def step(self, grad_scale: Tensor | None = None) -> None:
@@ -235,7 +264,7 @@ class ReferenceEngine(Engine):
     name = "reference"
 
     def step(self, grad_scale: Tensor | None = None) -> None:
-        for group, live, keep in group_plans(self.opt, grad_scale):
+        for group, live, keep in group_plans(self.plan, self.source.param_groups, grad_scale):
             for p in group["params"]:
                 if p.grad is not None:
                     self.step_param(p, group, live, keep, grad_scale)
@@ -243,20 +272,20 @@ class ReferenceEngine(Engine):
     def step_param(self, p: Tensor, group: dict[str, Any], live: Live, keep: Any = 1,
                    grad_scale: Tensor | None = None) -> None:
         """One step of one parameter (also the first step of every parameter under the other engines)."""
-        opt = self.opt
+        plan = self.plan
         g = check_grad(p)
         u = g / grad_scale.to(g.device) if grad_scale is not None else g
         u = -u if group["maximize"] else u
-        state = opt.state[p]
+        state = self.source.state[p]
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=step_dtype())
         state["step"] += 1
         step = int(state["step"].item())
-        widen = rounds_stochastically(opt)
+        widen = rounds_stochastically(plan)
         ordinal, offset = self.position(p) if widen else (0, 0)
         ordinals = torch.tensor([ordinal], dtype=torch.int32) if widen else None
         for r, (rule, hp) in enumerate(with_scalars(live, step)):
-            view, fresh = rule_state(rule, state, p, hp, opt.state_dtype)
+            view, fresh = rule_state(rule, state, p, hp, plan.state_dtype)
             work = {k: v.float() for k, v in view.items()} if widen else view
             u = (rule.first_update if fresh else rule.update)(u, p, work, hp, step)
             if widen:
@@ -267,11 +296,11 @@ class ReferenceEngine(Engine):
         if keep != 1:  # decoupled decay acts on w: w <- keep*w + u
             p.mul_(keep)
         p.add_(u)
-        for projection in opt.projections:
+        for projection in plan.projections:
             projection.project_(p, projection.read(group))
 
 
-def advance_steps(opt: ChainOptimizer, params: list[Tensor]) -> Tensor:
+def advance_steps(state: Any, params: list[Tensor]) -> Tensor:
     """``state["step"] += 1`` for every parameter of a bucket (equal step counts); returns one of them.
 
     The step counters of a bucket are kept as the elements of one 1-D tensor (each ``state["step"]``
@@ -279,15 +308,15 @@ def advance_steps(opt: ChainOptimizer, params: list[Tensor]) -> Tensor:
     parameter. Counters that are not packed this way (first bucket step, after ``load_state_dict``, a bucket
     that changed) are packed anew.
     """
-    steps = [opt.state[p]["step"] for p in params]
+    steps = [state[p]["step"] for p in params]
     base = steps[0]._base
     if (base is None or base.dim() != 1 or base.numel() != len(steps)
             or [s.storage_offset() if s._base is base else -1 for s in steps] != list(range(len(steps)))):
         base = torch.stack([s.detach() for s in steps])
         for i, p in enumerate(params):
-            opt.state[p]["step"] = base[i]
+            state[p]["step"] = base[i]
     base.add_(1)
-    return opt.state[params[0]]["step"]
+    return state[params[0]]["step"]
 
 
 def _local(t: Tensor) -> Tensor:
@@ -324,19 +353,19 @@ class BucketEngine(Engine):
     state already exists; everything else (first steps, zero-size tensors) takes the reference path.
     """
 
-    def __init__(self, opt: ChainOptimizer) -> None:
-        super().__init__(opt)
-        self.reference = ReferenceEngine(opt)
+    def __init__(self, plan: Plan, source: Source) -> None:
+        super().__init__(plan, source)
+        self.reference = ReferenceEngine(plan, source)
 
     def reset(self) -> None:
-        if self.opt.flat_layout is not None:  # the state was replaced: check the flat buffers in full
-            self.opt.flat_layout.invalidate()
+        if self.plan.layout is not None:  # the state was replaced: check the flat buffers in full
+            self.plan.layout.invalidate()
 
     def step(self, grad_scale: Tensor | None = None) -> None:
-        opt = self.opt
-        widen = rounds_stochastically(opt)
-        layout = opt.flat_layout
-        for gi, (group, live, keep) in enumerate(group_plans(opt, grad_scale)):
+        widen = rounds_stochastically(self.plan)
+        layout = self.plan.layout
+        all_state = self.source.state
+        for gi, (group, live, keep) in enumerate(group_plans(self.plan, self.source.param_groups, grad_scale)):
             buckets: dict[tuple[Any, ...], list[_Item]] = {}
             params: dict[tuple[Any, ...], list[Tensor]] = {}
             # the optimizer state's keys of the live rules' state tensors, in the order of state_layout
@@ -357,7 +386,7 @@ class BucketEngine(Engine):
                     continue
                 if g.is_sparse or p.is_complex():
                     check_grad(p)  # raises
-                state = opt.state[p]
+                state = all_state[p]
                 if p.numel() == 0 or not needed <= state.keys():
                     self.reference.step_param(p, group, live, keep, grad_scale)
                     continue
@@ -371,7 +400,7 @@ class BucketEngine(Engine):
                 buckets.setdefault(key, []).append(item)
                 params.setdefault(key, []).append(p)
             for key, items in buckets.items():
-                step = advance_steps(opt, params[key])
+                step = advance_steps(all_state, params[key])
                 self.run_bucket(group, live, keep, items, step, grad_scale)
                 self.project(group, params[key])
 
@@ -379,7 +408,7 @@ class BucketEngine(Engine):
                   grad_scale: Tensor | None) -> bool:
         """Step a flat buffer's parameters as one tensor; False (nothing done) where that would differ
         from stepping them one by one (a parameter without gradient or state, unequal step counts)."""
-        if not buffer.gather_grads() or not buffer.ready(self.opt.state, keys):
+        if not buffer.gather_grads() or not buffer.ready(self.source.state, keys):
             return False
         item = _Item(buffer.rows(buffer.data), buffer.rows(buffer.grad), [buffer.rows(buffer.states[k]) for k in keys],
                      buffer.ordinal, 0, whole=False)
@@ -387,7 +416,7 @@ class BucketEngine(Engine):
             buffer.step_base.add_(1)  # the counters are still the packed ones advance_steps made
             step = buffer.step0
         else:
-            step = advance_steps(self.opt, buffer.params)
+            step = advance_steps(self.source.state, buffer.params)
             buffer.step_base, buffer.step0 = step._base, step
         self.run_bucket(group, live, keep, [item], step, grad_scale)
         self.project(group, buffer.params)
@@ -400,9 +429,9 @@ class BucketEngine(Engine):
 
     def project(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """Apply the chain's projections to updated parameters (box elementwise, ball per whole tensor)."""
-        self.apply_projections(self.opt.projections, group, params)
+        self.apply_projections(self.plan.projections, group, params)
 
-    def apply_projections(self, projections: list[WeightRule], group: dict[str, Any], params: list[Tensor]) -> None:
+    def apply_projections(self, projections: Sequence[WeightRule], group: dict[str, Any], params: list[Tensor]) -> None:
         """Apply ``projections`` to updated parameters (box elementwise, ball per whole tensor)."""
         for projection in projections:
             hp = projection.read(group)
@@ -447,8 +476,8 @@ class ForeachEngine(BucketEngine):
 
     name = "foreach"
 
-    def __init__(self, opt: ChainOptimizer, chunk: int = CHUNK, scratch_min_mean: int = 1 << 14) -> None:
-        super().__init__(opt)
+    def __init__(self, plan: Plan, source: Source, chunk: int = CHUNK, scratch_min_mean: int = 1 << 14) -> None:
+        super().__init__(plan, source)
         self.chunk = chunk
         self.scratch_min_mean = scratch_min_mean
         self.scratch = Scratch(chunk, scratch_min_mean)
@@ -461,7 +490,7 @@ class ForeachEngine(BucketEngine):
                    grad_scale: Tensor | None) -> None:
         step_value = int(step.item())
         live = with_scalars(live, step_value)
-        widen = rounds_stochastically(self.opt)
+        widen = rounds_stochastically(self.plan)
         scratch = self.scratch
         scale = None if grad_scale is None else grad_scale.to(items[0].param.device, torch.float32)
         layout = state_layout(live)
@@ -595,7 +624,8 @@ class CompiledEngine(BucketEngine):
     """One ``torch.compile``-fused pass per bucket; falls back to :class:`ForeachEngine` if compiling fails.
 
     Args:
-        opt: the optimizer.
+        plan: what to run.
+        source: the optimizer (param groups and state).
         backend: the ``torch.compile`` backend (``"inductor"``; tests use a counting backend).
         quiet: report a compile failure in the ``descend.optim`` log instead of a ``RuntimeWarning``
             (``engine="auto"``, where the user asked for no engine in particular).
@@ -603,8 +633,8 @@ class CompiledEngine(BucketEngine):
 
     name = "compiled"
 
-    def __init__(self, opt: ChainOptimizer, backend: Any = "inductor", quiet: bool = False) -> None:
-        super().__init__(opt)
+    def __init__(self, plan: Plan, source: Source, backend: Any = "inductor", quiet: bool = False) -> None:
+        super().__init__(plan, source)
         self.backend = backend
         self.quiet = quiet
         self.fallback: ForeachEngine | None = None
@@ -630,13 +660,13 @@ class CompiledEngine(BucketEngine):
         rules = tuple(rule for rule, _ in live)
         # a ball projection needs each parameter whole: a flat buffer's are applied after the step
         whole = all(item.whole for item in items)
-        projections = tuple(pr for pr in self.opt.projections if whole or pr.elementwise)
-        self.outside = [pr for pr in self.opt.projections if pr not in projections]
+        projections = tuple(pr for pr in self.plan.projections if whole or pr.elementwise)
+        self.outside = [pr for pr in self.plan.projections if pr not in projections]
         params = [item.param for item in items]
         live = with_scalars(live, int(step.item()))
         hps = [_as_tensors(hp, rule.static) for rule, hp in live]
         phps = [_as_tensors(projection.read(group), ()) for projection in projections]
-        widen = rounds_stochastically(self.opt)
+        widen = rounds_stochastically(self.plan)
         no_decay = isinstance(keep, (int, float)) and keep == 1
         keep_t = None if no_decay else torch.tensor(float(keep), dtype=torch.float64)
         key = (rules, bool(group["maximize"]), widen, grad_scale is not None, keep_t is None,
@@ -669,7 +699,7 @@ class CompiledEngine(BucketEngine):
                 logger.info(message)
             else:
                 warnings.warn(message, RuntimeWarning, stacklevel=4)
-            self.fallback = ForeachEngine(self.opt)
+            self.fallback = ForeachEngine(self.plan, self.source)
             self.cache.clear()
             self.fallback.run_bucket(group, live, keep, items, step, grad_scale)
 
@@ -680,7 +710,7 @@ class CompiledEngine(BucketEngine):
             self.apply_projections(self.outside, group, params)
 
 
-def is_torch_chain(rules: list[Rule], decays: list[Rule], projections: list[WeightRule]) -> bool:
+def is_torch_chain(rules: Sequence[Rule], decays: Sequence[Rule], projections: Sequence[WeightRule]) -> bool:
     """Whether a chain is torch's Adam, AdamW or SGD (``[l2] adam|heavy_ball scale_by_lr [decay]``)."""
     kinds = [type(rule) for rule in rules]
     if kinds and kinds[0] is L2:
@@ -689,7 +719,7 @@ def is_torch_chain(rules: list[Rule], decays: list[Rule], projections: list[Weig
             and len(decays) <= 1 and all(isinstance(d, DecoupledDecay) and d.lr_scaled for d in decays))
 
 
-def torch_kernel(live: Live, decays: list[Rule], projections: list[WeightRule], group: dict[str, Any],
+def torch_kernel(live: Live, decays: Sequence[Rule], projections: Sequence[WeightRule], group: dict[str, Any],
                  items: list[_Item], step: Tensor, grad_scale: Tensor | None) -> Callable[[], None] | None:
     """torch's fused kernel that computes this bucket's step, as a call ready to run, or None.
 
@@ -765,13 +795,13 @@ class FusedEngine(BucketEngine):
 
     name = "fused"
 
-    def __init__(self, opt: ChainOptimizer) -> None:
-        super().__init__(opt)
-        if self.name == "fused" and not is_torch_chain(opt.rules, opt.decays, opt.projections):
-            chain = " -> ".join(rule.name for rule in opt.all_rules)
+    def __init__(self, plan: Plan, source: Source) -> None:
+        super().__init__(plan, source)
+        if self.name == "fused" and not is_torch_chain(plan.rules, plan.decays, plan.projections):
+            chain = plan.describe()
             raise ValueError(f"engine='fused' (fused=True) runs torch's Adam, AdamW and SGD kernels; this chain "
                              f"({chain}) is none of them: use engine='auto' or engine='compiled'")
-        self.foreach = ForeachEngine(opt)
+        self.foreach = ForeachEngine(plan, source)
         self.last: BucketEngine = self
 
     def reset(self) -> None:
@@ -780,7 +810,7 @@ class FusedEngine(BucketEngine):
 
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
-        kernel = torch_kernel(live, self.opt.decays, self.opt.projections, group, items, step, grad_scale)
+        kernel = torch_kernel(live, self.plan.decays, self.plan.projections, group, items, step, grad_scale)
         if kernel is not None:
             self.last = self
             kernel()
@@ -795,10 +825,10 @@ class AutoEngine(FusedEngine):
 
     name = "auto"
 
-    def __init__(self, opt: ChainOptimizer, compile_min: int = COMPILE_MIN) -> None:
-        super().__init__(opt)
+    def __init__(self, plan: Plan, source: Source, compile_min: int = COMPILE_MIN) -> None:
+        super().__init__(plan, source)
         self.compile_min = compile_min
-        self.compiled = CompiledEngine(opt, quiet=True)
+        self.compiled = CompiledEngine(plan, source, quiet=True)
 
     def reset(self) -> None:
         super().reset()
@@ -806,7 +836,7 @@ class AutoEngine(FusedEngine):
 
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
-        kernel = torch_kernel(live, self.opt.decays, self.opt.projections, group, items, step, grad_scale)
+        kernel = torch_kernel(live, self.plan.decays, self.plan.projections, group, items, step, grad_scale)
         if kernel is not None:
             self.last = self
             kernel()
@@ -823,11 +853,11 @@ class AutoEngine(FusedEngine):
             self.last.project(group, params)
 
 
-def make_engine(opt: ChainOptimizer, name: str) -> Engine:
-    """The engine called ``name`` for ``opt`` (see the module docstring)."""
-    engines: dict[str, Callable[[ChainOptimizer], Engine]] = {
+def make_engine(name: str, plan: Plan, source: Source) -> Engine:
+    """The engine called ``name`` running ``plan`` over ``source``'s parameters (see the module docstring)."""
+    engines: dict[str, Callable[[Plan, Source], Engine]] = {
         "auto": AutoEngine, "reference": ReferenceEngine, "foreach": ForeachEngine, "compiled": CompiledEngine,
         "fused": FusedEngine}
     if name not in engines:
         raise ValueError(f"engine must be one of {', '.join(engines)}; got {name!r}")
-    return engines[name](opt)
+    return engines[name](plan, source)
