@@ -20,15 +20,18 @@ the softmax, its saved copy and its gradient, the unfused path) would exceed ``-
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from descend._io import write_json  # torch-free: the workers alone import torch, so RSS is theirs
 
 DEFAULT_SIZES = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 QUICK_SIZES = [1024, 2048, 4096, 8192]
@@ -141,11 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "worker", "sizes")},
                "sizes": sizes,
                "method": "median wall and process CPU time of forward+backward; peak = subprocess ru_maxrss",
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+               "torch": importlib.metadata.version("torch"),
                "rows": rows}
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=".attention.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, args.out)
+    write_json(args.out, payload)
     print(f"\nwrote {args.out}")
 
 
