@@ -61,6 +61,7 @@ class StopAtAccuracy:
             trainer.should_stop = True  # ends the run after this step
 
 
-trainer = Trainer(model, opt, data, config, callbacks=[StopAtAccuracy(0.99)], out_dir="runs/spirals")
+# device="auto": CUDA when available, else CPU; the trainer moves the model, the optimizer state and each batch
+trainer = Trainer(model, opt, data, config, device="auto", callbacks=[StopAtAccuracy(0.99)], out_dir="runs/spirals")
 summary = trainer.fit()  # metrics.jsonl, metrics.csv and checkpoint/ in runs/spirals
 print("test:", {k: round(v, 4) for k, v in summary["test"].items()})
