@@ -113,6 +113,19 @@ def explain(what: str | None) -> str:
     return "```text\n" + optim.explain(opt).rstrip() + "\n```"
 
 
+# ------------------------------------------------------------------------------------- experiments
+
+
+def experiments(folder: str | None) -> str:
+    """Markdown: ``descend.experiments.render_markdown`` of the JSON in ``docs/figures`` (or ``folder``),
+    without its ``# Title`` line (the page has its own)."""
+    from descend.experiments import render_markdown
+
+    text = render_markdown(ROOT / (folder or "docs/figures"), figures="../figures/")
+    lines = text.splitlines()
+    return "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines)
+
+
 # -------------------------------------------------------------------------------------- benchmarks
 
 
@@ -280,6 +293,7 @@ GENERATORS: dict[str, Callable[[str | None], str]] = {
     "cli-reference": cli_reference,
     "rule-equations": rule_equations,
     "explain": explain,
+    "experiments": experiments,
     "optimizer-step": optimizer_step,
     "optimizer-ratios": optimizer_ratios,
     "attention": attention,
