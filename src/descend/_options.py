@@ -570,7 +570,7 @@ def check_model_size(model: str, depth: int, width: int, inputs: int, outputs: i
     budget = MAX_PARAMETERS if memory_bytes is None else min(MAX_PARAMETERS, memory_bytes // 2 // 16)
     if n > budget:
         raise OptionError(
-            f"--depth {depth} --width {width} makes a {model} of about {n:.3g} parameters "
+            f"--depth {depth} --width {width} gives model {model!r} about {n:.3g} parameters "
             f"({16 * n / 2**30:.3g} GiB with gradients and optimizer state), more than the {budget:.3g} this machine "
             "allows; choose a smaller --depth or --width"
         )

@@ -1,19 +1,23 @@
 """Where a run's metrics go: ``metrics.jsonl``, ``metrics.csv``, TensorBoard (if installed), the terminal.
 
 Each logged row is one JSON object (one line) in ``metrics.jsonl``, written and flushed as it comes;
-``metrics.csv`` is rewritten from those rows on :meth:`MetricsWriter.close` (columns: the union of
-keys, in order of first appearance). On a terminal a rich progress bar shows ETA, loss and the
+``metrics.csv`` is rewritten (atomically) from those rows on :meth:`MetricsWriter.close` (columns: the
+union of keys, in order of first appearance). TensorBoard logging is opt-in and needs TensorBoard.
+On a terminal a rich progress bar shows ETA, loss and the
 validation metric; elsewhere plain periodic lines are printed.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any, TextIO
+
+from descend._io import atomic_write
 
 __all__ = ["MetricsWriter", "Progress"]
 
@@ -28,7 +32,7 @@ def _jsonable(value: Any) -> Any:
 class MetricsWriter:
     """Append rows to ``out_dir/metrics.jsonl``; on resume from ``step``, drop rows logged after it."""
 
-    def __init__(self, out_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
+    def __init__(self, out_dir: str | Path, resume_step: int | None = None, tensorboard: bool = False) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = self.out_dir / "metrics.jsonl"
@@ -42,10 +46,11 @@ class MetricsWriter:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self._tb = None
+            except ImportError as e:  # asked for, not installed: say so rather than log nothing
+                raise ValueError(
+                    "tensorboard=True needs TensorBoard, which is not installed: pip install tensorboard"
+                ) from e
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
 
     @staticmethod
     def read(out_dir: str | Path) -> list[dict[str, Any]]:
@@ -81,10 +86,11 @@ class MetricsWriter:
         columns: dict[str, None] = {}
         for row in rows:
             columns.update(dict.fromkeys(row))
-        with (self.out_dir / "metrics.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(columns))
-            writer.writeheader()
-            writer.writerows(rows)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.out_dir / "metrics.csv", table.getvalue())
 
 
 def _fmt(value: Any) -> str:
