@@ -16,8 +16,8 @@ so load from other processes hits all alike), the effective bandwidth under a st
 r/w 8, or 4 in bfloat16), its share of the copy bandwidth measured in the same run (``dst.copy_(src)``
 over the same number of elements: device-to-device on CUDA), and ratios to peers measured in the
 same run: ``torch.optim.AdamW(fused=True)``, ``torch.optim.SGD(momentum=0.9, fused=True)``, torch's
-default AdamW (no flags) and lion-pytorch. The first two steps of each descend row (state creation,
-then the first step on the engine's kernel, compiling if it compiles) are timed in fresh processes,
+default AdamW (no flags) and lion-pytorch. The first two steps of the default and compiled rows (state
+creation, then the first step on the engine's kernel, compiling if it compiles) are timed in fresh processes,
 with an empty inductor cache (cold) and then with the cache the first left (warm).
 Memory: optimizer state bytes per parameter, and the transient memory a step allocates on top.
 """
@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "(the peers of the ratios always run)")
     parser.add_argument("--equal-sizes", action="store_true", help="tensors of equal size (default: +-50%%)")
     parser.add_argument("--first-steps", default="auto", choices=["auto", "yes", "no"],
-                        help="time the first steps of descend's rows in fresh processes (auto: at 1M or more)")
+                        help="time the first steps of the default and compiled rows in fresh processes "
+                        "(auto: at 1M parameters or more)")
     parser.add_argument("--first-steps-of", default="", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="1M parameters, 5 steps: a smoke run")
@@ -324,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row["vs_torch_fused_adamw"] = row["ms"] / ref if ref else None
     first = args.first_steps == "yes" or (args.first_steps == "auto" and n >= 10**6)
     for row in rows:
-        if first and row["family"] == "descend" and "bf16" not in row["name"] and "[reference" not in row["name"]:
+        timed = ("[default" in row["name"] or "[compiled" in row["name"]) and "bf16" not in row["name"]
+        if first and row["family"] == "descend" and timed:
             print(f"  first steps: {row['name']}", file=sys.stderr, flush=True)
             row["first_steps_s"] = first_steps(row["name"], args)
     report = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
