@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from descend.distributed._env import all_reduce_sum, rank, world_size
+from descend.distributed._env import world_size as _world
 
 Batch = Tensor | slice
 
@@ -41,9 +42,9 @@ def shard(batch: Batch, rank: int | None = None, world_size: int | None = None) 
     The first ``len % world_size`` ranks get one example more (``torch.tensor_split``'s rule).
     Defaults: this process's rank and the world size; with one rank the batch itself comes back.
     """
+    if (world_size if world_size is not None else _world()) == 1 and rank in (None, 0):
+        return batch  # a world of one: the hot path of every one-process step
     r, w = _rank_world(rank, world_size)
-    if w == 1:
-        return batch
     if isinstance(batch, slice):
         if batch.stop is None or batch.step not in (None, 1):
             raise ValueError(f"can only shard slices with a stop and step 1, got {batch!r}")

@@ -79,26 +79,29 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-@contextlib.contextmanager
-def sync_gradients(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Inside, backward passes synchronise gradients across ranks only if ``enabled``.
+def sync_gradients(model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+    """A context in which backward passes synchronise gradients across ranks only if ``enabled``.
 
     Accumulate micro-batches with ``enabled=False`` and run the last one with ``enabled=True``:
     DDP (``no_sync``) and FSDP2 (``set_requires_gradient_sync``) then communicate once per step.
+    For a model that is neither (one process) it is a no-op.
     """
     if enabled:
+        return contextlib.nullcontext()
+    if isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    if isinstance(model, FSDPModule):
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: FSDPModule) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
         yield
-    elif isinstance(model, DistributedDataParallel):
-        with model.no_sync():
-            yield
-    elif isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
-        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def is_data_parallel(model: nn.Module) -> bool:

@@ -67,7 +67,7 @@ def accumulate_gradient(
     correct = torch.zeros((), dtype=torch.int64, device=device) if count_correct else None
     for j, batch in enumerate(batches):
         inputs, targets = source.local(batch)
-        inputs, (targets,) = move(inputs, device), move((targets,), device)
+        *inputs, targets = move((*inputs, targets), device)
         m = int(targets.shape[0])
         weight = world * m / total
         with dd.sync_gradients(model, enabled=j == len(batches) - 1):
