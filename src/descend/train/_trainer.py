@@ -117,7 +117,9 @@ class Trainer:
         self.loss_fn = loss_fn or get_loss(cfg.loss, self.task)
         self.metrics = dict(metrics or {})
         self.callbacks = check_callbacks(callbacks)
-        self.target_std = getattr(data, "target_std", None)  # regression metrics in original units
+        info = getattr(data, "info", None) or {}  # regression metrics in the target's original units
+        self.target_std = getattr(data, "target_std", None)
+        self.target_std = info.get("target_std") if self.target_std is None else self.target_std
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.is_main = dd.is_main() if is_main is None else is_main
         self.sampler = make_sampler(self.sources["train"], cfg)
