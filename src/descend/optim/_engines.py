@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _get_fused_kernels_supported_devices as _fused_kernels_supported_devices
 
 try:  # torch builds without distributed support have no DTensor
     from torch.distributed.tensor import DTensor
@@ -106,6 +107,9 @@ class Source(Protocol):
 #: large enough that per-operation overhead stays small, small enough that a chunk's working set
 #: stays in cache and its scratch buffers are few MiB.
 CHUNK = 1 << 18
+
+#: Device types torch has fused Adam, AdamW and SGD kernels for.
+FUSED_DEVICES = frozenset(_fused_kernels_supported_devices())
 
 #: Fewest elements of a flat buffer for which ``engine="auto"`` compiles its step.
 COMPILE_MIN = 1 << 20
@@ -744,11 +748,9 @@ def torch_kernel(live: Live, decays: Sequence[Rule], projections: Sequence[Weigh
         return None
     p0 = items[0].param
     dtype = p0.dtype
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-    if (p0.device.type not in _get_fused_kernels_supported_devices() or not dtype.is_floating_point
-            or any(it.param.dtype != dtype or it.grad.dtype != dtype or any(t.dtype != dtype for t in it.states)
-                   for it in items)):
+    # a bucket shares the parameters' and the gradients' dtype (BucketEngine.step keys on both)
+    if (p0.device.type not in FUSED_DEVICES or not dtype.is_floating_point or items[0].grad.dtype != dtype
+            or {t.dtype for it in items for t in it.states} - {dtype}):
         return None
     params = [it.param for it in items]
     grads = [it.grad for it in items]
