@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from descend.report import COLOURS, render_report, summary_table, task_table, write_report
+from descend.report import COLOURS, markdown_tables, render_report, summary_table, task_table, write_report
 from descend.train import CompareSpec, compare
 
 
@@ -46,6 +46,14 @@ def test_report_explains_its_columns_and_keeps_the_equations(results) -> None:
     for phrase in ("Performance profile", "Columns of the task tables", "95% Student-t", "Update equations"):
         assert phrase in text
     assert text.count("<table>") == 2  # the summary and one task
+
+
+def test_markdown_tables_carry_the_conditions_and_every_row(results) -> None:
+    text = markdown_tables(results)
+    env = results["environment"]
+    assert env["date"] in text and f"seeds 0-{results['plan']['seeds'] - 1}" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(rows) == (1 + 3) + (1 + 3)  # summary and digits-mlp: a header and one row per optimizer each
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 - :func:`write_outputs`: ``report.html``, ``results.csv`` and ``results.json`` of a comparison;
 - :func:`render_report` / :func:`write_report`: the HTML file, figures embedded as base64 PNG;
 - :func:`summary_table`, :func:`task_table`: the rows the terminal and the report share;
+  :func:`markdown_tables` the same as Markdown (``python -m descend.report`` writes the docs' assets);
 - :func:`profile_png`, :func:`curves_png`, :func:`sweep_png`: the figures (matplotlib, Agg) as PNG bytes.
 """
 
@@ -15,6 +16,7 @@ from descend.report._html import (
     write_outputs,
     write_report,
 )
+from descend.report._markdown import markdown_tables
 from descend.report._plots import COLOURS, curves_png, profile_png, style_of, sweep_png
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "COLUMNS",
     "comparison_table",
     "curves_png",
+    "markdown_tables",
     "profile_png",
     "render_report",
     "style_of",

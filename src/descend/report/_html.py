@@ -108,7 +108,7 @@ COLUMNS: dict[str, str] = {
     "steps to target": "median over the seeds that reached the target of the first evaluated step from which the "
     "validation metric stays at the target until the end",
     "s to target": "the same in seconds of training (evaluations included), wall clock on this machine",
-    "diverged": "seeds whose loss became NaN or infinite",
+    "diverged": "seeds whose loss became NaN or infinite, or whose validation loss ended above where it started",
     "tuning": "runs and seconds spent choosing the learning rate (the tuning budget)",
 }
 
@@ -123,6 +123,7 @@ def summary_table(results: dict[str, Any]) -> list[dict[str, str]]:
         cells["diverged seeds"] = str(row["diverged"])
         cells["runs"] = str(row["runs"])
         cells["seconds"] = f"{row['seconds']:.0f}"
+        cells["CPU s"] = f"{row.get('cpu_seconds', math.nan):.0f}"
         rows.append(cells)
     return rows
 
@@ -180,7 +181,8 @@ target: validation {metric} {relation} {task["target"]:g}{html.escape(unit)}.</p
 <p class="note">Left: validation {metric} against the step, the line the mean over seeds and the band the
 lowest to the highest seed; dotted: the target. Right: the tuning sweep, the mean final validation loss
 over the tuning seeds at each learning rate tried; the circled point is the chosen rate, a cross on the
-top edge a rate where a seed diverged.</p>
+top edge a rate where a seed diverged, a triangle there a loss beyond the plotted range (over 10 times the
+worst chosen rate's).</p>
 """
 
 
@@ -198,6 +200,7 @@ def render_report(results: dict[str, Any]) -> str:
         f"{html.escape(env['date'])}."
     )
     sections = "".join(_task_section(name, task) for name, task in tasks.items())
+    first = next(iter(tasks))
     equations = "".join(
         f"<h3>{html.escape(name)}</h3><pre>{html.escape(entry['equations'])}</pre>"
         for name, entry in next(iter(tasks.values()))["optimizers"].items()
@@ -212,16 +215,21 @@ def render_report(results: dict[str, Any]) -> str:
 <p class="note">For each optimizer, the fraction of tasks on which it reaches the target within a factor τ of
 the fastest optimizer on that task (AlgoPerf / Dolan-Moré). Its time on a task is the median over seeds of the
 time (left) or steps (right) to target, counted only if at least half of the seeds reach the target. Higher
-and further left is better; ρ(1) is the share of tasks it is fastest on, the right end the share it solves.</p>
+and further left is better; ρ(1) is the share of tasks it is fastest on, the right end the share it solves.
+The values are multiples of 1/(number of tasks); the lines are drawn a hair apart so that equal profiles stay
+visible.</p>
 <h2>Summary</h2>
 {_table(summary_table(results), swatch=True)}
 <p class="note">Task columns: the optimizer's rank on that task ('=' shared with others whose 95% intervals
-overlap). Tasks reached: tasks where at least half of its seeds end at the target. Runs and seconds: everything
-it cost, tuning included.</p>
+overlap). Tasks reached: tasks where at least half of its seeds end at the target. Runs, seconds and CPU s:
+everything it cost, tuning included (wall-clock seconds of its units, and the CPU time of its runs, which
+depends less on what else the machine was doing).</p>
 <h3>Columns of the task tables</h3>
 {_columns()}
 {sections}
 <h2>Update equations</h2>
+<p class="note">Each optimizer's update as descend runs it, with the hyperparameters chosen on {html.escape(first)}
+(only the learning rate changes between tasks).</p>
 {equations}
 </body></html>
 """

@@ -85,6 +85,20 @@ def _direct_labels(ax: Any, ends: list[tuple[str, float, float]], log_y: bool) -
         )
 
 
+def _scale(ax: Any, values: list[float], log_y: bool) -> bool:
+    """Log scale only where it helps (values spanning more than a factor 10); plain tick labels either way."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    use_log = log_y and bool(finite) and max(finite) / min(finite) > 10
+    if use_log:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    return use_log
+
+
 def _series(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Steps and a ``[seeds, steps]`` array of ``key`` over the seeds that did not diverge."""
     per_seed = [
@@ -109,11 +123,13 @@ def curves_png(task: dict[str, Any], key: str, ylabel: str, log_y: bool = False)
     fig = _figure(5.6, 3.6)
     ax = fig.add_subplot()
     ends = []
+    drawn: list[float] = []
     for name, entry in task["optimizers"].items():
         series = _series(entry["runs"], key)
         if series is None:
             continue
         steps, values = series
+        drawn += values.ravel().tolist()
         mean = values.mean(0)
         ax.plot(steps, mean, linewidth=1.5, **style_of(name))
         if len(values) > 1:
@@ -123,19 +139,19 @@ def curves_png(task: dict[str, Any], key: str, ylabel: str, log_y: bool = False)
         ax.axhline(task["target"], color="#555555", linestyle=":", linewidth=1)
         ax.annotate("target", xy=(0, task["target"]), xycoords=("axes fraction", "data"), xytext=(3, 3),
                     textcoords="offset points", fontsize=7, color="#555555")  # fmt: skip
-    if log_y:
-        ax.set_yscale("log")
+    used_log = _scale(ax, drawn, log_y)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    _direct_labels(ax, ends, log_y)
+    _direct_labels(ax, ends, used_log)
     return _png(fig)
 
 
 def sweep_png(task: dict[str, Any]) -> bytes:
     """Tuning: mean final validation loss over the tuning seeds against the learning rate (log-log).
 
-    A filled marker is the chosen rate; a cross on the top edge is a rate where a seed diverged.
+    A circled marker is the chosen rate; a cross on the top edge is a rate where a seed diverged, a
+    triangle there a loss beyond the plotted range (more than 10 times the worst chosen rate's loss).
     """
     fig = _figure(5.6, 3.6)
     ax = fig.add_subplot()
@@ -145,7 +161,12 @@ def sweep_png(task: dict[str, Any]) -> bytes:
         for v in e["tuning"]["mean_val_loss"]
         if v is not None and math.isfinite(v)
     ]
-    top = max(finite) * 1.5 if finite else 1.0
+    chosen_losses = [
+        e["tuning"]["mean_val_loss"][e["tuning"]["grid"].index(e["lr"])] for e in task["optimizers"].values()
+    ]
+    worst_chosen = max((v for v in chosen_losses if v is not None and math.isfinite(v)), default=1.0)
+    top = min(max(finite, default=1.0), 10 * worst_chosen)  # the highest loss drawn on the scale
+    edge = ax.get_xaxis_transform()  # x in data, y in axes fractions: markers on the top edge
     ends = []
     for name, entry in task["optimizers"].items():
         tuning = entry["tuning"]
@@ -157,16 +178,26 @@ def sweep_png(task: dict[str, Any]) -> bytes:
         ax.plot([entry["lr"]], [losses[chosen]], marker="o", markersize=9, color=style["color"], mfc="none", mew=1.8)
         bad = [lr for lr, v in zip(lrs, losses) if math.isnan(v)]
         if bad:
-            ax.plot(bad, [top] * len(bad), marker="x", linestyle="none", color=style["color"], markersize=7)
+            ax.plot(bad, [1.0] * len(bad), "x", color=style["color"], markersize=7, transform=edge, clip_on=False)
+        off = [lr for lr, v in zip(lrs, losses) if not math.isnan(v) and v > top]
+        if off:
+            ax.plot(off, [1.0] * len(off), "^", color=style["color"], markersize=6, transform=edge, clip_on=False)
         last = max((i for i, v in enumerate(losses) if not math.isnan(v)), default=None)
         if last is not None:
             ends.append((name, lrs[last], losses[last]))
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    shown = [v for v in finite if v <= top]
+    low = min(shown, default=top)
+    if _scale(ax, shown, log_y=True):
+        ax.set_ylim(low / 1.3, top * 1.3)
+    else:
+        ax.set_ylim(low - 0.06 * (top - low), top + 0.06 * (top - low) + 1e-12)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final validation loss (mean over tuning seeds)")
-    ax.grid(True, which="both", alpha=0.25)
+    ax.grid(True, which="major", alpha=0.3)
     for name, x, y in ends:
+        if y > top:
+            continue
         ax.annotate(
             name, xy=(x, y), xytext=(4, 2), textcoords="offset points", fontsize=7, color=style_of(name)["color"]
         )
@@ -184,8 +215,13 @@ def profile_png(results: dict[str, Any]) -> bytes:
         (axes[0], "seconds_to_target", "time"),
         (axes[1], "steps_to_target", "steps"),
     ):
-        for name, rho in profile[key].items():
-            ax.step(taus, rho, where="post", linewidth=1.6, label=name, **style_of(name))
+        names = list(profile[key])
+        for i, name in enumerate(names):
+            # a small vertical offset per optimizer keeps coinciding profiles visible (values are k / tasks)
+            offset = 0.012 * (i - (len(names) - 1) / 2)
+            ax.step(
+                taus, np.array(profile[key][name]) + offset, where="post", linewidth=1.6, label=name, **style_of(name)
+            )
         ax.set_xscale("log")
         ax.set_xlim(taus[0], taus[-1])
         ax.set_ylim(-0.03, 1.05)

@@ -8,7 +8,8 @@ For every task ``k`` (:mod:`descend.train._tasks`) and optimizer ``o``:
    those seeds of the final *validation loss* (a diverged seed is the worst score) and extends the
    grid while the best rate sits at an edge;
 2. **final**: trains at the chosen rate for ``seeds`` seeds ``0 .. seeds-1`` (a tuning run at that rate
-   and seed is reused, not repeated); a seed whose loss becomes NaN/inf has *diverged*;
+   and seed is reused, not repeated); a seed has *diverged* when its loss becomes NaN/inf or its
+   validation loss ends above where it started (the trainer's divergence check);
 3. **statistics**: the final *test* metric over the seeds that did not diverge, as mean with a 95%
    Student-t interval (:func:`~descend.train._tuning.seed_stats`). A seed has *reached* the target
    when its final validation metric meets it; its steps (seconds) to target are those of the first
@@ -165,23 +166,26 @@ def run_once(
     )
     trainer = _Run(model, opt, data, config)
     record: dict[str, Any] = {"seed": seed, "lr": lr}
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     try:
         summary = trainer.fit()
     except NonFiniteLossError:
         trainer.close()
         record.update(diverged=True, seconds=time.perf_counter() - started, steps=trainer.step)
+        record["cpu_seconds"] = time.process_time() - cpu
         record.update(reached=False, steps_to_target=None, seconds_to_target=None, history=_rows(trainer.history))
         return record
     history = _rows(trainer.history)
     final_val = summary["val"][task.metric]
-    diverged = not all(math.isfinite(v) for v in (*summary["val"].values(), *summary["test"].values()))
+    finite = all(math.isfinite(v) for v in (*summary["val"].values(), *summary["test"].values()))
+    diverged = not finite or bool(getattr(trainer, "diverged", False))
     step_to, seconds_to = time_to_target(history, task)
     record.update(
         diverged=diverged,
         val=summary["val"],
         test=summary["test"],
         seconds=summary["seconds"],
+        cpu_seconds=time.process_time() - cpu,
         steps=summary["steps"],
         reached=(not diverged) and task.reached(final_val) and step_to is not None,
         steps_to_target=step_to,
@@ -193,7 +197,13 @@ def run_once(
 
 class _Run(Trainer):
     """The trainer, less the evaluation of the whole training split at the end (compare reports validation
-    and test; on ``text-lm`` that evaluation would cost as much as the run)."""
+    and test; on ``text-lm`` that evaluation would cost as much as the run), with its warnings kept in
+    ``notes`` rather than printed (a diverged tuning run is expected, and counted in the results)."""
+
+    notes: list[str]
+
+    def warn(self, message: str) -> None:
+        self.__dict__.setdefault("notes", []).append(message)
 
     def summary(self) -> dict[str, Any]:
         return {"val": self.evaluate("val"), "test": self.evaluate("test"), "steps": self.step, "seconds": self.seconds}
@@ -246,12 +256,14 @@ def run_task_optimizer(
     reused = dict(enumerate(tuned.details[lr]))
     runs = [reused[s] if s in reused else run(lr, s)[1] for s in range(plan["seeds"])]
     probe = make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)], lr=lr)
+    tuning_cpu = sum(r["cpu_seconds"] for records in tuned.details.values() for r in records)
     return {
         "lr": lr,
-        "tuning": {**tuned.to_dict(), "seeds": plan["tune_seeds"]},
+        "tuning": {**tuned.to_dict(), "seeds": plan["tune_seeds"], "cpu_seconds": tuning_cpu},
         "runs": runs,
         "equations": optim.explain(probe),
         "seconds": time.perf_counter() - started,
+        "cpu_seconds": tuning_cpu + sum(r["cpu_seconds"] for s, r in enumerate(runs) if s not in reused),
     }
 
 
@@ -387,6 +399,7 @@ def compare(spec: CompareSpec, log: Callable[[str], None] = lambda _: None) -> d
             "torch": torch.__version__,
             "threads_per_run": spec.threads or torch.get_num_threads(),
             "workers": min(spec.workers, len(plan["tasks"]) * len(plan["optimizers"])),
+            "cpu_seconds_of_runs": sum(e["cpu_seconds"] for t in tasks.values() for e in t["optimizers"].values()),
             "cpus": os.cpu_count(),
             "device": str(_device(spec.device)),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -399,6 +412,7 @@ def summary_rows(tasks: dict[str, Any], optimizers: Sequence[str]) -> list[dict[
     rows = []
     for o in optimizers:
         row: dict[str, Any] = {"optimizer": o, "ranks": {}, "reached": 0, "diverged": 0, "runs": 0, "seconds": 0.0}
+        row["cpu_seconds"] = 0.0
         for t, info in tasks.items():
             entry = info["optimizers"][o]
             s = entry["summary"]
@@ -409,6 +423,7 @@ def summary_rows(tasks: dict[str, Any], optimizers: Sequence[str]) -> list[dict[
             row["diverged"] += s["diverged"]
             row["runs"] += entry["tuning"]["runs"] + max(0, s["seeds"] - entry["tuning"]["seeds"])
             row["seconds"] += entry["seconds"]
+            row["cpu_seconds"] += entry["cpu_seconds"]
         row["tasks"] = len(tasks)
         rows.append(row)
     return rows

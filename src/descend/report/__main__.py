@@ -1,0 +1,66 @@
+"""Documentation assets from a ``descend compare`` run, so the docs show measured results only.
+
+    python -m descend.report RUN_DIR/results.json docs/guide/img [--task text-lm]
+
+writes ``compare-profile.png`` (the performance profiles), ``compare-summary.txt`` (the run's
+conditions, summary and task tables as Markdown, included by ``docs/guide/compare.md``) and, where
+headless Chromium is installed, ``compare-<task>-table.png`` (that task's table as the report shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from descend._io import atomic_path, atomic_write
+from descend.report._html import _STYLE, _table, task_table
+from descend.report._markdown import markdown_tables
+from descend.report._plots import profile_png
+
+
+def _table_png(results: dict, task: str, png: Path) -> bool:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        return False
+    info = results["tasks"][task]
+    rows = len(info["optimizers"])
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{_STYLE}body{{margin:.5em}}</style></head><body>"
+        f"<h3>{task}: {info['description']}</h3>{_table(task_table(info), swatch=True)}</body></html>"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        html_path = Path(tmp, "table.html")
+        html_path.write_text(page, encoding="utf-8")
+        with atomic_path(png, suffix=".png") as out:
+            subprocess.run(
+                [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--no-first-run", f"--user-data-dir={tmp}/profile", f"--window-size=1200,{150 + 34 * rows}",
+                 f"--screenshot={out}", html_path.as_uri()],
+                check=True, capture_output=True, timeout=120,
+            )  # fmt: skip
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m descend.report", description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="results.json of a descend compare run")
+    parser.add_argument("out", type=Path, help="directory for the assets (e.g. docs/guide/img)")
+    parser.add_argument("--task", default="text-lm", help="the task whose table becomes a PNG (default: text-lm)")
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out / "compare-profile.png", profile_png(results))
+    atomic_write(args.out / "compare-summary.txt", markdown_tables(results))
+    written = ["compare-profile.png", "compare-summary.txt"]
+    if args.task in results["tasks"] and _table_png(results, args.task, args.out / f"compare-{args.task}-table.png"):
+        written.append(f"compare-{args.task}-table.png")
+    print(f"wrote {', '.join(str(args.out / w) for w in written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
