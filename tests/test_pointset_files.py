@@ -109,9 +109,13 @@ def test_train_and_predict_a_point_set_file(tmp_path) -> None:
     assert main(["predict", str(run), "--data", str(tmp_path / "3d.npz"), "--out", str(tmp_path / "q.csv")]) == 2
 
 
+#: The measured configuration: a small PointSetTransformer, so that 6 runs take minutes on a CPU.
+MEASURE_ARGS = ("--width", "32", "--depth", "2", "--steps", "400", "--threads", "1")
+
+
 def measure(tmp: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, list[float]]:
-    """Test accuracy of `descend train --model pointset` on :func:`outlines` (600 x 48), with and without
-    per-set normalisation, one data draw and split per seed."""
+    """Test accuracy of `descend train --model pointset` (:data:`MEASURE_ARGS`) on :func:`outlines`
+    (600 x 48), with and without per-set normalisation, one data draw, split and initialisation per seed."""
     results: dict[str, list[float]] = {"normalised": [], "raw": []}
     for seed in seeds:
         locations, y = outlines(600, 48, seed=seed)
@@ -119,7 +123,7 @@ def measure(tmp: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, list[flo
         for key, flag in (("normalised", "--normalize-points"), ("raw", "--no-normalize-points")):
             out = tmp / f"{key}{seed}"
             args = ["train", "--data", str(tmp / f"clouds{seed}.npz"), "--model", "pointset", flag,
-                    "--seed", str(seed), "--no-progress", "--out", str(out)]  # fmt: skip
+                    "--seed", str(seed), *MEASURE_ARGS, "--no-progress", "--out", str(out)]  # fmt: skip
             assert main(args) == 0
             results[key].append(json.loads((out / "summary.json").read_text())["test"]["accuracy"])
     return results
