@@ -100,8 +100,6 @@ def train(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, (int, float)))
         world = f" on {dd.world_size()} processes ({spec.strategy})" if dd.world_size() > 1 else ""
         print(f"test {shown} after {summary['steps']} steps ({summary['seconds']:.1f}s){world}; run in {out}")
-        if summary.get("diverged"):
-            _warn("the run diverged (summary.json says so); lower the learning rate (--lr) and train again")
     if joined:
         dd.teardown()
     return 0
