@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -134,6 +135,12 @@ def run_all(out_dir: Path, *, quick: bool = False, seed: int = 0, seeds: int | N
     return {name: run(name, out_dir, quick=quick, seed=seed, seeds=seeds, verbose=verbose) for name in EXPERIMENTS}
 
 
+def _markdown(text: str) -> str:
+    """Docstring markup as Markdown: Sphinx roles and double backticks become plain code spans."""
+    text = re.sub(r":(?:class|func|data|meth|mod):`~?([^`]+)`", r"`\1`", text)
+    return text.replace("``", "`")
+
+
 def render_markdown(json_dir: Path, figures: str = "../figures/") -> str:
     """The experiments page as Markdown, generated from the ``<name>.json`` files in ``json_dir``.
 
@@ -159,7 +166,7 @@ def render_markdown(json_dir: Path, figures: str = "../figures/") -> str:
         mode = "quick mode" if data.get("quick") else "full mode"
         lines += [f"## {name}", "", f"**{data.get('title', '')}**", ""]
         if data.get("description"):
-            lines += [" ".join(data["description"].split()), ""]
+            lines += [_markdown(" ".join(data["description"].split())), ""]
         lines += [f"![{name}]({figures}{name}.png)", ""]
         if data.get("findings"):
             lines += ["Findings:", ""]

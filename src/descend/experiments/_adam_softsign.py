@@ -153,12 +153,12 @@ def adam_softsign(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outc
     zeros = 0
     for d, color in zip(adam, PALETTE):
         r = d["ratio_final"]
-        zeros += int((r == 0).sum())
-        ax1.hist(r[r > 0].log10().tolist(), bins=60, histtype="step", color=color)
+        zeros += int((r < 1e-6).sum())
+        ax1.hist(r[r >= 1e-6].log10().tolist(), bins=60, histtype="step", color=color)
     ax1.axvline(0.0, color="black", linestyle="--", linewidth=1)
     ax1.set(xlabel="log10 |m̂|/√v̂ per weight (dashed: 1, softsign's size)", ylabel="weights (one line per seed)",
             title=f"Adam's per-weight step size, step {steps}"
-            + (f"\n({zeros} weights with m = 0 left out)" if zeros else ""))
+            + (f"\n({zeros} weights below 1e-6 left out)" if zeros else ""))
     eps_x = list(EPSILONS)
     band(ax2, eps_x, [[cos_soft[e][i] for e in EPSILONS] for i in range(len(seeds))], PALETTE[0],
          "cos(Adam, softsign(eps))")

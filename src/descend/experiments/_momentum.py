@@ -272,7 +272,7 @@ def momentum(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
             title="digits MLP: smoothing", ylim=(0, 1))
     ax4.set(yscale="log", xlabel="step (minibatch 32)", ylabel="training loss (cross-entropy)",
             title="tuned learning rates")
-    ax3.legend(fontsize=7, loc="lower right")
+    ax3.legend(fontsize=7, loc="upper right")
     ax4.legend(fontsize=7, loc="upper right")
     for ax in (ax1, ax2, ax3, ax4):
         ax.grid(True, alpha=0.3)
