@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
 
 __all__ = [
@@ -636,25 +635,6 @@ class TrainConfig:
         return asdict(self)
 
 
-#: Fields of :class:`RunSpec` that describe the run, not how to train (the rest go to :class:`TrainConfig`).
-RUN_ONLY = (
-    "data",
-    "target",
-    "task",
-    "normalize_points",
-    "model",
-    "depth",
-    "width",
-    "activation",
-    "optimizer",
-    "lr",
-    "weight_decay",
-    "device",
-    "threads",
-    "strategy",
-)
-
-
 @dataclass
 class RunSpec:
     """Every option of ``descend train``: the data, model and optimizer, plus every :class:`TrainConfig` field.
@@ -823,10 +803,3 @@ def option_fields(cls: type) -> list[tuple[Field[Any], Option]]:
         if option is not None:
             out.append((f, option))
     return out
-
-
-def default_of(f: Field[Any]) -> Any:
-    return f.default if f.default is not MISSING else None
-
-
-_Converter = Callable[[str], Any]
