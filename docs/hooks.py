@@ -31,10 +31,9 @@ MARKER = re.compile(r"^<!-- generate: (?P<name>[\w-]+)(?: (?P<arg>\S+))? -->$", 
 
 def cli_parser() -> argparse.ArgumentParser:
     """The ``descend`` command's parser, as the command itself builds it."""
-    import descend.cli as cli
+    from descend.cli import build_parser
 
-    build = getattr(cli, "build_parser", None) or cli._parser  # build_parser is the public name
-    return build()
+    return build_parser()
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
