@@ -162,6 +162,14 @@ def _machine(d: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _load(d: dict[str, Any]) -> str:
+    """The machine's load average (1 minute) before and after the run, when the file records it."""
+    before, after = d.get("load_average_before"), d.get("load_average_after")
+    if not before or not after:
+        return ""
+    return f" Load average (1 min) {before[0]:.1f} before the run, {after[0]:.1f} after."
+
+
 def optimizer_step(name: str | None) -> str:
     """Markdown table of one ``benchmarks/optimizer_step.py`` result file."""
     if not name:
@@ -175,7 +183,7 @@ def optimizer_step(name: str | None) -> str:
     caption = (
         f"**{_count(d['params'])} {d.get('dtype', 'float32')} parameters in {d['tensors']} tensors** on "
         f"{_machine(d)}; {method}. Streaming bandwidth in the same run: copy {_num(bw.get('copy'))} GB/s, "
-        f"triad {_num(bw.get('triad'))} GB/s. Source: `benchmarks/results/{name}`."
+        f"triad {_num(bw.get('triad'))} GB/s.{_load(d)} Source: `benchmarks/results/{name}`."
     )
     head = [
         "| optimizer | ms/step | Mparams/s | bytes/param | GB/s | % triad | vs torch fused AdamW | state B/param "
