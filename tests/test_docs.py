@@ -88,6 +88,12 @@ def test_every_benchmark_result_is_rendered_on_the_performance_page() -> None:
         assert f"benchmarks/results/{result.name}" in rendered, f"{result.name} is not on the performance page"
 
 
+def test_performance_summary_finds_its_rows() -> None:
+    summary = _hooks().optimizer_ratios()
+    rows = [line for line in summary.splitlines() if line.startswith("| descend")]
+    assert len(rows) >= 3, f"the summary's row names no longer match benchmarks/results: {summary}"
+
+
 def test_optimizer_table_reproduces_the_json() -> None:
     hooks = _hooks()
     name = "optimizer_step_1M.json"
