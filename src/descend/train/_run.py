@@ -233,6 +233,9 @@ def prepare(spec: RunSpec, out_dir: Path | None = None, *, bundle: DataBundle | 
     seed_everything(spec.seed)
     if bundle is None:
         bundle = load_bundle(spec)
+    fits = {"auto": bundle.task, "cross_entropy": "classification", "mse": "regression"}[spec.loss]
+    if fits != bundle.task:
+        raise RunError(f"--loss {spec.loss} is for {fits}; {bundle.name!r} is a {bundle.task} task: use --loss auto")
     try:
         model = build_model(spec.model, bundle, depth=spec.depth, width=spec.width, activation=spec.activation)
         if dd.world_size() > 1:  # every rank built the same model from the same seed
