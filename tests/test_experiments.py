@@ -20,7 +20,7 @@ from descend.experiments._momentum import heavy_ball, quadratic
 from descend.experiments._point_sets import _reorder
 
 NAMES = ["momentum", "depth", "weight-decay", "adam-softsign", "gd-vs-sgd", "badly-scaled", "point-sets",
-         "function-approximation", "flow-matching"]
+         "point-set-regression", "function-approximation", "flow-matching"]
 
 
 def test_registry_names_every_experiment() -> None:
@@ -174,6 +174,12 @@ def test_normalised_methods_ignore_the_scale(tmp_path: Path) -> None:
 def test_attention_ignores_the_order_of_the_points(tmp_path: Path) -> None:
     _holds(_run("point-sets", tmp_path), "attention_order_free", "mlp_drops_on_shuffle",
            "attention_with_half_the_points")
+
+
+@pytest.mark.slow
+def test_point_set_decoder_error_bars_are_calibrated(tmp_path: Path) -> None:
+    # beating the nearest context point needs the full run's training (it held on 1 of 2 quick seeds)
+    _holds(_run("point-set-regression", tmp_path), "calibrated_band")
 
 
 @pytest.mark.slow

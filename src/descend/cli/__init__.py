@@ -45,6 +45,7 @@ EXPERIMENT_NAMES = (
     "gd-vs-sgd",
     "badly-scaled",
     "point-sets",
+    "point-set-regression",
     "function-approximation",
     "flow-matching",
 )

@@ -35,6 +35,7 @@ from descend.experiments._flow_matching import flow_matching
 from descend.experiments._function_approximation import function_approximation
 from descend.experiments._gd_vs_sgd import gd_vs_sgd
 from descend.experiments._momentum import momentum
+from descend.experiments._neural_process import point_set_regression
 from descend.experiments._point_sets import point_sets
 from descend.experiments._scaling import badly_scaled
 from descend.experiments._weight_decay import weight_decay
@@ -48,6 +49,7 @@ EXPERIMENTS: dict[str, Callable[..., Outcome]] = {
     "gd-vs-sgd": gd_vs_sgd,
     "badly-scaled": badly_scaled,
     "point-sets": point_sets,
+    "point-set-regression": point_set_regression,
     "function-approximation": function_approximation,
     "flow-matching": flow_matching,
 }
