@@ -677,3 +677,24 @@ def test_auto_behaves_as_torch_optim(name: str) -> None:
         torch.testing.assert_close(p, q)
         assert p.dtype == torch.float64
     assert unused[0] not in ours.state and models[0][0].bias not in ours.state
+
+
+def test_auto_falls_back_where_torch_compile_itself_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where dynamo is unsupported ``torch.compile`` raises at once: the step still runs, on foreach."""
+    def unsupported(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("torch.compile is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", unsupported)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+
+        def lion(params: Any, **kw: Any) -> torch.optim.Optimizer:
+            opt = optim.Lion(params, weight_decay=0.1, **kw)
+            opt._engine = AutoEngine(opt.plan(), opt, compile_min=0)
+            return opt
+
+        opt = _auto_run(lion, flat=True)
+    assert opt._engine.compiled.fallback is not None
+    ref = _auto_run(lambda p, **kw: optim.Lion(p, weight_decay=0.1, engine="reference"))
+    out = [p.detach() for p in opt.param_groups[0]["params"]]
+    assert_close(out, [p.detach() for p in ref.param_groups[0]["params"]])

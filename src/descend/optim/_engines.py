@@ -681,17 +681,17 @@ class CompiledEngine(BucketEngine):
                params[0].device, params[0].dtype, items[0].grad.dtype,
                tuple(t.dtype for t in items[0].states),
                tuple((p.shape, p.stride()) for p in params))
-        fn = self.cache.get(key)
-        if fn is None:
-            options = inductor_options(widen) if self.backend == "inductor" else None
-            fn = torch.compile(_fresh_function(_bucket_step, len(self.cache)), backend=self.backend,
-                               fullgraph=True, dynamic=False, options=options)
-            self.cache[key] = fn
         scale = None if grad_scale is None else grad_scale.to(params[0].device, torch.float32)
         state_keys = state_layout(live)
         states = state_columns(items, state_keys)
         seeds = bucket_seeds(items, step, state_keys) if widen else []
-        try:
+        try:  # torch.compile itself raises where dynamo is unsupported (some Python versions, platforms)
+            fn = self.cache.get(key)
+            if fn is None:
+                options = inductor_options(widen) if self.backend == "inductor" else None
+                fn = torch.compile(_fresh_function(_bucket_step, len(self.cache)), backend=self.backend,
+                                   fullgraph=True, dynamic=False, options=options)
+                self.cache[key] = fn
             fn(rules, projections, bool(group["maximize"]), widen, state_keys, params, [item.grad for item in items],
                states, hps, phps, keep_t, step, scale, seeds, [item.offset for item in items] if widen else [],
                self.lanes_on(params[0].device) if widen else None)
