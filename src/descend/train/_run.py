@@ -314,7 +314,7 @@ def run_training(
     spec = resolve_spec(spec)
     lock = RunLock(out_dir)
     try:
-        if main and out_dir.is_dir():
+        if out_dir.is_dir():  # every rank: _on_main broadcasts rank 0's outcome
             _on_main(lock.acquire)  # a directory in use is refused before anything is loaded
         if not resume:
             _on_main(lambda: check_out_dir(out_dir, overwrite, remove=False))
