@@ -135,10 +135,10 @@ def candidates(engines: list[str], layouts: list[str]) -> list[tuple[str, str, F
     out: list[tuple[str, str, Factory, int, bool]] = []
     for engine in engines:
         for layout in layouts:
-            flat = layout == "flat"
+            flat = layout in ("flat", "flat-new-grads")
             if flat and engine == "reference":  # the reference engine steps one tensor at a time anyway
                 continue
-            tag = f"{engine}, flat" if flat else engine
+            tag = {"tensors": engine, "flat": f"{engine}, flat", "flat-new-grads": f"{engine}, flat, new grads"}[layout]
             for label, make, nbytes, fast_only in DESCEND:
                 if fast_only and engine == "reference":
                     continue
@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--engines", default="default", help="descend rows: 'default' (no engine argument) "
                         "and/or engine names, e.g. default,foreach,compiled")
     parser.add_argument("--layouts", default="tensors,flat", help="descend's parameter layouts: 'tensors' "
-                        "(the model's own tensors) and/or 'flat' (flat=True: one buffer per group)")
+                        "(the model's own tensors), 'flat' (flat=True: one buffer per group) and/or "
+                        "'flat-new-grads' (flat=True with a new .grad tensor each step, as backward makes after "
+                        "torch's zero_grad(set_to_none=True): the step copies it into the buffer)")
     parser.add_argument("--only", default="", help="comma-separated substrings: run only matching rows "
                         "(the peers of the ratios always run)")
     parser.add_argument("--equal-sizes", action="store_true", help="tensors of equal size (default: +-50%%)")
@@ -278,11 +280,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except Exception as err:  # a peer that cannot run here (no compiler, no Triton, ...)
             print(f"skipped {name}: {type(err).__name__}: {err}", file=sys.stderr)
             continue
+        new_grads = (own, own_grads) if "new grads" in name else None
         del own_grads
         warm = time.perf_counter() - t0
         print(f"  ready: {name} (warm-up {warm:.1f} s)", file=sys.stderr, flush=True)
         runs.append({"name": name, "family": family, "bytes_per_param": nbytes, "opt": opt, "times": [],
-                     "warmup_s": warm, "flat": flat})
+                     "warmup_s": warm, "flat": flat, "new_grads": new_grads})
     buf = [torch.empty(n, device=device).uniform_() for _ in range(3)]
     stream_ops = {"copy": (lambda: buf[0].copy_(buf[1]), 8),  # device-to-device on CUDA
                   "triad": (lambda: torch.add(buf[1], buf[2], alpha=0.5, out=buf[0]), 12)}
@@ -297,6 +300,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for run in runs:
             if not run["flat"]:
                 _restore(params, grads)
+            elif run["new_grads"] is not None:
+                _restore(*run["new_grads"])
             sync(device)
             t = time.perf_counter()
             run["opt"].step()
@@ -309,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not run["flat"]:
             _restore(params, grads)
         opt = run.pop("opt")
+        run.pop("new_grads")
         transient = transient_bytes(opt, device)
         times = run.pop("times")
         ms = 1e3 * statistics.median(times)
