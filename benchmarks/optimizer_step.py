@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row["vs_torch_fused_adamw"] = row["ms"] / ref if ref else None
     first = args.first_steps == "yes" or (args.first_steps == "auto" and n >= 10**6)
     for row in rows:
-        timed = ("[default" in row["name"] or "[compiled" in row["name"]) and "bf16" not in row["name"]
+        timed = (("[default" in row["name"] or "[compiled" in row["name"]) and "bf16" not in row["name"]
+                 and "new grads" not in row["name"])  # the same first steps as its flat row
         if first and row["family"] == "descend" and timed:
             print(f"  first steps: {row['name']}", file=sys.stderr, flush=True)
             row["first_steps_s"] = first_steps(row["name"], args)
