@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from descend._io import atomic_path, atomic_write
+from descend._io import atomic_write
 from descend.report._html import _STYLE, _table, task_table
 from descend.report._markdown import markdown_tables
 from descend.report._plots import profile_png
@@ -33,15 +33,15 @@ def _table_png(results: dict, task: str, png: Path) -> bool:
         f"<h3>{task}: {info['description']}</h3>{_table(task_table(info), swatch=True)}</body></html>"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        html_path = Path(tmp, "table.html")
+        html_path, shot = Path(tmp, "table.html"), Path(tmp, "table.png")
         html_path.write_text(page, encoding="utf-8")
-        with atomic_path(png, suffix=".png") as out:
-            subprocess.run(
-                [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--no-first-run", f"--user-data-dir={tmp}/profile", f"--window-size=1200,{150 + 34 * rows}",
-                 f"--screenshot={out}", html_path.as_uri()],
-                check=True, capture_output=True, timeout=120,
-            )  # fmt: skip
+        subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--no-first-run", f"--user-data-dir={tmp}/profile", f"--window-size=1100,{110 + 34 * rows}",
+             f"--screenshot={shot}", html_path.as_uri()],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        atomic_write(png, shot.read_bytes())
     return True
 
 

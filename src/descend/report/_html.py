@@ -105,8 +105,8 @@ COLUMNS: dict[str, str] = {
     "test metric (95% CI)": "final test metric at the chosen rate: mean ± half-width of the 95% Student-t interval "
     "over the seeds that did not diverge",
     "reached": "seeds whose final validation metric meets the target / seeds run",
-    "steps to target": "median over the seeds that reached the target of the first evaluated step from which the "
-    "validation metric stays at the target until the end",
+    "steps to target": "median (the lower one for an even count) over the seeds that reached the target of the "
+    "first evaluated step from which the validation metric stays at the target until the end",
     "s to target": "the same in seconds of training (evaluations included), wall clock on this machine",
     "diverged": "seeds whose loss became NaN or infinite, or whose validation loss ended above where it started",
     "tuning": "runs and seconds spent choosing the learning rate (the tuning budget)",

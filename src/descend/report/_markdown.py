@@ -13,7 +13,8 @@ def _markdown(rows: list[dict[str, str]]) -> str:
     if not rows:
         return "(no rows)\n"
     head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(":--" if i < 2 else "--:" for i in range(len(head))) + "|"]
+    align = [":--" if k in ("rank", "optimizer", "grid") else "--:" for k in head]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(r[k].replace("|", "\\|") for k in head) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 

@@ -14,7 +14,7 @@ For every task ``k`` (:mod:`descend.train._tasks`) and optimizer ``o``:
    Student-t interval (:func:`~descend.train._tuning.seed_stats`). A seed has *reached* the target
    when its final validation metric meets it; its steps (seconds) to target are those of the first
    evaluation from which the validation metric meets the target until the end of the run; the table
-   gives their median over the seeds that reached it, with the count.
+   gives their (lower) median over the seeds that reached it, with the count.
 
 Ranking within a task: by mean final test metric; an optimizer whose interval overlaps the interval
 of its group's leader (the best not yet grouped) shares that rank, so a rank states only differences
@@ -279,8 +279,9 @@ def _summarise(task: Task, entry: dict[str, Any]) -> dict[str, Any]:
         "test": seed_stats(finals).to_dict() if finals else None,
         "val": seed_stats(vals).to_dict() if vals else None,
         "reached": len(reached),
-        "steps_to_target": statistics.median(r["steps_to_target"] for r in reached) if reached else None,
-        "seconds_to_target": statistics.median(r["seconds_to_target"] for r in reached) if reached else None,
+        # the lower median: a value one of the seeds actually took (never 137.5 steps)
+        "steps_to_target": statistics.median_low(r["steps_to_target"] for r in reached) if reached else None,
+        "seconds_to_target": statistics.median_low(r["seconds_to_target"] for r in reached) if reached else None,
         "seconds_per_run": statistics.median(r["seconds"] for r in runs),
     }
 
