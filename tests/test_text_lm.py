@@ -106,3 +106,14 @@ def test_a_few_adam_steps_learn_the_byte_statistics(bundle) -> None:
         loss.backward()
         opt.step()
     assert val_loss() < start - 1.0  # from ln 256 ≈ 5.5 towards the unigram entropy of Python source
+
+
+def test_descend_train_builds_the_transformer_for_token_data(bundle) -> None:
+    from descend.train import build_model
+
+    model = build_model("transformer", bundle, depth=1, width=32)
+    assert isinstance(model, TransformerLM) and model.context == bundle.info["context"]
+    with pytest.raises(ValueError, match="use --model transformer"):
+        build_model("mlp", bundle)
+    with pytest.raises(ValueError, match="needs token sequences"):
+        build_model("transformer", load_data("digits"))

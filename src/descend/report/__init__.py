@@ -16,7 +16,7 @@ from descend.report._html import (
     write_outputs,
     write_report,
 )
-from descend.report._markdown import markdown_tables
+from descend.report._markdown import known_results, markdown_tables
 from descend.report._plots import COLOURS, curves_png, profile_png, style_of, sweep_png
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "COLUMNS",
     "comparison_table",
     "curves_png",
+    "known_results",
     "markdown_tables",
     "profile_png",
     "render_report",

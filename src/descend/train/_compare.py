@@ -350,7 +350,7 @@ def compare(spec: CompareSpec, log: Callable[[str], None] = lambda _: None) -> d
     ``tuning``, ``runs``, ``summary``, ``equations``), ``profile`` (``taus`` and ``ρ`` by time and by
     steps), ``summary`` (one row per optimizer across tasks), ``seconds``, ``environment``.
     """
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), _load()
     plan = resolve_plan(spec)
     previous = torch.get_num_threads()
     if spec.threads:
@@ -402,10 +402,18 @@ def compare(spec: CompareSpec, log: Callable[[str], None] = lambda _: None) -> d
             "workers": min(spec.workers, len(plan["tasks"]) * len(plan["optimizers"])),
             "cpu_seconds_of_runs": sum(e["cpu_seconds"] for t in tasks.values() for e in t["optimizers"].values()),
             "cpus": os.cpu_count(),
+            "load_average": [load_before, _load()],  # 1-minute load at the start and the end: others' work too
             "device": str(_device(spec.device)),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         },
     }
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):  # not on every platform
+        return None
 
 
 def summary_rows(tasks: dict[str, Any], optimizers: Sequence[str]) -> list[dict[str, Any]]:
