@@ -48,19 +48,19 @@ class Source:
     def take(self, batch: Any) -> Example:
         raise NotImplementedError
 
-    def local(self, batch: Any) -> Example:
-        """This rank's share of ``batch``: the shard of an index batch, a loader batch as it is."""
-        return self.take(dd.shard(batch))
+    def local(self, batch: Any, world: int | None = None) -> Example:
+        """This rank's share of ``batch`` (of ``world`` ranks): the shard of an index batch, a loader batch as it is."""
+        return self.take(dd.shard(batch, world_size=world))
 
     def total(self, batches: list[Any]) -> int:
         """``M``: the examples of one step over all ranks."""
         assert self.n is not None
         return sum(size(b, self.n) for b in batches)
 
-    def local_count(self, batch: Any) -> int:
+    def local_count(self, batch: Any, world: int | None = None) -> int:
         """The examples of ``batch`` on this rank (their sum over ranks is ``batch``'s size)."""
         assert self.n is not None
-        return size(dd.shard(batch), self.n)
+        return size(dd.shard(batch, world_size=world), self.n)
 
     def eval_batches(self, chunk_size: int) -> list[Any]:
         """This rank's evaluation pieces, as many on every rank (FSDP2 gathers in every forward)."""
@@ -111,10 +111,10 @@ class LoaderSource(Source):
     def take(self, batch: Any) -> Example:
         return _unpack(batch)
 
-    def local(self, batch: Any) -> Example:
+    def local(self, batch: Any, world: int | None = None) -> Example:
         return self.take(batch)
 
-    def local_count(self, batch: Any) -> int:
+    def local_count(self, batch: Any, world: int | None = None) -> int:
         return int(self.take(batch)[1].shape[0])
 
     def total(self, batches: list[Any]) -> int:

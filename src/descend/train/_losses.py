@@ -25,10 +25,10 @@ def mse(outputs: Tensor, targets: Tensor) -> Tensor:
 
 def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
     """``mean_i -log softmax(outputs_i)[targets_i]``; ``outputs [..., C]`` logits, ``targets [...]`` ints."""
-    logits = outputs.reshape(-1, outputs.shape[-1])
+    logits = outputs if outputs.dim() == 2 else outputs.reshape(-1, outputs.shape[-1])
     if logits.dtype not in (torch.float32, torch.float64):  # bf16/fp16 logits: softmax in float32
         logits = logits.float()
-    return F.cross_entropy(logits, targets.reshape(-1))
+    return F.cross_entropy(logits, targets if targets.dim() == 1 else targets.reshape(-1))
 
 
 LOSSES: dict[str, LossFn] = {"mse": mse, "cross_entropy": cross_entropy}

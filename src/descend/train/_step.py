@@ -66,7 +66,7 @@ def accumulate_gradient(
     parts: list[Tensor] = []  # summed once at the end: no per-micro-batch bookkeeping ops
     correct = torch.zeros((), dtype=torch.int64, device=device) if count_correct else None
     for j, batch in enumerate(batches):
-        inputs, targets = source.local(batch)
+        inputs, targets = source.local(batch, world)
         *inputs, targets = move((*inputs, targets), device)
         m = int(targets.shape[0])
         weight = world * m / total
@@ -139,15 +139,16 @@ def optimizer_step(
     loss, correct = accumulate_gradient(
         model, loss_fn, source, batches, l2=l2, bf16=bf16, count_correct=measure and classify, device=device
     )
-    counts = (
-        [float(loss)] if correct is None else [float(loss), float(correct), sum(source.local_count(b) for b in batches)]
-    )
-    counts = dd.all_reduce_sum(counts) if dd.world_size() > 1 else counts  # one collective per step
+    world = dd.world_size()
+    counts = [float(loss)]
+    if correct is not None:
+        counts += [float(correct), sum(source.local_count(b, world) for b in batches)]
+    counts = dd.all_reduce_sum(counts) if world > 1 else counts  # one collective per step
     if not math.isfinite(counts[0]):
         error = NonFiniteLossError(f"the loss became {counts[0]}")
         error.loss = counts[0]  # type: ignore[attr-defined]
         raise error
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]] if measure or clip_grad_norm else []
     grad_norm = None
     if clip_grad_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
