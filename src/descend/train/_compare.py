@@ -123,13 +123,6 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def _on(bundle: DataBundle, device: torch.device) -> DataBundle:
-    if device.type == "cpu":
-        return bundle
-    moved = {k: getattr(bundle, k).to(device) for k in ("train", "val", "test")}
-    return DataBundle(**{**{f: getattr(bundle, f) for f in bundle.__dataclass_fields__}, **moved})
-
-
 def run_once(
     task: Task,
     optimizer: str,
@@ -149,10 +142,9 @@ def run_once(
     """
     from descend.train._trainer import NonFiniteLossError, TrainConfig
 
-    where = _device(device)
-    data = _on(bundle or load_task_data(task.data), where)
+    data = bundle or load_task_data(task.data)
     seed_everything(seed)
-    model = task.model(data).to(where)
+    model = task.model(data)
     opt = make_optimizer(optimizer, model.parameters(), lr=lr)
     budget = steps or task.steps
     config = TrainConfig(
@@ -164,7 +156,7 @@ def run_once(
         progress=False,
         tensorboard=False,
     )
-    trainer = _Run(model, opt, data, config)
+    trainer = _Run(model, opt, data, config, device=str(_device(device)))  # the trainer moves model and batches
     record: dict[str, Any] = {"seed": seed, "lr": lr}
     started, cpu = time.perf_counter(), time.process_time()
     try:
