@@ -45,7 +45,7 @@ def test_report_explains_its_columns_and_keeps_the_equations(results) -> None:
     text = render_report(results)
     for phrase in ("Performance profile", "Columns of the task tables", "95% Student-t", "Update equations"):
         assert phrase in text
-    assert text.count("<table>") == 2  # the summary and one task
+    assert text.count("<table ") == 2  # the summary and one task
 
 
 def test_markdown_tables_carry_the_conditions_and_every_row(results) -> None:

@@ -33,7 +33,8 @@ _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ccc}h3{font-size:1.05em}
 table{border-collapse:collapse;font-size:.88em;margin:.6em 0}td,th{padding:.3em .6em;border-bottom:1px solid #e4e4e4;
-text-align:right;vertical-align:top}th{background:#f4f4f4}th:nth-child(-n+2),td:nth-child(-n+2){text-align:left}
+text-align:right;vertical-align:top}th{background:#f4f4f4}
+.left1 th:first-child,.left1 td:first-child,.left2 th:nth-child(-n+2),.left2 td:nth-child(-n+2){text-align:left}
 img{max-width:100%}.grid{display:grid;grid-template-columns:1fr 1fr;gap:.8em}
 pre{background:#f6f6f6;padding:.6em;font-size:.8em;overflow-x:auto}
 .note{font-size:.85em;color:#444}.swatch{display:inline-block;width:1.6em;height:0;border-top-width:3px;
@@ -133,7 +134,7 @@ def comparison_table(results: dict[str, Any], task: str | None = None) -> list[d
     return task_table(results["tasks"][task or next(iter(results["tasks"]))])
 
 
-def _table(rows: list[dict[str, str]], swatch: bool = False) -> str:
+def _table(rows: list[dict[str, str]], swatch: bool = False, left: int = 2) -> str:
     if not rows:
         return "<p>(no rows)</p>"
     head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
@@ -149,7 +150,7 @@ def _table(rows: list[dict[str, str]], swatch: bool = False) -> str:
                 text = f'<span class="swatch" style="{swatch_css}"></span>{text}'
             cells.append(f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<table class='left{left}'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -219,7 +220,7 @@ and further left is better; ρ(1) is the share of tasks it is fastest on, the ri
 The values are multiples of 1/(number of tasks); the lines are drawn a hair apart so that equal profiles stay
 visible.</p>
 <h2>Summary</h2>
-{_table(summary_table(results), swatch=True)}
+{_table(summary_table(results), swatch=True, left=1)}
 <p class="note">Task columns: the optimizer's rank on that task ('=' shared with others whose 95% intervals
 overlap). Tasks reached: tasks where at least half of its seeds end at the target. Runs, seconds and CPU s:
 everything it cost, tuning included (wall-clock seconds of its units, and the CPU time of its runs, which
