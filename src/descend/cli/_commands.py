@@ -133,7 +133,7 @@ def compare(args: argparse.Namespace) -> int:
     plan = resolve_plan(spec)  # fail on a bad task or optimizer name before touching the output directory
     out = _out_dir(args, "compare")
     check_out_dir(out, args.overwrite)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a log file gets the tables unsquashed
     console.print(
         f"comparing {', '.join(plan['optimizers'])} on {', '.join(plan['tasks'])} "
         f"({plan['seeds']} seeds, tuning on {plan['tune_seeds']}); writing to {out}",
