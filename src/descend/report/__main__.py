@@ -1,10 +1,12 @@
 """Documentation assets from a ``descend compare`` run, so the docs show measured results only.
 
-    python -m descend.report RUN_DIR/results.json docs/guide/img [--task text-lm]
+    python -m descend.report RUN_DIR/results.json docs/guide/img [--task text-lm] [--prefix compare]
 
-writes ``compare-profile.png`` (the performance profiles), ``compare-summary.txt`` (the run's
+writes ``PREFIX-profile.png`` (the performance profiles), ``PREFIX-summary.txt`` (the run's
 conditions, summary and task tables as Markdown, included by ``docs/guide/compare.md``) and, where
-headless Chromium is installed, ``compare-<task>-table.png`` (that task's table as the report shows it).
+headless Chromium is installed, ``PREFIX-<task>-table.png`` (that task's table as the report shows it).
+The statistics are recomputed from the per-seed runs with this version's rules
+(:func:`descend.train._compare.summarise`).
 """
 
 from __future__ import annotations
@@ -50,14 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="results.json of a descend compare run")
     parser.add_argument("out", type=Path, help="directory for the assets (e.g. docs/guide/img)")
     parser.add_argument("--task", default="text-lm", help="the task whose table becomes a PNG (default: text-lm)")
+    parser.add_argument("--prefix", default="compare", help="file name prefix (default: compare)")
     args = parser.parse_args(argv)
-    results = json.loads(args.results.read_text())
+    from descend.train._compare import summarise
+
+    results = summarise(json.loads(args.results.read_text()))
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "compare-profile.png", profile_png(results))
-    atomic_write(args.out / "compare-summary.txt", markdown_tables(results))
-    written = ["compare-profile.png", "compare-summary.txt"]
-    if args.task in results["tasks"] and _table_png(results, args.task, args.out / f"compare-{args.task}-table.png"):
-        written.append(f"compare-{args.task}-table.png")
+    p = args.prefix
+    atomic_write(args.out / f"{p}-profile.png", profile_png(results))
+    atomic_write(args.out / f"{p}-summary.txt", markdown_tables(results))
+    written = [f"{p}-profile.png", f"{p}-summary.txt"]
+    if args.task in results["tasks"] and _table_png(results, args.task, args.out / f"{p}-{args.task}-table.png"):
+        written.append(f"{p}-{args.task}-table.png")
     print(f"wrote {', '.join(str(args.out / w) for w in written)}")
     return 0
 

@@ -52,6 +52,7 @@ __all__ = [
     "performance_profile",
     "resolve_plan",
     "run_task_optimizer",
+    "summarise",
     "time_to_target",
 ]
 
@@ -357,14 +358,6 @@ def compare(spec: CompareSpec, log: Callable[[str], None] = lambda _: None) -> d
     tasks: dict[str, Any] = {}
     for name in plan["tasks"]:
         task = TASKS[name]
-        entries = {o: done[(name, o)] for o in plan["optimizers"]}
-        for entry in entries.values():
-            entry["summary"] = _summarise(task, entry)
-        stats = {o: e["summary"]["test"] for o, e in entries.items()}
-        groups = tie_groups(
-            {o: (s["mean"], s["low"], s["high"]) if s else None for o, s in stats.items()},
-            higher_is_better=task.higher_is_better,
-        )
         tasks[name] = {
             "description": task.describe(),
             "summary": task.summary,
@@ -374,19 +367,12 @@ def compare(spec: CompareSpec, log: Callable[[str], None] = lambda _: None) -> d
             "unit": task.unit,
             "steps": plan["steps"] or task.steps,
             "batch_size": task.batch_size,
-            "ranking": groups,
-            "optimizers": entries,
+            "optimizers": {o: done[(name, o)] for o in plan["optimizers"]},
         }
-    profile = {"taus": list(PROFILE_TAUS)}
-    for key in ("seconds_to_target", "steps_to_target"):
-        times = {t: {o: _profile_time(e["summary"], key) for o, e in tasks[t]["optimizers"].items()} for t in tasks}
-        profile[key] = performance_profile(times, PROFILE_TAUS)  # type: ignore[assignment]
-    return {
+    results = {
         "spec": asdict(spec),
         "plan": plan,
         "tasks": tasks,
-        "profile": profile,
-        "summary": summary_rows(tasks, plan["optimizers"]),
         "seconds": time.perf_counter() - started,
         "environment": {
             "torch": torch.__version__,
@@ -399,6 +385,30 @@ def compare(spec: CompareSpec, log: Callable[[str], None] = lambda _: None) -> d
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         },
     }
+    return summarise(results)
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    """Fill in the statistics of ``results`` from its per-seed runs: each unit's ``summary``, each task's
+    ``ranking``, the ``profile`` and the cross-task ``summary``. :func:`compare` ends with it; applied to a
+    loaded ``results.json`` it recomputes them with this version's rules. Returns ``results``."""
+    tasks = results["tasks"]
+    for name, info in tasks.items():
+        task = TASKS[name]
+        for entry in info["optimizers"].values():
+            entry["summary"] = _summarise(task, entry)
+        stats = {o: e["summary"]["test"] for o, e in info["optimizers"].items()}
+        info["ranking"] = tie_groups(
+            {o: (s["mean"], s["low"], s["high"]) if s else None for o, s in stats.items()},
+            higher_is_better=task.higher_is_better,
+        )
+    profile: dict[str, Any] = {"taus": list(PROFILE_TAUS)}
+    for key in ("seconds_to_target", "steps_to_target"):
+        times = {t: {o: _profile_time(e["summary"], key) for o, e in tasks[t]["optimizers"].items()} for t in tasks}
+        profile[key] = performance_profile(times, PROFILE_TAUS)
+    results["profile"] = profile
+    results["summary"] = summary_rows(tasks, results["plan"]["optimizers"])
+    return results
 
 
 def _load() -> float | None:
