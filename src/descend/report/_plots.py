@@ -51,14 +51,18 @@ def _png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _spread(ys: list[float], gap: float) -> list[float]:
-    """Move label positions apart to at least ``gap`` (in the axis's units), keeping their order."""
+def _spread(ys: list[float], gap: float, top: float = math.inf) -> list[float]:
+    """Move label positions apart to at least ``gap`` (in the axis's units), keeping their order, and
+    shift the whole stack down where it would rise above ``top``."""
     order = sorted(range(len(ys)), key=lambda i: ys[i])
     placed = [0.0] * len(ys)
     last = -math.inf
     for i in order:
         placed[i] = max(ys[i], last + gap)
         last = placed[i]
+    overflow = last - top
+    if overflow > 0:  # the stack ran off the top: move it down as a block (the gaps stay)
+        placed = [p - overflow for p in placed]
     return placed
 
 
@@ -70,7 +74,7 @@ def _direct_labels(ax: Any, ends: list[tuple[str, float, float]], log_y: bool) -
     to = (lambda v: math.log10(v)) if log_y else (lambda v: v)
     back = (lambda v: 10**v) if log_y else (lambda v: v)
     span = to(high) - to(low)
-    ys = _spread([to(min(max(y, low), high)) for _, _, y in ends], gap=span * 0.055)
+    ys = _spread([to(min(max(y, low), high)) for _, _, y in ends], gap=span * 0.055, top=to(high))
     x_end = max(x for _, x, _ in ends)
     for (name, _, _), y in zip(ends, ys):
         ax.annotate(
