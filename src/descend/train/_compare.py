@@ -36,10 +36,10 @@ from typing import Any
 import torch
 
 from descend import optim
-from descend._options import CompareSpec
+from descend._options import CompareSpec, OptionError
 from descend._random import seed_everything
 from descend.data._base import DataBundle
-from descend.train._build import DEFAULT_LR, FULL_BATCH, OPTIMIZER_NAMES, make_optimizer
+from descend.train._build import DEFAULT_LR, FULL_BATCH, make_optimizer
 from descend.train._run import RunError
 from descend.train._tasks import SUITES, TASKS, Task, load_task_data, suite_tasks
 from descend.train._trainer import Trainer
@@ -69,27 +69,11 @@ def resolve_plan(spec: CompareSpec) -> dict[str, Any]:
         tasks = suite_tasks(spec.task) if spec.task else [TASKS[n] for n in suite_task_names]
     except ValueError as e:
         raise RunError(str(e)) from e
-    if spec.optimizers:
-        names = [n.strip().lower() for n in spec.optimizers.split(",") if n.strip()]
-        unknown = [n for n in names if n not in OPTIMIZER_NAMES]
-        if unknown or not names:
-            raise RunError(
-                f"unknown optimizer {unknown[0]!r} in --optimizers; choose from {', '.join(OPTIMIZER_NAMES)}"
-                if unknown
-                else "--optimizers is empty; give comma-separated names, e.g. sgd,adam"
-            )
-        optimizers = list(dict.fromkeys(names))
-    else:
-        optimizers = list(suite_optimizers)
-    if spec.grid:
-        try:
-            grid = [float(m) for m in spec.grid.split(",") if m.strip()]
-        except ValueError as e:
-            raise RunError(f"--grid must be comma-separated numbers, got {spec.grid!r}") from e
-        if not grid or any(not (math.isfinite(m) and m > 0) for m in grid):
-            raise RunError(f"--grid needs positive finite multipliers, got {spec.grid!r}")
-    else:
-        grid = list(DEFAULT_GRID)
+    try:
+        optimizers = list(dict.fromkeys(spec.optimizer_list())) or list(suite_optimizers)
+        grid = spec.multipliers() or list(DEFAULT_GRID)
+    except OptionError as e:
+        raise RunError(str(e)) from e
     seeds = spec.seeds or suite_seeds
     tune_seeds = spec.tune_seeds or suite_tune_seeds
     return {
