@@ -48,7 +48,7 @@ def test_linear_is_affine_map_and_fits_least_squares() -> None:
 
 
 def test_mlp_structure_and_shapes() -> None:
-    model = MLP(5, 3, hidden=7, depth=4, activation="tanh", norm="layer")
+    model = MLP(5, 3, width=7, depth=4, activation="tanh", norm="layer")
     assert model(torch.randn(2, 5)).shape == (2, 3)
     assert len(model.blocks) == 4
     # (5*7+7) + 3*(7*7+7) + (7*3+3) + 4 layer norms of 2*7
@@ -66,7 +66,7 @@ def test_mlp_structure_and_shapes() -> None:
         ({"init": -1.0}, "init"),
         ({"norm": "group"}, "norm"),
         ({"depth": -1}, "depth"),
-        ({"hidden": 0}, "hidden"),
+        ({"width": 0}, "width"),
     ],
 )
 def test_mlp_rejects_bad_arguments_naming_them(kwargs: dict, argument: str) -> None:
@@ -92,7 +92,7 @@ def test_mlp_error_lists_allowed_values() -> None:
 )
 def test_init_weight_std_matches_closed_form(init: str | float, expected_std: float) -> None:
     torch.manual_seed(0)
-    model = MLP(256, 4, hidden=256, depth=2, init=init)
+    model = MLP(256, 4, width=256, depth=2, init=init)
     w = model.blocks[1].linear.weight  # 65,536 draws: std within ~1 %
     expected = expected_std * (math.sqrt(2) if init == "xavier" else 1.0)
     assert abs(float(w.detach().std()) / expected - 1) < 0.03
@@ -279,3 +279,9 @@ def test_learned_location_embedding_also_invariant() -> None:
     perm = torch.randperm(12)
     with torch.no_grad():
         assert (model(loc, val) - model(loc[:, perm], val[:, perm])).abs().max() <= TOL
+
+
+def test_hidden_is_a_deprecated_alias_of_width() -> None:
+    with pytest.warns(DeprecationWarning, match="width"):
+        old = MLP(4, 2, hidden=9)
+    assert [m.out_features for m in old.modules() if isinstance(m, torch.nn.Linear)][0] == 9
