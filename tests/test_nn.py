@@ -284,4 +284,4 @@ def test_learned_location_embedding_also_invariant() -> None:
 def test_hidden_is_a_deprecated_alias_of_width() -> None:
     with pytest.warns(DeprecationWarning, match="width"):
         old = MLP(4, 2, hidden=9)
-    assert [m.out_features for m in old.modules() if isinstance(m, torch.nn.Linear)][0] == 9
+    assert next(m.out_features for m in old.modules() if isinstance(m, torch.nn.Linear)) == 9

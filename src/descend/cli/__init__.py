@@ -29,6 +29,7 @@ import os
 import sys
 import textwrap
 import time
+import warnings
 
 from descend import __version__
 from descend._options import CompareSpec, RunSpec
@@ -224,6 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``descend`` console script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    shown = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _show_warning
+    try:
+        return _run(argv, debug)
+    finally:
+        warnings.showwarning = shown
+
+
+def _run(argv: list[str], debug: bool) -> int:
     reported = False  # a torchrun rank's error is printed by descend.distributed.entrypoint, with its rank
 
     def error(message: str) -> None:
@@ -306,6 +317,15 @@ def _os_error(e: OSError) -> str | None:
 def _is_rank() -> bool:
     """True in a process started by torchrun (checked without importing torch)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, *args: object) -> None:
+    """descend's own warnings as one ``descend: warning: ...`` line; others in Python's usual form."""
+    ours = category.__module__.startswith("descend") or f"{os.sep}descend{os.sep}" in filename
+    if ours:
+        print(f"descend: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno))
 
 
 def _error(message: str) -> None:
