@@ -113,7 +113,7 @@ def test_tensorboard_and_device_errors_are_exit_2(tmp_path, capsys) -> None:
     assert not (tmp_path / "x").exists()
 
 
-def test_diverged_runs_print_a_warning(tmp_path, capsys) -> None:
+def test_diverged_runs_print_a_warning_and_exit_1(tmp_path, capsys) -> None:
     rng = np.random.default_rng(0)
     X = rng.normal(size=(60, 2))
     (tmp_path / "r.csv").write_text("a,b,y\n" + "\n".join(f"{a},{b},{3 * a - b + 0.1}" for a, b in X) + "\n")
@@ -123,8 +123,9 @@ def test_diverged_runs_print_a_warning(tmp_path, capsys) -> None:
     code = main(args)
     err = capsys.readouterr().err
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
-    assert summary["diverged"] is True and code == 0
+    assert summary["diverged"] is True and code == 1
     assert "warning:" in err and "diverged" in err
+    assert err.strip().splitlines()[-1].startswith("descend: error: the run diverged")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
