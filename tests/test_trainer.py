@@ -567,7 +567,8 @@ def test_a_blown_up_validation_loss_stops_the_run_keeping_the_last_good_checkpoi
     assert rows[summary["steps"]] > 100 * start >= max(v for s, v in rows.items() if s < summary["steps"])
     assert json.loads((tmp_path / "checkpoint" / "latest.json").read_text())["step"] == summary["steps"] - 1
     err = capsys.readouterr().err
-    assert err.startswith("warning: the validation loss rose from") and "diverged" in err and err.count("\n") == 1
+    assert err.startswith("descend: warning: the validation loss rose from") and "diverged" in err
+    assert err.count("\n") == 1
 
 
 def test_a_run_ending_above_its_starting_validation_loss_is_diverged(capsys) -> None:

@@ -111,7 +111,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    print(f"descend: warning: {message}", file=sys.stderr, flush=True)
 
 
 def predict(args: argparse.Namespace) -> int:

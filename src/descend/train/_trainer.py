@@ -291,7 +291,7 @@ class Trainer:
     def warn(self, message: str) -> None:
         """Print a warning line to stderr (main process), whatever the progress setting."""
         if self.is_main:
-            print(f"warning: {message}", file=sys.stderr, flush=True)
+            print(f"descend: warning: {message}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._writer is not None:
