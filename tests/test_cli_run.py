@@ -125,7 +125,7 @@ def test_diverged_runs_print_a_warning_and_exit_1(tmp_path, capsys) -> None:
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert summary["diverged"] is True and code == 1
     assert "warning:" in err and "diverged" in err
-    assert err.strip().splitlines()[-1].startswith("descend: error: the run diverged")
+    assert err.strip().splitlines()[-1].startswith("descend: error: the run diverged: the validation loss rose")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")

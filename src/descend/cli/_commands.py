@@ -102,10 +102,10 @@ def train(args: argparse.Namespace) -> int:
         print(f"test {shown} after {summary['steps']} steps ({summary['seconds']:.1f}s){world}; run in {out}")
     if joined:
         dd.teardown()
-    if summary.get("diverged"):  # divergence is not success: exit 1, like a loss that became NaN
+    if str(summary.get("stop_reason", "")).startswith("diverged"):  # stopped by a blow-up: not a success
         if dd.is_main():
-            print(f"descend: error: the run diverged (summary.json says why; the files are in {out}); "
-                  "lower the learning rate", file=sys.stderr, flush=True)
+            print(f"descend: error: the run {summary['stop_reason']} and stopped (the files and the last good "
+                  f"checkpoint are in {out}); lower the learning rate", file=sys.stderr, flush=True)
         return 1
     return 0
 

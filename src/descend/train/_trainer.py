@@ -140,6 +140,7 @@ class Trainer:
         self.early_stopping = EarlyStopping(cfg.patience)
         self.val_loss_start: float | None = None
         self.diverged, self.should_stop = False, False
+        self.stop_reason: str | None = None  # set when the run stops because it diverged
         self.history: list[dict[str, Any]] = []
         self.last_checkpoint: Path | None = None
         self.resumed = False
@@ -240,6 +241,7 @@ class Trainer:
             self.should_stop = True
         if diverged(self.val_loss_start, loss):
             self.diverged = self.should_stop = True
+            self.stop_reason = f"diverged: the validation loss rose from {self.val_loss_start:.4g} to {loss:.4g}"
             kept = f" (the last good checkpoint is {self.last_checkpoint})" if self.last_checkpoint else ""
             self.warn(
                 f"the validation loss rose from {self.val_loss_start:.4g} to {loss:.4g} at step {self.step}: the run "
@@ -262,6 +264,8 @@ class Trainer:
         )
         if self.early_stopping.stopped:
             out.update(best_step=self.early_stopping.best_step, stop_reason=self.early_stopping.reason())
+        elif self.stop_reason is not None:
+            out.update(stop_reason=self.stop_reason)
         return out
 
     # ---- output ----------------------------------------------------------------------------
