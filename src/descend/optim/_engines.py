@@ -810,6 +810,10 @@ class FusedEngine(BucketEngine):
         super().reset()
         self.foreach.reset()
 
+    def fallback(self, items: list[_Item]) -> BucketEngine:
+        """The engine for a bucket no torch kernel matches."""
+        return self.foreach
+
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
         kernel = torch_kernel(live, self.plan.decays, self.plan.projections, group, items, step, grad_scale)
@@ -817,8 +821,8 @@ class FusedEngine(BucketEngine):
             self.last = self
             kernel()
         else:
-            self.last = self.foreach
-            self.foreach.run_bucket(group, live, keep, items, step, grad_scale)
+            self.last = self.fallback(items)
+            self.last.run_bucket(group, live, keep, items, step, grad_scale)
 
 
 class AutoEngine(FusedEngine):
@@ -836,17 +840,10 @@ class AutoEngine(FusedEngine):
         super().reset()
         self.compiled.reset()
 
-    def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
-                   grad_scale: Tensor | None) -> None:
-        kernel = torch_kernel(live, self.plan.decays, self.plan.projections, group, items, step, grad_scale)
-        if kernel is not None:
-            self.last = self
-            kernel()
-            return
+    def fallback(self, items: list[_Item]) -> BucketEngine:
+        """The compiled step for one large flat buffer, else foreach."""
         flat = len(items) == 1 and not items[0].whole
-        engine: BucketEngine = self.compiled if flat and items[0].param.numel() >= self.compile_min else self.foreach
-        self.last = engine
-        engine.run_bucket(group, live, keep, items, step, grad_scale)
+        return self.compiled if flat and items[0].param.numel() >= self.compile_min else self.foreach
 
     def project(self, group: dict[str, Any], params: list[Tensor]) -> None:
         if self.last is self:
