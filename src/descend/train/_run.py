@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import importlib.util
 import json
 import os
@@ -42,6 +41,7 @@ from descend import __version__
 from descend import distributed as dd
 from descend._io import atomic_path, umask_mode, write_json
 from descend._options import OptionError, RunSpec, from_values
+from descend._tensorfile import sha256_file
 from descend.data._base import DataBundle
 from descend.data.registry import load_data
 from descend.train._build import build_model, make_optimizer
@@ -172,15 +172,6 @@ def _read_pid(fd: int) -> int | None:
         return None
 
 
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes, as hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _is_file_data(data: str) -> bool:
     """True when ``data`` names an existing file rather than a built-in dataset."""
     from descend.data.registry import DATASETS
@@ -285,7 +276,7 @@ def resolved_config(spec: RunSpec, bundle: DataBundle, model: nn.Module) -> dict
         "examples": {"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
     }
     if _is_file_data(spec.data):
-        resolved.update(data_path=spec.data, data_sha256=file_sha256(spec.data))
+        resolved.update(data_path=spec.data, data_sha256=sha256_file(Path(spec.data)))
     return {"descend_version": __version__, **values, "resolved": resolved}
 
 
@@ -408,6 +399,6 @@ def load_run_spec(out_dir: str | Path, *, warn: Callable[[str], None] | None = N
     if warn is not None and recorded and _is_file_data(spec.data):
         if not Path(spec.data).is_file():
             warn(f"the run's data file {spec.data} is gone; resuming needs it back at that path")
-        elif file_sha256(spec.data) != recorded:
+        elif sha256_file(Path(spec.data)) != recorded:
             warn(f"the run's data file {spec.data} changed since the run started (SHA-256 differs)")
     return spec
