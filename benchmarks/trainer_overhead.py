@@ -1,7 +1,7 @@
 """Trainer overhead: ``Trainer.fit`` against a hand-written PyTorch loop on the same work.
 
     python benchmarks/trainer_overhead.py [--device cpu|cuda|auto] [--data bundle|loader|both]
-        [--steps 2000] [--repeats 5] [--width 128] [--batch-size 32]
+        [--steps 2000] [--repeats 5] [--width 128] [--batch-size 32] [--out results.json]
 
 Both train the same MLP on digits with the same optimizer and batch size, on the same device, moving
 each batch there as it is used. Two data sources:
@@ -20,13 +20,17 @@ Target: the trainer within 5% of the hand loop's steps per second (ratio >= 0.95
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from descend._io import write_json
 from descend.data.registry import load_data
 from descend.train import TrainConfig, Trainer, build_model, make_optimizer
 from descend.train._device import resolve_device
@@ -83,6 +87,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--optimizer", default="adam")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -134,6 +139,8 @@ def main() -> None:
         return whole, args.steps / trainer.seconds  # seconds: the loop, from its first step to its last
 
     kinds = ["bundle", "loader"] if args.data == "both" else [args.data]
+    load_before = os.getloadavg()
+    rows: list[dict[str, object]] = []
     print(
         f"MLP width {args.width}, {args.optimizer}, batch {args.batch_size}, {args.steps} steps, device {device}, "
         f"{args.threads} thread(s), median of {args.repeats}"
@@ -149,10 +156,23 @@ def main() -> None:
             loop.append(lp)
         h = statistics.median(hand)
         print(f"{kind:<10}{'hand-written':<28}{h:>12.0f}{1.0:>8.3f}")
+        rows.append({"data": kind, "loop": "hand-written", "steps_per_s": h, "ratio": 1.0})
         for name, values in (("Trainer.fit (with evals)", whole), ("Trainer loop", loop)):
             t = statistics.median(values)
             print(f"{kind:<10}{name:<28}{t:>12.0f}{t / h:>8.3f}", "(met)" if t / h >= 0.95 else "(NOT met)")
+            rows.append({"data": kind, "loop": name, "steps_per_s": t, "ratio": t / h})
     print("target: ratio >= 0.95")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.out, {
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "threads": args.threads, "torch": torch.__version__, "model": f"MLP width {args.width}",
+            "optimizer": args.optimizer, "batch_size": args.batch_size, "steps": args.steps,
+            "repeats": args.repeats, "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "target": 0.95, "rows": rows,
+        })  # fmt: skip
 
 
 if __name__ == "__main__":

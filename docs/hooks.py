@@ -156,7 +156,7 @@ def _machine(d: dict[str, Any]) -> str:
     if not parts:
         parts = [str(d["device"])] if d.get("device") else ["a machine the file does not describe"]
     if d.get("threads"):
-        parts.append(f"{d['threads']} threads")
+        parts.append(f"{d['threads']} thread{'s' if d['threads'] != 1 else ''}")
     if d.get("torch"):
         parts.append(f"torch {d['torch']}")
     return ", ".join(parts)
@@ -223,6 +223,20 @@ def optimizer_ratios(_: str | None = None) -> str:
         cells = [tables[p.name].get(pick, {}).get("vs_torch_fused_adamw") for p in files]
         if any(c is not None for c in cells):
             lines.append(f"| {pick} | " + " | ".join("" if c is None else f"{c:.2f}x" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def trainer_overhead(name: str | None) -> str:
+    """Markdown table of ``benchmarks/trainer_overhead.py``'s result: the Trainer against a hand-written loop."""
+    name = name or "trainer_overhead.json"
+    d = load_result(name)
+    caption = (
+        f"{d['model']} on digits, {d['optimizer']}, batch {d['batch_size']}, {d['steps']:,} steps, median of "
+        f"{d['repeats']} alternating runs. Machine: {_machine(d)}.{_load(d)} Source: `benchmarks/results/{name}`."
+    )
+    lines = [caption, "", "| data | loop | steps/s | vs hand-written |", "|---|---|---:|---:|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['data']} | {r['loop']} | {r['steps_per_s']:,.0f} | {r['ratio']:.3f} |")
     return "\n".join(lines)
 
 
@@ -304,6 +318,7 @@ GENERATORS: dict[str, Callable[[str | None], str]] = {
     "optimizer-step": optimizer_step,
     "optimizer-ratios": optimizer_ratios,
     "attention": attention,
+    "trainer-overhead": trainer_overhead,
     "distributed": distributed,
     "distributed-equivalence": distributed_equivalence,
 }

@@ -108,6 +108,37 @@ def test_batch_size_one_and_replacement() -> None:
     assert any(len(set(with_replacement.next_step()[0].tolist())) < 4 for _ in range(50))  # repeats happen
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1),
+        lambda ps: optim.Adam(ps),
+        lambda ps: optim.Lion(ps, flat=True),
+    ],
+    ids=["torch", "descend", "descend-flat"],
+)
+def test_clear_grads_matches_zero_grad_set_to_none(make) -> None:
+    """The trainer's gradient reset leaves every parameter as ``zero_grad(set_to_none=True)`` does,
+    and calls an optimizer's own ``zero_grad`` when it keeps gradients in flat buffers."""
+    from descend.train._step import clear_grads
+
+    results = []
+    for reset in (clear_grads, lambda o: o.zero_grad(set_to_none=True)):
+        model = _model()
+        opt = make(list(model.parameters()))
+        for _ in range(2):
+            model(torch.ones(2, 5)).sum().backward()
+            opt.step()
+            reset(opt)
+        results.append([p.grad if p.grad is None else p.grad.clone() for p in model.parameters()])
+        flat = getattr(opt, "flat_layout", None) is not None
+        if flat:  # a flat optimizer's gradients stay (zeroed) views of its buffer
+            assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+        else:
+            assert all(p.grad is None for p in model.parameters())
+    assert [g is None for g in results[0]] == [g is None for g in results[1]]
+
+
 def test_gd_step_is_w_minus_lr_times_the_full_gradient() -> None:
     data = _bundle(dtype=torch.float64)
     model = _model(dtype=torch.float64)

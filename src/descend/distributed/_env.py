@@ -109,9 +109,12 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+_AVAILABLE = dist.is_available()
+
+
 def is_distributed() -> bool:
     """True inside an initialised process group."""
-    return dist.is_available() and dist.is_initialized()
+    return _AVAILABLE and dist.is_initialized()
 
 
 def rank() -> int:
@@ -121,7 +124,7 @@ def rank() -> int:
 
 def world_size() -> int:
     """Number of processes (1 outside a process group)."""
-    return dist.get_world_size() if is_distributed() else 1
+    return dist.get_world_size() if _AVAILABLE and dist.is_initialized() else 1
 
 
 def local_rank() -> int:

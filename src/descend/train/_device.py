@@ -77,7 +77,7 @@ def move(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, ...]:
             (t if t.device.type != "cpu" or t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
             for t in tensors
         )
-    if device.type == "cpu" and all(t.device.type == "cpu" for t in tensors):
+    if device.type == "cpu" and all(t.is_cpu for t in tensors):
         return tuple(tensors)
     return tuple(t.to(device) for t in tensors)
 

@@ -97,14 +97,15 @@ class Minibatch(Sampler):
     def _next_batch(self) -> Tensor:
         if self.replacement:
             batch = torch.randint(self.n, (self.batch_size,), generator=self.generator)
-        else:
-            if self.position >= len(self.order):
-                self.order = torch.randperm(self.n, generator=self.generator)
-                self.position = 0
-            batch = self.order[self.position : self.position + self.batch_size]
-            self.position += len(batch)
-        self.examples_seen += len(batch)
-        return batch
+            self.examples_seen += self.batch_size
+            return batch
+        if self.position >= self.order.shape[0]:
+            self.order = torch.randperm(self.n, generator=self.generator)
+            self.position = 0
+        start, stop = self.position, min(self.position + self.batch_size, self.n)
+        self.position = stop
+        self.examples_seen += stop - start
+        return self.order[start:stop]
 
     def next_step(self) -> list[Batch]:
         return [self._next_batch() for _ in range(self.accumulation)]

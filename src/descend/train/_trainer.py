@@ -156,24 +156,27 @@ class Trainer:
         stop_at = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
         if self.is_main and self.out_dir is not None:
             self._writer = MetricsWriter(self.out_dir, self.step if self.resumed else None, cfg.tensorboard)
-        if self.is_main:
-            self._progress = Progress(self.total_steps, self.step, enabled=cfg.progress)
+        if self.is_main and cfg.progress:
+            self._progress = Progress(self.total_steps, self.step)
         if self.val_loss_start is None and "val" in self.sources and self.step == 0:
             self.val_loss_start = self.evaluate("val")["loss"]  # where the run starts, for the divergence check
         self.should_stop = self.should_stop or self.early_stopping.stopped
+        has_val, last = "val" in self.sources, self.total_steps
         started = time.perf_counter() - self.seconds
         try:
             while self.step < stop_at and not self.should_stop:
-                if self._fail_at is not None and self._fail_at == (self.step + 1, dd.rank()):
-                    raise RuntimeError(f"injected failure at step {self.step + 1} (DESCEND_FAIL_AT_STEP test hook)")
-                measure = (self.step + 1) % self.log_every == 0 or self.step + 1 == self.total_steps
-                row = self.train_step(measure)
-                self.step += 1
-                if "val" in self.sources and (self.step % self.eval_every == 0 or self.step == self.total_steps):
+                step = self.step + 1
+                if self._fail_at is not None and self._fail_at == (step, dd.rank()):
+                    raise RuntimeError(f"injected failure at step {step} (DESCEND_FAIL_AT_STEP test hook)")
+                row = self.train_step(measure=step % self.log_every == 0 or step == last)
+                self.step = step
+                if has_val and (step % self.eval_every == 0 or step == last):
                     row.update(self.validate())
                 self.seconds = time.perf_counter() - started
-                self.log(row)
-                run_callbacks(self.callbacks, "on_step_end", self, row)
+                if row or self._progress is not None:
+                    self.log(row)
+                if self.callbacks:
+                    run_callbacks(self.callbacks, "on_step_end", self, row)
                 if self.diverged:
                     break  # keep the last checkpoint: it is the last good one
                 if self.out_dir is not None and (
