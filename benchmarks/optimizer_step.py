@@ -185,7 +185,7 @@ def first_steps(name: str, args: argparse.Namespace) -> dict[str, float]:
     """Seconds of the first two ``step()`` calls of row ``name`` in a fresh process: cold, then warm cache."""
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "DESCEND_CACHE_DIR": cache}
         for kind in ("cold", "warm"):
             cmd = [sys.executable, __file__, "--params", args.params, "--tensors", str(args.tensors), "--threads",
                    str(args.threads), "--device", args.device, "--first-steps-of", name]
@@ -203,7 +203,7 @@ def time_first_steps(name: str, args: argparse.Namespace) -> float:
     """In this (fresh) process: seconds of the first two steps of row ``name``."""
     device = torch.device(args.device)
     params = make_params(parse_count(args.params), args.tensors, device, equal=args.equal_sizes)
-    rows = candidates(["default", "reference", "foreach", "compiled"], ["tensors", "flat"])
+    rows = candidates(["default", "reference", "foreach", "compiled", "native"], ["tensors", "flat"])
     factory = next(f for n, _, f, _, _ in rows if n == name)
     opt = factory(params)
     sync(device)

@@ -202,6 +202,10 @@ def optimizer_step(name: str | None) -> str:
 def optimizer_ratios(_: str | None = None) -> str:
     """Markdown: a few headline ratios (descend against torch fused AdamW) from every optimizer-step file."""
     picks = [
+        "descend AdamW [default]",
+        "descend SGD-momentum [default]",
+        "descend Lion [default]",
+        "descend Signum [default]",
         "descend AdamW [compiled, flat]",
         "descend AdamW [compiled]",
         "descend AdamW [foreach]",
@@ -223,6 +227,24 @@ def optimizer_ratios(_: str | None = None) -> str:
         cells = [tables[p.name].get(pick, {}).get("vs_torch_fused_adamw") for p in files]
         if any(c is not None for c in cells):
             lines.append(f"| {pick} | " + " | ".join("" if c is None else f"{c:.2f}x" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def optimizer_targets(name: str | None) -> str:
+    """Markdown table of the targets one ``benchmarks/optimizer_step.py`` run computed (its ``targets`` field)."""
+    if not name:
+        raise ValueError("optimizer-targets needs a result file name")
+    d = load_result(name)
+    lines = [
+        f"{_count(d['params'])} parameters in {d['tensors']} tensors (`{name}`):",
+        "",
+        "| descend, as constructed | against | ratio (seconds for first steps) | target | met |",
+        "|---|---|---:|---:|---|",
+    ]
+    for t in d.get("targets", []):
+        value = f"{t['ratio']:.2f}" if "(s)" in t["against"] else f"{t['ratio']:.3f}"
+        lines.append(f"| {t['row']} | {t['against']} | {value} | ≤ {t['limit']:g} | "
+                     f"{'yes' if t['met'] else '**no**'} |")
     return "\n".join(lines)
 
 
@@ -317,6 +339,7 @@ GENERATORS: dict[str, Callable[[str | None], str]] = {
     "experiments": experiments,
     "optimizer-step": optimizer_step,
     "optimizer-ratios": optimizer_ratios,
+    "optimizer-targets": optimizer_targets,
     "attention": attention,
     "trainer-overhead": trainer_overhead,
     "distributed": distributed,

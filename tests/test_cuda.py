@@ -80,3 +80,23 @@ def test_two_nccl_ranks_train_the_one_gpu_model(tmp_path: Path, strategy: str) -
     one, two = (torch.load(tmp_path / f, weights_only=False) for f in ("one.pt", "two.pt"))
     assert two["world"] == 2 and two["device"] == "cuda:0" and one["device"].startswith("cuda")
     assert max_abs_diff(two["weights"], one["weights"]) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["Lion", "Signum", "SGD"])
+def test_default_optimizers_on_cuda_match_the_reference_engine(name: str) -> None:
+    """On CUDA ``auto`` takes torch's kernels, the compiled engine or foreach (the native loop is CPU-only)."""
+    outs = []
+    for engine in ("auto", "reference"):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, generator=gen, device="cuda")) for s in [(64, 32), (1000,)]]
+        kw = {"momentum": 0.9, "lr": 0.01} if name == "SGD" else {}
+        opt = getattr(optim, name)(params, engine=engine, **kw)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, device="cuda")
+            opt.step()
+        outs.append([p.detach().cpu() for p in params])
+        if engine == "auto":
+            assert not any(k is not None for k in opt._engine.native.kernels.values())
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

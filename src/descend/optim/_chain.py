@@ -16,7 +16,7 @@ from descend.optim._rules import Rule, ScaleByLR, WeightRule, step_dtype
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 #: The engines that run every chain; ``"fused"`` (torch's kernels) runs only torch's chains.
-ENGINES = ("auto", "reference", "foreach", "compiled")
+ENGINES = ("auto", "reference", "foreach", "compiled", "native")
 
 
 def _normalise(rules: Sequence[Rule]) -> tuple[list[Rule], list[WeightRule], list[WeightRule]]:
@@ -107,13 +107,15 @@ class ChainOptimizer(torch.optim.Optimizer):
         lr: learning rate (group key ``lr``).
         maximize: ascend instead of descend (``g <- -g``).
         engine: how steps execute (every engine computes what ``"reference"`` computes):
-            ``"auto"`` (default: per param group, torch's fused kernel where the chain is exactly
-            torch's Adam, AdamW or SGD, a compiled kernel for large ``flat=True`` buffers, the
-            foreach engine otherwise; see ``docs/guide/engines.md``), ``"reference"`` (readable
-            per-tensor loop, the oracle), ``"foreach"`` (multi-tensor ``torch._foreach_*``
-            operations), ``"compiled"`` (one fused pass per bucket via ``torch.compile``; warns and
-            falls back to foreach without a compiler) or ``"fused"`` (torch's fused kernels; only
-            for torch's chains). See :mod:`descend.optim._engines`.
+            ``"auto"`` (default: per bucket, torch's fused kernel where the chain is exactly torch's
+            Adam or AdamW; on the CPU the native loop for every other chain; elsewhere torch's SGD
+            kernel, a compiled kernel for large ``flat=True`` buffers, the foreach engine otherwise;
+            see ``docs/guide/engines.md``), ``"reference"`` (readable per-tensor loop, the oracle),
+            ``"foreach"`` (multi-tensor ``torch._foreach_*`` operations), ``"native"`` (the chain
+            traced into one C loop, compiled once per machine; float32 CPU tensors, foreach for the
+            rest), ``"compiled"`` (one fused pass per bucket via ``torch.compile``; warns and falls
+            back to foreach without a compiler) or ``"fused"`` (torch's fused kernels; only for
+            torch's chains). See :mod:`descend.optim._engines`.
         state_dtype: dtype of the optimizer state (default: the parameter's dtype), e.g.
             ``torch.bfloat16`` to halve the state memory (2 bytes per state value). bfloat16 state is
             updated in float32 and written back with stochastic rounding, so small EMA updates are

@@ -27,7 +27,7 @@ of one buffer each, and the multi-tensor engines step such a buffer as a single 
 Shared by all engines: a parameter's first step (state creation, ``Rule.first_update``) and
 zero-size parameters go through the reference path; the multi-tensor engines keep the step
 counters of a bucket as the elements of one tensor and advance them with one operation
-(:func:`advance_steps`); ``clip_by_global_norm`` computes the global norm over every gradient
+(:class:`StepCounters`); ``clip_by_global_norm`` computes the global norm over every gradient
 first; ``grad_scale`` (from ``torch.amp.GradScaler``) divides the gradient inside the step; state
 kept in ``state_dtype=torch.bfloat16`` is updated in float32 and written back with stochastic
 rounding (:mod:`descend.optim._rounding`).
@@ -51,6 +51,7 @@ try:  # torch builds without distributed support have no DTensor
 except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment,misc]
 
+from descend.optim import _native as native
 from descend.optim._flat import LANES, FlatBuffer, FlatLayout
 from descend.optim._rounding import (
     LOW_PRECISION,
@@ -304,23 +305,51 @@ class ReferenceEngine(Engine):
             projection.project_(p, projection.read(group))
 
 
-def advance_steps(state: Any, params: list[Tensor]) -> Tensor:
-    """``state["step"] += 1`` for every parameter of a bucket (equal step counts); returns one of them.
+class StepCounters:
+    """The step counters of a bucket kept as the elements of one 1-D tensor, advanced by one operation.
 
-    The step counters of a bucket are kept as the elements of one 1-D tensor (each ``state["step"]``
-    is still its own 0-d tensor, a view), so the increment is one operation rather than one per
-    parameter. Counters that are not packed this way (first bucket step, after ``load_state_dict``, a bucket
-    that changed) are packed anew.
+    Each ``state["step"]`` stays its own 0-d tensor (a view of the bucket's packed tensor), so torch's
+    state dicts are unchanged, but a bucket's step is one ``add_`` rather than one per parameter.
+    Counters packed together were equal when packed and have been advanced together since, so the
+    engine knows them equal by identity alone, without reading any; counters that are not (a first
+    bucket step, after ``load_state_dict``, a parameter that skipped a step) are read and packed anew.
     """
-    steps = [state[p]["step"] for p in params]
-    base = steps[0]._base
-    if (base is None or base.dim() != 1 or base.numel() != len(steps)
-            or [s.storage_offset() if s._base is base else -1 for s in steps] != list(range(len(steps)))):
-        base = torch.stack([s.detach() for s in steps])
-        for i, p in enumerate(params):
-            state[p]["step"] = base[i]
-    base.add_(1)
-    return state[params[0]]["step"]
+
+    def __init__(self) -> None:
+        self.packs: dict[int, list[Tensor]] = {}  # id of a pack's first counter -> the pack's counters
+
+    def reset(self) -> None:
+        self.packs.clear()
+
+    def packed(self, steps: list[Tensor]) -> bool:
+        known = self.packs.get(id(steps[0]))
+        return known is not None and len(known) == len(steps) and all(a is b for a, b in zip(known, steps))
+
+    def advance(self, states: list[dict[str, Any]]) -> Tensor:
+        """``state["step"] += 1`` for each of ``states`` (equal step counts); returns one counter."""
+        steps = [s["step"] for s in states]
+        if not self.packed(steps):
+            if len(self.packs) > 256:  # packs of buckets that no longer exist
+                self.packs.clear()
+            self.packs.pop(id(steps[0]), None)
+            steps = list(torch.stack([s.detach() for s in steps]).unbind(0))
+            for s, view in zip(states, steps):
+                s["step"] = view
+            self.packs[id(steps[0])] = steps
+        steps[0]._base.add_(1)
+        return steps[0]
+
+    def groups(self, states: list[dict[str, Any]]) -> list[tuple[list[int], Tensor]]:
+        """Advance every counter of a bucket; return its parameters' positions grouped by step count,
+        each group with one of its (advanced) counters."""
+        steps = [s["step"] for s in states]
+        if self.packed(steps):
+            steps[0]._base.add_(1)
+            return [(list(range(len(states))), steps[0])]
+        by_count: dict[float, list[int]] = {}
+        for i, s in enumerate(steps):
+            by_count.setdefault(float(s), []).append(i)
+        return [(positions, self.advance([states[i] for i in positions])) for positions in by_count.values()]
 
 
 def _local(t: Tensor) -> Tensor:
@@ -360,8 +389,10 @@ class BucketEngine(Engine):
     def __init__(self, plan: Plan, source: Source) -> None:
         super().__init__(plan, source)
         self.reference = ReferenceEngine(plan, source)
+        self.counters = StepCounters()
 
     def reset(self) -> None:
+        self.counters.reset()
         if self.plan.layout is not None:  # the state was replaced: check the flat buffers in full
             self.plan.layout.invalidate()
 
@@ -370,8 +401,8 @@ class BucketEngine(Engine):
         layout = self.plan.layout
         all_state = self.source.state
         for gi, (group, live, keep) in enumerate(group_plans(self.plan, self.source.param_groups, grad_scale)):
-            buckets: dict[tuple[Any, ...], list[_Item]] = {}
-            params: dict[tuple[Any, ...], list[Tensor]] = {}
+            # per (device, dtype, grad dtype): the items, their parameters and their state dicts
+            buckets: dict[tuple[Any, ...], tuple[list[_Item], list[Tensor], list[dict[str, Any]]]] = {}
             # the optimizer state's keys of the live rules' state tensors, in the order of state_layout
             keys = [rule.state_names.get(n, n) for (rule, _), names in zip(live, state_layout(live)) for n in names]
             needed = {"step", *keys}
@@ -394,19 +425,25 @@ class BucketEngine(Engine):
                 if p.numel() == 0 or not needed <= state.keys():
                     self.reference.step_param(p, group, live, keep, grad_scale)
                     continue
-                key = (p.device, p.dtype, g.dtype, float(state["step"]))
+                key = (p.device, p.dtype, g.dtype)  # and equal step counts: StepCounters.groups
                 if isinstance(p, DTensor):  # the rules are elementwise: a sharded parameter steps on its shard
                     item = _Item(_local(p), _local(g), [_local(state[k]) for k in keys])
                 else:
                     item = _Item(p, g, [state[k] for k in keys])
                 if widen:  # only rounding noise needs the parameter's position
                     item.ordinal, item.offset = self.position(p)
-                buckets.setdefault(key, []).append(item)
-                params.setdefault(key, []).append(p)
-            for key, items in buckets.items():
-                step = advance_steps(all_state, params[key])
-                self.run_bucket(group, live, keep, items, step, grad_scale)
-                self.project(group, params[key])
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = ([], [], [])
+                bucket[0].append(item)
+                bucket[1].append(p)
+                bucket[2].append(state)
+            for items, ps, states in buckets.values():
+                for positions, step in self.counters.groups(states):
+                    whole = len(positions) == len(items)
+                    self.run_bucket(group, live, keep, items if whole else [items[i] for i in positions], step,
+                                    grad_scale)
+                    self.project(group, ps if whole else [ps[i] for i in positions])
 
     def step_flat(self, buffer: FlatBuffer, group: dict[str, Any], live: Live, keep: Any, keys: list[str],
                   grad_scale: Tensor | None) -> bool:
@@ -417,10 +454,10 @@ class BucketEngine(Engine):
         item = _Item(buffer.rows(buffer.data), buffer.rows(buffer.grad), [buffer.rows(buffer.states[k]) for k in keys],
                      buffer.ordinal, 0, whole=False)
         if buffer.step_base is not None and buffer.state_dicts[0].get("step") is buffer.step0:
-            buffer.step_base.add_(1)  # the counters are still the packed ones advance_steps made
+            buffer.step_base.add_(1)  # the counters are still the packed ones StepCounters made
             step = buffer.step0
         else:
-            step = advance_steps(self.source.state, buffer.params)
+            step = self.counters.advance([self.source.state[p] for p in buffer.params])
             buffer.step_base, buffer.step0 = step._base, step
         self.run_bucket(group, live, keep, [item], step, grad_scale)
         self.project(group, buffer.params)
@@ -714,6 +751,97 @@ class CompiledEngine(BucketEngine):
             self.apply_projections(self.outside, group, params)
 
 
+class NativeEngine(BucketEngine):
+    """The chain as one generated C loop per bucket (:mod:`descend.optim._native`), on float32 CPU tensors.
+
+    A bucket it cannot run (another device or dtype, a non-contiguous tensor, a ``grad_scale``,
+    state kept in low precision, a rule the tracer cannot express) runs on the foreach engine, as
+    does everything once compiling has failed (logged, or warned with ``engine="native"``).
+    Projections apply after the loop, as the foreach engine applies them.
+    """
+
+    name = "native"
+
+    def __init__(self, plan: Plan, source: Source, quiet: bool = False, foreach: ForeachEngine | None = None) -> None:
+        super().__init__(plan, source)
+        self.quiet = quiet
+        self.foreach = foreach or ForeachEngine(plan, source)
+        self.kernels: dict[tuple[Any, ...], native.Kernel | None] = {}
+        self.broken = False  # compiling failed: no compiler here
+
+    def reset(self) -> None:
+        super().reset()
+        self.foreach.reset()
+
+    def supports(self, items: list[_Item], grad_scale: Tensor | None) -> bool:
+        """Whether the native loop may step this bucket: float32 CPU tensors, no unscaling, no low-precision
+        state (:meth:`pointers` checks each tensor)."""
+        if self.broken or grad_scale is not None or rounds_stochastically(self.plan) or not items:
+            return False
+        p0 = items[0].param
+        return p0.device.type == "cpu" and p0.dtype == torch.float32 and items[0].grad.dtype == torch.float32
+
+    @staticmethod
+    def pointers(items: list[_Item]) -> tuple[list[int], list[int]] | None:
+        """The addresses of every item's ``w``, ``g`` and state, and the sizes; None unless all are
+        contiguous float32 tensors."""
+        f32 = torch.float32
+        pointers, sizes = [], []
+        for item in items:
+            for t in (item.param, item.grad, *item.states):
+                if t.dtype != f32 or not t.is_contiguous():
+                    return None
+                pointers.append(t.data_ptr())
+            sizes.append(item.param.numel())
+        return pointers, sizes
+
+    def kernel(self, live: Live, maximize: bool, decays: bool,
+               shapes: tuple[tuple[Any, ...], ...]) -> native.Kernel | None:
+        """The compiled loop for this chain and hyperparameter shape (None: the tracer cannot express it)."""
+        rules = tuple(rule for rule, _ in live)
+        key = (rules, maximize, decays, shapes)
+        if key not in self.kernels:
+            layout = state_layout(live)
+            try:
+                source = native.trace_chain(rules, layout, shapes, maximize, decays)
+            except native.NotTraceable as err:
+                logger.info("descend: engine=%r runs %s on the foreach engine: %s",
+                            self.name, self.plan.describe(), err)
+                self.kernels[key] = None
+                return None
+            try:
+                self.kernels[key] = native.compile_kernel(source, 2 + sum(len(names) for names in layout))
+            except (RuntimeError, OSError) as err:
+                message = (f"descend: engine='native' could not compile the optimizer step ({err}); "
+                           "using engine='foreach'")
+                if self.quiet:
+                    logger.info(message)
+                else:
+                    warnings.warn(message, RuntimeWarning, stacklevel=5)
+                self.broken = True
+                return None
+        return self.kernels[key]
+
+    def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
+                   grad_scale: Tensor | None) -> None:
+        addresses = self.pointers(items) if self.supports(items, grad_scale) else None
+        if addresses is not None:
+            scalared = with_scalars(live, int(step.item()))
+            try:
+                flat = [native.flatten_hyper(hp, rule.static) for rule, hp in scalared]
+            except native.NotTraceable:
+                flat = None
+            decays = not (isinstance(keep, (int, float)) and keep == 1)
+            kernel = None if flat is None else self.kernel(scalared, bool(group["maximize"]), decays,
+                                                           tuple(shape for _, shape in flat))
+            if kernel is not None:
+                assert flat is not None
+                scalars = [x for numbers, _ in flat for x in numbers] + ([float(keep)] if decays else [])
+                kernel(*addresses, scalars)
+                return
+        self.foreach.run_bucket(group, live, keep, items, step, grad_scale)
+
+
 def is_torch_chain(rules: Sequence[Rule], decays: Sequence[Rule], projections: Sequence[WeightRule]) -> bool:
     """Whether a chain is torch's Adam, AdamW or SGD (``[l2] adam|heavy_ball scale_by_lr [decay]``)."""
     kinds = [type(rule) for rule in rules]
@@ -748,9 +876,11 @@ def torch_kernel(live: Live, decays: Sequence[Rule], projections: Sequence[Weigh
         return None
     p0 = items[0].param
     dtype = p0.dtype
-    # a bucket shares the parameters' and the gradients' dtype (BucketEngine.step keys on both)
+    # a bucket shares the parameters' and the gradients' dtype (BucketEngine.step keys on both), and its
+    # state has the parameters' dtype unless the optimizer keeps it in low precision, which it does for every
+    # parameter: the first parameter's state speaks for the bucket (torch's kernel checks every tensor)
     if (p0.device.type not in FUSED_DEVICES or not dtype.is_floating_point or items[0].grad.dtype != dtype
-            or {t.dtype for it in items for t in it.states} - {dtype}):
+            or any(t.dtype != dtype for t in items[0].states)):
         return None
     params = [it.param for it in items]
     grads = [it.grad for it in items]
@@ -826,8 +956,8 @@ class FusedEngine(BucketEngine):
 
 
 class AutoEngine(FusedEngine):
-    """``engine="auto"``: per bucket, torch's fused kernel, else the compiled step for a large flat
-    buffer, else the foreach engine (see the module docstring)."""
+    """``engine="auto"``: per bucket, torch's fused kernel; else, on the CPU, the native loop; else the
+    compiled step for a large flat buffer; else the foreach engine (see the module docstring)."""
 
     name = "auto"
 
@@ -835,13 +965,28 @@ class AutoEngine(FusedEngine):
         super().__init__(plan, source)
         self.compile_min = compile_min
         self.compiled = CompiledEngine(plan, source, quiet=True)
+        self.native = NativeEngine(plan, source, quiet=True, foreach=self.foreach)
 
     def reset(self) -> None:
         super().reset()
         self.compiled.reset()
+        self.native.reset()
+
+    def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
+                   grad_scale: Tensor | None) -> None:
+        # On the CPU only Adam's kernel beats the native loop; torch's SGD kernel does not, and the native
+        # loop computes exactly what the reference engine computes.
+        if not any(isinstance(rule, ScaleByAdam) for rule, _ in live) and self.native.supports(items, grad_scale):
+            self.last = self.native
+            self.native.run_bucket(group, live, keep, items, step, grad_scale)
+        else:
+            super().run_bucket(group, live, keep, items, step, grad_scale)
 
     def fallback(self, items: list[_Item]) -> BucketEngine:
-        """The compiled step for one large flat buffer, else foreach."""
+        """The native loop on the CPU (it runs what it cannot on foreach); the compiled step for one
+        large flat buffer elsewhere; else foreach."""
+        if items[0].param.device.type == "cpu" and not self.native.broken:
+            return self.native
         flat = len(items) == 1 and not items[0].whole
         return self.compiled if flat and items[0].param.numel() >= self.compile_min else self.foreach
 
@@ -856,7 +1001,7 @@ def make_engine(name: str, plan: Plan, source: Source) -> Engine:
     """The engine called ``name`` running ``plan`` over ``source``'s parameters (see the module docstring)."""
     engines: dict[str, Callable[[Plan, Source], Engine]] = {
         "auto": AutoEngine, "reference": ReferenceEngine, "foreach": ForeachEngine, "compiled": CompiledEngine,
-        "fused": FusedEngine}
+        "fused": FusedEngine, "native": NativeEngine}
     if name not in engines:
         raise ValueError(f"engine must be one of {', '.join(engines)}; got {name!r}")
     return engines[name](plan, source)

@@ -1,0 +1,555 @@
+"""Native kernels: a chain's step as one C loop, generated from the rules themselves.
+
+The rules are written once, as tensor code (:meth:`Rule.update <descend.optim._rules.Rule.update>`).
+To run a chain natively, :func:`trace_chain` calls those same methods on *symbols* instead of
+tensors: every arithmetic operation, ``torch.sign``, ``torch.lerp``, ``lerp_``, ``mul_``, ``add_``,
+``sqrt``, ``abs``, ``torch.maximum(..., out=)`` records one line of C, and an in-place operation
+on a state symbol rebinds that state's variable. The result is the body of a loop over elements:
+
+    load w, g and the state;  u = g (−g when maximising);  for each rule: u = rule(u, w, state)
+    w = keep·w + u;  store w and the state
+
+Hyperparameters enter as ``double`` scalars, combined in double precision outside the loop and
+converted to ``float`` where they meet the elements, as the tensor code does. ``lerp`` uses torch's
+formula (``start + w·(end − start)`` for ``|w| < 0.5``, else ``end − (1 − w)·(end − start)``, both as
+one fused multiply-add, as torch's vectorised kernel computes it); nothing else is contracted
+(``-ffp-contract=off``), so every other operation rounds as torch's does.
+
+The loop runs over every tensor of a bucket in one call (OpenMP threads split each tensor), on
+float32 CPU tensors. The C source is compiled once per machine with the system C compiler
+(``$CC``, else ``cc``) and cached by its hash under ``$DESCEND_CACHE_DIR`` (default
+``~/.cache/descend/kernels``); a process that finds the library there only loads it. A rule that
+uses an operation the tracer does not know raises :class:`NotTraceable`, and the engine runs that
+chain another way.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from descend._io import atomic_path
+
+__all__ = ["Kernel", "NotTraceable", "compile_kernel", "flatten_hyper", "kernel_cache_dir", "trace_chain"]
+
+
+class NotTraceable(TypeError):
+    """A rule did something the native tracer cannot express (the engine then runs the chain another way)."""
+
+
+def _literal(x: float) -> str:
+    if math.isnan(x):
+        return "NAN"
+    if math.isinf(x):
+        return "HUGE_VAL" if x > 0 else "(-HUGE_VAL)"
+    return repr(float(x))
+
+
+class _Code:
+    """The C being written: scalar lines (before the loop) and element lines (its body)."""
+
+    def __init__(self) -> None:
+        self.prologue: list[str] = []
+        self.body: list[str] = []
+        self.count = 0
+        self.floats: dict[str, str] = {}  # double scalar name -> its float copy
+
+    def fresh(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    def scalar(self, expr: str) -> Scalar:
+        name = self.fresh("d")
+        self.prologue.append(f"const double {name} = {expr};")
+        return Scalar(self, name)
+
+    def element(self, expr: str) -> Element:
+        name = self.fresh("t")
+        self.body.append(f"const float {name} = {expr};")
+        return Element(self, name)
+
+    def as_float(self, value: Any) -> str:
+        """An operand of element arithmetic: a float variable, or a scalar converted once, outside the loop."""
+        if isinstance(value, Element):
+            return value.name
+        if isinstance(value, Scalar):
+            if value.name not in self.floats:
+                name = self.fresh("f")
+                self.prologue.append(f"const float {name} = (float){value.name};")
+                self.floats[value.name] = name
+            return self.floats[value.name]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"(float){_literal(float(value))}"
+        raise NotTraceable(f"the native tracer cannot use a {type(value).__name__} here")
+
+
+class Scalar:
+    """A hyperparameter, or an expression of hyperparameters: a ``double`` computed outside the loop."""
+
+    def __init__(self, code: _Code, name: str) -> None:
+        self.code, self.name = code, name
+
+    def _operand(self, other: Any) -> str:
+        if isinstance(other, Scalar):
+            return other.name
+        if isinstance(other, (int, float)) and not isinstance(other, bool):
+            return _literal(float(other))
+        raise NotTraceable(f"the native tracer cannot combine a hyperparameter with a {type(other).__name__}")
+
+    def _binary(self, op: str, other: Any, reflected: bool = False) -> Any:
+        if isinstance(other, Element):
+            return other._binary(op, self, reflected=not reflected)
+        a, b = self.name, self._operand(other)
+        return self.code.scalar(f"({b} {op} {a})" if reflected else f"({a} {op} {b})")
+
+    def __add__(self, o: Any) -> Any:
+        return self._binary("+", o)
+
+    def __radd__(self, o: Any) -> Any:
+        return self._binary("+", o, True)
+
+    def __sub__(self, o: Any) -> Any:
+        return self._binary("-", o)
+
+    def __rsub__(self, o: Any) -> Any:
+        return self._binary("-", o, True)
+
+    def __mul__(self, o: Any) -> Any:
+        return self._binary("*", o)
+
+    def __rmul__(self, o: Any) -> Any:
+        return self._binary("*", o, True)
+
+    def __truediv__(self, o: Any) -> Any:
+        return self._binary("/", o)
+
+    def __rtruediv__(self, o: Any) -> Any:
+        return self._binary("/", o, True)
+
+    def __neg__(self) -> Scalar:
+        return self.code.scalar(f"(-{self.name})")
+
+    def __float__(self) -> float:
+        raise NotTraceable("a rule converted a hyperparameter to a Python number inside update()")
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        return Element.__torch_function__(func, types, args, kwargs)  # a hyperparameter as a torch argument
+
+    __bool__ = __float__  # type: ignore[assignment]
+
+
+_TORCH_FUNCTIONS: dict[Any, str] = {}
+
+
+class Element:
+    """One element of a float32 tensor inside the loop (a C ``float``)."""
+
+    dtype = torch.float32
+
+    def __init__(self, code: _Code, name: str) -> None:
+        self.code, self.name = code, name
+
+    # -- value operations ---------------------------------------------------------------------
+    def _binary(self, op: str, other: Any, reflected: bool = False) -> Element:
+        a, b = self.name, self.code.as_float(other)
+        return self.code.element(f"{b} {op} {a}" if reflected else f"{a} {op} {b}")
+
+    def __add__(self, o: Any) -> Element:
+        return self._binary("+", o)
+
+    def __radd__(self, o: Any) -> Element:
+        return self._binary("+", o, True)
+
+    def __sub__(self, o: Any) -> Element:
+        return self._binary("-", o)
+
+    def __rsub__(self, o: Any) -> Element:
+        return self._binary("-", o, True)
+
+    def __mul__(self, o: Any) -> Element:
+        return self._binary("*", o)
+
+    def __rmul__(self, o: Any) -> Element:
+        return self._binary("*", o, True)
+
+    def __truediv__(self, o: Any) -> Element:
+        return self._binary("/", o)
+
+    def __rtruediv__(self, o: Any) -> Element:
+        return self._binary("/", o, True)
+
+    def __neg__(self) -> Element:
+        return self.code.element(f"-{self.name}")
+
+    def abs(self) -> Element:
+        return self.code.element(f"fabsf({self.name})")
+
+    def sqrt(self) -> Element:
+        return self.code.element(f"sqrtf({self.name})")
+
+    def sign(self) -> Element:
+        x = self.name  # 0 stays 0 and NaN stays NaN, as torch.sign
+        return self.code.element(f"{x} > 0.0f ? 1.0f : ({x} < 0.0f ? -1.0f : {x})")
+
+    def lerp(self, end: Any, weight: Any) -> Element:
+        start, stop = self.name, self.code.as_float(end)
+        w = self.code.as_float(weight)
+        diff = self.code.element(f"{stop} - {start}").name
+        if isinstance(weight, Element):
+            small = f"fabsf({w}) < 0.5f"
+            return self.code.element(f"{small} ? fmaf({w}, {diff}, {start}) : fmaf({w} - 1.0f, {diff}, {stop})")
+        # a scalar weight: which form applies is decided once, outside the loop; per element one fma
+        small, coeff = self.code.fresh("k"), self.code.fresh("c")
+        self.code.prologue += [f"const int {small} = fabsf({w}) < 0.5f;",
+                               f"const float {coeff} = {small} ? {w} : {w} - 1.0f;"]
+        return self.code.element(f"fmaf({coeff}, {diff}, {small} ? {start} : {stop})")
+
+    def maximum(self, other: Any) -> Element:
+        o = self.code.as_float(other)  # torch.maximum propagates NaN
+        return self.code.element(f"({self.name} != {self.name} || {o} != {o}) ? NAN : fmaxf({self.name}, {o})")
+
+    def to(self, *args: Any, **kwargs: Any) -> Element:
+        dtype = kwargs.get("dtype", args[0] if args else None)
+        if dtype not in (None, torch.float32) or kwargs.get("device") is not None:
+            raise NotTraceable(f"the native tracer runs float32 only; a rule asked for {dtype}")
+        return self
+
+    def float(self) -> Element:
+        return self
+
+    def _new(self, value: Element) -> Element:
+        """An in-place operation's result: a state rebinds its variable; a value cannot be written."""
+        raise NotTraceable("a rule modified a value in place that is not optimizer state")
+
+    def lerp_(self, end: Any, weight: Any) -> Element:
+        return self._new(self.lerp(end, weight))
+
+    def mul_(self, other: Any) -> Element:
+        return self._new(self * other)
+
+    def div_(self, other: Any) -> Element:
+        return self._new(self / other)
+
+    def sub_(self, other: Any) -> Element:
+        return self._new(self - other)
+
+    def clamp(self, min: Any = None, max: Any = None) -> Element:  # torch's argument names
+        out = self
+        if min is not None:  # NaN stays NaN, as torch.clamp
+            lo = self.code.as_float(min)
+            out = self.code.element(f"{out.name} < {lo} ? {lo} : {out.name}")
+        if max is not None:
+            hi = self.code.as_float(max)
+            out = self.code.element(f"{out.name} > {hi} ? {hi} : {out.name}")
+        return out
+
+    def clamp_(self, min: Any = None, max: Any = None) -> Element:
+        return self._new(self.clamp(min, max))
+
+    def add_(self, other: Any, *, alpha: Any = None) -> Element:
+        return self._new(self + (other if alpha is None else other * alpha))
+
+    def copy_(self, other: Any) -> Element:
+        return self._new(other if isinstance(other, Element) else self.code.element(self.code.as_float(other)))
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = dict(kwargs or {})
+        out = kwargs.pop("out", None)
+        if func is torch.sign and not kwargs:
+            result = _as_element(args[0]).sign()
+        elif func is torch.lerp and not kwargs:
+            result = _as_element(args[0]).lerp(args[1], args[2])
+        elif func is torch.maximum and not kwargs:
+            result = _as_element(args[0]).maximum(args[1])
+        elif func is torch.abs and not kwargs:
+            result = _as_element(args[0]).abs()
+        elif func is torch.sqrt and not kwargs:
+            result = _as_element(args[0]).sqrt()
+        else:
+            raise NotTraceable(f"the native tracer does not know {getattr(func, '__name__', func)}")
+        if out is None:
+            return result
+        if not isinstance(out, State):
+            raise NotTraceable("out= must be optimizer state")
+        return out._new(result)
+
+    def __getattr__(self, name: str) -> Any:
+        raise NotTraceable(f"the native tracer does not know Tensor.{name}")
+
+    def __bool__(self) -> bool:
+        raise NotTraceable("a rule branched on a tensor's value")
+
+
+class State(Element):
+    """A state tensor's element: loaded before the rules run, stored after; in-place ops rebind it."""
+
+    def _new(self, value: Element) -> Element:
+        self.name = value.name
+        return self
+
+
+def _as_element(x: Any) -> Element:
+    if not isinstance(x, Element):
+        raise NotTraceable(f"the native tracer expected a tensor, got {type(x).__name__}")
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# hyperparameters
+# ------------------------------------------------------------------------------------------------
+
+
+def flatten_hyper(hp: dict[str, Any], static: tuple[str, ...]) -> tuple[list[float], tuple[Any, ...]]:
+    """``hp``'s numbers in order (0-d tensors read as numbers) and its shape: static values, tuple lengths.
+
+    Raises :class:`NotTraceable` for a value that is neither a number, a 0-d tensor nor a tuple of them.
+    """
+    numbers: list[float] = []
+
+    def shape(key: str, value: Any) -> Any:
+        if key in static or isinstance(value, bool):
+            return ("static", value)
+        if isinstance(value, (int, float)):
+            numbers.append(float(value))
+            return "number"
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+            numbers.append(float(value))
+            return "number"
+        if isinstance(value, tuple):
+            return tuple(shape(key, v) for v in value)
+        raise NotTraceable(f"hyperparameter {key}={value!r} is not a number")
+
+    return numbers, tuple((k, shape(k, v)) for k, v in hp.items())
+
+
+def _symbolic_hyper(code: _Code, shape: tuple[Any, ...], first: int) -> tuple[dict[str, Any], int]:
+    """Hyperparameters as scalar symbols ``s[first], s[first+1], ...`` in :func:`flatten_hyper`'s order."""
+    index = first
+
+    def build(kind: Any) -> Any:
+        nonlocal index
+        if kind == "number":
+            name = f"s{index}"
+            code.prologue.append(f"const double {name} = s[{index}];")
+            index += 1
+            return Scalar(code, name)
+        if isinstance(kind, tuple) and len(kind) == 2 and kind[0] == "static":
+            return kind[1]
+        return tuple(build(k) for k in kind)
+
+    return {key: build(kind) for key, kind in shape}, index
+
+
+# ------------------------------------------------------------------------------------------------
+# tracing and code
+# ------------------------------------------------------------------------------------------------
+
+
+def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shapes: Sequence[tuple[Any, ...]],
+                maximize: bool, decays: bool) -> str:
+    """The C source of the chain's step for one bucket layout.
+
+    Args:
+        rules: the live update rules, in order.
+        state_keys: per rule, the names of its state tensors (the order of the pointers per tensor).
+        shapes: per rule, its hyperparameters' shape from :func:`flatten_hyper` (scalars come in that order).
+        maximize: whether the step ascends (``u = -g``).
+        decays: whether ``keep`` (decoupled decay) is the last scalar, applied as ``w <- keep*w + u``.
+    """
+    code = _Code()
+    w = Element(code, "w")
+    g = Element(code, "g")
+    u: Any = -g if maximize else g
+    loads, stores, index = [], [], 0
+    slot = 2
+    for rule, names, shape in zip(rules, state_keys, shapes):
+        hp, index = _symbolic_hyper(code, shape, index)
+        state = {}
+        for name in names:
+            var = f"m{slot}"
+            loads.append(f"const float {var} = P{slot}[i];")
+            state[name] = State(code, var)
+            slot += 1
+        u = rule.update(u, w, state, hp, None)
+        if not isinstance(u, Element):
+            raise NotTraceable(f"{rule.name}.update returned a {type(u).__name__}")
+        stores += [(f"P{slot - len(names) + j}", state[name]) for j, name in enumerate(names)]
+    if decays:
+        keep = Scalar(code, f"s{index}")
+        code.prologue.append(f"const double s{index} = s[{index}];")
+        index += 1
+        w_new = code.element(f"{code.as_float(keep)} * w")._binary("+", u)
+    else:
+        w_new = w + u
+    pointers = slot
+    lines = [
+        "#include <math.h>",
+        "#include <stdint.h>",
+        "#ifdef _OPENMP",
+        "#include <omp.h>",
+        "#endif",
+        "",
+        "/* The tensors' elements, end to end, are cut into one contiguous range per thread (at multiples",
+        "   of 16 elements, so no two threads write one cache line); each thread walks its range. */",
+        "void descend_step(int64_t count, float *const *ptrs, const int64_t *sizes, const double *s, int threads) {",
+        *(f"  {line}" for line in code.prologue),
+        "  int64_t total = 0;",
+        "  for (int64_t t = 0; t < count; t++) total += sizes[t];",
+        "  #pragma omp parallel num_threads(threads)",
+        "  {",
+        "#ifdef _OPENMP",
+        "    const int64_t id = omp_get_thread_num(), nt = omp_get_num_threads();",
+        "#else",
+        "    const int64_t id = 0, nt = 1;",
+        "#endif",
+        "    const int64_t lo = (total * id / nt) & ~(int64_t)15;",
+        "    const int64_t hi = id == nt - 1 ? total : (total * (id + 1) / nt) & ~(int64_t)15;",
+        "    int64_t base = 0;",
+        "    for (int64_t t = 0; t < count && base < hi; base += sizes[t], t++) {",
+        "      const int64_t n = sizes[t];",
+        "      if (base + n <= lo) continue;",
+        "      const int64_t start = lo > base ? lo - base : 0, stop = hi < base + n ? hi - base : n;",
+        f"      float *restrict P0 = ptrs[t * {pointers}];",
+        f"      const float *restrict P1 = ptrs[t * {pointers} + 1];",
+        *(f"      float *restrict P{k} = ptrs[t * {pointers} + {k}];" for k in range(2, pointers)),
+        "      for (int64_t i = start; i < stop; i++) {",
+        "        const float w = P0[i];",
+        "        const float g = P1[i];",
+        *(f"        {line}" for line in loads),
+        *(f"        {line}" for line in code.body),
+        *(f"        {ptr}[i] = {value.name};" for ptr, value in stores),
+        f"        P0[i] = {w_new.name};",
+        "      }",
+        "    }",
+        "  }",
+        "}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# compiling and loading
+# ------------------------------------------------------------------------------------------------
+
+
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$DESCEND_CACHE_DIR`` or ``$XDG_CACHE_HOME/descend`` (``~/.cache``)."""
+    root = os.environ.get("DESCEND_CACHE_DIR")
+    if root:
+        return Path(root) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "descend" / "kernels"
+
+
+@functools.cache
+def _machine_tag() -> str:
+    """The CPU the kernels are built for (``-march=native``): its model and instruction-set flags."""
+    text = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    text += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.system()}|{text}"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+#: Tried in order: this CPU's instruction set (full-width vectors on x86), then the portable build.
+_TUNING = [["-march=native", "-mprefer-vector-width=512"] if platform.machine().lower() in ("x86_64", "amd64")
+           else ["-mcpu=native"], []]
+_lock = threading.Lock()
+
+
+class Kernel:
+    """A loaded native step: ``kernel(pointers, sizes, scalars)`` over ``count`` tensors."""
+
+    def __init__(self, path: Path, pointers: int) -> None:
+        self.library = ctypes.CDLL(str(path))
+        self.function = self.library.descend_step
+        self.function.restype = None
+        self.function.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        self.pointers = pointers  # per tensor: w, g, then the state tensors
+        self.path = path
+
+    def __call__(self, pointers: Sequence[int], sizes: Sequence[int], scalars: Sequence[float]) -> None:
+        """Step ``len(sizes)`` tensors: ``pointers`` holds, per tensor, the addresses of ``w``, ``g`` and its
+        state (float32, contiguous, ``sizes[t]`` elements each); ``scalars`` the hyperparameters in trace order."""
+        if len(pointers) != self.pointers * len(sizes):
+            raise ValueError(f"expected {self.pointers} pointers per tensor, got {len(pointers)} for {len(sizes)}")
+        ptrs, counts = array.array("q", pointers), array.array("q", sizes)
+        values = array.array("d", scalars or [0.0])
+        self.function(len(counts), ptrs.buffer_info()[0], counts.buffer_info()[0], values.buffer_info()[0],
+                      torch.get_num_threads())
+
+
+def compile_kernel(source: str, pointers: int) -> Kernel:
+    """Compile ``source`` (or load it from the cache) and return the kernel.
+
+    Raises ``RuntimeError`` (one line, with the compiler's first error) when no C compiler works.
+    """
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    flags = [*_FLAGS, *(f for tuning in _TUNING for f in tuning)]
+    digest = hashlib.sha256("\0".join([source, compiler, *flags, _machine_tag()]).encode()).hexdigest()[:24]
+    directory = kernel_cache_dir()
+    path = directory / f"step_{digest}.so"
+    with _lock:
+        if not path.is_file():
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                directory = Path(tempfile.gettempdir()) / f"descend-kernels-{os.getuid()}"
+                directory.mkdir(parents=True, exist_ok=True)
+                path = directory / path.name
+        if not path.is_file():
+            _build(compiler, source, path)
+    return Kernel(path, pointers)
+
+
+def _build(compiler: str, source: str, path: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="descend-kernel-") as tmp:
+        c_file = Path(tmp) / "step.c"
+        c_file.write_text(source)
+        errors = ""
+        # without OpenMP (e.g. clang lacking libomp) the loop runs on one thread
+        for tuning, openmp in [(t, o) for t in _TUNING for o in (["-fopenmp"], [])]:
+            try:
+                with atomic_path(path, suffix=".so") as out:
+                    command = [compiler, *_FLAGS, *tuning, *openmp, str(c_file), "-o", str(out), "-lm"]
+                    result = subprocess.run(command, capture_output=True, text=True)
+                    if result.returncode != 0:
+                        raise _BuildError((result.stderr.strip().splitlines() or ["(no message)"])[0])
+                return
+            except _BuildError as err:
+                errors = errors or str(err)
+    raise RuntimeError(f"the C compiler could not build a native optimizer step: {errors}")
+
+
+class _BuildError(Exception):
+    pass

@@ -1,0 +1,155 @@
+"""The native engine: the rules traced into one C loop, checked against the reference engine."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import pytest
+import torch
+
+from descend import optim
+from descend.optim import _native as native
+from descend.optim._engines import AutoEngine, NativeEngine
+from descend.optim._rules import Rule
+from test_engines import PRESETS, assert_close, run
+
+pytestmark = pytest.mark.skipif(native._compiler() is None, reason="needs a C compiler")
+
+#: Chains whose every operation rounds as torch's does: the native loop equals the reference bit for bit.
+EXACT = ["sgd_plain", "sgd_nesterov_l2", "momentum", "signsgd", "signum_box", "lion_maximize", "user_chain"]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DESCEND_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "descend-cache"))
+
+
+def _native_kernels(factory: Any) -> tuple[list[torch.Tensor], NativeEngine]:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(3, 4), (5,)]]
+    opt = factory(params, engine="native")
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return params, opt._engine
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_native_matches_reference(name: str) -> None:
+    """Every preset (clipping, projections, L2, AMSGrad, maximize, two groups, a missing gradient) runs natively."""
+    assert_close(run(PRESETS[name], "native"), run(PRESETS[name], "reference"))
+    _, engine = _native_kernels(PRESETS[name])
+    assert engine.kernels and all(k is not None for k in engine.kernels.values()), "ran on foreach, not natively"
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_native_is_bit_exact_where_the_operations_are_torchs(name: str) -> None:
+    assert_close(run(PRESETS[name], "native"), run(PRESETS[name], "reference"), rtol=0.0)
+
+
+def test_the_generated_loop_is_the_rule_as_written() -> None:
+    """Lion: one lerp for the direction, its sign, one lerp for the momentum, then w <- keep*w - lr*u."""
+    lion = optim.Lion([torch.nn.Parameter(torch.zeros(1))])
+    live = [(rule, rule.read(lion.param_groups[0])) for rule in lion.rules]
+    shapes = [native.flatten_hyper(hp, rule.static)[1] for rule, hp in live]
+    source = native.trace_chain([r for r, _ in live], [("exp_avg",), ()], shapes, maximize=False, decays=True)
+    body = source.split("for (int64_t i = start; i < stop; i++) {")[1]
+    assert body.count("fmaf(") == 2 and body.count("? 1.0f : (") == 1  # two lerps (an fma each), one sign
+    assert "P2[i] =" in body and "P0[i] =" in body  # the momentum and the weights are written back
+    assert "s[3]" in source  # lr, beta1, beta2 and keep come in as scalars, not constants
+
+
+def test_a_schedule_changes_scalars_not_the_kernel() -> None:
+    params = [torch.nn.Parameter(torch.randn(8))]
+    opt = optim.Lion(params, engine="native")
+    for lr in (1e-3, 5e-4, 1e-4):
+        opt.param_groups[0]["lr"] = lr
+        params[0].grad = torch.ones(8)
+        before = params[0].detach().clone()
+        opt.step()
+    assert len(opt._engine.kernels) == 1
+    torch.testing.assert_close(params[0].detach(), before - 1e-4)  # sign(+1) = 1, a step of the last lr
+
+
+@pytest.mark.parametrize("case", ["float64", "grad_scale"])
+def test_unsupported_buckets_run_on_foreach(case: str) -> None:
+    """float64 parameters and a GradScaler's scale are not run natively, and give the reference's answer."""
+    dtype = torch.float64 if case == "float64" else torch.float32
+    scale = 4.0 if case == "grad_scale" else None
+    outs, kernels = [], []
+    for engine in ("native", "reference"):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 3, generator=gen, dtype=dtype))]
+        opt = optim.Lion(params, lr=0.01, weight_decay=0.1, engine=engine)
+        for _ in range(4):
+            grad = torch.randn(5, 3, generator=gen, dtype=dtype)
+            params[0].grad = grad * scale if scale else grad
+            opt.step(grad_scale=torch.tensor(scale) if scale else None)
+        outs.append([params[0].detach()])
+        kernels.append(getattr(opt._engine, "kernels", None))
+    assert_close(outs[0], outs[1], rtol=1e-12 if dtype == torch.float64 else 1e-6)
+    assert kernels[0] == {}  # no native kernel was built
+
+
+class Halve(Rule):
+    """A user rule that branches on a hyperparameter as a Python number: not expressible as one C loop."""
+
+    name = "halve"
+
+    def __init__(self, on: float = 1.0) -> None:
+        super().__init__(on=on)
+
+    def update(self, u: Any, w: Any, state: Any, hp: Any, step: Any) -> Any:
+        return u * 0.5 if float(hp["on"]) > 0 else u
+
+    def equation(self) -> str:
+        return "u ← u/2"
+
+
+def test_an_untraceable_rule_runs_on_foreach_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    params = [torch.nn.Parameter(torch.ones(4))]
+    opt = optim.chain(params, Halve(), lr=0.1, engine="native")
+    with caplog.at_level(logging.INFO, logger="descend.optim"):
+        for _ in range(2):
+            params[0].grad = torch.full((4,), 2.0)
+            opt.step()
+    assert any("Python number" in r.getMessage() for r in caplog.records)
+    assert all(k is None for k in opt._engine.kernels.values())
+    torch.testing.assert_close(params[0].detach(), torch.full((4,), 1 - 2 * 0.1 * 1.0))
+
+
+def test_without_a_compiler_native_warns_and_auto_is_silent(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("DESCEND_CACHE_DIR", str(tmp_path / "empty-cache"))
+    ref = run(PRESETS["lion_maximize"], "reference")
+    with pytest.warns(RuntimeWarning, match="could not compile"):
+        out = run(PRESETS["lion_maximize"], "native")
+    assert_close(out, ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_close(run(PRESETS["lion_maximize"], "auto"), ref)
+
+
+def test_kernels_are_compiled_once_per_machine(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DESCEND_CACHE_DIR", str(tmp_path))
+    _native_kernels(lambda p, **k: optim.Signum(p, **k))
+    built = sorted((tmp_path / "kernels").glob("*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    _native_kernels(lambda p, **k: optim.Signum(p, **k))  # a new optimizer, as in a new process: loads the file
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("*.so")] == [stamp]
+
+
+def test_auto_runs_sign_methods_natively_on_the_cpu() -> None:
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(4, 3, generator=gen))]
+    opt = optim.Lion(params, weight_decay=0.1)
+    for _ in range(3):
+        params[0].grad = torch.randn(4, 3, generator=gen)
+        opt.step()
+    engine = opt._engine
+    assert isinstance(engine, AutoEngine) and engine.last is engine.native
+    assert any(k is not None for k in engine.native.kernels.values())
