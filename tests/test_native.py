@@ -153,3 +153,16 @@ def test_auto_runs_sign_methods_natively_on_the_cpu() -> None:
     engine = opt._engine
     assert isinstance(engine, AutoEngine) and engine.last is engine.native
     assert any(k is not None for k in engine.native.kernels.values())
+
+
+def test_a_cache_others_can_write_to_is_not_used(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library from a directory another user could write to would run as this user: it is never loaded."""
+    shared = tmp_path / "shared"
+    (shared / "kernels").mkdir(parents=True)
+    (shared / "kernels").chmod(0o777)
+    monkeypatch.setenv("DESCEND_CACHE_DIR", str(shared))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "private-tmp"))
+    _native_kernels(lambda p, **k: optim.Signum(p, **k))
+    assert not list((shared / "kernels").glob("*.so"))
+    built = list((tmp_path / "private-tmp").glob("descend-kernels-*/*.so"))
+    assert len(built) == 1 and not built[0].parent.stat().st_mode & 0o077

@@ -18,7 +18,8 @@ one fused multiply-add, as torch's vectorised kernel computes it); nothing else 
 The loop runs over every tensor of a bucket in one call (OpenMP threads split each tensor), on
 float32 CPU tensors. The C source is compiled once per machine with the system C compiler
 (``$CC``, else ``cc``) and cached by its hash under ``$DESCEND_CACHE_DIR`` (default
-``~/.cache/descend/kernels``); a process that finds the library there only loads it. A rule that
+``~/.cache/descend/kernels``; never a directory other users can write to); a process that finds the
+library there only loads it. A rule that
 uses an operation the tracer does not know raises :class:`NotTraceable`, and the engine runs that
 chain another way.
 """
@@ -517,19 +518,34 @@ def compile_kernel(source: str, pointers: int) -> Kernel:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
     flags = [*_FLAGS, *(f for tuning in _TUNING for f in tuning)]
     digest = hashlib.sha256("\0".join([source, compiler, *flags, _machine_tag()]).encode()).hexdigest()[:24]
-    directory = kernel_cache_dir()
-    path = directory / f"step_{digest}.so"
+    user = os.getuid() if hasattr(os, "getuid") else os.getpid()
     with _lock:
-        if not path.is_file():
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-            except OSError:
-                directory = Path(tempfile.gettempdir()) / f"descend-kernels-{os.getuid()}"
-                directory.mkdir(parents=True, exist_ok=True)
-                path = directory / path.name
+        for directory in (kernel_cache_dir(), Path(tempfile.gettempdir()) / f"descend-kernels-{user}"):
+            if _private(directory):
+                break
+        else:
+            raise RuntimeError("no directory only this user can write to for compiled kernels; "
+                               "set DESCEND_CACHE_DIR to one")
+        path = directory / f"step_{digest}.so"
         if not path.is_file():
             _build(compiler, source, path)
+        elif not _private(path):
+            raise RuntimeError(f"{path} is writable by other users; delete it")
     return Kernel(path, pointers)
+
+
+def _private(path: Path) -> bool:
+    """Whether ``path`` (a directory is created, mode 0700, if missing) belongs to this user and no other
+    user can write to it: a library loaded from there runs as this user."""
+    try:
+        if not path.exists():
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        status = path.stat()
+    except OSError:
+        return False
+    if hasattr(os, "getuid") and status.st_uid != os.getuid():
+        return False
+    return not status.st_mode & 0o022
 
 
 def _build(compiler: str, source: str, path: Path) -> None:
