@@ -10,8 +10,10 @@ Run (2 threads, 20M float32 parameters in 100 tensors; then 1M, and 100 tensors 
 Rows tagged ``[default]`` are descend optimizers constructed with no ``engine`` or ``flat`` argument
 (``[default, flat]``: ``flat=True`` only); ``--engines`` adds rows for named engines. Every optimizer
 steps the same parameters with fixed gradients; the table reports the median step time over the
-timed steps (after warm-up, which includes any compilation; optimizers take their steps round-robin,
-so load from other processes hits all alike), the effective bandwidth under a stated byte model
+timed steps of every round (after warm-up, which includes any compilation). Each round builds every
+optimizer anew, in a rotated order, so where its state lands in memory averages out; within a round
+the optimizers take their steps round-robin, so load from other processes hits all alike. Also: the
+effective bandwidth under a stated byte model
 (bytes read + written per parameter, float32: parameter r/w 8, gradient read 4, each state tensor
 r/w 8, or 4 in bfloat16), its share of the copy bandwidth measured in the same run (``dst.copy_(src)``
 over the same number of elements: device-to-device on CUDA), and ratios to peers measured in the
@@ -220,50 +222,11 @@ def _restore(params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> lis
     return params
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--params", default="20M", help="total parameter count, e.g. 1M, 20M, 100M")
-    parser.add_argument("--tensors", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=25, help="timed steps per optimizer (median reported)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--engines", default="default", help="descend rows: 'default' (no engine argument) "
-                        "and/or engine names, e.g. default,foreach,compiled")
-    parser.add_argument("--layouts", default="tensors,flat", help="descend's parameter layouts: 'tensors' "
-                        "(the model's own tensors), 'flat' (flat=True: one buffer per group) and/or "
-                        "'flat-new-grads' (flat=True with a new .grad tensor each step, as backward makes after "
-                        "torch's zero_grad(set_to_none=True): the step copies it into the buffer)")
-    parser.add_argument("--only", default="", help="comma-separated substrings: run only matching rows "
-                        "(the peers of the ratios always run)")
-    parser.add_argument("--equal-sizes", action="store_true", help="tensors of equal size (default: +-50%%)")
-    parser.add_argument("--first-steps", default="auto", choices=["auto", "yes", "no"],
-                        help="time the first steps of the default and compiled rows in fresh processes "
-                        "(auto: at 1M parameters or more)")
-    parser.add_argument("--first-steps-of", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="1M parameters, 5 steps: a smoke run")
-    parser.add_argument("--out", default="benchmarks/optimizer_step.json")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.params, args.steps, args.warmup, args.first_steps = "1M", 5, 1, "no"
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    if args.first_steps_of:
-        print(time_first_steps(args.first_steps_of, args))
-        return {}
-    _mmap_large_allocations()
-    device = torch.device(args.device)
-    n = parse_count(args.params)
-    load_before = os.getloadavg()
-    params = make_params(n, args.tensors, device, equal=args.equal_sizes)
-    grads = [p.grad for p in params]
-    only = [s for s in args.only.split(",") if s]
-    # Build and warm up every optimizer (compilation happens here), then time them round-robin, one
-    # step of each in turn, so load from other processes on a shared machine hits all of them alike.
+def build_runs(chosen: list[tuple[str, str, Factory, int, bool]], params: list[torch.nn.Parameter],
+               grads: list[torch.Tensor], args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Build and warm up (compiling, where an engine compiles) each chosen optimizer; skip what cannot run here."""
     runs: list[dict[str, Any]] = []
-    for name, family, factory, nbytes, flat in candidates(args.engines.split(","), args.layouts.split(",")):
-        if only and name not in PEERS.values() and not any(s in name for s in only):
-            continue
+    for name, family, factory, nbytes, flat in chosen:
         t0 = time.perf_counter()
         own = [torch.nn.Parameter(p.detach().clone()) for p in params] if flat else params
         own_grads = [g.clone() for g in grads] if flat else grads
@@ -284,29 +247,87 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del own_grads
         warm = time.perf_counter() - t0
         print(f"  ready: {name} (warm-up {warm:.1f} s)", file=sys.stderr, flush=True)
-        runs.append({"name": name, "family": family, "bytes_per_param": nbytes, "opt": opt, "times": [],
+        runs.append({"name": name, "family": family, "bytes_per_param": nbytes, "opt": opt,
                      "warmup_s": warm, "flat": flat, "new_grads": new_grads})
+    return runs
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--params", default="20M", help="total parameter count, e.g. 1M, 20M, 100M")
+    parser.add_argument("--tensors", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per optimizer and round (the median "
+                        "over all rounds is reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="times every optimizer is built anew (fresh state "
+                        "memory, rotated build order); each round times --steps steps of each")
+    parser.add_argument("--engines", default="default", help="descend rows: 'default' (no engine argument) "
+                        "and/or engine names, e.g. default,foreach,compiled")
+    parser.add_argument("--layouts", default="tensors,flat", help="descend's parameter layouts: 'tensors' "
+                        "(the model's own tensors), 'flat' (flat=True: one buffer per group) and/or "
+                        "'flat-new-grads' (flat=True with a new .grad tensor each step, as backward makes after "
+                        "torch's zero_grad(set_to_none=True): the step copies it into the buffer)")
+    parser.add_argument("--only", default="", help="comma-separated substrings: run only matching rows "
+                        "(the peers of the ratios always run)")
+    parser.add_argument("--equal-sizes", action="store_true", help="tensors of equal size (default: +-50%%)")
+    parser.add_argument("--first-steps", default="auto", choices=["auto", "yes", "no"],
+                        help="time the first steps of the default and compiled rows in fresh processes "
+                        "(auto: at 1M parameters or more)")
+    parser.add_argument("--first-steps-of", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="1M parameters, 5 steps: a smoke run")
+    parser.add_argument("--out", default="benchmarks/optimizer_step.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.params, args.steps, args.warmup, args.first_steps, args.rounds = "1M", 5, 1, "no", 1
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    if args.first_steps_of:
+        print(time_first_steps(args.first_steps_of, args))
+        return {}
+    _mmap_large_allocations()
+    device = torch.device(args.device)
+    n = parse_count(args.params)
+    load_before = os.getloadavg()
+    params = make_params(n, args.tensors, device, equal=args.equal_sizes)
+    grads = [p.grad for p in params]
+    only = [s for s in args.only.split(",") if s]
+    chosen = [c for c in candidates(args.engines.split(","), args.layouts.split(","))
+              if not only or c[0] in PEERS.values() or any(s in c[0] for s in only)]
     buf = [torch.empty(n, device=device).uniform_() for _ in range(3)]
     stream_ops = {"copy": (lambda: buf[0].copy_(buf[1]), 8),  # device-to-device on CUDA
                   "triad": (lambda: torch.add(buf[1], buf[2], alpha=0.5, out=buf[0]), 12)}
     stream_times: dict[str, list[float]] = {k: [] for k in stream_ops}
-    for _ in range(args.steps):
-        for key, (fn, _) in stream_ops.items():
-            sync(device)
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            stream_times[key].append(time.perf_counter() - t)
-        for run in runs:
-            if not run["flat"]:
-                _restore(params, grads)
-            elif run["new_grads"] is not None:
-                _restore(*run["new_grads"])
-            sync(device)
-            t = time.perf_counter()
-            run["opt"].step()
-            sync(device)
-            run["times"].append(time.perf_counter() - t)
+    times: dict[str, list[float]] = {}
+    runs: list[dict[str, Any]] = []
+    for round_ in range(args.rounds):
+        # Each round builds every optimizer anew (fresh state memory) in a rotated order, so where in memory
+        # an optimizer's state lands, and who was built first, average out over the rounds.
+        shift = round_ * len(chosen) // max(1, args.rounds)
+        runs.clear()
+        gc.collect()
+        runs += build_runs(chosen[shift:] + chosen[:shift], params, grads, args, device)
+        runs.sort(key=lambda r: [c[0] for c in chosen].index(r["name"]))
+        for _ in range(args.steps):  # round-robin, one step of each in turn: load from others hits all alike
+            for key, (fn, _) in stream_ops.items():
+                sync(device)
+                t = time.perf_counter()
+                fn()
+                sync(device)
+                stream_times[key].append(time.perf_counter() - t)
+            for run in runs:
+                if not run["flat"]:
+                    _restore(params, grads)
+                elif run["new_grads"] is not None:
+                    _restore(*run["new_grads"])
+                sync(device)
+                t = time.perf_counter()
+                run["opt"].step()
+                sync(device)
+                times.setdefault(run["name"], []).append(time.perf_counter() - t)
+    for run in runs:
+        run["times"] = times[run["name"]]
     buf.clear()
     stream = {k: stream_ops[k][1] * n / statistics.median(v) / 1e9 for k, v in stream_times.items()}
     rows: list[dict[str, Any]] = []
@@ -338,7 +359,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["first_steps_s"] = first_steps(row["name"], args)
     report = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
               else platform.processor() or platform.machine(), "threads": args.threads, "params": n,
-              "tensors": args.tensors, "equal_sizes": args.equal_sizes, "steps": args.steps,
+              "tensors": args.tensors, "equal_sizes": args.equal_sizes, "steps": args.steps * args.rounds,
+              "rounds": args.rounds,
               "torch": torch.__version__, "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "stream_gb_per_s": stream, "rows": rows}
     report["targets"] = targets(rows, n)
@@ -387,7 +409,8 @@ def print_table(report: dict[str, Any]) -> None:
     s = report["stream_gb_per_s"]
     print(f"\n{report['params'] / 1e6:g}M float32 parameters in {report['tensors']} tensors, {report['device']} "
           f"({report['device_name']}), "
-          f"{report['threads']} threads, torch {report['torch']}; median of {report['steps']} steps. "
+          f"{report['threads']} threads, torch {report['torch']}; median of {report['steps']} steps "
+          f"over {report.get('rounds', 1)} round(s). "
           f"Streaming bandwidth: copy {s['copy']:.1f} GB/s, triad {s['triad']:.1f} GB/s.\n")
     print("| optimizer | ms/step | Mparams/s | bytes/param | GB/s | % copy | vs torch fused AdamW "
           "| state B/param | transient B/param | first steps cold / warm (s) |")

@@ -176,9 +176,13 @@ def optimizer_step(name: str | None) -> str:
         raise ValueError("optimizer-step needs a file name: <!-- generate: optimizer-step optimizer_step_20M.json -->")
     d = load_result(name)
     bw = d.get("stream_gb_per_s", {})
+    rounds = ""
+    if d.get("rounds"):
+        rounds = f" over {d['rounds']} rounds, each building every optimizer anew in a rotated order"
     method = d.get("method") or (
-        f"median of {d['steps']} steps per optimizer, all optimizers stepped in turn (round-robin) with a "
-        f"streaming copy and triad over the same number of elements"
+        f"median of {d['steps']} steps per optimizer{rounds}"
+        ", all optimizers stepped in turn (round-robin) with a streaming copy and triad over the same number of "
+        "elements"
     )
     caption = (
         f"**{_count(d['params'])} {d.get('dtype', 'float32')} parameters in {d['tensors']} tensors** on "
