@@ -63,18 +63,22 @@ def accumulate_gradient(
     source = as_source(data)
     device = device or next(model.parameters()).device
     world, total = dd.world_size(), source.total(batches)
-    acc = _accumulator(device)
+    last, on_cpu = len(batches) - 1, device.type == "cpu"
     parts: list[Tensor] = []  # summed once at the end: no per-micro-batch bookkeeping ops
     correct = torch.zeros((), dtype=torch.int64, device=device) if count_correct else None
     for j, batch in enumerate(batches):
         inputs, targets = source.local(batch, world)
-        *inputs, targets = move((*inputs, targets), device)
+        if not (on_cpu and targets.is_cpu and all(t.is_cpu for t in inputs)):
+            *inputs, targets = move((*inputs, targets), device)
         m = int(targets.shape[0])
         weight = world * m / total
-        with dd.sync_gradients(model, enabled=j == len(batches) - 1):
-            with autocast(device, bf16):
-                outputs = model(*inputs)
-                loss = loss_fn(outputs, targets) if m else outputs.sum() * 0.0  # an empty mean is NaN
+        if bf16 or j != last:  # autocast, or gradients that must not be synchronised yet
+            with dd.sync_gradients(model, enabled=j == last):
+                with autocast(device, bf16):
+                    outputs, loss = _forward(model, loss_fn, inputs, targets, m)
+                (loss if weight == 1.0 else loss * weight).backward()
+        else:  # the common step: one micro-batch, no context to enter
+            outputs, loss = _forward(model, loss_fn, inputs, targets, m)
             (loss if weight == 1.0 else loss * weight).backward()
         parts.append(loss.detach() if m == total else loss.detach() * (m / total))
         if correct is not None and m:
@@ -89,10 +93,18 @@ def accumulate_gradient(
                     p.grad.add_(p.detach(), alpha=l2)
         # Σ over ranks of this term is λ/2·||w||²: shards count once each, replicas W times.
         for p in params:
-            square = dd.local_tensor(p).detach().to(acc).square().sum()
+            square = dd.local_tensor(p).detach().to(_accumulator(device)).square().sum()
             parts.append(0.5 * l2 * (square if isinstance(p, DTensor) else square / world))
-    loss_sum = parts[0] if len(parts) == 1 else torch.stack([t.to(acc) for t in parts]).sum()
-    return loss_sum, correct
+    if len(parts) == 1:
+        return parts[0], correct
+    acc = _accumulator(device)
+    return torch.stack([t.to(acc) for t in parts]).sum(), correct
+
+
+def _forward(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """The outputs and the mean loss of one micro-batch (of ``m`` examples on this rank)."""
+    outputs = model(*inputs)
+    return outputs, (loss_fn(outputs, targets) if m else outputs.sum() * 0.0)  # an empty mean is NaN
 
 
 def clear_grads(optimizer: torch.optim.Optimizer) -> None:
