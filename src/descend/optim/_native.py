@@ -154,9 +154,6 @@ class Scalar:
     __bool__ = __float__  # type: ignore[assignment]
 
 
-_TORCH_FUNCTIONS: dict[Any, str] = {}
-
-
 class Element:
     """One element of a float32 tensor inside the loop (a C ``float``)."""
 
@@ -291,6 +288,8 @@ class Element:
         return out._new(result)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # protocol probes (hasattr(x, "__index__"), copy, pickle): plain absence
+            raise AttributeError(name)
         raise NotTraceable(f"the native tracer does not know Tensor.{name}")
 
     def __bool__(self) -> bool:
