@@ -98,24 +98,11 @@ class _Code:
         raise NotTraceable(f"the native tracer cannot use a {type(value).__name__} here")
 
 
-class Scalar:
-    """A hyperparameter, or an expression of hyperparameters: a ``double`` computed outside the loop."""
-
-    def __init__(self, code: _Code, name: str) -> None:
-        self.code, self.name = code, name
-
-    def _operand(self, other: Any) -> str:
-        if isinstance(other, Scalar):
-            return other.name
-        if isinstance(other, (int, float)) and not isinstance(other, bool):
-            return _literal(float(other))
-        raise NotTraceable(f"the native tracer cannot combine a hyperparameter with a {type(other).__name__}")
+class _Operand:
+    """Python's arithmetic operators, each one line of C through ``_binary`` (``reflected``: ``other op self``)."""
 
     def _binary(self, op: str, other: Any, reflected: bool = False) -> Any:
-        if isinstance(other, Element):
-            return other._binary(op, self, reflected=not reflected)
-        a, b = self.name, self._operand(other)
-        return self.code.scalar(f"({b} {op} {a})" if reflected else f"({a} {op} {b})")
+        raise NotImplementedError
 
     def __add__(self, o: Any) -> Any:
         return self._binary("+", o)
@@ -141,6 +128,27 @@ class Scalar:
     def __rtruediv__(self, o: Any) -> Any:
         return self._binary("/", o, True)
 
+
+class Scalar(_Operand):
+    """A hyperparameter, or an expression of hyperparameters: a ``double`` computed outside the loop."""
+
+    def __init__(self, code: _Code, name: str) -> None:
+        self.code, self.name = code, name
+
+    def _operand(self, other: Any) -> str:
+        if isinstance(other, Scalar):
+            return other.name
+        if isinstance(other, (int, float)) and not isinstance(other, bool):
+            return _literal(float(other))
+        raise NotTraceable(f"the native tracer cannot combine a hyperparameter with a {type(other).__name__}")
+
+    def _binary(self, op: str, other: Any, reflected: bool = False) -> Any:
+        if isinstance(other, Element):
+            return other._binary(op, self, reflected=not reflected)
+        a, b = self.name, self._operand(other)
+        return self.code.scalar(f"({b} {op} {a})" if reflected else f"({a} {op} {b})")
+
+
     def __neg__(self) -> Scalar:
         return self.code.scalar(f"(-{self.name})")
 
@@ -154,7 +162,7 @@ class Scalar:
     __bool__ = __float__  # type: ignore[assignment]
 
 
-class Element:
+class Element(_Operand):
     """One element of a float32 tensor inside the loop (a C ``float``)."""
 
     dtype = torch.float32
@@ -167,29 +175,6 @@ class Element:
         a, b = self.name, self.code.as_float(other)
         return self.code.element(f"{b} {op} {a}" if reflected else f"{a} {op} {b}")
 
-    def __add__(self, o: Any) -> Element:
-        return self._binary("+", o)
-
-    def __radd__(self, o: Any) -> Element:
-        return self._binary("+", o, True)
-
-    def __sub__(self, o: Any) -> Element:
-        return self._binary("-", o)
-
-    def __rsub__(self, o: Any) -> Element:
-        return self._binary("-", o, True)
-
-    def __mul__(self, o: Any) -> Element:
-        return self._binary("*", o)
-
-    def __rmul__(self, o: Any) -> Element:
-        return self._binary("*", o, True)
-
-    def __truediv__(self, o: Any) -> Element:
-        return self._binary("/", o)
-
-    def __rtruediv__(self, o: Any) -> Element:
-        return self._binary("/", o, True)
 
     def __neg__(self) -> Element:
         return self.code.element(f"-{self.name}")
