@@ -12,13 +12,17 @@
   <descend.optim._rules.Rule.scalars>` enter as 0-d float64 tensors, so a scheduler triggers no
   recompile; scalar expressions are evaluated in double precision and converted to the parameter's
   dtype before they meet the elements. If compiling fails it runs the foreach engine instead.
+- :class:`NativeEngine` (``engine="native"``): the chain of a bucket of float32 CPU tensors as one
+  C loop that :mod:`descend.optim._native` generates from the rules themselves, compiled once per
+  machine; other buckets, and every bucket where no C compiler works, run on the foreach engine.
 - :class:`FusedEngine` (``engine="fused"``): torch's own fused kernels (``torch._fused_adam_``,
   ``torch._fused_adamw_``, ``torch._fused_sgd_``) for buckets whose live chain is exactly one of
   them (:func:`torch_kernel`); the same equations as the rules, evaluated in another order.
-- :class:`AutoEngine` (``engine="auto"``, the default): per bucket, the torch kernel where
-  :func:`torch_kernel` finds one, the compiled engine for a flat buffer (``flat=True``) of at least
-  :data:`COMPILE_MIN` elements, the foreach engine otherwise. A compile failure falls back to the
-  foreach engine and is logged, never raised. Why: ``docs/guide/engines.md``.
+- :class:`AutoEngine` (``engine="auto"``, the default): per bucket, torch's Adam/AdamW kernel where
+  :func:`torch_kernel` finds one; on the CPU the native loop for every other chain; elsewhere torch's
+  SGD kernel, the compiled engine for a flat buffer (``flat=True``) of at least :data:`COMPILE_MIN`
+  elements, the foreach engine otherwise. A compile failure falls back to the foreach engine and is
+  logged, never raised. Why: ``docs/guide/engines.md``.
 
 With ``flat=True`` (:mod:`descend.optim._flat`) a group's parameters, gradients and state are views
 of one buffer each, and the multi-tensor engines step such a buffer as a single tensor
@@ -956,8 +960,9 @@ class FusedEngine(BucketEngine):
 
 
 class AutoEngine(FusedEngine):
-    """``engine="auto"``: per bucket, torch's fused kernel; else, on the CPU, the native loop; else the
-    compiled step for a large flat buffer; else the foreach engine (see the module docstring)."""
+    """``engine="auto"``: per bucket, torch's fused Adam/AdamW kernel; on the CPU the native loop for every
+    other chain; elsewhere torch's SGD kernel, the compiled step for a large flat buffer, or the foreach
+    engine (see the module docstring)."""
 
     name = "auto"
 
@@ -974,8 +979,8 @@ class AutoEngine(FusedEngine):
 
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
-        # On the CPU only Adam's kernel beats the native loop; torch's SGD kernel does not, and the native
-        # loop computes exactly what the reference engine computes.
+        # On the CPU the native loop steps as fast as torch's SGD kernel and computes exactly what the
+        # reference engine computes; Adam and AdamW keep torch's kernel (and so torch.optim's rounding).
         if not any(isinstance(rule, ScaleByAdam) for rule, _ in live) and self.native.supports(items, grad_scale):
             self.last = self.native
             self.native.run_bucket(group, live, keep, items, step, grad_scale)
