@@ -500,7 +500,7 @@ def test_bf16_state_is_the_same_under_every_engine(name: str, backend: str, flat
         return [t for p in params for k, t in sorted(opt.state[p].items()) if k != "step"]
 
     ref = states("reference")
-    for engine in ("foreach", "compiled"):
+    for engine in ("foreach", "compiled", "native"):
         out = states(engine)
         same = sum(int((a == b).sum()) for a, b in zip(out, ref)) / sum(a.numel() for a in ref)
         assert same > 0.999, (engine, same)
@@ -524,7 +524,7 @@ def test_bf16_state_foreach_chunking_changes_nothing() -> None:
 
 
 @pytest.mark.parametrize("flat", [False, True])
-@pytest.mark.parametrize("engine", ["reference", "foreach"])
+@pytest.mark.parametrize("engine", ["reference", "foreach", "native"])
 def test_bf16_state_resumes_bit_identically(engine: str, flat: bool) -> None:
     """No generator state to save: a resumed run rounds as the uninterrupted one did (also with
     ``flat=True``, where the loaded state is moved into the flat buffers again)."""

@@ -74,6 +74,29 @@ def test_a_schedule_changes_scalars_not_the_kernel() -> None:
     torch.testing.assert_close(params[0].detach(), before - 1e-4)  # sign(+1) = 1, a step of the last lr
 
 
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("name", ["Lion", "Signum", "SGD"])
+def test_bf16_state_is_rounded_with_the_reference_engines_noise(name: str, flat: bool) -> None:
+    """bfloat16 state: the loop widens it, runs the rules in float32 and rounds stochastically with the
+    noise every engine draws for the element; parameters and state equal the reference's bit for bit."""
+    results = []
+    for engine in ("native", "reference"):
+        gen = torch.Generator().manual_seed(2)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(40, 7), (1000,), (3,)]]
+        kw: dict[str, Any] = {"lr": 0.01, "momentum": 0.9} if name == "SGD" else {"weight_decay": 0.1}
+        opt = getattr(optim, name)(params, engine=engine, state_dtype=torch.bfloat16, flat=flat, **kw)
+        for _ in range(8):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        if engine == "native":
+            assert any(k is not None for k in opt._engine.kernels.values())
+        states = [t for p in params for k, t in sorted(opt.state[p].items()) if k != "step"]
+        assert all(t.dtype == torch.bfloat16 for t in states)
+        results.append([p.detach().clone() for p in params] + states)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 @pytest.mark.parametrize("case", ["float64", "grad_scale"])
 def test_unsupported_buckets_run_on_foreach(case: str) -> None:
     """float64 parameters and a GradScaler's scale are not run natively, and give the reference's answer."""

@@ -12,9 +12,10 @@
   <descend.optim._rules.Rule.scalars>` enter as 0-d float64 tensors, so a scheduler triggers no
   recompile; scalar expressions are evaluated in double precision and converted to the parameter's
   dtype before they meet the elements. If compiling fails it runs the foreach engine instead.
-- :class:`NativeEngine` (``engine="native"``): the chain of a bucket of float32 CPU tensors as one
-  C loop that :mod:`descend.optim._native` generates from the rules themselves, compiled once per
-  machine; other buckets, and every bucket where no C compiler works, run on the foreach engine.
+- :class:`NativeEngine` (``engine="native"``): the chain of a bucket of float32 CPU tensors (state in
+  float32 or bfloat16) as one C loop that :mod:`descend.optim._native` generates from the rules
+  themselves, compiled once per machine; other buckets, and every bucket where no C compiler works,
+  run on the foreach engine.
 - :class:`FusedEngine` (``engine="fused"``): torch's own fused kernels (``torch._fused_adam_``,
   ``torch._fused_adamw_``, ``torch._fused_sgd_``) for buckets whose live chain is exactly one of
   them (:func:`torch_kernel`); the same equations as the rules, evaluated in another order.
@@ -115,6 +116,9 @@ CHUNK = 1 << 18
 
 #: Device types torch has fused Adam, AdamW and SGD kernels for.
 FUSED_DEVICES = frozenset(_fused_kernels_supported_devices())
+
+#: State dtypes the native loop runs (None: the parameter's, float32).
+NATIVE_STATE = (None, torch.float32, torch.bfloat16)
 
 #: Fewest elements of a flat buffer for which ``engine="auto"`` compiles its step.
 COMPILE_MIN = 1 << 20
@@ -758,8 +762,9 @@ class CompiledEngine(BucketEngine):
 class NativeEngine(BucketEngine):
     """The chain as one generated C loop per bucket (:mod:`descend.optim._native`), on float32 CPU tensors.
 
-    A bucket it cannot run (another device or dtype, a non-contiguous tensor, a ``grad_scale``,
-    state kept in low precision, a rule the tracer cannot express) runs on the foreach engine, as
+    State may be float32 or bfloat16 (widened on load, written back with the stochastic rounding
+    every engine uses). A bucket it cannot run (another device or dtype, a non-contiguous tensor, a
+    ``grad_scale``, a rule the tracer cannot express) runs on the foreach engine, as
     does everything once compiling has failed (logged, or warned with ``engine="native"``).
     Projections apply after the loop, as the foreach engine applies them.
     """
@@ -778,22 +783,25 @@ class NativeEngine(BucketEngine):
         self.foreach.reset()
 
     def supports(self, items: list[_Item], grad_scale: Tensor | None) -> bool:
-        """Whether the native loop may step this bucket: float32 CPU tensors, no unscaling, no low-precision
-        state (:meth:`pointers` checks each tensor)."""
-        if self.broken or grad_scale is not None or rounds_stochastically(self.plan) or not items:
+        """Whether the native loop may step this bucket: float32 CPU parameters and gradients, float32 or
+        bfloat16 state, no unscaling (:meth:`pointers` checks each tensor)."""
+        if self.broken or grad_scale is not None or not items or self.plan.state_dtype not in NATIVE_STATE:
             return False
         p0 = items[0].param
         return p0.device.type == "cpu" and p0.dtype == torch.float32 and items[0].grad.dtype == torch.float32
 
-    @staticmethod
-    def pointers(items: list[_Item]) -> tuple[list[int], list[int]] | None:
-        """The addresses of every item's ``w``, ``g`` and state, and the sizes; None unless all are
-        contiguous float32 tensors."""
-        f32 = torch.float32
+    def pointers(self, items: list[_Item]) -> tuple[list[int], list[int]] | None:
+        """The addresses of every item's ``w``, ``g`` and state, and the sizes; None unless all are contiguous,
+        the parameters and gradients float32 and the state of the optimizer's state dtype."""
+        f32, state_dtype = torch.float32, self.plan.state_dtype or torch.float32
         pointers, sizes = [], []
         for item in items:
-            for t in (item.param, item.grad, *item.states):
+            for t in (item.param, item.grad):
                 if t.dtype != f32 or not t.is_contiguous():
+                    return None
+                pointers.append(t.data_ptr())
+            for t in item.states:
+                if t.dtype != state_dtype or not t.is_contiguous():
                     return None
                 pointers.append(t.data_ptr())
             sizes.append(item.param.numel())
@@ -803,11 +811,12 @@ class NativeEngine(BucketEngine):
                shapes: tuple[tuple[Any, ...], ...]) -> native.Kernel | None:
         """The compiled loop for this chain and hyperparameter shape (None: the tracer cannot express it)."""
         rules = tuple(rule for rule, _ in live)
-        key = (rules, maximize, decays, shapes)
+        bf16 = rounds_stochastically(self.plan)
+        key = (rules, maximize, decays, shapes, bf16)
         if key not in self.kernels:
             layout = state_layout(live)
             try:
-                source = native.trace_chain(rules, layout, shapes, maximize, decays)
+                source = native.trace_chain(rules, layout, shapes, maximize, decays, bf16_state=bf16)
             except native.NotTraceable as err:
                 logger.info("descend: engine=%r runs %s on the foreach engine: %s",
                             self.name, self.plan.describe(), err)
@@ -841,7 +850,12 @@ class NativeEngine(BucketEngine):
             if kernel is not None:
                 assert flat is not None
                 scalars = [x for numbers, _ in flat for x in numbers] + ([float(keep)] if decays else [])
-                kernel(*addresses, scalars)
+                if rounds_stochastically(self.plan):  # per tensor and state, the seeds of its rounding noise
+                    columns = [s for per_rule in bucket_seeds(items, step, state_layout(live)) for s in per_rule]
+                    seeds = torch.stack(columns, dim=1).contiguous() if columns else None
+                    kernel(*addresses, scalars, [item.offset for item in items], seeds)
+                else:
+                    kernel(*addresses, scalars)
                 return
         self.foreach.run_bucket(group, live, keep, items, step, grad_scale)
 

@@ -15,13 +15,13 @@ formula (``start + w·(end − start)`` for ``|w| < 0.5``, else ``end − (1 −
 one fused multiply-add, as torch's vectorised kernel computes it); nothing else is contracted
 (``-ffp-contract=off``), so every other operation rounds as torch's does.
 
-The loop runs over every tensor of a bucket in one call (OpenMP threads split each tensor), on
-float32 CPU tensors. The C source is compiled once per machine with the system C compiler
-(``$CC``, else ``cc``) and cached by its hash under ``$DESCEND_CACHE_DIR`` (default
-``~/.cache/descend/kernels``; never a directory other users can write to); a process that finds the
-library there only loads it. A rule that
-uses an operation the tracer does not know raises :class:`NotTraceable`, and the engine runs that
-chain another way.
+The loop runs over every tensor of a bucket in one call (OpenMP threads share the elements), on
+float32 CPU tensors; state may be bfloat16, widened on load and rounded stochastically on store.
+The C source is compiled once per machine with the system C compiler (``$CC``, else ``cc``) and
+cached by its hash under ``$DESCEND_CACHE_DIR`` (default ``~/.cache/descend/kernels``; never a
+directory other users can write to); a process that finds the library there only loads it. A rule
+that uses an operation the tracer does not know raises :class:`NotTraceable`, and the engine runs
+that chain another way.
 """
 
 from __future__ import annotations
@@ -346,8 +346,29 @@ def _symbolic_hyper(code: _Code, shape: tuple[Any, ...], first: int) -> tuple[di
 # ------------------------------------------------------------------------------------------------
 
 
+#: bfloat16 state: widened to float32 on load; on store rounded stochastically with the noise of
+#: :func:`descend.optim._rounding.element_noise` (the same bits every engine draws for the element).
+_BF16 = """
+static inline float descend_bf16_load(uint16_t b) {
+  const uint32_t u = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+static inline uint16_t descend_bf16_round(float x, uint32_t index, uint32_t seed) {
+  if (x != x) return 0x7FC0;  /* a NaN, as torch converts one */
+  uint32_t h = (index ^ seed) * 0x7FEB352Du;
+  h = (h ^ (h >> 15)) * 0x846CA68Bu;
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  return (uint16_t)(((u + (h >> 16)) & 0xFFFF0000u) >> 16);
+}
+"""
+
+
 def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shapes: Sequence[tuple[Any, ...]],
-                maximize: bool, decays: bool) -> str:
+                maximize: bool, decays: bool, bf16_state: bool = False) -> str:
     """The C source of the chain's step for one bucket layout.
 
     Args:
@@ -356,6 +377,9 @@ def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shape
         shapes: per rule, its hyperparameters' shape from :func:`flatten_hyper` (scalars come in that order).
         maximize: whether the step ascends (``u = -g``).
         decays: whether ``keep`` (decoupled decay) is the last scalar, applied as ``w <- keep*w + u``.
+        bf16_state: the state tensors are bfloat16: the rules run on their float32 values, which are
+            written back rounded stochastically (seed per tensor and state slot, ``offsets[t] + i`` the
+            element's index), as :func:`descend.optim._rounding.write_back_` does.
     """
     code = _Code()
     w = Element(code, "w")
@@ -368,13 +392,21 @@ def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shape
         state = {}
         for name in names:
             var = f"m{slot}"
-            loads.append(f"const float {var} = P{slot}[i];")
+            loads.append(f"const float {var} = descend_bf16_load(P{slot}[i]);" if bf16_state
+                         else f"const float {var} = P{slot}[i];")
             state[name] = State(code, var)
             slot += 1
         u = rule.update(u, w, state, hp, None)
         if not isinstance(u, Element):
             raise NotTraceable(f"{rule.name}.update returned a {type(u).__name__}")
         stores += [(f"P{slot - len(names) + j}", state[name]) for j, name in enumerate(names)]
+    states = slot - 2
+
+    def store(pointer: str, value: Element, k: int) -> str:
+        if not bf16_state:
+            return f"{pointer}[i] = {value.name};"
+        return f"{pointer}[i] = descend_bf16_round({value.name}, (uint32_t)(offset + i), seeds[t * {states} + {k}]);"
+
     if decays:
         keep = Scalar(code, f"s{index}")
         code.prologue.append(f"const double s{index} = s[{index}];")
@@ -386,13 +418,16 @@ def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shape
     lines = [
         "#include <math.h>",
         "#include <stdint.h>",
+        "#include <string.h>",
         "#ifdef _OPENMP",
         "#include <omp.h>",
         "#endif",
         "",
         "/* The tensors' elements, end to end, are cut into one contiguous range per thread (at multiples",
         "   of 16 elements, so no two threads write one cache line); each thread walks its range. */",
-        "void descend_step(int64_t count, float *const *ptrs, const int64_t *sizes, const double *s, int threads) {",
+        *(_BF16.splitlines() if bf16_state else []),
+        "void descend_step(int64_t count, void *const *ptrs, const int64_t *sizes, const double *s, int threads,",
+        "                  const int64_t *offsets, const uint32_t *seeds) {",
         *(f"  {line}" for line in code.prologue),
         "  int64_t total = 0;",
         "  for (int64_t t = 0; t < count; t++) total += sizes[t];",
@@ -412,13 +447,15 @@ def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shape
         "      const int64_t start = lo > base ? lo - base : 0, stop = hi < base + n ? hi - base : n;",
         f"      float *restrict P0 = ptrs[t * {pointers}];",
         f"      const float *restrict P1 = ptrs[t * {pointers} + 1];",
-        *(f"      float *restrict P{k} = ptrs[t * {pointers} + {k}];" for k in range(2, pointers)),
+        *(f"      {'uint16_t' if bf16_state else 'float'} *restrict P{k} = ptrs[t * {pointers} + {k}];"
+          for k in range(2, pointers)),
+        *(["      const int64_t offset = offsets[t];"] if bf16_state else []),
         "      for (int64_t i = start; i < stop; i++) {",
         "        const float w = P0[i];",
         "        const float g = P1[i];",
         *(f"        {line}" for line in loads),
         *(f"        {line}" for line in code.body),
-        *(f"        {ptr}[i] = {value.name};" for ptr, value in stores),
+        *(f"        {store(ptr, value, k)}" for k, (ptr, value) in enumerate(stores)),
         f"        P0[i] = {w_new.name};",
         "      }",
         "    }",
@@ -477,19 +514,30 @@ class Kernel:
         self.library = ctypes.CDLL(str(path))
         self.function = self.library.descend_step
         self.function.restype = None
-        self.function.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        self.function.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                  ctypes.c_void_p, ctypes.c_void_p]
         self.pointers = pointers  # per tensor: w, g, then the state tensors
         self.path = path
 
-    def __call__(self, pointers: Sequence[int], sizes: Sequence[int], scalars: Sequence[float]) -> None:
+    def __call__(self, pointers: Sequence[int], sizes: Sequence[int], scalars: Sequence[float],
+                 offsets: Sequence[int] | None = None, seeds: torch.Tensor | None = None) -> None:
         """Step ``len(sizes)`` tensors: ``pointers`` holds, per tensor, the addresses of ``w``, ``g`` and its
-        state (float32, contiguous, ``sizes[t]`` elements each); ``scalars`` the hyperparameters in trace order."""
+        state (contiguous, ``sizes[t]`` elements each); ``scalars`` the hyperparameters in trace order.
+
+        With bfloat16 state: ``offsets[t]``, the flat index of tensor ``t``'s first element in what its
+        rounding noise is drawn over, and ``seeds`` (int32 ``[count, states]``, contiguous) its seeds.
+        """
         if len(pointers) != self.pointers * len(sizes):
             raise ValueError(f"expected {self.pointers} pointers per tensor, got {len(pointers)} for {len(sizes)}")
         ptrs, counts = array.array("q", pointers), array.array("q", sizes)
         values = array.array("d", scalars or [0.0])
+        starts = array.array("q", offsets) if offsets is not None else None
+        if seeds is not None and (seeds.dtype != torch.int32 or not seeds.is_contiguous()
+                                  or seeds.numel() != len(counts) * (self.pointers - 2)):
+            raise ValueError("seeds must be a contiguous int32 tensor of one seed per tensor and state")
         self.function(len(counts), ptrs.buffer_info()[0], counts.buffer_info()[0], values.buffer_info()[0],
-                      torch.get_num_threads())
+                      torch.get_num_threads(), starts.buffer_info()[0] if starts is not None else None,
+                      seeds.data_ptr() if seeds is not None else None)
 
 
 def compile_kernel(source: str, pointers: int) -> Kernel:
