@@ -189,3 +189,24 @@ def test_a_cache_others_can_write_to_is_not_used(tmp_path: Any, monkeypatch: pyt
     assert not list((shared / "kernels").glob("*.so"))
     built = list((tmp_path / "private-tmp").glob("descend-kernels-*/*.so"))
     assert len(built) == 1 and not built[0].parent.stat().st_mode & 0o077
+
+
+def test_a_non_contiguous_parameter_steps_on_foreach_and_the_rest_natively() -> None:
+    """A transposed (non-contiguous) parameter cannot be walked as one row of memory: it steps on foreach,
+    its contiguous neighbours in the loop, and the result is the reference's."""
+    outs = []
+    for engine in ("native", "reference"):
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(5, 3, generator=gen).t()),
+                  torch.nn.Parameter(torch.randn(4, generator=gen))]
+        assert not params[0].is_contiguous()
+        opt = optim.Lion(params, lr=0.01, weight_decay=0.1, engine=engine)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        outs.append([p.detach().clone() for p in params])
+        if engine == "native":
+            assert any(k is not None for k in opt._engine.kernels.values())
+    assert_close(outs[0], outs[1])
+    assert torch.equal(outs[0][1], outs[1][1])  # the contiguous one, natively: bit for bit

@@ -790,22 +790,30 @@ class NativeEngine(BucketEngine):
         p0 = items[0].param
         return p0.device.type == "cpu" and p0.dtype == torch.float32 and items[0].grad.dtype == torch.float32
 
-    def pointers(self, items: list[_Item]) -> tuple[list[int], list[int]] | None:
-        """The addresses of every item's ``w``, ``g`` and state, and the sizes; None unless all are contiguous,
-        the parameters and gradients float32 and the state of the optimizer's state dtype."""
+    def split(self, items: list[_Item]) -> tuple[list[_Item], list[int], list[int], list[_Item]]:
+        """The items the loop can step (every tensor contiguous, ``w`` and ``g`` float32, the state of the
+        optimizer's state dtype) with the addresses of their ``w``, ``g`` and state and their sizes; and the rest."""
         f32, state_dtype = torch.float32, self.plan.state_dtype or torch.float32
-        pointers, sizes = [], []
+        ready: list[_Item] = []
+        pointers: list[int] = []
+        sizes: list[int] = []
+        rest: list[_Item] = []
         for item in items:
-            for t in (item.param, item.grad):
-                if t.dtype != f32 or not t.is_contiguous():
-                    return None
-                pointers.append(t.data_ptr())
-            for t in item.states:
+            w, g = item.param, item.grad
+            ok = w.dtype == f32 and g.dtype == f32 and w.is_contiguous() and g.is_contiguous()
+            addresses = [w.data_ptr(), g.data_ptr()] if ok else []
+            for t in item.states if ok else ():
                 if t.dtype != state_dtype or not t.is_contiguous():
-                    return None
-                pointers.append(t.data_ptr())
-            sizes.append(item.param.numel())
-        return pointers, sizes
+                    ok = False
+                    break
+                addresses.append(t.data_ptr())
+            if ok:
+                ready.append(item)
+                pointers += addresses
+                sizes.append(w.numel())
+            else:
+                rest.append(item)
+        return ready, pointers, sizes, rest
 
     def kernel(self, live: Live, maximize: bool, decays: bool,
                shapes: tuple[tuple[Any, ...], ...]) -> native.Kernel | None:
@@ -837,27 +845,34 @@ class NativeEngine(BucketEngine):
 
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
-        addresses = self.pointers(items) if self.supports(items, grad_scale) else None
-        if addresses is not None:
-            scalared = with_scalars(live, int(step.item()))
-            try:
-                flat = [native.flatten_hyper(hp, rule.static) for rule, hp in scalared]
-            except native.NotTraceable:
-                flat = None
-            decays = not (isinstance(keep, (int, float)) and keep == 1)
-            kernel = None if flat is None else self.kernel(scalared, bool(group["maximize"]), decays,
-                                                           tuple(shape for _, shape in flat))
-            if kernel is not None:
-                assert flat is not None
-                scalars = [x for numbers, _ in flat for x in numbers] + ([float(keep)] if decays else [])
-                if rounds_stochastically(self.plan):  # per tensor and state, the seeds of its rounding noise
-                    columns = [s for per_rule in bucket_seeds(items, step, state_layout(live)) for s in per_rule]
-                    seeds = torch.stack(columns, dim=1).contiguous() if columns else None
-                    kernel(*addresses, scalars, [item.offset for item in items], seeds)
-                else:
-                    kernel(*addresses, scalars)
+        if self.supports(items, grad_scale):
+            ready, pointers, sizes, rest = self.split(items)  # e.g. a transposed parameter: the rest
+            if ready and self.run_native(group, live, keep, ready, pointers, sizes, step):
+                if rest:
+                    self.foreach.run_bucket(group, live, keep, rest, step, grad_scale)
                 return
         self.foreach.run_bucket(group, live, keep, items, step, grad_scale)
+
+    def run_native(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], pointers: list[int],
+                   sizes: list[int], step: Tensor) -> bool:
+        """Step ``items`` with the compiled loop; False (nothing done) if the chain has none."""
+        scalared = with_scalars(live, int(step.item()))
+        try:
+            flat = [native.flatten_hyper(hp, rule.static) for rule, hp in scalared]
+        except native.NotTraceable:
+            return False
+        decays = not (isinstance(keep, (int, float)) and keep == 1)
+        kernel = self.kernel(scalared, bool(group["maximize"]), decays, tuple(shape for _, shape in flat))
+        if kernel is None:
+            return False
+        scalars = [x for numbers, _ in flat for x in numbers] + ([float(keep)] if decays else [])
+        if rounds_stochastically(self.plan):  # per tensor and state, the seeds of its rounding noise
+            columns = [s for per_rule in bucket_seeds(items, step, state_layout(live)) for s in per_rule]
+            seeds = torch.stack(columns, dim=1).contiguous() if columns else None
+            kernel(pointers, sizes, scalars, [item.offset for item in items], seeds)
+        else:
+            kernel(pointers, sizes, scalars)
+        return True
 
 
 def is_torch_chain(rules: Sequence[Rule], decays: Sequence[Rule], projections: Sequence[WeightRule]) -> bool:
