@@ -85,6 +85,19 @@ def fwd_bwd(opt: torch.optim.Optimizer, weight: torch.Tensor, bias: torch.Tensor
     return loss
 
 
+def assert_goes_right_direction(opt: torch.optim.Optimizer, weight: torch.Tensor, bias: torch.Tensor,
+                                 x: torch.Tensor, maximize: bool, desc: str, schedulers: Any = ()) -> None:
+    """20 closure steps (each followed by the schedulers' steps) lower the loss, or raise it when maximising."""
+    closure = functools.partial(fwd_bwd, opt, weight, bias, x)
+    initial = closure().item()
+    for _ in range(20):
+        loss = opt.step(closure)
+        for scheduler in schedulers:
+            scheduler.step(loss.item()) if isinstance(scheduler, ReduceLROnPlateau) else scheduler.step()
+    final = closure().item()
+    assert (final > initial) if maximize else (final < initial), desc
+
+
 def assert_equal(a: Any, b: Any) -> None:
     """Nested dicts/lists/tuples equal, tensors by ``torch.testing.assert_close`` (default tolerances)."""
     if isinstance(a, dict):
@@ -162,17 +175,8 @@ def test_forloop_goes_right_direction(info: OptimizerInfo, contiguous: bool, wit
             weight, bias, x = linear_problem(contiguous)
             opt = info.optim_cls([weight, bias], **optim_input.kwargs)
             schedulers = [make(opt) for make in schedulers_c]
-            closure = functools.partial(fwd_bwd, opt, weight, bias, x)
-            initial = closure().item()
-            for _ in range(20):
-                loss = opt.step(closure)
-                for scheduler in schedulers:
-                    scheduler.step(loss.item()) if isinstance(scheduler, ReduceLROnPlateau) else scheduler.step()
-            final = closure().item()
-            if optim_input.kwargs.get("maximize", False):
-                assert final > initial, optim_input.desc
-            else:
-                assert final < initial, optim_input.desc
+            assert_goes_right_direction(opt, weight, bias, x, optim_input.kwargs.get("maximize", False),
+                                        optim_input.desc, schedulers)
 
 
 @pytest.mark.parametrize("with_lrsched", [False, True])
@@ -186,14 +190,8 @@ def test_param_group_with_lrscheduler_goes_right_direction(info: OptimizerInfo, 
             opt = info.optim_cls([{"params": [weight]}, {"params": [bias], "lr": bias_lr}],
                                  **({"lr": group_lr} if group_lr is not None else {}), **kwargs)
             schedulers = [make(opt) for make in schedulers_c]
-            closure = functools.partial(fwd_bwd, opt, weight, bias, x)
-            initial = closure().item()
-            for _ in range(20):
-                loss = opt.step(closure)
-                for scheduler in schedulers:
-                    scheduler.step(loss.item()) if isinstance(scheduler, ReduceLROnPlateau) else scheduler.step()
-            final = closure().item()
-            assert (final > initial) if kwargs.get("maximize", False) else (final < initial), optim_input.desc
+            assert_goes_right_direction(opt, weight, bias, x, kwargs.get("maximize", False), optim_input.desc,
+                                        schedulers)
 
 
 def test_tensor_lr(info: OptimizerInfo) -> None:
@@ -428,12 +426,7 @@ def test_param_groups_weight_decay_and_lr(info: OptimizerInfo) -> None:
         weight, bias, x = linear_problem()
         kwargs = {k: v for k, v in optim_input.kwargs.items() if k not in ("weight_decay", "lr")}
         opt = info.optim_cls([{"params": [weight], "weight_decay": 0.1}, {"params": [bias], "lr": 0.01}], **kwargs)
-        closure = functools.partial(fwd_bwd, opt, weight, bias, x)
-        initial = closure().item()
-        for _ in range(20):
-            opt.step(closure)
-        final = closure().item()
-        assert (final > initial) if kwargs.get("maximize", False) else (final < initial), optim_input.desc
+        assert_goes_right_direction(opt, weight, bias, x, kwargs.get("maximize", False), optim_input.desc)
         assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["lr"] == 0.01
 
 
