@@ -791,16 +791,17 @@ class NativeEngine(BucketEngine):
         return p0.device.type == "cpu" and p0.dtype == torch.float32 and items[0].grad.dtype == torch.float32
 
     def split(self, items: list[_Item]) -> tuple[list[_Item], list[int], list[int], list[_Item]]:
-        """The items the loop can step (every tensor contiguous, ``w`` and ``g`` float32, the state of the
-        optimizer's state dtype) with the addresses of their ``w``, ``g`` and state and their sizes; and the rest."""
-        f32, state_dtype = torch.float32, self.plan.state_dtype or torch.float32
+        """The items the loop can step (every tensor contiguous, the state of the optimizer's state dtype)
+        with the addresses of their ``w``, ``g`` and state and their sizes; and the rest. A bucket shares
+        ``w``'s and ``g``'s dtypes, which :meth:`supports` has checked (float32)."""
+        state_dtype = self.plan.state_dtype or torch.float32
         ready: list[_Item] = []
         pointers: list[int] = []
         sizes: list[int] = []
         rest: list[_Item] = []
         for item in items:
             w, g = item.param, item.grad
-            ok = w.dtype == f32 and g.dtype == f32 and w.is_contiguous() and g.is_contiguous()
+            ok = w.is_contiguous() and g.is_contiguous()
             addresses = [w.data_ptr(), g.data_ptr()] if ok else []
             for t in item.states if ok else ():
                 if t.dtype != state_dtype or not t.is_contiguous():

@@ -55,9 +55,7 @@ class Source:
     def total(self, batches: list[Any]) -> int:
         """``M``: the examples of one step over all ranks."""
         assert self.n is not None
-        if len(batches) == 1:  # one micro-batch per step: the common case
-            return size(batches[0], self.n)
-        return sum(size(b, self.n) for b in batches)
+        return sum([size(b, self.n) for b in batches])
 
     def local_count(self, batch: Any, world: int | None = None) -> int:
         """The examples of ``batch`` on this rank (their sum over ranks is ``batch``'s size)."""
@@ -79,10 +77,7 @@ class TensorSource(Source):
         self.split, self.n = split, len(split)
 
     def take(self, batch: Batch) -> Example:
-        inputs = self.split.inputs
-        if len(inputs) == 1:  # the common case, without a generator: this runs once per micro-batch
-            return (inputs[0][batch],), self.split.targets[batch]
-        return tuple(t[batch] for t in inputs), self.split.targets[batch]
+        return tuple([t[batch] for t in self.split.inputs]), self.split.targets[batch]
 
 
 def _unpack(batch: Any) -> Example:

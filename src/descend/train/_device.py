@@ -70,16 +70,19 @@ def place_model(model: nn.Module, optimizer: torch.optim.Optimizer, device: torc
                 state[key] = value.to(device)
 
 
-def move(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, ...]:
-    """``tensors`` on ``device``; CPU → CUDA copies go through pinned memory, without blocking the host."""
-    if device.type == "cuda":
-        return tuple(
-            (t if t.device.type != "cpu" or t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
-            for t in tensors
-        )
-    if device.type == "cpu" and all(t.is_cpu for t in tensors):
-        return tuple(tensors)
-    return tuple(t.to(device) for t in tensors)
+def move(inputs: Sequence[Tensor], targets: Tensor, device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]:
+    """A batch ``(inputs, targets)`` on ``device``; CPU → CUDA copies go through pinned memory, without
+    blocking the host. A CPU batch for the CPU comes back as it is (the step's common case)."""
+    kind = device.type
+    if kind == "cpu" and targets.is_cpu and all(t.is_cpu for t in inputs):
+        return tuple(inputs), targets
+    batch = (*inputs, targets)
+    if kind == "cuda":
+        pinned = [t if t.device.type != "cpu" or t.is_pinned() else t.pin_memory() for t in batch]
+        moved = [t.to(device, non_blocking=True) for t in pinned]
+    else:
+        moved = [t.to(device) for t in batch]
+    return tuple(moved[:-1]), moved[-1]
 
 
 def autocast(device: torch.device, bf16: bool) -> Any:

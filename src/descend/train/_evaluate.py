@@ -62,7 +62,7 @@ def evaluate(
     sums: dict[str, Tensor] = {}
     for piece in source.eval_batches(chunk_size):
         inputs, targets = source.take(piece)
-        inputs, (targets,) = move(inputs, device), move((targets,), device)
+        inputs, targets = move(inputs, targets, device)
         m = int(targets.shape[0])
         with autocast(device, bf16):
             outputs = module(*inputs)

@@ -63,13 +63,12 @@ def accumulate_gradient(
     source = as_source(data)
     device = device or next(model.parameters()).device
     world, total = dd.world_size(), source.total(batches)
-    last, on_cpu = len(batches) - 1, device.type == "cpu"
+    last = len(batches) - 1
     parts: list[Tensor] = []  # summed once at the end: no per-micro-batch bookkeeping ops
     correct = torch.zeros((), dtype=torch.int64, device=device) if count_correct else None
     for j, batch in enumerate(batches):
         inputs, targets = source.local(batch, world)
-        if not (on_cpu and targets.is_cpu and all(t.is_cpu for t in inputs)):
-            *inputs, targets = move((*inputs, targets), device)
+        inputs, targets = move(inputs, targets, device)
         m = int(targets.shape[0])
         weight = world * m / total
         if bf16 or j != last:  # autocast, or gradients that must not be synchronised yet
