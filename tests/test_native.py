@@ -60,6 +60,7 @@ def test_the_generated_loop_is_the_rule_as_written() -> None:
     assert body.count("fmaf(") == 2 and body.count("? 1.0f : (") == 1  # two lerps (an fma each), one sign
     assert "P2[i] =" in body and "P0[i] =" in body  # the momentum and the weights are written back
     assert "s[3]" in source  # lr, beta1, beta2 and keep come in as scalars, not constants
+    assert f"if(total >= {native.PARALLEL_MIN})" in source  # a small bucket stays on the calling thread
 
 
 def test_a_schedule_changes_scalars_not_the_kernel() -> None:

@@ -48,6 +48,12 @@ from descend._io import atomic_path
 __all__ = ["Kernel", "NotTraceable", "compile_kernel", "flatten_hyper", "kernel_cache_dir", "trace_chain"]
 
 
+#: Fewest elements (over a bucket's tensors) for which the loop uses more than the calling thread, as
+#: torch's own ``at::parallel_for`` grain: below it, waking threads costs more than the work (and the
+#: woken threads' spinning shows as CPU time).
+PARALLEL_MIN = 32768
+
+
 class NotTraceable(TypeError):
     """A rule did something the native tracer cannot express (the engine then runs the chain another way)."""
 
@@ -424,14 +430,15 @@ def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shape
         "#endif",
         "",
         "/* The tensors' elements, end to end, are cut into one contiguous range per thread (at multiples",
-        "   of 16 elements, so no two threads write one cache line); each thread walks its range. */",
+        "   of 16 elements, so no two threads write one cache line); each thread walks its range. A small",
+        "   bucket runs on the calling thread alone: waking others would cost more than its work. */",
         *(_BF16.splitlines() if bf16_state else []),
         "void descend_step(int64_t count, void *const *ptrs, const int64_t *sizes, const double *s, int threads,",
         "                  const int64_t *offsets, const uint32_t *seeds) {",
         *(f"  {line}" for line in code.prologue),
         "  int64_t total = 0;",
         "  for (int64_t t = 0; t < count; t++) total += sizes[t];",
-        "  #pragma omp parallel num_threads(threads)",
+        f"  #pragma omp parallel num_threads(threads) if(total >= {PARALLEL_MIN})",
         "  {",
         "#ifdef _OPENMP",
         "    const int64_t id = omp_get_thread_num(), nt = omp_get_num_threads();",
