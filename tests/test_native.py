@@ -211,3 +211,152 @@ def test_a_non_contiguous_parameter_steps_on_foreach_and_the_rest_natively() -> 
             assert any(k is not None for k in opt._engine.kernels.values())
     assert_close(outs[0], outs[1])
     assert torch.equal(outs[0][1], outs[1][1])  # the contiguous one, natively: bit for bit
+
+
+# -- a remembered group: what the next step must notice -----------------------------------------------
+
+
+def _swap_storage(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
+    params[0].data = params[0].data.clone()  # same values at a new address: the step must follow it
+
+
+def _replace_momentum(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
+    opt.state[params[1]]["momentum_buffer"] = torch.randn(params[1].shape, generator=gen)
+
+
+def _replace_state_dict(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
+    opt.state[params[1]] = {"step": opt.state[params[1]]["step"].clone(),
+                            "momentum_buffer": torch.randn(params[1].shape, generator=gen)}
+
+
+def _forget_state(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
+    del opt.state[params[2]]
+
+
+def _no_gradient(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
+    params[0].grad = None
+
+
+def _transposed_gradient(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
+    rows, cols = params[1].shape
+    params[1].grad = torch.randn(cols, rows, generator=gen).t()  # right shape, not contiguous
+
+
+def _swap_params(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
+    group = opt.param_groups[0]["params"]
+    group[0], group[2] = group[2], group[0]
+
+
+def _schedule_and_decay(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
+    opt.param_groups[0]["lr"] = 0.05
+    opt.param_groups[0]["weight_decay"] = 0.1  # a rule turns on: another kernel
+
+
+def _momentum_off(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
+    opt.param_groups[0]["momentum"] = 0.0  # the momentum rule turns off: no state tensor in the loop
+
+
+def _tensor_lr(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
+    lr = opt.param_groups[0]["lr"]
+    if torch.is_tensor(lr):
+        lr.fill_(0.02)  # changed in place: the same object with another value
+    else:
+        opt.param_groups[0]["lr"] = torch.tensor(0.05)
+
+
+def _reload(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], gen: torch.Generator) -> None:
+    state = opt.state_dict()
+    state["state"][0]["momentum_buffer"] = torch.randn(params[0].shape, generator=gen)
+    opt.load_state_dict(state)
+
+
+CHANGES = [_swap_storage, _replace_momentum, _replace_state_dict, _forget_state, _no_gradient, _transposed_gradient,
+           _swap_params, _schedule_and_decay, _momentum_off, _tensor_lr, _reload]
+
+
+@pytest.mark.parametrize("engine", ["auto", "native"])
+@pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__.strip("_"))
+def test_a_remembered_group_notices_what_changed(change: Any, engine: str) -> None:
+    """Once a group has stepped natively in one loop, later steps reuse what that step found; any change
+    to parameters, gradients, state or hyperparameters between steps must reach the next step, exactly
+    as the reference engine sees it. Each change is made before steps 4 and 5."""
+    def trajectory(engine_name: str) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in [(6,), (4, 5), (3,)]]
+        opt = optim.SGD(params, lr=0.1, momentum=0.9, engine=engine_name)
+        seen = []
+        for i in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            if i == 3 and engine_name != "reference":
+                assert 0 in opt._engine.remembered, "the group was not remembered: the fast path went untested"
+            if i in (3, 4):
+                change(opt, params, gen)
+            opt.step()
+            seen += [p.detach().clone() for p in params]
+            seen += [s["momentum_buffer"].clone() for s in opt.state.values() if "momentum_buffer" in s]
+        return seen
+
+    assert_close(trajectory(engine), trajectory("reference"), rtol=0.0)
+
+
+def test_a_remembered_group_skips_the_sorting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The steps after the first native one check what they rely on and go straight to the loop."""
+    params = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
+    opt = optim.SGD(params, lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    monkeypatch.setattr(NativeEngine, "split", lambda *a: pytest.fail("sorted the group again"))
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+    assert [float(opt.state[p]["step"]) for p in params] == [3.0] * 3  # counted inside the loop's call
+
+
+@pytest.mark.parametrize("default", [torch.float32, torch.float64])
+def test_remembered_steps_count_in_torchs_step_dtype(default: torch.dtype) -> None:
+    """The loop's call advances the step counters in the dtype torch.optim keeps them in (float64 under a
+    float64 default dtype), which Adam's bias corrections read."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        def run(engine: str) -> tuple[list[float], list[torch.Tensor]]:
+            gen = torch.Generator().manual_seed(3)
+            params = [torch.nn.Parameter(torch.randn(4, generator=gen, dtype=torch.float32)) for _ in range(2)]
+            opt = optim.Adam(params, lr=0.1, engine=engine)
+            for _ in range(5):
+                for p in params:
+                    p.grad = torch.randn(4, generator=gen, dtype=torch.float32)
+                opt.step()
+            assert all(opt.state[p]["step"].dtype == default for p in params)
+            return [float(opt.state[p]["step"]) for p in params], [p.detach() for p in params]
+
+        steps, params = run("native")
+        assert steps == [5.0, 5.0]
+        assert_close(params, run("reference")[1])
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_a_remembered_group_reads_per_step_scalars_every_step() -> None:
+    """Adam's bias corrections change every step, and a schedule changes the learning rate."""
+    def trajectory(engine_name: str) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(2)
+        params = [torch.nn.Parameter(torch.randn(7, generator=gen)) for _ in range(3)]
+        opt = optim.Adam(params, lr=0.1, engine=engine_name)
+        seen = []
+        for i in range(8):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.param_groups[0]["lr"] = 0.1 / (1 + (i // 3))
+            opt.step()
+            seen += [p.detach().clone() for p in params]
+        if engine_name == "native":
+            assert 0 in opt._engine.remembered
+        return seen
+
+    assert_close(trajectory("native"), trajectory("reference"))

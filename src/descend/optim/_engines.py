@@ -40,11 +40,14 @@ rounding (:mod:`descend.optim._rounding`).
 
 from __future__ import annotations
 
+import array
 import logging
 import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import attrgetter, is_, itemgetter
 from typing import Any, Protocol
 
 import torch
@@ -184,6 +187,11 @@ def state_slot(rule_index: int, key_index: int) -> int:
 def state_layout(live: Live) -> tuple[tuple[str, ...], ...]:
     """Per live rule, the rule's names of its state tensors: the order of :attr:`_Item.states`."""
     return tuple(tuple(rule.state_keys(hp)) for rule, hp in live)
+
+
+def state_keys(live: Live) -> list[str]:
+    """The optimizer state's keys of the live rules' state tensors, in the order of :func:`state_layout`."""
+    return [rule.state_names.get(n, n) for (rule, _), names in zip(live, state_layout(live)) for n in names]
 
 
 def state_columns(items: list[_Item], layout: tuple[tuple[str, ...], ...]) -> list[list[list[Tensor]]]:
@@ -387,6 +395,110 @@ class _Item:
         self.whole = whole  # one whole parameter (per-tensor projections apply to it), not a flat buffer
 
 
+def _is_number(value: Any) -> bool:
+    """A hyperparameter that cannot change in place: a Python number, flag, string or None, or a tuple of them."""
+    if isinstance(value, tuple):
+        return all(map(_is_number, value))
+    return value is None or isinstance(value, (int, float, str))
+
+
+_grad_of = attrgetter("grad")
+_nbytes_of = attrgetter("nbytes")
+
+
+class NativeGroup:
+    """A param group whose last step was one native loop over all its parameters, kept so that the next
+    step checks what it found instead of rebuilding it (:meth:`BucketEngine.step_remembered`).
+
+    Holds the group's parameters, their state dicts and state tensors, the parameters' addresses and
+    sizes, the loop's address table (gradients left to fill in), the packed step counter, and the
+    kernel and scalars of the group's hyperparameters as last read. Gradients are never held: they
+    are read afresh every step. State tensors are checked by identity, not address; their storage is
+    held (by aliases) so that the loop never writes to freed memory even if a state tensor's
+    ``.data`` were replaced (optimizer state is the optimizer's: to change it, put another tensor in
+    the state dict, which the next step notices).
+    """
+
+    __slots__ = ("held", "hyper_keys", "kernel", "keys", "nbytes", "params", "params_list", "per_step", "pointers",
+                 "runner", "scalars", "sizes", "state_of", "state_tensors", "states", "step", "stride", "values",
+                 "w_pointers")
+
+    def __init__(self, runner: NativeEngine, group: dict[str, Any], keys: list[str],
+                 items: list[_Item], states: list[dict[str, Any]], step: Tensor) -> None:
+        self.runner = runner
+        self.params_list: list[Tensor] = group["params"]
+        self.params = list(self.params_list)
+        self.keys = list(keys)
+        self.states = states
+        # a tuple of a state dict's tensors: the step counter and the live rules' state
+        self.state_of = itemgetter("step", *keys) if keys else itemgetter("step", "step")
+        self.state_tensors = list(chain.from_iterable(map(self.state_of, states)))
+        self.held = [t.detach() for t in self.state_tensors]
+        # int64 arrays, not lists of ints: comparing them reads two buffers, not 200 scattered objects
+        self.w_pointers = array.array("q", [p.data_ptr() for p in self.params])
+        self.nbytes = array.array("q", [p.nbytes for p in self.params])
+        self.sizes = array.array("q", [p.numel() for p in self.params])
+        _, pointers, _, _ = runner.split(items)  # per item: w, g, then its state tensors
+        self.pointers = array.array("q", pointers)
+        self.stride = 2 + len(keys)
+        self.step = step
+        self.hyper_keys = tuple(key for key in group if key != "params")
+        self.values: list[Any] | None = None  # the hyperparameters the kernel and scalars were read from
+        self.per_step = True  # read them every step (per-step scalars, or hyperparameters that are tensors)
+        self.kernel: native.Kernel | None = None
+        self.scalars = array.array("d")
+
+    def read_hyper(self, plan: Plan, group: dict[str, Any]) -> bool:
+        """Whether the group's hyperparameters still run on the remembered loop (the same state keys); the
+        kernel and scalars are read anew whenever they changed (every step where rules have per-step
+        scalars, or a hyperparameter is a tensor, which may change in place)."""
+        try:
+            values = list(map(group.__getitem__, self.hyper_keys))
+            if not self.per_step and values == self.values:
+                return True
+        except (KeyError, RuntimeError):  # a key deleted; a tensor that is not one number
+            return False
+        live = live_rules(plan, group, None)
+        if state_keys(live) != self.keys:
+            return False
+        prepared = self.runner.prepare(group, live, weight_keep(plan, group), int(self.step.item()) + 1)
+        if prepared is None:
+            return False
+        self.kernel, scalars = prepared
+        self.scalars = array.array("d", scalars)
+        self.values = values
+        self.per_step = (any(type(rule).scalars is not Rule.scalars for rule, _ in live)
+                         or not all(map(_is_number, values)))
+        return True
+
+    def gradient_pointers(self, group: dict[str, Any], all_state: Any) -> array.array | None:
+        """The addresses of this step's gradients if the group is as it was remembered (None otherwise):
+        the same parameters, each at the same address, of the same size and contiguous, each with a
+        contiguous gradient of its size (torch keeps a gradient's dtype the parameter's); the same state
+        dicts holding the same state tensors."""
+        params = self.params
+        if (group["params"] is not self.params_list or len(self.params_list) != len(params)
+                or not all(map(is_, self.params_list, params))):
+            return None
+        grads = list(map(_grad_of, params))
+        try:  # a missing gradient (None) raises TypeError
+            if not all(map(Tensor.is_contiguous, grads)) or array.array("q", map(_nbytes_of, grads)) != self.nbytes:
+                return None
+        except TypeError:
+            return None
+        if (array.array("q", map(Tensor.data_ptr, params)) != self.w_pointers
+                or not all(map(Tensor.is_contiguous, params))
+                or array.array("q", map(_nbytes_of, params)) != self.nbytes):
+            return None
+        try:
+            if (not all(map(is_, map(all_state.__getitem__, params), self.states))
+                    or not all(map(is_, chain.from_iterable(map(self.state_of, self.states)), self.state_tensors))):
+                return None
+        except KeyError:
+            return None
+        return array.array("q", map(Tensor.data_ptr, grads))
+
+
 class BucketEngine(Engine):
     """Shared by the multi-tensor engines: sorts a group's parameters into buckets, then runs each.
 
@@ -398,21 +510,48 @@ class BucketEngine(Engine):
         super().__init__(plan, source)
         self.reference = ReferenceEngine(plan, source)
         self.counters = StepCounters()
+        self.remembered: dict[int, NativeGroup] = {}  # by group index
 
     def reset(self) -> None:
         self.counters.reset()
+        self.remembered.clear()
         if self.plan.layout is not None:  # the state was replaced: check the flat buffers in full
             self.plan.layout.invalidate()
+
+    def native_runner(self, items: list[_Item]) -> NativeEngine | None:
+        """The native engine whose last bucket run stepped every one of ``items`` in its loop, if any."""
+        return None
+
+    def step_remembered(self, gi: int, group: dict[str, Any]) -> bool:
+        """Step group ``gi`` as its last step did (one native loop over all its parameters) if nothing
+        that step relied on has changed; False (nothing done, the group forgotten) otherwise."""
+        remembered = self.remembered.get(gi)
+        if remembered is None:
+            return False
+        if not remembered.read_hyper(self.plan, group) or (
+                grads := remembered.gradient_pointers(group, self.source.state)) is None:
+            del self.remembered[gi]
+            return False
+        pointers = remembered.pointers[:]
+        pointers[1::remembered.stride] = grads
+        remembered.kernel(pointers, remembered.sizes, remembered.scalars, counters=remembered.step._base)
+        remembered.runner.project(group, remembered.params)
+        return True
 
     def step(self, grad_scale: Tensor | None = None) -> None:
         widen = rounds_stochastically(self.plan)
         layout = self.plan.layout
         all_state = self.source.state
-        for gi, (group, live, keep) in enumerate(group_plans(self.plan, self.source.param_groups, grad_scale)):
+        groups = self.source.param_groups
+        clip = clip_coefficients(self.plan, groups, grad_scale)
+        for gi, group in enumerate(groups):
+            if clip is None and grad_scale is None and self.remembered and self.step_remembered(gi, group):
+                continue
+            live = live_rules(self.plan, group, None if clip is None else clip[gi])
+            keep = weight_keep(self.plan, group)
+            keys = state_keys(live)
             # per (device, dtype, grad dtype): the items, their parameters and their state dicts
             buckets: dict[tuple[Any, ...], tuple[list[_Item], list[Tensor], list[dict[str, Any]]]] = {}
-            # the optimizer state's keys of the live rules' state tensors, in the order of state_layout
-            keys = [rule.state_names.get(n, n) for (rule, _), names in zip(live, state_layout(live)) for n in names]
             needed = {"step", *keys}
             loose = group["params"]  # the parameters to step one by one
             if layout is not None:
@@ -447,11 +586,21 @@ class BucketEngine(Engine):
                 bucket[1].append(p)
                 bucket[2].append(state)
             for items, ps, states in buckets.values():
-                for positions, step in self.counters.groups(states):
+                counts = self.counters.groups(states)
+                for positions, step in counts:
                     whole = len(positions) == len(items)
                     self.run_bucket(group, live, keep, items if whole else [items[i] for i in positions], step,
                                     grad_scale)
                     self.project(group, ps if whole else [ps[i] for i in positions])
+                # one bucket, one step count, every parameter in it and stepped by the native loop: remember
+                if (len(buckets) == 1 and len(counts) == 1 and len(items) == len(group["params"]) and not widen
+                        and layout is None and clip is None and grad_scale is None
+                        and all(map(is_, (i.param for i in items), ps))):
+                    runner = self.native_runner(items)
+                    if runner is not None:
+                        remembered = NativeGroup(runner, group, keys, items, states, counts[0][1])
+                        if remembered.read_hyper(self.plan, group):
+                            self.remembered[gi] = remembered
 
     def step_flat(self, buffer: FlatBuffer, group: dict[str, Any], live: Live, keep: Any, keys: list[str],
                   grad_scale: Tensor | None) -> bool:
@@ -777,6 +926,7 @@ class NativeEngine(BucketEngine):
         self.foreach = foreach or ForeachEngine(plan, source)
         self.kernels: dict[tuple[Any, ...], native.Kernel | None] = {}
         self.broken = False  # compiling failed: no compiler here
+        self.stepped: list[_Item] | None = None  # the last bucket, if the loop stepped all of it
 
     def reset(self) -> None:
         super().reset()
@@ -844,29 +994,45 @@ class NativeEngine(BucketEngine):
                 return None
         return self.kernels[key]
 
+    def native_runner(self, items: list[_Item]) -> NativeEngine | None:
+        return self if self.stepped is items else None
+
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
+        self.stepped = None
         if self.supports(items, grad_scale):
             ready, pointers, sizes, rest = self.split(items)  # e.g. a transposed parameter: the rest
             if ready and self.run_native(group, live, keep, ready, pointers, sizes, step):
                 if rest:
                     self.foreach.run_bucket(group, live, keep, rest, step, grad_scale)
+                else:
+                    self.stepped = items
                 return
         self.foreach.run_bucket(group, live, keep, items, step, grad_scale)
 
-    def run_native(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], pointers: list[int],
-                   sizes: list[int], step: Tensor) -> bool:
-        """Step ``items`` with the compiled loop; False (nothing done) if the chain has none."""
-        scalared = with_scalars(live, int(step.item()))
+    def prepare(self, group: dict[str, Any], live: Live, keep: Any,
+                step: int) -> tuple[native.Kernel, list[float]] | None:
+        """The compiled loop for step number ``step`` of this chain and its scalars (hyperparameters in
+        trace order, then ``keep`` if the weights decay); None if the chain has no loop."""
+        scalared = with_scalars(live, step)
         try:
             flat = [native.flatten_hyper(hp, rule.static) for rule, hp in scalared]
         except native.NotTraceable:
-            return False
+            return None
         decays = not (isinstance(keep, (int, float)) and keep == 1)
         kernel = self.kernel(scalared, bool(group["maximize"]), decays, tuple(shape for _, shape in flat))
         if kernel is None:
+            return None
+        return kernel, [x for numbers, _ in flat for x in numbers] + ([float(keep)] if decays else [])
+
+    def run_native(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item],
+                   pointers: Sequence[int], sizes: Sequence[int], step: Tensor) -> bool:
+        """Step ``items`` (at ``pointers``: per item ``w``, ``g``, its state tensors) with the compiled
+        loop; False (nothing done) if the chain has none."""
+        prepared = self.prepare(group, live, keep, int(step.item()))
+        if prepared is None:
             return False
-        scalars = [x for numbers, _ in flat for x in numbers] + ([float(keep)] if decays else [])
+        kernel, scalars = prepared
         if rounds_stochastically(self.plan):  # per tensor and state, the seeds of its rounding noise
             columns = [s for per_rule in bucket_seeds(items, step, state_layout(live)) for s in per_rule]
             seeds = torch.stack(columns, dim=1).contiguous() if columns else None
@@ -1016,6 +1182,9 @@ class AutoEngine(FusedEngine):
             self.native.run_bucket(group, live, keep, items, step, grad_scale)
         else:
             super().run_bucket(group, live, keep, items, step, grad_scale)
+
+    def native_runner(self, items: list[_Item]) -> NativeEngine | None:
+        return self.native.native_runner(items) if self.last is self.native else None
 
     def fallback(self, items: list[_Item]) -> BucketEngine:
         """The native loop on the CPU (it runs what it cannot on foreach); the compiled step for one

@@ -434,7 +434,12 @@ def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shape
         "   bucket runs on the calling thread alone: waking others would cost more than its work. */",
         *(_BF16.splitlines() if bf16_state else []),
         "void descend_step(int64_t count, void *const *ptrs, const int64_t *sizes, const double *s, int threads,",
-        "                  const int64_t *offsets, const uint32_t *seeds) {",
+        "                  const int64_t *offsets, const uint32_t *seeds, void *counters, int64_t ncounters,",
+        "                  int counters_double) {",
+        "  /* the bucket's step counters, +1 (float32, or float64 where that is torch's default dtype) */",
+        "  for (int64_t c = 0; c < ncounters; c++) {",
+        "    if (counters_double) ((double *)counters)[c] += 1.0; else ((float *)counters)[c] += 1.0f;",
+        "  }",
         *(f"  {line}" for line in code.prologue),
         "  int64_t total = 0;",
         "  for (int64_t t = 0; t < count; t++) total += sizes[t];",
@@ -514,6 +519,11 @@ _TUNING = [["-march=native", "-mprefer-vector-width=512"] if platform.machine().
 _lock = threading.Lock()
 
 
+def _int64s(values: Sequence[int]) -> array.array:
+    """``values`` as an array of int64 (as they are if they already are one)."""
+    return values if isinstance(values, array.array) and values.typecode == "q" else array.array("q", values)
+
+
 class Kernel:
     """A loaded native step: ``kernel(pointers, sizes, scalars)`` over ``count`` tensors."""
 
@@ -522,29 +532,41 @@ class Kernel:
         self.function = self.library.descend_step
         self.function.restype = None
         self.function.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                  ctypes.c_void_p, ctypes.c_void_p]
+                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
         self.pointers = pointers  # per tensor: w, g, then the state tensors
         self.path = path
 
     def __call__(self, pointers: Sequence[int], sizes: Sequence[int], scalars: Sequence[float],
-                 offsets: Sequence[int] | None = None, seeds: torch.Tensor | None = None) -> None:
+                 offsets: Sequence[int] | None = None, seeds: torch.Tensor | None = None,
+                 counters: torch.Tensor | None = None) -> None:
         """Step ``len(sizes)`` tensors: ``pointers`` holds, per tensor, the addresses of ``w``, ``g`` and its
         state (contiguous, ``sizes[t]`` elements each); ``scalars`` the hyperparameters in trace order.
 
         With bfloat16 state: ``offsets[t]``, the flat index of tensor ``t``'s first element in what its
         rounding noise is drawn over, and ``seeds`` (int32 ``[count, states]``, contiguous) its seeds.
+        ``counters`` (a contiguous float32 or float64 CPU tensor: step counters) is incremented by 1
+        first, in the same call.
         """
         if len(pointers) != self.pointers * len(sizes):
             raise ValueError(f"expected {self.pointers} pointers per tensor, got {len(pointers)} for {len(sizes)}")
-        ptrs, counts = array.array("q", pointers), array.array("q", sizes)
-        values = array.array("d", scalars or [0.0])
-        starts = array.array("q", offsets) if offsets is not None else None
+        ptrs, counts = _int64s(pointers), _int64s(sizes)
+        values = scalars if isinstance(scalars, array.array) and scalars.typecode == "d" else array.array("d", scalars)
+        if not values:
+            values = array.array("d", [0.0])
+        starts = _int64s(offsets) if offsets is not None else None
         if seeds is not None and (seeds.dtype != torch.int32 or not seeds.is_contiguous()
                                   or seeds.numel() != len(counts) * (self.pointers - 2)):
             raise ValueError("seeds must be a contiguous int32 tensor of one seed per tensor and state")
+        wide = False
+        if counters is not None:
+            wide = counters.dtype == torch.float64
+            if not (wide or counters.dtype == torch.float32) or not counters.is_contiguous() or not counters.is_cpu:
+                raise ValueError("counters must be a contiguous float32 or float64 CPU tensor")
         self.function(len(counts), ptrs.buffer_info()[0], counts.buffer_info()[0], values.buffer_info()[0],
                       torch.get_num_threads(), starts.buffer_info()[0] if starts is not None else None,
-                      seeds.data_ptr() if seeds is not None else None)
+                      seeds.data_ptr() if seeds is not None else None,
+                      counters.data_ptr() if counters is not None else None,
+                      counters.numel() if counters is not None else 0, wide)
 
 
 def compile_kernel(source: str, pointers: int) -> Kernel:
