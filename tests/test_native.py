@@ -360,3 +360,23 @@ def test_a_remembered_group_reads_per_step_scalars_every_step() -> None:
         return seen
 
     assert_close(trajectory("native"), trajectory("reference"))
+
+
+def test_a_group_with_frozen_parameters_is_remembered_until_they_thaw() -> None:
+    """Parameters without a gradient (frozen) stay out of the loop; one that gets a gradient steps again."""
+    def trajectory(engine_name: str) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(4)
+        params = [torch.nn.Parameter(torch.randn(5, generator=gen)) for _ in range(4)]
+        opt = optim.SGD(params, lr=0.1, momentum=0.9, engine=engine_name)
+        seen = []
+        for i in range(7):
+            for k, p in enumerate(params):
+                frozen = (k == 2 and i < 4) or (k == 0 and i == 5)
+                p.grad = None if frozen else torch.randn(5, generator=gen)
+            if i == 3 and engine_name != "reference":
+                assert 0 in opt._engine.remembered, "a group with a frozen parameter was not remembered"
+            opt.step()
+            seen += [p.detach().clone() for p in params]
+        return seen
+
+    assert_close(trajectory("native"), trajectory("reference"), rtol=0.0)

@@ -46,7 +46,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 from operator import attrgetter, is_, itemgetter
 from typing import Any, Protocol
 
@@ -419,15 +419,17 @@ class NativeGroup:
     the state dict, which the next step notices).
     """
 
-    __slots__ = ("held", "hyper_keys", "kernel", "keys", "nbytes", "params", "params_list", "per_step", "pointers",
-                 "runner", "scalars", "sizes", "state_of", "state_tensors", "states", "step", "stride", "values",
-                 "w_pointers")
+    __slots__ = ("held", "hyper_keys", "idle", "kernel", "keys", "members", "nbytes", "params", "params_list",
+                 "per_step", "pointers", "runner", "scalars", "sizes", "state_of", "state_tensors", "states", "step",
+                 "stride", "values", "w_pointers")
 
-    def __init__(self, runner: NativeEngine, group: dict[str, Any], keys: list[str],
-                 items: list[_Item], states: list[dict[str, Any]], step: Tensor) -> None:
+    def __init__(self, runner: NativeEngine, group: dict[str, Any], keys: list[str], items: list[_Item],
+                 params: list[Tensor], states: list[dict[str, Any]], step: Tensor, idle: list[Tensor]) -> None:
         self.runner = runner
         self.params_list: list[Tensor] = group["params"]
-        self.params = list(self.params_list)
+        self.members = list(self.params_list)  # the group's parameters, as they were
+        self.params = params  # those the loop steps, in its order
+        self.idle = idle  # the others, which had no gradient (frozen)
         self.keys = list(keys)
         self.states = states
         # a tuple of a state dict's tensors: the step counter and the live rules' state
@@ -473,12 +475,13 @@ class NativeGroup:
 
     def gradient_pointers(self, group: dict[str, Any], all_state: Any) -> array.array | None:
         """The addresses of this step's gradients if the group is as it was remembered (None otherwise):
-        the same parameters, each at the same address, of the same size and contiguous, each with a
-        contiguous gradient of its size (torch keeps a gradient's dtype the parameter's); the same state
-        dicts holding the same state tensors."""
-        params = self.params
-        if (group["params"] is not self.params_list or len(self.params_list) != len(params)
-                or not all(map(is_, self.params_list, params))):
+        the same parameters, those without a gradient still without, the others each at the same
+        address, of the same size and contiguous, each with a contiguous gradient of its size (torch
+        keeps a gradient's dtype the parameter's); the same state dicts holding the same state tensors."""
+        params, members = self.params, self.members
+        if (group["params"] is not self.params_list or len(self.params_list) != len(members)
+                or not all(map(is_, self.params_list, members))
+                or (self.idle and not all(map(is_, map(_grad_of, self.idle), repeat(None))))):
             return None
         grads = list(map(_grad_of, params))
         try:  # a missing gradient (None) raises TypeError
@@ -562,9 +565,11 @@ class BucketEngine(Engine):
                     if not self.step_flat(buffer, group, live, keep, keys, grad_scale):
                         buffer.invalidate()  # its parameters step one by one: their counts may part
                         loose += buffer.params
+            idle = []  # parameters without a gradient
             for p in loose:
                 g = p.grad
                 if g is None:
+                    idle.append(p)
                     continue
                 if g.is_sparse or p.is_complex():
                     check_grad(p)  # raises
@@ -592,13 +597,15 @@ class BucketEngine(Engine):
                     self.run_bucket(group, live, keep, items if whole else [items[i] for i in positions], step,
                                     grad_scale)
                     self.project(group, ps if whole else [ps[i] for i in positions])
-                # one bucket, one step count, every parameter in it and stepped by the native loop: remember
-                if (len(buckets) == 1 and len(counts) == 1 and len(items) == len(group["params"]) and not widen
+                # one bucket, one step count, every parameter with a gradient in it and stepped by the native
+                # loop: remember
+                if (len(buckets) == 1 and len(counts) == 1 and len(items) + len(idle) == len(group["params"])
+                        and not widen
                         and layout is None and clip is None and grad_scale is None
                         and all(map(is_, (i.param for i in items), ps))):
                     runner = self.native_runner(items)
                     if runner is not None:
-                        remembered = NativeGroup(runner, group, keys, items, states, counts[0][1])
+                        remembered = NativeGroup(runner, group, keys, items, ps, states, counts[0][1], idle)
                         if remembered.read_hyper(self.plan, group):
                             self.remembered[gi] = remembered
 
