@@ -107,10 +107,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         lr: learning rate (group key ``lr``).
         maximize: ascend instead of descend (``g <- -g``).
         engine: how steps execute (every engine computes what ``"reference"`` computes):
-            ``"auto"`` (default: per bucket, torch's fused kernel where the chain is exactly torch's
-            Adam or AdamW; on the CPU the native loop for every other chain; elsewhere torch's SGD
-            kernel, a compiled kernel for large ``flat=True`` buffers, the foreach engine otherwise;
-            see ``docs/guide/engines.md``), ``"reference"`` (readable per-tensor loop, the oracle),
+            ``"auto"`` (default: per bucket, on the CPU the native loop; elsewhere torch's fused
+            kernel where the chain is exactly torch's Adam, AdamW or SGD, a compiled kernel for large
+            ``flat=True`` buffers, the foreach engine otherwise; see ``docs/guide/engines.md``),
+            ``"reference"`` (readable per-tensor loop, the oracle),
             ``"foreach"`` (multi-tensor ``torch._foreach_*`` operations), ``"native"`` (the chain
             traced into one C loop, compiled once per machine; float32 CPU tensors, foreach for the
             rest), ``"compiled"`` (one fused pass per bucket via ``torch.compile``; warns and falls

@@ -19,10 +19,10 @@
 - :class:`FusedEngine` (``engine="fused"``): torch's own fused kernels (``torch._fused_adam_``,
   ``torch._fused_adamw_``, ``torch._fused_sgd_``) for buckets whose live chain is exactly one of
   them (:func:`torch_kernel`); the same equations as the rules, evaluated in another order.
-- :class:`AutoEngine` (``engine="auto"``, the default): per bucket, torch's Adam/AdamW kernel where
-  :func:`torch_kernel` finds one; on the CPU the native loop for every other chain; elsewhere torch's
-  SGD kernel, the compiled engine for a flat buffer (``flat=True``) of at least :data:`COMPILE_MIN`
-  elements, the foreach engine otherwise. A compile failure falls back to the foreach engine and is
+- :class:`AutoEngine` (``engine="auto"``, the default): per bucket, on the CPU the native loop for
+  every chain it can run; elsewhere (and for the rest) torch's Adam, AdamW or SGD kernel where
+  :func:`torch_kernel` finds one, the compiled engine for a flat buffer (``flat=True``) of at least
+  :data:`COMPILE_MIN` elements, the foreach engine otherwise. A compile failure falls back and is
   logged, never raised. Why: ``docs/guide/engines.md``.
 
 With ``flat=True`` (:mod:`descend.optim._flat`) a group's parameters, gradients and state are views
@@ -1163,9 +1163,9 @@ class FusedEngine(BucketEngine):
 
 
 class AutoEngine(FusedEngine):
-    """``engine="auto"``: per bucket, torch's fused Adam/AdamW kernel; on the CPU the native loop for every
-    other chain; elsewhere torch's SGD kernel, the compiled step for a large flat buffer, or the foreach
-    engine (see the module docstring)."""
+    """``engine="auto"``: per bucket, on the CPU the native loop for every chain; elsewhere torch's fused
+    Adam, AdamW or SGD kernel, the compiled step for a large flat buffer, or the foreach engine (see the
+    module docstring)."""
 
     name = "auto"
 
@@ -1182,9 +1182,9 @@ class AutoEngine(FusedEngine):
 
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
-        # On the CPU the native loop steps as fast as torch's SGD kernel and computes exactly what the
-        # reference engine computes; Adam and AdamW keep torch's kernel (and so torch.optim's rounding).
-        if not any(isinstance(rule, ScaleByAdam) for rule, _ in live) and self.native.supports(items, grad_scale):
+        # On the CPU the native loop steps at least as fast as torch's fused kernels (Adam's faster) and
+        # computes what the reference engine computes; fused=True still runs torch's kernels.
+        if self.native.supports(items, grad_scale):
             self.last = self.native
             self.native.run_bucket(group, live, keep, items, step, grad_scale)
         else:
