@@ -221,6 +221,16 @@ def with_scalars(live: Live, step: int) -> Live:
     return out
 
 
+def step_scalars(live: Live, keep: Any, step: int) -> tuple[list[float], tuple[Any, ...], bool]:
+    """The native loop's scalars at step number ``step``: the live rules' hyperparameters and per-step
+    scalars in trace order, then ``keep`` if the weights decay; the hyperparameters' shapes (which
+    select the kernel); whether the weights decay. Raises ``NotTraceable`` for a value that is no number."""
+    flat = [native.flatten_hyper(hp, rule.static) for rule, hp in with_scalars(live, step)]
+    decays = not (isinstance(keep, (int, float)) and keep == 1)
+    scalars = [x for numbers, _ in flat for x in numbers] + ([float(keep)] if decays else [])
+    return scalars, tuple(shape for _, shape in flat), decays
+
+
 def rounds_stochastically(plan: Plan) -> bool:
     """Whether state is kept in a low-precision dtype, updated in float32 and rounded stochastically."""
     return plan.state_dtype in LOW_PRECISION
@@ -419,9 +429,9 @@ class NativeGroup:
     the state dict, which the next step notices).
     """
 
-    __slots__ = ("held", "hyper_keys", "idle", "kernel", "keys", "members", "nbytes", "params", "params_list",
-                 "per_step", "pointers", "runner", "scalars", "sizes", "state_of", "state_tensors", "states", "step",
-                 "stride", "values", "w_pointers")
+    __slots__ = ("held", "hyper_keys", "idle", "keep", "kernel", "keys", "live", "members", "nbytes", "params",
+                 "params_list", "per_step", "pointers", "runner", "scalars", "sizes", "state_of", "state_tensors",
+                 "states", "step", "stride", "values", "w_pointers")
 
     def __init__(self, runner: NativeEngine, group: dict[str, Any], keys: list[str], items: list[_Item],
                  params: list[Tensor], states: list[dict[str, Any]], step: Tensor, idle: list[Tensor]) -> None:
@@ -446,31 +456,38 @@ class NativeGroup:
         self.step = step
         self.hyper_keys = tuple(key for key in group if key != "params")
         self.values: list[Any] | None = None  # the hyperparameters the kernel and scalars were read from
-        self.per_step = True  # read them every step (per-step scalars, or hyperparameters that are tensors)
+        self.live: Live | None = None  # their live rules and decay factor, if they are all numbers
+        self.keep: Any = None
+        self.per_step = False  # a rule has per-step scalars
         self.kernel: native.Kernel | None = None
         self.scalars = array.array("d")
 
     def read_hyper(self, plan: Plan, group: dict[str, Any]) -> bool:
-        """Whether the group's hyperparameters still run on the remembered loop (the same state keys); the
-        kernel and scalars are read anew whenever they changed (every step where rules have per-step
-        scalars, or a hyperparameter is a tensor, which may change in place)."""
+        """Whether the group's hyperparameters still run on the remembered loop (the same state keys). The
+        kernel and scalars are read anew when they change, or every step where a hyperparameter is a
+        tensor (it may change in place); per-step scalars (Adam's bias corrections) every step."""
         try:
             values = list(map(group.__getitem__, self.hyper_keys))
-            if not self.per_step and values == self.values:
-                return True
+            same = self.live is not None and values == self.values
         except (KeyError, RuntimeError):  # a key deleted; a tensor that is not one number
             return False
+        if same:
+            if self.per_step:
+                self.scalars = array.array("d", step_scalars(self.live, self.keep, int(self.step.item()) + 1)[0])
+            return True
         live = live_rules(plan, group, None)
         if state_keys(live) != self.keys:
             return False
-        prepared = self.runner.prepare(group, live, weight_keep(plan, group), int(self.step.item()) + 1)
+        keep = weight_keep(plan, group)
+        prepared = self.runner.prepare(group, live, keep, int(self.step.item()) + 1)
         if prepared is None:
             return False
         self.kernel, scalars = prepared
         self.scalars = array.array("d", scalars)
         self.values = values
-        self.per_step = (any(type(rule).scalars is not Rule.scalars for rule, _ in live)
-                         or not all(map(_is_number, values)))
+        # numbers cannot change in place: while they compare equal, only per-step scalars need reading
+        self.live, self.keep = (live, keep) if all(map(_is_number, values)) else (None, None)
+        self.per_step = any(type(rule).scalars is not Rule.scalars for rule, _ in live)
         return True
 
     def gradient_pointers(self, group: dict[str, Any], all_state: Any) -> array.array | None:
@@ -1019,18 +1036,14 @@ class NativeEngine(BucketEngine):
 
     def prepare(self, group: dict[str, Any], live: Live, keep: Any,
                 step: int) -> tuple[native.Kernel, list[float]] | None:
-        """The compiled loop for step number ``step`` of this chain and its scalars (hyperparameters in
-        trace order, then ``keep`` if the weights decay); None if the chain has no loop."""
-        scalared = with_scalars(live, step)
+        """The compiled loop for this chain and its scalars at step number ``step`` (see
+        :func:`step_scalars`); None if the chain has no loop."""
         try:
-            flat = [native.flatten_hyper(hp, rule.static) for rule, hp in scalared]
+            scalars, shapes, decays = step_scalars(live, keep, step)
         except native.NotTraceable:
             return None
-        decays = not (isinstance(keep, (int, float)) and keep == 1)
-        kernel = self.kernel(scalared, bool(group["maximize"]), decays, tuple(shape for _, shape in flat))
-        if kernel is None:
-            return None
-        return kernel, [x for numbers, _ in flat for x in numbers] + ([float(keep)] if decays else [])
+        kernel = self.kernel(live, bool(group["maximize"]), decays, shapes)
+        return None if kernel is None else (kernel, scalars)
 
     def run_native(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item],
                    pointers: Sequence[int], sizes: Sequence[int], step: Tensor) -> bool:

@@ -312,21 +312,22 @@ def flatten_hyper(hp: dict[str, Any], static: tuple[str, ...]) -> tuple[list[flo
     Raises :class:`NotTraceable` for a value that is neither a number, a 0-d tensor nor a tuple of them.
     """
     numbers: list[float] = []
+    return numbers, tuple((key, _shape(key, value, key in static, numbers)) for key, value in hp.items())
 
-    def shape(key: str, value: Any) -> Any:
-        if key in static or isinstance(value, bool):
-            return ("static", value)
-        if isinstance(value, (int, float)):
-            numbers.append(float(value))
-            return "number"
-        if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
-            numbers.append(float(value))
-            return "number"
-        if isinstance(value, tuple):
-            return tuple(shape(key, v) for v in value)
-        raise NotTraceable(f"hyperparameter {key}={value!r} is not a number")
 
-    return numbers, tuple((k, shape(k, v)) for k, v in hp.items())
+def _shape(key: str, value: Any, static: bool, numbers: list[float]) -> Any:
+    """The shape of one hyperparameter's value; its numbers appended to ``numbers``."""
+    if static or isinstance(value, bool):
+        return ("static", value)
+    if isinstance(value, (int, float)):
+        numbers.append(float(value))
+        return "number"
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        numbers.append(float(value))
+        return "number"
+    if isinstance(value, tuple):
+        return tuple(_shape(key, v, False, numbers) for v in value)
+    raise NotTraceable(f"hyperparameter {key}={value!r} is not a number")
 
 
 def _symbolic_hyper(code: _Code, shape: tuple[Any, ...], first: int) -> tuple[dict[str, Any], int]:
