@@ -365,3 +365,31 @@ def expand(markdown: str) -> str:
 
 def on_page_markdown(markdown: str, **_: Any) -> str:
     return expand(markdown)
+
+
+# ----------------------------------------------------------------------------------- API reference
+
+#: A Sphinx cross-reference role as the API pages render a docstring's ``:class:`~x.Y``` (the role
+#: left as text before the code): ``:class:<code>~x.Y</code>``.
+ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj|const):<code>(?P<target>[^<]*)</code>")
+
+
+def tidy_docstrings(html: str) -> str:
+    """Docstrings are written for Sphinx; show what they mean. A role shows the code it names
+    (``:func:`x.f``` as ``x.f``, ``:class:`~x.Y``` as ``Y``, ``:meth:`title <x.Y.f>``` as ``title``),
+    and a paragraph that ends in ``::`` before its code block ends in ``:``."""
+
+    def shown(m: re.Match[str]) -> str:
+        target = m.group("target").strip()
+        titled = re.fullmatch(r"(?P<title>.+?)\s*&lt;.+&gt;", target)
+        if titled:
+            target = titled.group("title")
+        elif target.startswith("~"):
+            target = target[1:].rsplit(".", 1)[-1]
+        return f"<code>{target}</code>"
+
+    return ROLE.sub(shown, html).replace("::</p>", ":</p>")
+
+
+def on_page_content(html: str, **_: Any) -> str:
+    return tidy_docstrings(html)

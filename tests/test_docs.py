@@ -124,3 +124,13 @@ def test_every_example_is_documented() -> None:
     page = (DOCS / "guide" / "examples.md").read_text()
     for script in sorted((ROOT / "examples").glob("*.py")):
         assert f"examples/{script.name}" in page, f"{script.name} is not on docs/guide/examples.md"
+
+
+def test_api_pages_show_sphinx_markup_as_what_it_means() -> None:
+    hooks = _hooks()
+    html = ("<p>See :func:<code>descend.optim.chain</code>, :class:<code>~descend.data.Split</code> and "
+            ":meth:<code>radius &lt;descend.optim._rules.WeightRule.radius&gt;</code>; keep <code>x:y</code>.</p>")
+    assert hooks.tidy_docstrings(html) == ("<p>See <code>descend.optim.chain</code>, <code>Split</code> and "
+                                       "<code>radius</code>; keep <code>x:y</code>.</p>")
+
+    assert hooks.tidy_docstrings("<p>Compose your own::</p><pre>") == "<p>Compose your own:</p><pre>"

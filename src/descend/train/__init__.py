@@ -1,9 +1,11 @@
 """descend.train: the training loop, losses, sampling, schedules, checkpoints and metrics.
 
+```python
 from descend.train import Trainer, TrainConfig, build_model, make_optimizer
 model = build_model("mlp", bundle)
 trainer = Trainer(model, make_optimizer("adam", model.parameters()), bundle, TrainConfig(epochs=30), out_dir="run")
 summary = trainer.fit()         # later: Trainer(...).resume(); trainer.fit()
+```
 """
 
 from descend.train._build import (
