@@ -124,7 +124,7 @@ def rank() -> int:
 
 def world_size() -> int:
     """Number of processes (1 outside a process group)."""
-    return dist.get_world_size() if _AVAILABLE and dist.is_initialized() else 1
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def local_rank() -> int:

@@ -449,9 +449,8 @@ class NativeGroup:
         # int64 arrays, not lists of ints: comparing them reads two buffers, not 200 scattered objects
         self.w_pointers = array.array("q", [p.data_ptr() for p in self.params])
         self.nbytes = array.array("q", [p.nbytes for p in self.params])
-        self.sizes = array.array("q", [p.numel() for p in self.params])
-        _, pointers, _, _ = runner.split(items)  # per item: w, g, then its state tensors
-        self.pointers = array.array("q", pointers)
+        _, pointers, sizes, _ = runner.split(items)  # per item: w, g, then its state tensors; its size
+        self.pointers, self.sizes = array.array("q", pointers), array.array("q", sizes)
         self.stride = 2 + len(keys)
         self.step = step
         self.hyper_keys = tuple(key for key in group if key != "params")
@@ -958,7 +957,7 @@ class NativeEngine(BucketEngine):
 
     def supports(self, items: list[_Item], grad_scale: Tensor | None) -> bool:
         """Whether the native loop may step this bucket: float32 CPU parameters and gradients, float32 or
-        bfloat16 state, no unscaling (:meth:`pointers` checks each tensor)."""
+        bfloat16 state, no unscaling (:meth:`split` checks each tensor)."""
         if self.broken or grad_scale is not None or not items or self.plan.state_dtype not in NATIVE_STATE:
             return False
         p0 = items[0].param

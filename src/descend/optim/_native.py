@@ -154,7 +154,6 @@ class Scalar(_Operand):
         a, b = self.name, self._operand(other)
         return self.code.scalar(f"({b} {op} {a})" if reflected else f"({a} {op} {b})")
 
-
     def __neg__(self) -> Scalar:
         return self.code.scalar(f"(-{self.name})")
 
@@ -180,7 +179,6 @@ class Element(_Operand):
     def _binary(self, op: str, other: Any, reflected: bool = False) -> Element:
         a, b = self.name, self.code.as_float(other)
         return self.code.element(f"{b} {op} {a}" if reflected else f"{a} {op} {b}")
-
 
     def __neg__(self) -> Element:
         return self.code.element(f"-{self.name}")
@@ -520,9 +518,9 @@ _TUNING = [["-march=native", "-mprefer-vector-width=512"] if platform.machine().
 _lock = threading.Lock()
 
 
-def _int64s(values: Sequence[int]) -> array.array:
-    """``values`` as an array of int64 (as they are if they already are one)."""
-    return values if isinstance(values, array.array) and values.typecode == "q" else array.array("q", values)
+def _as_array(values: Sequence[Any], typecode: str) -> array.array:
+    """``values`` as an ``array`` of ``typecode`` (``"q"`` int64, ``"d"`` double), as they are if they are one."""
+    return values if isinstance(values, array.array) and values.typecode == typecode else array.array(typecode, values)
 
 
 class Kernel:
@@ -550,11 +548,9 @@ class Kernel:
         """
         if len(pointers) != self.pointers * len(sizes):
             raise ValueError(f"expected {self.pointers} pointers per tensor, got {len(pointers)} for {len(sizes)}")
-        ptrs, counts = _int64s(pointers), _int64s(sizes)
-        values = scalars if isinstance(scalars, array.array) and scalars.typecode == "d" else array.array("d", scalars)
-        if not values:
-            values = array.array("d", [0.0])
-        starts = _int64s(offsets) if offsets is not None else None
+        ptrs, counts = _as_array(pointers, "q"), _as_array(sizes, "q")
+        values = _as_array(scalars or [0.0], "d")  # a chain without hyperparameters still passes one
+        starts = _as_array(offsets, "q") if offsets is not None else None
         if seeds is not None and (seeds.dtype != torch.int32 or not seeds.is_contiguous()
                                   or seeds.numel() != len(counts) * (self.pointers - 2)):
             raise ValueError("seeds must be a contiguous int32 tensor of one seed per tensor and state")

@@ -98,13 +98,13 @@ def _fmt(value: Any) -> str:
 
 
 class Progress:
-    """A rich progress bar on a terminal, plain lines (at each evaluation) otherwise; or silence."""
+    """A rich progress bar on a terminal, plain lines (at each evaluation) otherwise."""
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True, stream: TextIO | None = None) -> None:
-        self.total, self.enabled = total, enabled
+    def __init__(self, total: int, start: int = 0, stream: TextIO | None = None) -> None:
+        self.total = total
         self.stream = stream or sys.stdout
         self._bar: Any = None
-        if enabled and self.stream.isatty():
+        if self.stream.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
@@ -122,8 +122,6 @@ class Progress:
             self._bar.start()
 
     def update(self, step: int, row: dict[str, Any] | None = None) -> None:
-        if not self.enabled:
-            return
         shown = {k: row[k] for k in ("loss", "val_loss", "val_accuracy") if row and k in row}
         if self._bar is not None:
             status = " ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
