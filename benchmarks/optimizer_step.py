@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import gc
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -357,8 +356,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if first and row["family"] == "descend" and timed:
             print(f"  first steps: {row['name']}", file=sys.stderr, flush=True)
             row["first_steps_s"] = first_steps(row["name"], args)
-    report = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else platform.processor() or platform.machine(), "threads": args.threads, "params": n,
+    from descend.train._device import device_name  # here: the first-step processes need only descend.optim
+
+    report = {"device": str(device), "device_name": device_name(device), "threads": args.threads, "params": n,
               "tensors": args.tensors, "equal_sizes": args.equal_sizes, "steps": args.steps * args.rounds,
               "rounds": args.rounds,
               "torch": torch.__version__, "load_average_before": load_before, "load_average_after": os.getloadavg(),

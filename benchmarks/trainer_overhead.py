@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from descend._io import write_json
 from descend.data.registry import load_data
 from descend.train import TrainConfig, Trainer, build_model, make_optimizer
-from descend.train._device import resolve_device
+from descend.train._device import device_name, resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -166,8 +165,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, {
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else platform.processor() or platform.machine(),
+            "device_name": device_name(device),
             "threads": args.threads, "torch": torch.__version__, "model": f"MLP width {args.width}",
             "optimizer": args.optimizer, "batch_size": args.batch_size, "steps": args.steps,
             "repeats": args.repeats, "load_average_before": load_before, "load_average_after": os.getloadavg(),

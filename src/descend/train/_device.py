@@ -8,6 +8,7 @@ that this machine lacks is a :class:`ValueError` with a one-line message.
 from __future__ import annotations
 
 import contextlib
+import platform
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +48,14 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
             raise ValueError(f"device={str(device)!r} is not available: this machine has no MPS; use cpu or auto")
         return dev
     raise ValueError(f"device={str(device)!r} is not supported; use {DEVICES}")
+
+
+def device_name(device: torch.device) -> str:
+    """What ``device`` is, for a benchmark's record: the GPU's name, else the CPU's (its architecture
+    where the platform does not name it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
 
 
 def place_model(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
