@@ -117,3 +117,71 @@ def test_descend_train_builds_the_transformer_for_token_data(bundle) -> None:
         build_model("mlp", bundle)
     with pytest.raises(ValueError, match="needs token sequences"):
         build_model("transformer", load_data("digits"))
+
+
+# --- sampling -------------------------------------------------------------------------------------------------
+
+
+def _lm(context: int = 16, dtype: torch.dtype = torch.float64) -> TransformerLM:
+    torch.manual_seed(0)
+    model = TransformerLM(256, context, width=32, depth=2, heads=4).to(dtype)
+    with torch.no_grad():  # larger weights than the init's, so the logits are far from uniform
+        for p in model.parameters():
+            p.mul_(8.0)
+    return model
+
+
+def test_cached_forward_equals_the_full_forward_position_by_position() -> None:
+    from descend.nn import KVCache
+
+    model = _lm().eval()
+    idx = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(1))
+    full = model(idx)
+    cache = KVCache(len(model.blocks))
+    pieces = [model(idx[:, :5], cache), model(idx[:, 5:6], cache), model(idx[:, 6:12], cache)]  # 5, 1, then 6 at once
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="exceeds the model's context 16"):
+        model(idx[:, :5], cache)  # 12 held + 5 new > 16
+
+
+@pytest.mark.parametrize("prompt_len,tokens", [(3, 20), (16, 5), (40, 6)])  # within, at and past the context
+def test_generate_samples_the_same_text_with_and_without_the_cache(prompt_len: int, tokens: int) -> None:
+    model = _lm()
+    prompt = torch.randint(0, 256, (2, prompt_len), generator=torch.Generator().manual_seed(2))
+    runs = [model.generate(prompt, tokens, top_k=50, generator=torch.Generator().manual_seed(7), use_cache=c)
+            for c in (True, False)]
+    assert runs[0].shape == (2, prompt_len + tokens) and torch.equal(runs[0][:, :prompt_len], prompt)
+    assert torch.equal(runs[0], runs[1])
+    other_seed = model.generate(prompt, tokens, top_k=50, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(other_seed, runs[0])
+    assert model.training  # the mode is restored
+
+
+def test_generate_follows_the_model_one_token_at_a_time() -> None:
+    """Greedy decoding, checked against the argmax of a fresh full forward pass at every step."""
+    model = _lm(context=8).eval()
+    text = torch.tensor([[10, 20, 30]])
+    out = model.generate(text, 12, temperature=0)
+    for t in range(3, 15):
+        window = out[:, max(0, t - 8) : t]  # the last `context` tokens before position t
+        assert int(out[0, t]) == int(model(window)[0, -1].argmax())
+
+
+def test_sample_next_restricts_to_top_k_and_top_p() -> None:
+    from descend.nn import sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draw = lambda **kw: {int(sample_next(logits, generator=g, **kw)) for _ in range(400)}  # noqa: E731
+    assert draw() == {0, 1, 2, 3}
+    assert draw(top_k=2) == {0, 1}
+    assert draw(top_p=0.5) == {0}  # the most likely token alone reaches 0.5
+    assert draw(top_p=0.8) == {0, 1}  # 0.5 + 0.3 reaches 0.8
+    assert draw(temperature=0) == {0}
+    counts = torch.bincount(torch.cat([sample_next(logits.expand(4000, 4), generator=g) for _ in range(5)])[:, 0])
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    torch.testing.assert_close(counts.double() / counts.sum(), expected, atol=0.01, rtol=0)
+    for bad, message in [({"temperature": -1.0}, "temperature"), ({"top_k": 0}, "top_k"), ({"top_p": 0.0}, "top_p")]:
+        with pytest.raises(ValueError, match=message):
+            sample_next(logits, **bad)

@@ -8,7 +8,8 @@
   (``locations [B, N, d_loc]``, ``values [B, N, d_val]``, ``mask [B, N]``), with full or induced-point
   self-attention, pooling by attention and a cross-attention decoder.
 - :class:`TransformerLM`: a small causal (GPT-style) language model, ``idx [B, T] -> logits [B, T, vocab]``,
-  pre-norm blocks on ``scaled_dot_product_attention(is_causal=True)``, tied embeddings.
+  pre-norm blocks on ``scaled_dot_product_attention(is_causal=True)``, tied embeddings;
+  :meth:`TransformerLM.generate` samples from it (temperature, top-k, top-p) with a :class:`KVCache`.
 """
 
 from ._attention import (
@@ -33,7 +34,7 @@ from ._mlp import (
     init_linear,
 )
 from ._pointset import PointSetDecoder, PointSetEncoder, PointSetTransformer
-from ._transformer import CausalSelfAttention, TransformerBlock, TransformerLM
+from ._transformer import CausalSelfAttention, KVCache, TransformerBlock, TransformerLM, sample_next
 
 __all__ = [
     "ACTIVATIONS",
@@ -45,6 +46,7 @@ __all__ = [
     "CrossAttentionBlock",
     "FeedForward",
     "InducedAttentionBlock",
+    "KVCache",
     "Linear",
     "MLPBlock",
     "MultiheadAttention",
@@ -59,4 +61,5 @@ __all__ = [
     "TransformerLM",
     "count_parameters",
     "init_linear",
+    "sample_next",
 ]
