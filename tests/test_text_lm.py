@@ -185,3 +185,79 @@ def test_sample_next_restricts_to_top_k_and_top_p() -> None:
     for bad, message in [({"temperature": -1.0}, "temperature"), ({"top_k": 0}, "top_k"), ({"top_p": 0.0}, "top_p")]:
         with pytest.raises(ValueError, match=message):
             sample_next(logits, **bad)
+
+
+# --- your own text ------------------------------------------------------------------------------------------------
+
+
+def _write(path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_text_file_splits_are_contiguous_disjoint_spans_read_from_disk(tmp_path) -> None:
+    import hashlib
+
+    from descend.data.text import load_text_files
+
+    text = bytes(range(32, 127)) * 200  # 19,000 bytes of printable ASCII
+    file = _write(tmp_path / "corpus.txt", text)
+    bundle = load_text_files(file, context=15, eval_fraction=0.1)
+    info = bundle.info
+    assert info["files"] == [{"name": "corpus.txt", "bytes": len(text), "sha256": hashlib.sha256(text).hexdigest()}]
+    assert info["spans"] == {"train": [["corpus.txt", 0, 15200]], "val": [["corpus.txt", 15200, 17100]],
+                             "test": [["corpus.txt", 17100, 19000]]}
+    for name, (_, a, b) in ((k, v[0]) for k, v in info["spans"].items()):
+        split = getattr(bundle, name)
+        assert len(split) == (b - a) // 16
+        for i in (0, len(split) - 1):
+            x, y = split[i]
+            window = torch.tensor(list(text[a + 16 * i : a + 16 * (i + 1)]))
+            assert torch.equal(x, window[:-1]) and torch.equal(y, window[1:]) and x.dtype == torch.long
+    import pickle
+
+    again = pickle.loads(pickle.dumps(bundle.val))  # a DataLoader worker gets a copy that reopens the file
+    assert torch.equal(again[3][0], bundle.val[3][0])
+
+
+def test_a_directory_is_its_text_files_in_order_and_no_window_crosses_a_file(tmp_path) -> None:
+    from descend.data.text import load_text_files
+
+    _write(tmp_path / "b.txt", b"b" * 1000)
+    _write(tmp_path / "a" / "x.md", b"a" * 1000)
+    _write(tmp_path / ".git" / "HEAD", b"ref: x\n" * 100)  # hidden: left out
+    _write(tmp_path / "logo.png", b"\x89PNG\x00\x01" * 100)  # not text: left out, and said so
+    bundle = load_text_files(tmp_path, context=9, eval_fraction=0.2)
+    assert [f["name"] for f in bundle.info["files"]] == ["a/x.md", "b.txt"]
+    assert list(bundle.info["skipped"]) == ["logo.png"] and "NUL" in bundle.info["skipped"]["logo.png"]
+    # 2,000 bytes: train [0, 1200) = all of a/x.md and b.txt's first 200; val and test 400 each of b.txt
+    assert bundle.info["spans"]["train"] == [["a/x.md", 0, 1000], ["b.txt", 0, 200]]
+    assert len(bundle.train) == 100 + 20
+    assert {bytes(bundle.train[i][0].tolist()) for i in range(len(bundle.train))} == {b"a" * 9, b"b" * 9}
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"", "is empty"),
+    (b"abc\x00def" * 100, "NUL byte"),
+    (b"caf\xe9" * 100, "offset 3 are not UTF-8"),
+    (b"x" * 50, "too few"),
+])
+def test_a_file_that_is_not_usable_text_gets_one_line(tmp_path, data: bytes, message: str) -> None:
+    from descend.data.tabular import DataError
+    from descend.data.text import load_text_files
+
+    with pytest.raises(DataError, match=message) as info:
+        load_text_files(_write(tmp_path / "f.txt", data), context=16)
+    assert "\n" not in str(info.value)
+
+
+def test_the_registry_reads_a_text_file_or_directory(tmp_path) -> None:
+    from descend.data.tabular import DataError
+
+    _write(tmp_path / "d" / "one.txt", b"hello world\n" * 500)
+    by_file, by_dir = load_data(str(tmp_path / "d" / "one.txt")), load_data(str(tmp_path / "d"))
+    assert by_file.input_kind == by_dir.input_kind == "tokens" and by_file.out_features == 256
+    assert by_file.info["files"] == by_dir.info["files"] and by_file.info["context"] == 64
+    with pytest.raises(DataError, match="drop --target"):
+        load_data(str(tmp_path / "d"), target="y")

@@ -3,8 +3,9 @@
 Built-in names: ``digits`` (tabular, the default), ``digits-points``, ``shapes`` and ``gp1d``
 (point sets from :mod:`descend.data.points`), ``stdlib-text`` (bytes of the standard library's
 sources, :mod:`descend.data.text`). Anything else is a path: ``.csv`` (with
-``target=COLUMN``) or ``.npz`` (arrays ``X`` and ``y``, or point sets: ``locations``, ``values``,
-``mask`` and ``y``).
+``target=COLUMN``), ``.npz`` (arrays ``X`` and ``y``, or point sets: ``locations``, ``values``,
+``mask`` and ``y``), or text to model byte by byte: a ``.txt`` file or a directory of text files
+(:func:`descend.data.text.load_text_files`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def load_data(
     normalize_points: bool = True,
     encoding: str | None = None,
     delimiter: str | None = None,
+    context: int = 64,
 ) -> DataBundle:
     """The dataset ``name_or_path``: a built-in name (see :data:`DATASETS`), a ``.csv`` or an ``.npz``.
 
@@ -72,7 +74,9 @@ def load_data(
     train/val/test split (and the draw, for synthetic sets). An ``.npz`` holds a table (``X [M, F]``,
     ``y``) or point sets (``locations [N, P, d]``, optional ``values [N, P, k]`` and ``mask [N, P]``,
     ``y``; or a 3-D ``X`` as the locations), each set centred and scaled unless
-    ``normalize_points=False`` (see :func:`descend.data.points.load_point_npz`).
+    ``normalize_points=False`` (see :func:`descend.data.points.load_point_npz`). Text (a ``.txt``
+    file or a directory) is cut into windows of ``context`` bytes and split by contiguous spans, the
+    same for every ``seed``.
     """
     if name_or_path in DATASETS:
         if target is not None:
@@ -93,10 +97,18 @@ def load_data(
 
             return load_point_npz(path, task=task, seed=seed, normalize=normalize_points)
         return load_npz(path, task=task, seed=seed)
-    if path.is_dir():
-        raise DataError(f"--data {name_or_path!r} is a directory; give a .csv or .npz file")
+    if suffix == ".txt" or path.is_dir():
+        if target is not None or task not in (None, "classification"):
+            raise DataError("text is modelled byte by byte (a classification over 256 bytes): drop --target and --task")
+        from descend.data.text import load_text_files
+
+        return load_text_files(path, context=context)
     if path.exists():
-        raise DataError(f"cannot read {name_or_path!r}: use a .csv or .npz file, or one of {', '.join(DATASETS)}")
+        raise DataError(
+            f"cannot read {name_or_path!r}: use a .csv, .npz or .txt file, a directory of text files, "
+            f"or one of {', '.join(DATASETS)}"
+        )
     raise DataError(
-        f"unknown dataset {name_or_path!r}: use one of {', '.join(DATASETS)}, or a path to a .csv or .npz file"
+        f"unknown dataset {name_or_path!r}: use one of {', '.join(DATASETS)}, or a path to a .csv, .npz or .txt "
+        "file or a directory of text files"
     )
