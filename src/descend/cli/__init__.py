@@ -3,6 +3,7 @@
     descend train --data digits --model mlp --optimizer adam --out runs/adam
     descend train --data my.csv --target label --out runs/mine
     descend predict runs/mine --data new.csv --out predictions.csv
+    descend train --data notes.txt --model transformer --out runs/lm && descend generate runs/lm --prompt "The"
     descend train --resume runs/adam --steps 2000
     descend train --nproc 2 --optimizer adamw --out runs/ddp     # 2 processes (torchrun), DDP
     descend compare                      # the quick suite: 3 tasks incl. a transformer LM, report in runs/
@@ -124,6 +125,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--batch-size", metavar="N", type=int, default=1024, help="rows per forward pass (default: 1024)"
+    )
+
+    generate = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="sample text from a trained language model",
+        description=_describe(
+            "Continue --prompt with --tokens bytes sampled from the language model of a run made by "
+            "`descend train --model transformer` on text, printing the text as it is sampled. A prompt longer "
+            "than the model's context is conditioned on its last bytes (a note on stderr says so)."
+        ),
+        epilog=_example('descend generate runs/lm --prompt "def main(" --tokens 200 --temperature 0.8 --top-k 40'),
+    )
+    generate.add_argument("run", metavar="RUN_DIR", help="a run directory written by `descend train`")
+    generate.add_argument("--prompt", metavar="TEXT", default="\n", help="the text to continue (default: a newline)")
+    generate.add_argument("--tokens", metavar="N", type=int, default=256, help="bytes to sample (default: 256)")
+    generate.add_argument(
+        "--temperature", metavar="T", type=float, default=1.0, help="divides the logits; 0 takes the most likely byte"
+    )
+    generate.add_argument("--top-k", metavar="K", type=int, default=None, help="sample among the K most likely bytes")
+    generate.add_argument(
+        "--top-p", metavar="P", type=float, default=None, help="sample among the most likely bytes up to probability P"
+    )
+    generate.add_argument("--seed", metavar="S", type=int, default=0, help="the sampling seed (default: 0)")
+    generate.add_argument(
+        "--device", metavar="DEVICE", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)"
     )
 
     compare = sub.add_parser(

@@ -122,6 +122,22 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate(args: argparse.Namespace) -> int:
+    from descend.train._generate import generate_text
+
+    result = generate_text(
+        args.run, args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, device=args.device,
+    )
+    if result.prompt_truncated:
+        _warn(f"the prompt has {result.prompt_bytes} bytes; the model reads its last {result.context}")
+    print(args.prompt, end="", flush=True)
+    for piece in result.pieces:
+        print(piece, end="", flush=True)
+    print(flush=True)
+    return 0
+
+
 def compare(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table

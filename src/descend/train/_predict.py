@@ -29,7 +29,7 @@ from descend._io import atomic_write
 from descend._options import RunSpec
 from descend.data._base import DataBundle, Split
 
-__all__ = ["PredictError", "predict", "preprocessing_record"]
+__all__ = ["PredictError", "load_run_model", "predict", "preprocessing_record"]
 
 FORMAT = 1
 
@@ -60,6 +60,7 @@ def preprocessing_record(spec: RunSpec, bundle: DataBundle) -> dict[str, Any]:
         "encoding": info.get("encoding"),
         "delimiter": info.get("delimiter"),
         "model": {"name": spec.model, "depth": spec.depth, "width": spec.width, "activation": spec.activation},
+        "context": info.get("context"),
     }
 
 
@@ -89,6 +90,7 @@ def _shape_bundle(record: dict[str, Any]) -> DataBundle:
         in_features=record.get("in_features"),
         location_dim=record.get("location_dim"),
         value_dim=record.get("value_dim"),
+        info={"context": record.get("context")},
     )
 
 
@@ -198,6 +200,46 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
         raise PredictError(f"{path.name}: cannot read it as an .npz archive ({e})") from None
 
 
+def _run_record(run_dir: Path) -> dict[str, Any]:
+    """The preprocessing record of a run directory written by ``descend train``."""
+    if not run_dir.is_dir():
+        raise PredictError(f"{run_dir}: not a run directory (give the --out of a `descend train` run)")
+    record = _read_json(run_dir / "preprocessing.json", "was this run written by `descend train`? train it again")
+    if record.get("format") != FORMAT:
+        raise PredictError(f"{run_dir}/preprocessing.json: format {record.get('format')!r} is not {FORMAT}")
+    return record
+
+
+def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[torch.nn.Module, torch.device]:
+    """The trained model of ``run_dir`` (its final weights), in evaluation mode on ``device``, and that device."""
+    from safetensors.torch import load_file
+
+    from descend.train._build import build_model
+    from descend.train._device import resolve_device
+
+    run_dir = Path(run_dir)
+    record = _run_record(run_dir)
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise PredictError(f"{run_dir}: no model.safetensors; the run has not finished (resume it with --resume)")
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise PredictError(f"--device {device}: {e}") from None
+    state = load_file(weights)
+    if record.get("context") is None and "position" in state:  # a language model's context is its positions
+        record = {**record, "context": int(state["position"].shape[0])}
+    m = record["model"]
+    model = build_model(
+        m["name"], _shape_bundle(record), depth=m["depth"], width=m["width"], activation=m["activation"]
+    )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise PredictError(f"{weights}: does not fit the run's model ({str(e).splitlines()[0]})") from None
+    return model.to(dev).eval(), dev
+
+
 def predict(
     run_dir: str | Path, data: str | Path, out: str | Path, *, device: str = "auto", batch_size: int = 1024
 ) -> dict[str, Any]:
@@ -206,36 +248,12 @@ def predict(
     Columns: ``row``, then ``prediction`` and ``p_<class>`` per class (classification), or the target
     column(s) in the target's units (regression). Returns ``{"rows", "out", "task"}``.
     """
-    from safetensors.torch import load_file
-
-    from descend.train._build import build_model
-    from descend.train._device import resolve_device
-
     run_dir, data, out = Path(run_dir), Path(data), Path(out)
-    if not run_dir.is_dir():
-        raise PredictError(f"{run_dir}: not a run directory (give the --out of a `descend train` run)")
-    record = _read_json(run_dir / "preprocessing.json", "was this run written by `descend train`? train it again")
-    if record.get("format") != FORMAT:
-        raise PredictError(f"{run_dir}/preprocessing.json: format {record.get('format')!r} is not {FORMAT}")
-    weights = run_dir / "model.safetensors"
-    if not weights.is_file():
-        raise PredictError(f"{run_dir}: no model.safetensors; the run has not finished (resume it with --resume)")
     if batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
-    try:
-        dev = resolve_device(device)
-    except ValueError as e:
-        raise PredictError(f"--device {device}: {e}") from None
+    record = _run_record(run_dir)
     inputs = _inputs(data, record)
-    m = record["model"]
-    model = build_model(
-        m["name"], _shape_bundle(record), depth=m["depth"], width=m["width"], activation=m["activation"]
-    )
-    try:
-        model.load_state_dict(load_file(weights))
-    except RuntimeError as e:
-        raise PredictError(f"{weights}: does not fit the run's model ({str(e).splitlines()[0]})") from None
-    model.to(dev).eval()
+    model, dev = load_run_model(run_dir, device)
     outputs = []
     with torch.no_grad():
         for start in range(0, len(inputs[0]), batch_size):
