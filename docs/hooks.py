@@ -300,6 +300,23 @@ def attention(name: str | None) -> str:
     return "\n".join(lines)
 
 
+def generate(name: str | None) -> str:
+    """Markdown table of ``benchmarks/generate.py``'s result: sampling with and without the KV cache."""
+    name = name or "generate.json"
+    d = load_result(name)
+    caption = (
+        f"`TransformerLM` of {_count(d['parameters'])} parameters (width {d['width']}, depth {d['depth']}, context "
+        f"{d['context']}), {d['new_tokens']} new tokens after a {d['prompt_tokens']}-token prompt, batch 1; "
+        f"the same text with and without the cache: {'yes' if d['same_text'] else 'no'}. Machine: {_machine(d)}. "
+        f"Source: `benchmarks/results/{name}`."
+    )
+    rate = d["tokens_per_second"]
+    lines = [caption, "", "| sampling | tokens/s |", "|---|---:|"]
+    lines += [f"| {'with the KV cache' if k == 'cache' else 'without it'} | {v:,.1f} |" for k, v in rate.items()]
+    lines.append(f"| speed-up | {d['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
 def distributed(name: str | None) -> str:
     """Markdown table of ``benchmarks/distributed.py``'s result: steps per second by process count and strategy."""
     name = name or "distributed.json"
@@ -347,6 +364,7 @@ GENERATORS: dict[str, Callable[[str | None], str]] = {
     "attention": attention,
     "trainer-overhead": trainer_overhead,
     "distributed": distributed,
+    "generate": generate,
     "distributed-equivalence": distributed_equivalence,
 }
 

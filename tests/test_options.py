@@ -145,7 +145,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def test_every_command_explains_itself(capsys) -> None:
     commands = _subparsers(build_parser())
-    assert set(commands) == {"train", "predict", "compare", "gradflow", "optimizers", "experiments"}
+    assert set(commands) == {"train", "predict", "generate", "compare", "gradflow", "optimizers", "experiments"}
     for name, parser in commands.items():
         assert parser.description and parser.epilog and "example:" in parser.epilog, name
         with pytest.raises(SystemExit) as exit_:

@@ -204,7 +204,7 @@ OPTIONS: dict[str, Option] = {
             "data",
             str,
             "digits",
-            "dataset: digits, digits-points, shapes, gp1d, or a .csv/.npz file",
+            "dataset: digits, digits-points, shapes, gp1d, stdlib-text, or a .csv/.npz/.txt file or a text directory",
             metavar="NAME|PATH",
             group="data",
         ),
@@ -269,6 +269,10 @@ OPTIONS: dict[str, Option] = {
             group="model",
         ),
         _o("width", int, 128, "hidden width of every layer", metavar="N", low=1, high=65536, group="model"),
+        _o("heads", int, 4, "attention heads (pointset, transformer; must divide --width)", metavar="N", low=1,
+           high=1024, group="model"),
+        _o("context", int, 64, "tokens a transformer reads at once (text data)", metavar="N", low=1, high=1 << 20,
+           group="model"),
         _o("activation", str, "relu", "hidden activation", metavar="NAME", choices=ACTIVATIONS, group="model"),
         # optimizer
         _o(
@@ -443,6 +447,18 @@ OPTIONS: dict[str, Option] = {
             group="output",
         ),
         _o(
+            "eval_size",
+            int,
+            16384,
+            "examples each evaluation reads at most, counted in tokens for text: the same evenly spaced "
+            "subset of each split every time",
+            metavar="N",
+            nullable=True,
+            none_means="every example",
+            low=1,
+            group="output",
+        ),
+        _o(
             "patience",
             int,
             None,
@@ -596,7 +612,9 @@ class TrainConfig:
     ``accumulation`` of them averaged per step. The loss minimised is
     ``mean ℓ + l2/2·‖w‖²`` (weight decay, if any, belongs to the optimizer). ``eval_every`` /
     ``log_every`` / ``checkpoint_every`` count steps (``None``: once per epoch / about 200 rows per
-    run / at each evaluation). ``patience``: stop after that many evaluations without a lower
+    run / at each evaluation). Each evaluation reads at most ``eval_size`` examples of a split (tokens, for
+    token sequences; ``None``: all): the same evenly spaced subset every time. ``patience``: stop after
+    that many evaluations without a lower
     validation loss. Each field's default, range and meaning are those of :data:`OPTIONS` (the
     command line's ``--flag`` of the same name); constructing one validates every field.
     """
@@ -617,6 +635,7 @@ class TrainConfig:
     clip_grad_norm: float | None = opt("clip_grad_norm")
     bf16: bool = opt("bf16")
     eval_every: int | None = opt("eval_every")
+    eval_size: int | None = opt("eval_size")
     log_every: int | None = opt("log_every")
     checkpoint_every: int | None = opt("checkpoint_every")
     keep_checkpoints: int = opt("keep_checkpoints")
@@ -652,6 +671,8 @@ class RunSpec:
     model: str = opt("model")
     depth: int = opt("depth")
     width: int = opt("width")
+    heads: int = opt("heads")
+    context: int = opt("context")
     activation: str = opt("activation")
     optimizer: str = opt("optimizer")
     lr: float | None = opt("lr")
@@ -676,6 +697,7 @@ class RunSpec:
     threads: int | None = opt("threads")
     strategy: str = opt("strategy")
     eval_every: int | None = opt("eval_every")
+    eval_size: int | None = opt("eval_size")
     patience: int | None = opt("patience")
     log_every: int | None = opt("log_every")
     checkpoint_every: int | None = opt("checkpoint_every")

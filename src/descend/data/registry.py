@@ -41,8 +41,12 @@ DATASETS: dict[str, Callable[..., DataBundle]] = {
     "shapes": _points("make_shapes", pose="principal", normalise=True),
     "gp1d": _points("make_gp1d"),
     # byte-level language modelling on the standard library's .py files (descend.data.text)
-    "stdlib-text": lambda seed=0: importlib.import_module("descend.data.text").load_stdlib_text(seed=seed),
+    "stdlib-text": lambda seed=0, context=64: importlib.import_module("descend.data.text").load_stdlib_text(
+        seed=seed, context=context
+    ),
 }
+#: The built-in datasets of text, which take a ``context`` (bytes per window).
+TEXT_DATASETS = frozenset({"stdlib-text"})
 
 
 def _is_point_archive(path: Path) -> bool:
@@ -81,7 +85,8 @@ def load_data(
     if name_or_path in DATASETS:
         if target is not None:
             raise DataError(f"--target is for CSV files; the built-in dataset {name_or_path!r} has its own labels")
-        bundle = DATASETS[name_or_path](seed=seed)
+        options = {"context": context} if name_or_path in TEXT_DATASETS else {}
+        bundle = DATASETS[name_or_path](seed=seed, **options)
         if task is not None and task != bundle.task:
             raise DataError(f"dataset {name_or_path!r} is a {bundle.task} task; drop --task {task}")
         return bundle

@@ -34,7 +34,7 @@ __all__ = ["DEFAULT_LR", "FULL_BATCH", "MODELS", "OPTIMIZER_NAMES", "build_model
 
 def build_model(
     name: str, data: DataBundle, *, depth: int = OPTIONS["depth"].default, width: int = OPTIONS["width"].default,
-    activation: str = OPTIONS["activation"].default,
+    activation: str = OPTIONS["activation"].default, heads: int = OPTIONS["heads"].default,
 ) -> nn.Module:
     """The model ``name`` shaped for ``data`` (inputs, outputs); ``ValueError`` if it cannot fit it.
 
@@ -55,7 +55,8 @@ def build_model(
             raise ValueError(f"{data.name!r} holds token sequences; use --model transformer")
         if data.input_kind != "tokens":
             raise ValueError(f"model 'transformer' needs token sequences (e.g. --data stdlib-text), not {data.name!r}")
-        return dnn.TransformerLM(data.out_features, int(data.info["context"]), width=width, depth=depth)  # type: ignore[call-overload]
+        context = int(data.info["context"])  # type: ignore[call-overload]
+        return dnn.TransformerLM(data.out_features, context, width=width, depth=depth, heads=heads)
     if name == "pointset":
         if vector:
             raise ValueError(
@@ -64,7 +65,7 @@ def build_model(
             )
         assert data.location_dim is not None and data.value_dim is not None
         cls = dnn.PointSetDecoder if data.input_kind == "pointset-query" else dnn.PointSetTransformer
-        return cls(data.location_dim, data.value_dim, data.out_features, width=width, depth=depth)
+        return cls(data.location_dim, data.value_dim, data.out_features, width=width, depth=depth, heads=heads)
     if not vector:
         raise ValueError(
             f"model {name!r} needs tabular (vector) inputs, but {data.name!r} is a point-set dataset; "

@@ -62,11 +62,19 @@ class Source:
         assert self.n is not None
         return size(dd.shard(batch, world_size=world), self.n)
 
-    def eval_batches(self, chunk_size: int) -> list[Any]:
-        """This rank's evaluation pieces, as many on every rank (FSDP2 gathers in every forward)."""
+    def eval_batches(self, chunk_size: int, limit: int | None = None) -> list[Any]:
+        """This rank's evaluation pieces, as many on every rank (FSDP2 gathers in every forward).
+
+        With ``limit < n``, the ``limit`` examples ``floor(i n / limit)``, ``i < limit``: evenly spaced
+        over the split and the same at every evaluation.
+        """
         assert self.n is not None
-        mine = dd.shard(slice(0, self.n))
-        chunks = max(1, math.ceil(math.ceil(self.n / dd.world_size()) / chunk_size))
+        if limit is not None and limit < self.n:
+            count, everyone = limit, torch.arange(limit, dtype=torch.int64) * self.n // limit
+        else:
+            count, everyone = self.n, slice(0, self.n)
+        mine = dd.shard(everyone)
+        chunks = max(1, math.ceil(math.ceil(count / dd.world_size()) / chunk_size))
         return [dd.shard(mine, k, chunks) for k in range(chunks)]  # already local: take(), not local()
 
 
@@ -121,8 +129,8 @@ class LoaderSource(Source):
         count = sum(self.local_count(b) for b in batches)
         return int(dd.all_reduce_sum([count])[0]) if dd.world_size() > 1 else count
 
-    def eval_batches(self, chunk_size: int) -> Any:
-        return self.loader
+    def eval_batches(self, chunk_size: int, limit: int | None = None) -> Any:
+        return self.loader  # a loader's batches are the evaluation set as given
 
 
 def as_source(data: Any) -> Source:

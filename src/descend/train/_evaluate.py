@@ -47,11 +47,15 @@ def evaluate(
     task: str,
     metrics: Mapping[str, Metric] | None = None,
     chunk_size: int = 4096,
+    limit: int | None = None,
     bf16: bool = False,
     device: torch.device,
     target_std: Tensor | None = None,
 ) -> dict[str, float]:
     """The metrics of the module docstring for ``model`` on ``source``; every rank gets the same dict.
+
+    ``chunk_size`` examples go through the model at once; with ``limit``, only that many examples of
+    ``source``, evenly spaced (:meth:`~descend.train._data.Source.eval_batches`), are read.
 
     Each rank runs as many forward passes as every other (an empty share still runs one), since
     FSDP2 gathers parameters in each; a DDP model runs its local replica without collectives.
@@ -60,7 +64,7 @@ def evaluate(
     module.eval()
     acc = torch.float32 if device.type == "mps" else torch.float64
     sums: dict[str, Tensor] = {}
-    for piece in source.eval_batches(chunk_size):
+    for piece in source.eval_batches(chunk_size, limit):
         inputs, targets = source.take(piece)
         inputs, targets = move(inputs, targets, device)
         m = int(targets.shape[0])

@@ -59,7 +59,8 @@ def preprocessing_record(spec: RunSpec, bundle: DataBundle) -> dict[str, Any]:
         "normalize_points": bool(info.get("normalize_points", False)),
         "encoding": info.get("encoding"),
         "delimiter": info.get("delimiter"),
-        "model": {"name": spec.model, "depth": spec.depth, "width": spec.width, "activation": spec.activation},
+        "model": {"name": spec.model, "depth": spec.depth, "width": spec.width, "activation": spec.activation,
+                  "heads": spec.heads},
         "context": info.get("context"),
     }
 
@@ -231,7 +232,8 @@ def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[torch.nn.
         record = {**record, "context": int(state["position"].shape[0])}
     m = record["model"]
     model = build_model(
-        m["name"], _shape_bundle(record), depth=m["depth"], width=m["width"], activation=m["activation"]
+        m["name"], _shape_bundle(record), depth=m["depth"], width=m["width"], activation=m["activation"],
+        heads=m.get("heads", 4),  # runs recorded before heads was an option used 4
     )
     try:
         model.load_state_dict(state)

@@ -26,6 +26,7 @@ import contextlib
 import errno
 import importlib.util
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -173,10 +174,10 @@ def _read_pid(fd: int) -> int | None:
 
 
 def _is_file_data(data: str) -> bool:
-    """True when ``data`` names an existing file rather than a built-in dataset."""
+    """True when ``data`` names an existing file or directory rather than a built-in dataset."""
     from descend.data.registry import DATASETS
 
-    return data not in DATASETS and Path(data).expanduser().is_file()
+    return data not in DATASETS and Path(data).expanduser().exists()
 
 
 def resolve_spec(spec: RunSpec) -> RunSpec:
@@ -228,7 +229,9 @@ def prepare(spec: RunSpec, out_dir: Path | None = None, *, bundle: DataBundle | 
     if fits != bundle.task:
         raise RunError(f"--loss {spec.loss} is for {fits}; {bundle.name!r} is a {bundle.task} task: use --loss auto")
     try:
-        model = build_model(spec.model, bundle, depth=spec.depth, width=spec.width, activation=spec.activation)
+        model = build_model(
+            spec.model, bundle, depth=spec.depth, width=spec.width, activation=spec.activation, heads=spec.heads
+        )
         if dd.world_size() > 1:  # every rank built the same model from the same seed
             model = dd.wrap(model, spec.strategy)
         optimizer = make_optimizer(spec.optimizer, model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
@@ -255,6 +258,7 @@ def load_bundle(spec: RunSpec) -> DataBundle:
         normalize_points=spec.normalize_points,
         encoding=spec.encoding,
         delimiter=spec.delimiter,
+        context=spec.context,
     )
 
 
@@ -275,7 +279,9 @@ def resolved_config(spec: RunSpec, bundle: DataBundle, model: nn.Module) -> dict
         "parameters": sum(p.numel() for p in model.parameters()),
         "examples": {"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
     }
-    if _is_file_data(spec.data):
+    if "files" in bundle.info:  # text: every file read, each with its SHA-256 (computed while checking it)
+        resolved.update(data_path=spec.data, data_files=bundle.info["files"])
+    elif _is_file_data(spec.data):
         resolved.update(data_path=spec.data, data_sha256=sha256_file(Path(spec.data)))
     return {"descend_version": __version__, **values, "resolved": resolved}
 
@@ -334,6 +340,10 @@ def run_training(
         else:
             # clones: safetensors refuses tensors that share storage (tied weights, flat=True optimizers)
             weights = {k: v.detach().cpu().contiguous().clone() for k, v in trainer.model.state_dict().items()}
+        if bundle.input_kind == "tokens":  # a byte-level language model's loss is in nats per byte
+            for split in ("train", "val", "test"):
+                if isinstance(summary.get(split), dict) and "loss" in summary[split]:
+                    summary[split]["bits_per_byte"] = summary[split]["loss"] / math.log(2)
         if main:
             _save_weights(weights, out_dir / "model.safetensors")
             write_json(out_dir / "summary.json", summary)

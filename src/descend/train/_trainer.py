@@ -32,7 +32,7 @@ from descend import distributed as dd
 from descend._options import TrainConfig
 from descend._random import seed_everything
 from descend.train._callbacks import check_callbacks, run_callbacks
-from descend.train._data import LoaderSource, Source, as_sources, infer_task
+from descend.train._data import LoaderSource, Source, as_sources, first_targets, infer_task
 from descend.train._device import place_model, resolve_device
 from descend.train._evaluate import EarlyStopping, Metric, diverged, evaluate
 from descend.train._losses import LossFn, get_loss
@@ -55,6 +55,16 @@ def make_sampler(source: Source, config: TrainConfig) -> Sampler:
     return Minibatch(
         source.n, config.batch_size, seed=config.seed, replacement=config.replacement, accumulation=config.accumulation
     )
+
+
+#: Tokens an evaluation passes through the model at once (a tabular or point-set example counts one).
+EVAL_CHUNK_TOKENS = 4096
+
+
+def _tokens_per_example(source: Source, task: str) -> int:
+    """Tokens in one example: a classification target per position (``[M, T]``) is a sequence of ``T``."""
+    targets = first_targets(source)
+    return int(targets[0].numel()) if task == "classification" and targets.dim() == 2 and len(targets) else 1
 
 
 def _fail_hook() -> tuple[int, int] | None:
@@ -123,6 +133,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.is_main = dd.is_main() if is_main is None else is_main
         self.sampler = make_sampler(self.sources["train"], cfg)
+        self.example_tokens = _tokens_per_example(self.sources["train"], self.task)
         per_epoch = self.sampler.steps_per_epoch
         self.total_steps = int(cfg.steps) if cfg.steps is not None else max(1, math.ceil(cfg.epochs * per_epoch))
         if self.total_steps < 1:
@@ -224,11 +235,21 @@ class Trainer:
             ) from None
         return row if measure else {}
 
-    def evaluate(self, split: str | Any, chunk_size: int = 4096) -> dict[str, float]:
-        """Mean loss and metrics of the model on ``split`` (a name, or a ``Split``/``Dataset``/``DataLoader``)."""
+    def evaluate(self, split: str | Any, chunk_size: int | None = None, *, whole: bool = False) -> dict[str, float]:
+        """Mean loss and metrics of the model on ``split`` (a name, or a ``Split``/``Dataset``/``DataLoader``).
+
+        At most ``config.eval_size`` tokens are read (an example of a token sequence counts its tokens,
+        any other example one): the same evenly spaced examples every time; ``whole`` reads them all.
+        ``chunk_size`` examples go through the model at once (default: 4,096 tokens' worth), so an
+        evaluation holds less in memory than a training step of as many tokens.
+        """
         source = self.sources[split] if isinstance(split, str) else as_sources(split)["train"]
+        tokens = self.example_tokens
+        size = None if whole else self.config.eval_size
         return evaluate(
-            self.model, self.loss_fn, source, task=self.task, metrics=self.metrics, chunk_size=chunk_size,
+            self.model, self.loss_fn, source, task=self.task, metrics=self.metrics,
+            chunk_size=chunk_size or max(1, EVAL_CHUNK_TOKENS // tokens),
+            limit=None if size is None else max(1, math.ceil(size / tokens)),
             bf16=self.config.bf16, device=self.device, target_std=self.target_std,
         )  # fmt: skip
 
