@@ -271,7 +271,7 @@ OPTIONS: dict[str, Option] = {
         _o("width", int, 128, "hidden width of every layer", metavar="N", low=1, high=65536, group="model"),
         _o("heads", int, 4, "attention heads (pointset, transformer; must divide --width)", metavar="N", low=1,
            high=1024, group="model"),
-        _o("context", int, 64, "tokens a transformer reads at once (text data)", metavar="N", low=1, high=1 << 20,
+        _o("context", int, 64, "tokens a transformer reads at once (text data)", metavar="N", low=1, high=65536,
            group="model"),
         _o("activation", str, "relu", "hidden activation", metavar="NAME", choices=ACTIVATIONS, group="model"),
         # optimizer
