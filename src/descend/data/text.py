@@ -47,7 +47,7 @@ from descend.data.tabular import DataError
 
 __all__ = ["ByteWindows", "load_stdlib_text", "load_text_files", "stdlib_files", "text_files"]
 
-_READ = 1 << 24  # bytes read at a time when checking a file
+_READ = 1 << 20  # bytes read at a time when checking a file
 
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 

@@ -26,7 +26,52 @@ from descend._random import generator
 
 Batch = Tensor | slice
 
-__all__ = ["Batch", "FullBatch", "Minibatch", "Sampler", "Stream"]
+__all__ = ["STORED_ORDER_LIMIT", "Batch", "FullBatch", "KeyedPermutation", "Minibatch", "Sampler", "Stream"]
+
+#: Up to this many training examples an epoch's shuffled order is stored (8 bytes an example, also in
+#: every checkpoint); above it the order is computed from a key (:class:`KeyedPermutation`).
+STORED_ORDER_LIMIT = 1 << 20
+
+_MASK31 = (1 << 31) - 1
+
+
+class KeyedPermutation:
+    """A pseudo-random permutation of ``range(n)`` computed from four 31-bit ``keys``, never stored.
+
+    A 4-round Feistel network permutes ``[0, 4^h)`` (the smallest such range holding ``n``), and
+    cycle-walking (apply it again while the result is ``>= n``) restricts it to ``[0, n)``: still a
+    bijection, with fewer than 4 applications per index on average. ``self(positions)`` maps the
+    positions of an epoch to example indices, so a batch costs its own size whatever ``n`` is.
+    """
+
+    def __init__(self, n: int, keys: Tensor) -> None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        self.n, self.keys = n, [int(k) & _MASK31 for k in keys.tolist()]
+        self.half = max(1, math.ceil(math.log2(n) / 2)) if n > 1 else 1
+        if self.half > 31:
+            raise ValueError(f"n={n} is beyond 2^62 examples")
+
+    def _round(self, right: Tensor, key: int) -> Tensor:
+        y = (right * 0x5BD1E995 + key) & _MASK31  # right < 2^31: the product stays below 2^62
+        y = y ^ (y >> 15)
+        y = (y * 0x2C1B3C6D) & _MASK31
+        return (y ^ (y >> 12)) & ((1 << self.half) - 1)
+
+    def _feistel(self, x: Tensor) -> Tensor:
+        mask = (1 << self.half) - 1
+        left, right = x >> self.half, x & mask
+        for key in self.keys:
+            left, right = right, left ^ self._round(right, key)
+        return (left << self.half) | right
+
+    def __call__(self, positions: Tensor) -> Tensor:
+        out = self._feistel(positions.to(torch.int64))
+        outside = out >= self.n
+        while bool(outside.any()):
+            out[outside] = self._feistel(out[outside])
+            outside = out >= self.n
+        return out
 
 
 class Sampler:
@@ -72,7 +117,9 @@ class Minibatch(Sampler):
     """Stochastic batches of ``batch_size`` examples, ``accumulation`` of them per optimizer step.
 
     Without replacement, the set is reshuffled at the start of every epoch and the last batch of an
-    epoch holds the remainder (``n mod batch_size`` examples, when not zero). With replacement, each
+    epoch holds the remainder (``n mod batch_size`` examples, when not zero). Above
+    :data:`STORED_ORDER_LIMIT` examples (a large text corpus) the epoch's order is a
+    :class:`KeyedPermutation`, so neither memory nor a checkpoint holds ``n`` indices. With replacement, each
     batch is ``batch_size`` independent uniform draws. Randomness comes from a private generator
     seeded with ``seed``, so the global RNG is untouched and the stream resumes exactly.
     """
@@ -91,20 +138,26 @@ class Minibatch(Sampler):
         self.generator = generator(seed)
         self.batches_per_epoch = math.ceil(n / self.batch_size)
         self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / accumulation))
-        self.order = torch.empty(0, dtype=torch.int64)
-        self.position = 0
+        self.order = torch.empty(0, dtype=torch.int64)  # this epoch's order, or its keys above the limit
+        self.keyed = n > STORED_ORDER_LIMIT
+        self.position = n if self.keyed else 0  # the first batch starts an epoch
 
     def _next_batch(self) -> Tensor:
         if self.replacement:
             batch = torch.randint(self.n, (self.batch_size,), generator=self.generator)
             self.examples_seen += self.batch_size
             return batch
-        if self.position >= self.order.shape[0]:
-            self.order = torch.randperm(self.n, generator=self.generator)
+        if self.position >= (self.n if self.keyed else self.order.shape[0]):
+            if self.keyed:
+                self.order = torch.randint(1 << 31, (4,), generator=self.generator)
+            else:
+                self.order = torch.randperm(self.n, generator=self.generator)
             self.position = 0
         start, stop = self.position, min(self.position + self.batch_size, self.n)
         self.position = stop
         self.examples_seen += stop - start
+        if self.keyed:
+            return KeyedPermutation(self.n, self.order)(torch.arange(start, stop))
         return self.order[start:stop]
 
     def next_step(self) -> list[Batch]:
