@@ -72,3 +72,11 @@ def test_a_run_that_is_not_a_language_model_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 2 and "not a language model" in result.stderr
     missing = descend("generate", str(tmp_path / "nothing"), "--prompt", "hi")
     assert missing.returncode == 2 and "not a run directory" in missing.stderr
+
+
+def test_bf16_autocast_is_a_choice_and_off_by_default_on_the_cpu(lm_run: Path) -> None:
+    from descend.train._generate import generate_text
+
+    plain = "".join(generate_text(lm_run, "the", 20, seed=2, device="cpu").pieces)
+    assert plain == "".join(generate_text(lm_run, "the", 20, seed=2, device="cpu", bf16=False).pieces)
+    assert len("".join(generate_text(lm_run, "the", 20, seed=2, device="cpu", bf16=True).pieces)) >= 1

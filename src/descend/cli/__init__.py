@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--seed", metavar="S", type=int, default=0, help="the sampling seed (default: 0)")
     generate.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=None,
+        help="bfloat16 autocast (default: as the run was trained, on CUDA only)",
+    )
+    generate.add_argument(
         "--device", metavar="DEVICE", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)"
     )
 

@@ -127,7 +127,7 @@ def generate(args: argparse.Namespace) -> int:
 
     result = generate_text(
         args.run, args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, device=args.device,
+        seed=args.seed, device=args.device, bf16=args.bf16,
     )
     if result.prompt_truncated:
         _warn(f"the prompt has {result.prompt_bytes} bytes; the model reads its last {result.context}")

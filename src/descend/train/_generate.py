@@ -9,6 +9,7 @@ bytes that are not UTF-8 print as U+FFFD). Sampling is :meth:`descend.nn.Transfo
 from __future__ import annotations
 
 import codecs
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from descend.nn import TransformerLM
+from descend.train._device import autocast
 from descend.train._predict import PredictError, load_run_model
 
 __all__ = ["Generation", "generate_text"]
@@ -44,14 +46,19 @@ def generate_text(
     top_p: float | None = None,
     seed: int = 0,
     device: str = "auto",
+    bf16: bool | None = None,
 ) -> Generation:
     """Sample ``tokens`` bytes after ``prompt`` from the language model of ``run_dir``.
 
     Returns a :class:`Generation` whose ``pieces`` yield the decoded text as it is sampled. A run that
     is not a language model, an empty prompt, or a bad sampling setting is a :class:`PredictError`
     (one line). A prompt longer than the model's context is conditioned on its last ``context`` bytes.
+    ``bf16`` runs the forward passes under bfloat16 autocast (default: as the run was trained, on CUDA;
+    never on the CPU, where it is slower).
     """
     model, dev = load_run_model(run_dir, device)
+    if bf16 is None:
+        bf16 = dev.type == "cuda" and _trained_in_bf16(Path(run_dir))
     if not isinstance(model, TransformerLM):
         raise PredictError(f"{run_dir}: its model is not a language model (train one with --model transformer on text)")
     data = prompt.encode("utf-8")
@@ -69,13 +76,21 @@ def generate_text(
 
     def pieces() -> Iterator[str]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for token in model.stream(idx, tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  generator=generator):
-            text = decoder.decode(bytes([int(token[0, 0])]))
-            if text:
-                yield text
+        with autocast(dev, bool(bf16)):
+            stream = model.stream(idx, tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            for token in stream:
+                text = decoder.decode(bytes([int(token[0, 0])]))
+                if text:
+                    yield text
         tail = decoder.decode(b"", final=True)
         if tail:
             yield tail
 
     return Generation(model.context, len(data), pieces())
+
+
+def _trained_in_bf16(run_dir: Path) -> bool:
+    try:
+        return bool(json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("bf16", False))
+    except (OSError, ValueError):
+        return False
