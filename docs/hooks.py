@@ -305,7 +305,7 @@ def generate(name: str | None) -> str:
     name = name or "generate.json"
     d = load_result(name)
     caption = (
-        f"`TransformerLM` of {_count(d['parameters'])} parameters (width {d['width']}, depth {d['depth']}, context "
+        f"`TransformerLM` of {d['parameters'] / 1e6:.1f}M parameters (width {d['width']}, depth {d['depth']}, context "
         f"{d['context']}), {d['new_tokens']} new tokens after a {d['prompt_tokens']}-token prompt, batch 1; "
         f"the same text with and without the cache: {'yes' if d['same_text'] else 'no'}. Machine: {_machine(d)}. "
         f"Source: `benchmarks/results/{name}`."
@@ -314,6 +314,22 @@ def generate(name: str | None) -> str:
     lines = [caption, "", "| sampling | tokens/s |", "|---|---:|"]
     lines += [f"| {'with the KV cache' if k == 'cache' else 'without it'} | {v:,.1f} |" for k, v in rate.items()]
     lines.append(f"| speed-up | {d['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def text_streaming(name: str | None) -> str:
+    """Markdown table of ``benchmarks/text_streaming.py``'s result: peak memory against the corpus size."""
+    name = name or "text_streaming.json"
+    d = load_result(name)
+    caption = (
+        f"`descend train --model transformer` ({d['model']}), {d['steps']} steps of batch 16, on generated text "
+        f"files of each size; peak resident set of the training process. Machine: {_machine(d)}. "
+        f"Source: `benchmarks/results/{name}`."
+    )
+    lines = [caption, "", "| text file | training windows | peak RSS | wall time |", "|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        lines.append(f"| {_count(r['bytes'])}B | {r['train_windows']:,} | {r['peak_rss_mib']:,.0f} MiB | "
+                     f"{r['seconds']:,.0f} s |")
     return "\n".join(lines)
 
 
@@ -365,6 +381,7 @@ GENERATORS: dict[str, Callable[[str | None], str]] = {
     "trainer-overhead": trainer_overhead,
     "distributed": distributed,
     "generate": generate,
+    "text-streaming": text_streaming,
     "distributed-equivalence": distributed_equivalence,
 }
 
