@@ -80,3 +80,14 @@ def test_bf16_autocast_is_a_choice_and_off_by_default_on_the_cpu(lm_run: Path) -
     plain = "".join(generate_text(lm_run, "the", 20, seed=2, device="cpu").pieces)
     assert plain == "".join(generate_text(lm_run, "the", 20, seed=2, device="cpu", bf16=False).pieces)
     assert len("".join(generate_text(lm_run, "the", 20, seed=2, device="cpu", bf16=True).pieces)) >= 1
+
+
+def test_activation_checkpointing_is_an_option_for_block_models_only(tmp_path: Path) -> None:
+    ok = descend("train", "--model", "resmlp", "--depth", "2", "--width", "8", "--steps", "2", "--threads", "1",
+                 "--checkpoint-activations", "--no-progress", "--out", str(tmp_path / "res"))
+    assert ok.returncode == 0, ok.stderr
+    import json
+
+    assert json.loads((tmp_path / "res" / "config.json").read_text())["checkpoint_activations"] is True
+    refused = descend("train", "--model", "mlp", "--steps", "2", "--checkpoint-activations", "--out", str(tmp_path))
+    assert refused.returncode == 2 and "model 'mlp' has none" in refused.stderr

@@ -285,3 +285,49 @@ def test_hidden_is_a_deprecated_alias_of_width() -> None:
     with pytest.warns(DeprecationWarning, match="width"):
         old = MLP(4, 2, hidden=9)
     assert next(m.out_features for m in old.modules() if isinstance(m, torch.nn.Linear)) == 9
+
+
+# --- activation checkpointing ------------------------------------------------------------------------------------
+
+
+def _saved_bytes(fn) -> tuple[int, torch.Tensor]:
+    """Bytes of the tensors autograd saves for backward while ``fn()`` runs (recomputed ones are not saved)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total, out
+
+
+@pytest.mark.parametrize("kind", ["resmlp", "transformer"])
+def test_checkpointed_blocks_give_the_same_gradients_and_store_less(kind: str) -> None:
+    from descend.nn import ResidualMLP, TransformerLM
+
+    def build(checkpoint: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        if kind == "resmlp":
+            return ResidualMLP(10, 3, width=32, depth=6, checkpoint=checkpoint)
+        return TransformerLM(50, 16, width=32, depth=4, heads=4, checkpoint=checkpoint)
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 10, generator=g) if kind == "resmlp" else torch.randint(0, 50, (4, 16), generator=g)
+    grads, saved = {}, {}
+    for checkpoint in (False, True):
+        model = build(checkpoint)
+        saved[checkpoint], out = _saved_bytes(lambda m=model: m(x))
+        out.square().mean().backward()
+        grads[checkpoint] = [p.grad for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
+    assert saved[True] < 0.5 * saved[False]
+
+
+def test_checkpoint_refuses_batch_norm() -> None:
+    from descend.nn import ResidualMLP
+
+    with pytest.raises(ValueError, match="batch norm"):
+        ResidualMLP(4, 2, norm="batch", checkpoint=True)

@@ -274,6 +274,8 @@ OPTIONS: dict[str, Option] = {
         _o("context", int, 64, "tokens a transformer reads at once (text data)", metavar="N", low=1, high=65536,
            group="model"),
         _o("activation", str, "relu", "hidden activation", metavar="NAME", choices=ACTIVATIONS, group="model"),
+        _o("checkpoint_activations", bool, False, "recompute each block's activations in the backward pass "
+           "instead of storing them (resmlp, transformer): less memory, about one more forward pass", group="model"),
         # optimizer
         _o(
             "optimizer",
@@ -674,6 +676,7 @@ class RunSpec:
     heads: int = opt("heads")
     context: int = opt("context")
     activation: str = opt("activation")
+    checkpoint_activations: bool = opt("checkpoint_activations")
     optimizer: str = opt("optimizer")
     lr: float | None = opt("lr")
     weight_decay: float | None = opt("weight_decay")

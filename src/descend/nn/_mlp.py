@@ -14,6 +14,8 @@ import warnings
 
 from torch import Tensor, nn
 
+from descend.nn._checkpoint import run_block
+
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu")
 INITS = ("default", "xavier", "he")
 NORMS = ("layer", "batch", None)
@@ -195,6 +197,8 @@ class ResidualMLP(nn.Module):
     exactly the same parameters, for a one-for-one comparison. ``norm=None`` (with ``s = 1``) is the
     bare ``z + f(z)`` residual, whose activations grow geometrically with depth.
     Hidden layers are in ``self.blocks``; ``self.stem`` and ``self.head`` are the in/out projections.
+    ``checkpoint=True`` recomputes each block's activations in the backward pass instead of storing them
+    (:mod:`descend.nn._checkpoint`; not with ``norm="batch"``, whose running statistics would be updated twice).
     """
 
     def __init__(
@@ -208,6 +212,7 @@ class ResidualMLP(nn.Module):
         norm: str | None = "layer",
         branch_scale: float = 1.0,
         init: InitSpec = "he",
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
         _check_positive("in_features", in_features)
@@ -219,7 +224,9 @@ class ResidualMLP(nn.Module):
         _check_init(init)
         if not (isinstance(branch_scale, (int, float)) and math.isfinite(branch_scale) and branch_scale > 0):
             raise ValueError(f"branch_scale={branch_scale!r}: expected a finite number > 0")
-        self.branch_scale = float(branch_scale)
+        if checkpoint and norm == "batch":
+            raise ValueError("checkpoint=True cannot recompute batch norm (its running statistics would update twice)")
+        self.branch_scale, self.checkpoint = float(branch_scale), checkpoint
         self.stem = nn.Linear(in_features, width)
         self.blocks = nn.ModuleList(
             ResidualBlock(width, activation, norm, residual, self.branch_scale) for _ in range(depth)
@@ -233,7 +240,7 @@ class ResidualMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         z = self.stem(x)
         for block in self.blocks:
-            z = block(z)
+            z = run_block(block, z, recompute=self.checkpoint)
         return self.head(self.final_norm(z))
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from descend.nn._checkpoint import run_block
+
 __all__ = ["CausalSelfAttention", "KVCache", "TransformerBlock", "TransformerLM", "sample_next"]
 
 
@@ -96,6 +98,8 @@ class TransformerLM(nn.Module):
     Initialisation (GPT-2): weights ``N(0, 0.02²)``, biases 0, and the two projections that write into
     the residual stream (``attn.out``, the MLP's second layer) scaled by ``1/√(2·depth)`` so the
     stream's variance does not grow with depth. At initialisation the loss is close to ``ln(vocab)``.
+    ``checkpoint=True`` recomputes each block's activations in the backward pass instead of storing
+    them (:mod:`descend.nn._checkpoint`): the same gradients for less activation memory.
     """
 
     def __init__(
@@ -107,8 +111,10 @@ class TransformerLM(nn.Module):
         depth: int = 2,
         heads: int = 4,
         mlp_ratio: int = 4,
+        checkpoint: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpoint = checkpoint
         if vocab < 2 or context < 1 or depth < 1 or width < 1:
             raise ValueError(f"need vocab >= 2, context, depth, width >= 1; got {vocab}, {context}, {depth}, {width}")
         self.vocab, self.context = vocab, context
@@ -139,7 +145,7 @@ class TransformerLM(nn.Module):
             raise ValueError(f"sequence length {start + T} exceeds the model's context {self.context}")
         h = self.embed(idx) + self.position[start : start + T]  # (B, T, W)
         for layer, block in enumerate(self.blocks):
-            h = block(h, cache, layer)
+            h = run_block(block, h, cache, layer, recompute=self.checkpoint and cache is None)
         if cache is not None:
             cache.length += T
         return self.norm(h) @ self.embed.weight.T  # (B, T, vocab): tied output projection

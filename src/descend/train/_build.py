@@ -35,6 +35,7 @@ __all__ = ["DEFAULT_LR", "FULL_BATCH", "MODELS", "OPTIMIZER_NAMES", "build_model
 def build_model(
     name: str, data: DataBundle, *, depth: int = OPTIONS["depth"].default, width: int = OPTIONS["width"].default,
     activation: str = OPTIONS["activation"].default, heads: int = OPTIONS["heads"].default,
+    checkpoint_activations: bool = False,
 ) -> nn.Module:
     """The model ``name`` shaped for ``data`` (inputs, outputs); ``ValueError`` if it cannot fit it.
 
@@ -47,6 +48,8 @@ def build_model(
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     check("depth", depth)
     check("width", width)
+    if checkpoint_activations and name not in ("resmlp", "transformer"):
+        raise ValueError(f"--checkpoint-activations recomputes resmlp and transformer blocks; model {name!r} has none")
     vector = data.input_kind == "vector"
     inputs = data.in_features if vector else (data.location_dim or 0) + (data.value_dim or 0)
     check_model_size(name, depth, width, inputs or 0, data.out_features, physical_memory())
@@ -56,7 +59,9 @@ def build_model(
         if data.input_kind != "tokens":
             raise ValueError(f"model 'transformer' needs token sequences (e.g. --data stdlib-text), not {data.name!r}")
         context = int(data.info["context"])  # type: ignore[call-overload]
-        return dnn.TransformerLM(data.out_features, context, width=width, depth=depth, heads=heads)
+        return dnn.TransformerLM(
+            data.out_features, context, width=width, depth=depth, heads=heads, checkpoint=checkpoint_activations
+        )
     if name == "pointset":
         if vector:
             raise ValueError(
@@ -76,7 +81,10 @@ def build_model(
         return dnn.Linear(data.in_features, data.out_features)
     if name == "mlp":
         return dnn.MLP(data.in_features, data.out_features, width=width, depth=depth, activation=activation)
-    return dnn.ResidualMLP(data.in_features, data.out_features, width=width, depth=depth, activation=activation)
+    return dnn.ResidualMLP(
+        data.in_features, data.out_features, width=width, depth=depth, activation=activation,
+        checkpoint=checkpoint_activations,
+    )
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:

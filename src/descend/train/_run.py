@@ -230,7 +230,8 @@ def prepare(spec: RunSpec, out_dir: Path | None = None, *, bundle: DataBundle | 
         raise RunError(f"--loss {spec.loss} is for {fits}; {bundle.name!r} is a {bundle.task} task: use --loss auto")
     try:
         model = build_model(
-            spec.model, bundle, depth=spec.depth, width=spec.width, activation=spec.activation, heads=spec.heads
+            spec.model, bundle, depth=spec.depth, width=spec.width, activation=spec.activation, heads=spec.heads,
+            checkpoint_activations=spec.checkpoint_activations,
         )
         if dd.world_size() > 1:  # every rank built the same model from the same seed
             model = dd.wrap(model, spec.strategy)
