@@ -10,9 +10,13 @@ Named optimizers are presets of the same chain; :func:`chain` composes your own:
     opt = optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     opt = optim.chain(model.parameters(), optim.ema(0.9), optim.sign(), optim.decoupled_decay(0.1), lr=1e-3)
     print(optim.explain(opt))
+
+:func:`step_in_backward` runs an optimizer's step inside ``backward()``, one parameter at a time, so
+at most one parameter's gradient is alive.
 """
 
 from descend.optim._chain import ChainOptimizer, chain, constraint_state, explain, implied_radius
+from descend.optim._in_backward import StepInBackward, step_in_backward
 from descend.optim._presets import (
     OPTIMIZERS,
     SGD,
@@ -53,6 +57,7 @@ __all__ = [
     "SignSGD",
     "Signum",
     "Softsign",
+    "StepInBackward",
     "chain",
     "clip_by_global_norm",
     "constraint_state",
@@ -70,4 +75,5 @@ __all__ = [
     "scale_by_lr",
     "sign",
     "softsign",
+    "step_in_backward",
 ]
