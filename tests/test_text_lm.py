@@ -261,3 +261,19 @@ def test_the_registry_reads_a_text_file_or_directory(tmp_path) -> None:
     assert by_file.info["files"] == by_dir.info["files"] and by_file.info["context"] == 64
     with pytest.raises(DataError, match="drop --target"):
         load_data(str(tmp_path / "d"), target="y")
+
+
+def test_training_accuracy_of_sequences_is_the_share_of_positions_right() -> None:
+    from descend.data._base import Split
+    from descend.train import accumulate_gradient
+
+    torch.manual_seed(0)
+    model = TransformerLM(256, 8, width=16, depth=1, heads=2)
+    windows = torch.randint(0, 256, (6, 9), generator=torch.Generator().manual_seed(4))
+    split = Split((windows[:, :-1],), windows[:, 1:])
+    _, correct = accumulate_gradient(model, lambda o, t: F.cross_entropy(o.reshape(-1, 256), t.reshape(-1)),
+                                     split, [slice(0, 6)], count_correct=True)
+    with torch.no_grad():
+        hits = (model(split.inputs[0]).argmax(-1) == split.targets).double()
+    assert float(correct) == pytest.approx(float(hits.mean(1).sum()))  # / 6 examples = the token accuracy
+    assert 0 <= float(correct) <= 6

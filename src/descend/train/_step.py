@@ -58,14 +58,15 @@ def accumulate_gradient(
     joins the same collectives.
 
     Returns ``(part, correct)``, detached, on the device: ``part`` summed over ranks is ``L``;
-    ``correct`` (when ``count_correct``) counts this rank's ``argmax(outputs) == targets``.
+    ``correct`` (when ``count_correct``) counts this rank's ``argmax(outputs) == targets``: for sequence
+    targets ``[m, T]``, each example counts the fraction of its ``T`` positions that are right.
     """
     source = as_source(data)
     device = device or next(model.parameters()).device
     world, total = dd.world_size(), source.total(batches)
     last = len(batches) - 1
     parts: list[Tensor] = []  # summed once at the end: no per-micro-batch bookkeeping ops
-    correct = torch.zeros((), dtype=torch.int64, device=device) if count_correct else None
+    correct = torch.zeros((), dtype=_accumulator(device), device=device) if count_correct else None
     for j, batch in enumerate(batches):
         inputs, targets = source.local(batch, world)
         inputs, targets = move(inputs, targets, device)
@@ -81,7 +82,8 @@ def accumulate_gradient(
             (loss if weight == 1.0 else loss * weight).backward()
         parts.append(loss.detach() if m == total else loss.detach() * (m / total))
         if correct is not None and m:
-            correct += (outputs.detach().argmax(-1) == targets).sum()
+            hits = outputs.detach().argmax(-1) == targets  # [m] or, for sequences, [m, T]
+            correct += hits.sum() if hits.dim() == 1 else hits.double().mean(tuple(range(1, hits.dim()))).sum()
     if l2:
         params = [p for p in model.parameters() if p.requires_grad]
         with torch.no_grad():
