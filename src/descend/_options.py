@@ -297,6 +297,8 @@ OPTIONS: dict[str, Option] = {
             group="optimizer",
             **_POSITIVE,
         ),
+        _o("state_dtype", str, "float32", "the optimizer state's precision (bfloat16: half the bytes, rounded "
+           "stochastically)", metavar="DTYPE", choices=("float32", "bfloat16"), group="optimizer"),
         _o(
             "weight_decay",
             float,
@@ -408,6 +410,8 @@ OPTIONS: dict[str, Option] = {
         ),
         _o("loss", str, "auto", "loss function", metavar="NAME", choices=("auto", "cross_entropy", "mse")),
         _o("bf16", bool, False, "bfloat16 autocast for forward passes"),
+        _o("step_in_backward", bool, False, "step each parameter inside the backward pass as soon as its gradient "
+           "is ready, then free it: one gradient alive at a time (no --clip-grad-norm, --accumulation or --l2)"),
         _o("seed", int, 0, "seed of the data split, initialisation and sampling", metavar="N", low=0),
         _o(
             "device",
@@ -636,6 +640,7 @@ class TrainConfig:
     gamma: float = opt("gamma")
     clip_grad_norm: float | None = opt("clip_grad_norm")
     bf16: bool = opt("bf16")
+    step_in_backward: bool = opt("step_in_backward")
     eval_every: int | None = opt("eval_every")
     eval_size: int | None = opt("eval_size")
     log_every: int | None = opt("log_every")
@@ -680,6 +685,7 @@ class RunSpec:
     optimizer: str = opt("optimizer")
     lr: float | None = opt("lr")
     weight_decay: float | None = opt("weight_decay")
+    state_dtype: str = opt("state_dtype")
     l2: float = opt("l2")
     clip_grad_norm: float | None = opt("clip_grad_norm")
     schedule: str = opt("schedule")
@@ -695,6 +701,7 @@ class RunSpec:
     chunk_size: int | None = opt("chunk_size")
     loss: str = opt("loss")
     bf16: bool = opt("bf16")
+    step_in_backward: bool = opt("step_in_backward")
     seed: int = opt("seed")
     device: str = opt("device")
     threads: int | None = opt("threads")

@@ -235,7 +235,10 @@ def prepare(spec: RunSpec, out_dir: Path | None = None, *, bundle: DataBundle | 
         )
         if dd.world_size() > 1:  # every rank built the same model from the same seed
             model = dd.wrap(model, spec.strategy)
-        optimizer = make_optimizer(spec.optimizer, model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        extra = {"state_dtype": torch.bfloat16} if spec.state_dtype == "bfloat16" else {}
+        optimizer = make_optimizer(
+            spec.optimizer, model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, **extra
+        )
         return Trainer(
             model,
             optimizer,

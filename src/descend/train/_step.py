@@ -49,6 +49,7 @@ def accumulate_gradient(
     bf16: bool = False,
     count_correct: bool = False,
     device: torch.device | None = None,
+    check_before_backward: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Add this rank's part of ``∇L(w)`` to each ``p.grad`` (``L`` as in the module docstring).
 
@@ -56,6 +57,9 @@ def accumulate_gradient(
     ``DataLoader``'s batches). Each is backpropagated as soon as it is computed, so memory holds
     one at a time. An empty share still runs forward and backward (zero gradient) so every rank
     joins the same collectives.
+
+    ``check_before_backward`` raises :class:`NonFiniteLossError` before a non-finite loss is
+    backpropagated (needed when the optimizer steps inside the backward pass).
 
     Returns ``(part, correct)``, detached, on the device: ``part`` summed over ranks is ``L``;
     ``correct`` (when ``count_correct``) counts this rank's ``argmax(outputs) == targets``: for sequence
@@ -76,9 +80,13 @@ def accumulate_gradient(
             with dd.sync_gradients(model, enabled=j == last):
                 with autocast(device, bf16):
                     outputs, loss = _forward(model, loss_fn, inputs, targets, m)
+                if check_before_backward:
+                    _check_finite(float(loss.detach()))
                 (loss if weight == 1.0 else loss * weight).backward()
         else:  # the common step: one micro-batch, no context to enter
             outputs, loss = _forward(model, loss_fn, inputs, targets, m)
+            if check_before_backward:
+                _check_finite(float(loss.detach()))
             (loss if weight == 1.0 else loss * weight).backward()
         parts.append(loss.detach() if m == total else loss.detach() * (m / total))
         if correct is not None and m:
@@ -100,6 +108,13 @@ def accumulate_gradient(
         return parts[0], correct
     acc = _accumulator(device)
     return torch.stack([t.to(acc) for t in parts]).sum(), correct
+
+
+def _check_finite(loss: float) -> None:
+    if not math.isfinite(loss):
+        error = NonFiniteLossError(f"the loss became {loss}")
+        error.loss = loss  # type: ignore[attr-defined]
+        raise error
 
 
 def _forward(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Tensor, m: int) -> tuple[Tensor, Tensor]:
@@ -157,8 +172,13 @@ def optimizer_step(
     device: torch.device,
     measure: bool = False,
     classify: bool = False,
+    in_backward: bool = False,
 ) -> dict[str, Any]:
     """Zero the gradients, accumulate ``∇L``, check ``L`` is finite, clip, step the optimizer and schedule.
+
+    ``in_backward``: the optimizer steps inside the backward pass (:func:`descend.optim.step_in_backward`
+    is registered), so the loss is checked before the backward pass, nothing is clipped, the gradients
+    are gone afterwards (no ``grad_norm``) and ``optimizer.step()`` is not called again.
 
     Raises :class:`NonFiniteLossError` (with ``.loss``) before anything moves when ``L`` is NaN or
     infinite. Returns the step's metrics when ``measure`` (``lr`` used, ``loss``, ``accuracy`` for
@@ -168,25 +188,26 @@ def optimizer_step(
         model.train()
     clear_grads(optimizer)
     lr = optimizer.param_groups[0]["lr"]
+    params = [p for g in optimizer.param_groups for p in g["params"]] if measure or clip_grad_norm else []
+    before = [p.detach().clone() for p in params] if measure and in_backward else None  # it moves in backward
     loss, correct = accumulate_gradient(
-        model, loss_fn, source, batches, l2=l2, bf16=bf16, count_correct=measure and classify, device=device
+        model, loss_fn, source, batches, l2=l2, bf16=bf16, count_correct=measure and classify, device=device,
+        check_before_backward=in_backward,
     )
     world = dd.world_size()
     counts = [float(loss)]
     if correct is not None:
         counts += [float(correct), sum(source.local_count(b, world) for b in batches)]
     counts = dd.all_reduce_sum(counts) if world > 1 else counts  # one collective per step
-    if not math.isfinite(counts[0]):
-        error = NonFiniteLossError(f"the loss became {counts[0]}")
-        error.loss = counts[0]  # type: ignore[attr-defined]
-        raise error
-    params = [p for g in optimizer.param_groups for p in g["params"]] if measure or clip_grad_norm else []
+    _check_finite(counts[0])
     grad_norm = None
     if clip_grad_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
         grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    before = [p.detach().clone() for p in params] if measure else None
-    optimizer.step()
+    if measure and not in_backward:
+        before = [p.detach().clone() for p in params]
+    if not in_backward:
+        optimizer.step()
     if scheduler is not None:
         scheduler.step()
     if not measure:
@@ -195,9 +216,10 @@ def optimizer_step(
     row: dict[str, Any] = {"lr": float(lr), "loss": counts[0]}
     if correct is not None:
         row["accuracy"] = counts[1] / counts[2]
-    if grad_norm is None:
+    if grad_norm is None and not in_backward:
         grad_norm = dd.total_norm(p.grad for p in params if p.grad is not None)
-    row["grad_norm"] = grad_norm
+    if grad_norm is not None:
+        row["grad_norm"] = grad_norm
     row["update_norm"] = dd.total_norm(p.detach() - b for p, b in zip(params, before))
     row["weight_norm"] = dd.total_norm(p.detach() for p in params)
     if not any(isinstance(p, DTensor) for p in params):  # max|w| of a shard is not the model's

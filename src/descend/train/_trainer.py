@@ -40,7 +40,7 @@ from descend.train._output import MetricsWriter, Progress
 from descend.train._sampling import FullBatch, Minibatch, Sampler, Stream
 from descend.train._schedule import Schedule
 from descend.train._state import best_weights, load_best, resume, save
-from descend.train._step import NonFiniteLossError, accumulate_gradient, optimizer_step
+from descend.train._step import NonFiniteLossError, accumulate_gradient, clear_grads, optimizer_step
 
 __all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "accumulate_gradient", "make_sampler", "seed_everything"]
 
@@ -65,6 +65,22 @@ def _tokens_per_example(source: Source, task: str) -> int:
     """Tokens in one example: a classification target per position (``[M, T]``) is a sequence of ``T``."""
     targets = first_targets(source)
     return int(targets[0].numel()) if task == "classification" and targets.dim() == 2 and len(targets) else 1
+
+
+def _check_step_in_backward(config: TrainConfig, sampler: Sampler, world: int) -> None:
+    """Refuse, in one line, what cannot run with the step inside the backward pass (it needs every gradient)."""
+    if config.clip_grad_norm is not None:
+        why = "clipping by the global norm needs every gradient at once; drop clip_grad_norm"
+    elif config.accumulation > 1 or (isinstance(sampler, FullBatch) and len(sampler.chunks) > 1):
+        why = "a step over several micro-batches (accumulation, or chunk_size below the training set) needs " \
+              "their gradients summed first; use one micro-batch per step"
+    elif config.l2:
+        why = "the L2 penalty is added to every gradient after the backward pass; use the optimizer's weight decay"
+    elif world > 1:
+        why = "data parallelism averages gradients across processes after the backward pass; train on one process"
+    else:
+        return
+    raise ValueError(f"step_in_backward: {why}")
 
 
 def _fail_hook() -> tuple[int, int] | None:
@@ -147,6 +163,9 @@ class Trainer:
         if scheduler is None and not self.schedule.is_constant:
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         self.scheduler = scheduler
+        if cfg.step_in_backward:
+            _check_step_in_backward(cfg, self.sampler, self.world)
+        self._in_backward: Any = None  # the hooks of descend.optim.step_in_backward while fit() runs
         self.step, self.seconds = 0, 0.0
         self.early_stopping = EarlyStopping(cfg.patience)
         self.val_loss_start: float | None = None
@@ -174,6 +193,11 @@ class Trainer:
         self.should_stop = self.should_stop or self.early_stopping.stopped
         has_val, last = "val" in self.sources, self.total_steps
         started = time.perf_counter() - self.seconds
+        if cfg.step_in_backward:
+            from descend.optim import step_in_backward
+
+            clear_grads(self.optimizer)
+            self._in_backward = step_in_backward(self.optimizer)
         try:
             while self.step < stop_at and not self.should_stop:
                 step = self.step + 1
@@ -225,6 +249,7 @@ class Trainer:
                 self.model, self.optimizer, self.scheduler, self.loss_fn, self.sources["train"],
                 self.sampler.next_step(), l2=cfg.l2, clip_grad_norm=cfg.clip_grad_norm, bf16=cfg.bf16,
                 device=self.device, measure=measure, classify=self.task == "classification",
+                in_backward=self._in_backward is not None,
             )  # fmt: skip
         except NonFiniteLossError as e:
             loss = getattr(e, "loss", math.nan)
@@ -322,6 +347,9 @@ class Trainer:
             print(f"descend: warning: {message}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        if self._in_backward is not None:
+            self._in_backward.remove()
+            self._in_backward = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -1,0 +1,97 @@
+"""Lean training modes in the trainer and the CLI: the step inside the backward pass, and bfloat16 optimizer state."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from descend import optim
+from descend.data._base import DataBundle, Split
+from descend.train import NonFiniteLossError, RunSpec, TrainConfig, Trainer, prepare
+
+
+def _bundle(m: int = 120) -> DataBundle:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, 6, generator=g)
+    y = (x @ torch.randn(6, 3, generator=g)).argmax(1)
+    return DataBundle("toy", "classification", "vector", Split((x[:80],), y[:80]), Split((x[80:100],), y[80:100]),
+                      Split((x[100:],), y[100:]), out_features=3, in_features=6)
+
+
+def _trainer(out=None, data=None, **config) -> Trainer:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    cfg = TrainConfig(steps=12, batch_size=16, progress=False, log_every=1, checkpoint_every=4, **config)
+    return Trainer(model, opt, data or _bundle(), cfg, out_dir=out)
+
+
+def test_the_trainer_steps_in_backward_as_it_steps_after_it() -> None:
+    ordinary, inside = _trainer(), _trainer(step_in_backward=True)
+    ordinary.fit()
+    inside.fit()
+    for a, b in zip(ordinary.model.parameters(), inside.model.parameters()):
+        assert torch.equal(a, b)
+    assert all(p.grad is None for p in inside.model.parameters())
+    inside_row = inside.train_step(measure=True)  # after fit the hooks are gone: an ordinary step again
+    assert "grad_norm" in inside_row
+
+
+def test_a_step_in_backward_logs_its_update_and_resumes_bit_for_bit(tmp_path) -> None:
+    whole = _trainer(tmp_path / "whole", step_in_backward=True)
+    whole.fit()
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["update_norm"] > 0 and "grad_norm" not in r for r in rows if "update_norm" in r)
+    first = _trainer(tmp_path / "split", step_in_backward=True)
+    first.fit(max_steps=8)
+    second = _trainer(tmp_path / "split", step_in_backward=True)
+    assert second.resume() == 8
+    second.fit()
+    for a, b in zip(whole.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_non_finite_loss_stops_before_the_backward_pass_moves_anything() -> None:
+    data = _bundle()
+    data.train.inputs[0][:] = float("nan")
+    trainer = _trainer(data=data, step_in_backward=True)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(NonFiniteLossError, match="the loss became nan at step 1"):
+        trainer.fit()
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"clip_grad_norm": 1.0}, "drop clip_grad_norm"),
+    ({"accumulation": 2}, "one micro-batch per step"),
+    ({"l2": 0.1}, "weight decay"),
+])
+def test_what_needs_every_gradient_is_refused(config: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _trainer(step_in_backward=True, **config)
+
+
+def test_bfloat16_state_from_the_options(tmp_path) -> None:
+    trainer = prepare(RunSpec(optimizer="adamw", state_dtype="bfloat16", steps=2, width=8, progress=False))
+    trainer.fit()
+    states = [s for s in trainer.optimizer.state.values()]
+    assert states and all(s["exp_avg"].dtype == torch.bfloat16 for s in states)
+
+
+def test_the_cli_records_both_modes_and_refuses_a_clash(tmp_path) -> None:
+    def descend(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "descend", *args], capture_output=True, text=True, timeout=300)
+
+    ok = descend("train", "--steps", "3", "--width", "8", "--threads", "1", "--no-progress", "--step-in-backward",
+                 "--state-dtype", "bfloat16", "--optimizer", "lion", "--out", str(tmp_path / "lean"))
+    assert ok.returncode == 0, ok.stderr
+    config = json.loads((tmp_path / "lean" / "config.json").read_text())
+    assert config["step_in_backward"] is True and config["state_dtype"] == "bfloat16"
+    clash = descend("train", "--steps", "3", "--step-in-backward", "--clip-grad-norm", "1", "--out", str(tmp_path))
+    assert clash.returncode == 2 and "step_in_backward: clipping" in clash.stderr
+    assert clash.stderr.count("\n") == 1
