@@ -31,12 +31,14 @@ def _trainer(out=None, data=None, **config) -> Trainer:
     return Trainer(model, opt, data or _bundle(), cfg, out_dir=out)
 
 
-def test_the_trainer_steps_in_backward_as_it_steps_after_it() -> None:
-    ordinary, inside = _trainer(), _trainer(step_in_backward=True)
+@pytest.mark.parametrize("l2", [0.0, 0.01])
+def test_the_trainer_steps_in_backward_as_it_steps_after_it(l2: float) -> None:
+    ordinary, inside = _trainer(l2=l2), _trainer(step_in_backward=True, l2=l2)
     ordinary.fit()
     inside.fit()
     for a, b in zip(ordinary.model.parameters(), inside.model.parameters()):
         assert torch.equal(a, b)
+    assert ordinary.summary()["train"] == inside.summary()["train"]
     assert all(p.grad is None for p in inside.model.parameters())
     inside_row = inside.train_step(measure=True)  # after fit the hooks are gone: an ordinary step again
     assert "grad_norm" in inside_row
@@ -69,7 +71,6 @@ def test_a_non_finite_loss_stops_before_the_backward_pass_moves_anything() -> No
 @pytest.mark.parametrize("config,message", [
     ({"clip_grad_norm": 1.0}, "drop clip_grad_norm"),
     ({"accumulation": 2}, "one micro-batch per step"),
-    ({"l2": 0.1}, "weight decay"),
 ])
 def test_what_needs_every_gradient_is_refused(config: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

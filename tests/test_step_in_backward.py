@@ -113,3 +113,20 @@ def test_removing_the_hooks_restores_the_ordinary_step() -> None:
     assert all(p.grad is not None for p in model.parameters())
     opt.step()
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_an_l2_penalty_is_added_to_each_gradient_before_its_step() -> None:
+    ordinary, inside = _model(), _model()
+    opt_a, opt_b = optim.AdamW(ordinary.parameters(), lr=1e-2), optim.AdamW(inside.parameters(), lr=1e-2)
+    with optim.step_in_backward(opt_b, l2=0.05):
+        for x, y in _batches(3):
+            opt_a.zero_grad()
+            nn.functional.cross_entropy(ordinary(x), y).backward()
+            with torch.no_grad():
+                for p in ordinary.parameters():
+                    p.grad.add_(p, alpha=0.05)  # the gradient of 0.05/2 ||w||^2
+            opt_a.step()
+            nn.functional.cross_entropy(inside(x), y).backward()
+    assert all(torch.equal(a, b) for a, b in zip(ordinary.parameters(), inside.parameters()))
+    with pytest.raises(ValueError, match="l2="):
+        optim.step_in_backward(optim.SGD(_model().parameters(), lr=0.1), l2=-1.0)

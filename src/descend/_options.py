@@ -411,7 +411,7 @@ OPTIONS: dict[str, Option] = {
         _o("loss", str, "auto", "loss function", metavar="NAME", choices=("auto", "cross_entropy", "mse")),
         _o("bf16", bool, False, "bfloat16 autocast for forward passes"),
         _o("step_in_backward", bool, False, "step each parameter inside the backward pass as soon as its gradient "
-           "is ready, then free it: one gradient alive at a time (no --clip-grad-norm, --accumulation or --l2)"),
+           "is ready, then free it: one gradient alive at a time (no --clip-grad-norm or --accumulation)"),
         _o("seed", int, 0, "seed of the data split, initialisation and sampling", metavar="N", low=0),
         _o(
             "device",

@@ -30,9 +30,11 @@ __all__ = ["StepInBackward", "step_in_backward"]
 class StepInBackward:
     """The hooks of :func:`step_in_backward`; :meth:`remove` (or leaving a ``with`` block) takes them off."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, l2: float = 0.0) -> None:
         _check(optimizer)
-        self.optimizer = optimizer
+        if not (l2 >= 0 and l2 < float("inf")):
+            raise ValueError(f"l2={l2!r}: must be a finite number >= 0")
+        self.optimizer, self.l2 = optimizer, float(l2)
         self.params: list[Tensor] = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         present = [p for p in self.params if p.grad is not None]
         if present:
@@ -48,6 +50,9 @@ class StepInBackward:
                 "another parameter holds a gradient while one is stepped in the backward pass (a gradient set "
                 "by hand?); call optimizer.zero_grad(set_to_none=True) before backward()"
             )
+        if self.l2:
+            with torch.no_grad():
+                param.grad.add_(param.detach(), alpha=self.l2)  # type: ignore[union-attr]
         self.optimizer.step()
         param.grad = None
 
@@ -86,8 +91,11 @@ def _check(optimizer: Any) -> None:
         )
 
 
-def step_in_backward(optimizer: torch.optim.Optimizer) -> StepInBackward:
+def step_in_backward(optimizer: torch.optim.Optimizer, *, l2: float = 0.0) -> StepInBackward:
     """Step every parameter of ``optimizer`` inside ``backward()``, as soon as its gradient is ready.
+
+    ``l2`` adds ``l2·w`` to each gradient before its step: the gradient of an L2 penalty
+    ``l2/2·||w||²`` in the loss, which the backward pass itself never sees.
 
     >>> opt = optim.AdamW(model.parameters(), lr=1e-3)
     >>> with optim.step_in_backward(opt):
@@ -98,4 +106,4 @@ def step_in_backward(optimizer: torch.optim.Optimizer) -> StepInBackward:
     See the module docstring for the contract and what is refused. ``optimizer.step()`` outside
     ``backward()`` finds no gradient and does nothing.
     """
-    return StepInBackward(optimizer)
+    return StepInBackward(optimizer, l2=l2)

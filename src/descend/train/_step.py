@@ -49,7 +49,7 @@ def accumulate_gradient(
     bf16: bool = False,
     count_correct: bool = False,
     device: torch.device | None = None,
-    check_before_backward: bool = False,
+    in_backward: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Add this rank's part of ``∇L(w)`` to each ``p.grad`` (``L`` as in the module docstring).
 
@@ -58,8 +58,9 @@ def accumulate_gradient(
     one at a time. An empty share still runs forward and backward (zero gradient) so every rank
     joins the same collectives.
 
-    ``check_before_backward`` raises :class:`NonFiniteLossError` before a non-finite loss is
-    backpropagated (needed when the optimizer steps inside the backward pass).
+    ``in_backward``: the optimizer steps inside the backward pass (:func:`descend.optim.step_in_backward`,
+    which also adds the L2 term ``λ·w`` to each gradient before its step), so a non-finite loss raises
+    :class:`NonFiniteLossError` before it is backpropagated and no gradient is touched here.
 
     Returns ``(part, correct)``, detached, on the device: ``part`` summed over ranks is ``L``;
     ``correct`` (when ``count_correct``) counts this rank's ``argmax(outputs) == targets``: for sequence
@@ -71,6 +72,10 @@ def accumulate_gradient(
     last = len(batches) - 1
     parts: list[Tensor] = []  # summed once at the end: no per-micro-batch bookkeeping ops
     correct = torch.zeros((), dtype=_accumulator(device), device=device) if count_correct else None
+    params = [p for p in model.parameters() if p.requires_grad] if l2 else []
+    # Σ over ranks of this term is λ/2·||w||²: shards count once each, replicas W times (read before any step)
+    penalty = [0.5 * l2 * (sq if isinstance(p, DTensor) else sq / world)
+               for p in params for sq in [dd.local_tensor(p).detach().to(_accumulator(device)).square().sum()]]
     for j, batch in enumerate(batches):
         inputs, targets = source.local(batch, world)
         inputs, targets = move(inputs, targets, device)
@@ -80,30 +85,26 @@ def accumulate_gradient(
             with dd.sync_gradients(model, enabled=j == last):
                 with autocast(device, bf16):
                     outputs, loss = _forward(model, loss_fn, inputs, targets, m)
-                if check_before_backward:
+                if in_backward:
                     _check_finite(float(loss.detach()))
                 (loss if weight == 1.0 else loss * weight).backward()
         else:  # the common step: one micro-batch, no context to enter
             outputs, loss = _forward(model, loss_fn, inputs, targets, m)
-            if check_before_backward:
+            if in_backward:
                 _check_finite(float(loss.detach()))
             (loss if weight == 1.0 else loss * weight).backward()
         parts.append(loss.detach() if m == total else loss.detach() * (m / total))
         if correct is not None and m:
             hits = outputs.detach().argmax(-1) == targets  # [m] or, for sequences, [m, T]
             correct += hits.sum() if hits.dim() == 1 else hits.double().mean(tuple(range(1, hits.dim()))).sum()
-    if l2:
-        params = [p for p in model.parameters() if p.requires_grad]
+    if l2 and not in_backward:
         with torch.no_grad():
             for p in params:
                 if p.grad is None:
                     p.grad = p.detach() * l2
                 else:
                     p.grad.add_(p.detach(), alpha=l2)
-        # Σ over ranks of this term is λ/2·||w||²: shards count once each, replicas W times.
-        for p in params:
-            square = dd.local_tensor(p).detach().to(_accumulator(device)).square().sum()
-            parts.append(0.5 * l2 * (square if isinstance(p, DTensor) else square / world))
+    parts += penalty
     if len(parts) == 1:
         return parts[0], correct
     acc = _accumulator(device)
@@ -192,7 +193,7 @@ def optimizer_step(
     before = [p.detach().clone() for p in params] if measure and in_backward else None  # it moves in backward
     loss, correct = accumulate_gradient(
         model, loss_fn, source, batches, l2=l2, bf16=bf16, count_correct=measure and classify, device=device,
-        check_before_backward=in_backward,
+        in_backward=in_backward,
     )
     world = dd.world_size()
     counts = [float(loss)]

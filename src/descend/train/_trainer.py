@@ -74,8 +74,6 @@ def _check_step_in_backward(config: TrainConfig, sampler: Sampler, world: int) -
     elif config.accumulation > 1 or (isinstance(sampler, FullBatch) and len(sampler.chunks) > 1):
         why = "a step over several micro-batches (accumulation, or chunk_size below the training set) needs " \
               "their gradients summed first; use one micro-batch per step"
-    elif config.l2:
-        why = "the L2 penalty is added to every gradient after the backward pass; use the optimizer's weight decay"
     elif world > 1:
         why = "data parallelism averages gradients across processes after the backward pass; train on one process"
     else:
@@ -197,7 +195,7 @@ class Trainer:
             from descend.optim import step_in_backward
 
             clear_grads(self.optimizer)
-            self._in_backward = step_in_backward(self.optimizer)
+            self._in_backward = step_in_backward(self.optimizer, l2=cfg.l2)
         try:
             while self.step < stop_at and not self.should_stop:
                 step = self.step + 1
