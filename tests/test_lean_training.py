@@ -96,3 +96,38 @@ def test_the_cli_records_both_modes_and_refuses_a_clash(tmp_path) -> None:
     clash = descend("train", "--steps", "3", "--step-in-backward", "--clip-grad-norm", "1", "--out", str(tmp_path))
     assert clash.returncode == 2 and "step_in_backward: clipping" in clash.stderr
     assert clash.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("optimizer,state_dtype,per_parameter", [
+    ("adamw", "float32", 8), ("adamw", "bfloat16", 4), ("lion", "float32", 4), ("lion", "bfloat16", 2),
+    ("momentum", "float32", 4), ("sgd", "float32", 0), ("gd", "float32", 0), ("signsgd", "float32", 0),
+])
+def test_optimizer_state_bytes_are_counted_from_the_optimizer(optimizer: str, state_dtype: str,
+                                                              per_parameter: int) -> None:
+    from descend.train import state_bytes_per_parameter
+
+    extra = {"state_dtype": torch.bfloat16} if state_dtype == "bfloat16" else {}
+    assert state_bytes_per_parameter(optimizer, **extra) == per_parameter
+
+
+def test_the_memory_plan_follows_the_modes_and_matches_a_real_run() -> None:
+    from descend.data.registry import load_data
+    from descend.train import memory_plan
+
+    data = load_data("digits")
+    plain = memory_plan(RunSpec(optimizer="adamw", steps=1, width=256, depth=8), data)
+    lean = memory_plan(RunSpec(optimizer="adamw", steps=1, width=256, depth=8, step_in_backward=True,
+                               state_dtype="bfloat16"), data)
+    trainer = prepare(RunSpec(optimizer="adamw", steps=1, width=256, depth=8, progress=False))
+    n = sum(p.numel() for p in trainer.model.parameters())
+    assert plain.parameters == n and plain.bytes_per_parameter == 16  # 4 weights + 4 gradients + 8 state
+    assert lean.gradients < plain.gradients / 2 and lean.optimizer_state == plain.optimizer_state // 2
+    assert lean.bytes_per_parameter < 10
+    assert "memory plan:" in plain.describe(10**10) and "optimizer state" in plain.describe()
+
+
+def test_a_run_that_does_not_fit_is_refused_before_allocation(tmp_path) -> None:
+    result = subprocess.run([sys.executable, "-m", "descend", "train", "--model", "resmlp", "--width", "65536",
+                             "--depth", "1024", "--steps", "1", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "choose a smaller" in result.stderr and result.stderr.count("\n") == 1

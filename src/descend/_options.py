@@ -583,16 +583,18 @@ def parameter_estimate(model: str, depth: int, width: int, inputs: int, outputs:
     return (inputs + 1) * width + depth * per_block * (width + 1) * width + (width + 1) * outputs
 
 
-def check_model_size(model: str, depth: int, width: int, inputs: int, outputs: int, memory_bytes: int | None) -> None:
-    """Refuse, before allocation, a model whose weights, gradients and two optimizer states
-    (``16`` bytes per float32 parameter) would not fit in half of ``memory_bytes`` (or beyond
-    :data:`MAX_PARAMETERS`)."""
+def check_model_size(model: str, depth: int, width: int, inputs: int, outputs: int, memory_bytes: int | None,
+                     bytes_per_parameter: int = 16) -> None:
+    """Refuse, before allocation, a model whose weights, gradients and optimizer state
+    (``bytes_per_parameter``: 16 for float32 weights, gradients and two state tensors) would not fit in
+    half of ``memory_bytes`` (or beyond :data:`MAX_PARAMETERS`)."""
     n = parameter_estimate(model, depth, width, inputs, outputs)
-    budget = MAX_PARAMETERS if memory_bytes is None else min(MAX_PARAMETERS, memory_bytes // 2 // 16)
+    per = max(1, bytes_per_parameter)
+    budget = MAX_PARAMETERS if memory_bytes is None else min(MAX_PARAMETERS, memory_bytes // 2 // per)
     if n > budget:
         raise OptionError(
             f"--depth {depth} --width {width} gives model {model!r} about {n:.3g} parameters "
-            f"({16 * n / 2**30:.3g} GiB with gradients and optimizer state), more than the {budget:.3g} this machine "
+            f"({per * n / 2**30:.3g} GiB with gradients and optimizer state), more than the {budget:.3g} this machine "
             "allows; choose a smaller --depth or --width"
         )
 

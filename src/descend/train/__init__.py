@@ -13,9 +13,12 @@ from descend.train._build import (
     FULL_BATCH,
     MODELS,
     OPTIMIZER_NAMES,
+    MemoryPlan,
     build_model,
     make_optimizer,
+    memory_plan,
     optimizer_class,
+    state_bytes_per_parameter,
 )
 from descend.train._callbacks import Callback
 from descend.train._checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
@@ -45,6 +48,7 @@ __all__ = [
     "CompareSpec",
     "EarlyStopping",
     "FullBatch",
+    "MemoryPlan",
     "MetricsWriter",
     "Minibatch",
     "NonFiniteLossError",
@@ -68,6 +72,7 @@ __all__ = [
     "load_checkpoint",
     "load_run_spec",
     "make_optimizer",
+    "memory_plan",
     "mse",
     "optimizer_class",
     "prepare",
@@ -75,4 +80,5 @@ __all__ = [
     "run_training",
     "save_checkpoint",
     "seed_everything",
+    "state_bytes_per_parameter",
 ]

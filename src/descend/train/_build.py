@@ -10,6 +10,7 @@ name in :data:`descend.optim.OPTIMIZERS`.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,23 +25,28 @@ from descend._options import (
     OPTIONS,
     check,
     check_model_size,
+    parameter_estimate,
     physical_memory,
 )
 from descend.data._base import DataBundle
 
 # The names and default learning rates live in the torch-free options module (one table each).
-__all__ = ["DEFAULT_LR", "FULL_BATCH", "MODELS", "OPTIMIZER_NAMES", "build_model", "make_optimizer", "optimizer_class"]
+__all__ = [
+    "DEFAULT_LR", "FULL_BATCH", "MODELS", "OPTIMIZER_NAMES", "MemoryPlan", "build_model", "make_optimizer",
+    "memory_plan", "optimizer_class", "state_bytes_per_parameter",
+]
 
 
 def build_model(
     name: str, data: DataBundle, *, depth: int = OPTIONS["depth"].default, width: int = OPTIONS["width"].default,
     activation: str = OPTIONS["activation"].default, heads: int = OPTIONS["heads"].default,
-    checkpoint_activations: bool = False,
+    checkpoint_activations: bool = False, bytes_per_parameter: int = 16,
 ) -> nn.Module:
     """The model ``name`` shaped for ``data`` (inputs, outputs); ``ValueError`` if it cannot fit it.
 
     The model's size is checked before anything is allocated (see
-    :func:`~descend._options.check_model_size`): a request beyond the machine's memory is an error.
+    :func:`~descend._options.check_model_size`, with ``bytes_per_parameter`` of training state): a
+    request beyond the machine's memory is an error.
     """
     from descend import nn as dnn
 
@@ -52,7 +58,7 @@ def build_model(
         raise ValueError(f"--checkpoint-activations recomputes resmlp and transformer blocks; model {name!r} has none")
     vector = data.input_kind == "vector"
     inputs = data.in_features if vector else (data.location_dim or 0) + (data.value_dim or 0)
-    check_model_size(name, depth, width, inputs or 0, data.out_features, physical_memory())
+    check_model_size(name, depth, width, inputs or 0, data.out_features, physical_memory(), bytes_per_parameter)
     if name == "transformer" or data.input_kind == "tokens":
         if name != "transformer":
             raise ValueError(f"{data.name!r} holds token sequences; use --model transformer")
@@ -114,3 +120,74 @@ def make_optimizer(
     if unknown:
         raise ValueError(f"optimizer {name!r} takes no option {unknown[0]!r}; it takes {', '.join(accepted)}")
     return cls(params, lr=lr, **kwargs)
+
+
+def state_bytes_per_parameter(name: str, **options: Any) -> int:
+    """Bytes of optimizer state per parameter for optimizer ``name`` built with ``options`` (counted on one
+    parameter after one step: every state tensor the step keeps, at its dtype)."""
+    p = torch.zeros(1, requires_grad=True)
+    p.grad = torch.zeros(1)
+    opt = make_optimizer(name, [p], **options)
+    opt.step()
+    return sum(t.element_size() for k, t in opt.state[p].items() if k != "step" and torch.is_tensor(t))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a training run holds in memory beside the data, worked out before anything is allocated (bytes).
+
+    ``weights``: 4 per parameter (float32); ``gradients``: 4 per parameter, or the largest tensor's when
+    the step runs inside the backward pass; ``optimizer_state``: per parameter, what the optimizer keeps
+    (:func:`state_bytes_per_parameter`); ``activations``: an estimate of what one step's forward pass
+    stores for backward.
+    """
+
+    parameters: int
+    weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_state + self.activations
+
+    @property
+    def bytes_per_parameter(self) -> int:
+        """Weights, gradients and optimizer state per parameter (activations excluded), rounded up."""
+        return -(-(self.weights + self.gradients + self.optimizer_state) // max(1, self.parameters))
+
+    def describe(self, memory: int | None = None) -> str:
+        def size(n: float) -> str:
+            for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+                if n >= scale:
+                    return f"{n / scale:.3g} {unit}"
+            return f"{n:.0f} B"
+
+        of = f" of this machine's {size(memory)}" if memory else ""
+        return (f"memory plan: {self.parameters:,} parameters: weights {size(self.weights)}, gradients "
+                f"{size(self.gradients)}, optimizer state {size(self.optimizer_state)}, activations about "
+                f"{size(self.activations)}; {size(self.total)}{of}")
+
+
+def memory_plan(spec: Any, data: DataBundle) -> MemoryPlan:
+    """The :class:`MemoryPlan` of training ``spec`` (a :class:`~descend._options.RunSpec`) on ``data``."""
+    vector = data.input_kind == "vector"
+    inputs = (data.in_features if vector else (data.location_dim or 0) + (data.value_dim or 0)) or 0
+    n = parameter_estimate(spec.model, spec.depth, spec.width, inputs, data.out_features)
+    width, depth = spec.width, max(1, spec.depth)
+    if spec.step_in_backward:  # one gradient at a time: the largest tensor's
+        block = (4 if spec.model in ("transformer", "pointset") else 1) * (width + 1) * width
+        gradients = 4 * max(block, (inputs + 1) * width, (width + 1) * data.out_features)
+    else:
+        gradients = 4 * n
+    extra = {"state_dtype": torch.bfloat16} if spec.state_dtype == "bfloat16" else {}
+    state = n * state_bytes_per_parameter(spec.optimizer, lr=spec.lr, weight_decay=spec.weight_decay, **extra)
+    rows = spec.batch_size or spec.chunk_size or len(data.train)  # type: ignore[arg-type]
+    tokens = int(data.info.get("context", 1)) if data.input_kind == "tokens" else 1
+    if spec.model == "transformer":  # per token and block: q, k, v, attention out, 4x MLP in and out, 2 norms
+        per_row = tokens * (depth * 14 * width + 2 * data.out_features) + depth * 4 * tokens * tokens
+    else:
+        per_row = depth * 3 * width + width + data.out_features
+    activations = 4 * rows * per_row // (depth if spec.checkpoint_activations else 1)
+    return MemoryPlan(n, 4 * n, gradients, state, activations)

@@ -41,11 +41,11 @@ from torch import Tensor, nn
 from descend import __version__
 from descend import distributed as dd
 from descend._io import atomic_path, umask_mode, write_json
-from descend._options import OptionError, RunSpec, from_values
+from descend._options import OptionError, RunSpec, from_values, physical_memory
 from descend._tensorfile import sha256_file
 from descend.data._base import DataBundle
 from descend.data.registry import load_data
-from descend.train._build import build_model, make_optimizer
+from descend.train._build import build_model, make_optimizer, memory_plan
 from descend.train._trainer import Trainer, seed_everything
 
 __all__ = ["RUN_FILES", "RunError", "RunLock", "RunSpec", "check_out_dir", "load_run_spec", "prepare", "run_training"]
@@ -206,11 +206,15 @@ def _check_tensorboard(spec: RunSpec) -> None:
         raise RunError("--tensorboard needs TensorBoard, which is not installed: pip install tensorboard")
 
 
-def prepare(spec: RunSpec, out_dir: Path | None = None, *, bundle: DataBundle | None = None) -> Trainer:
+def prepare(
+    spec: RunSpec, out_dir: Path | None = None, *, bundle: DataBundle | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Trainer:
     """Data, model, optimizer and trainer for ``spec``; every bad choice is a :class:`RunError`.
 
     The device is checked first (``--device cuda`` without CUDA is an error before any data is read),
-    and the model's size before it is allocated.
+    then the run's :class:`~descend.train.MemoryPlan` (given to ``log``) against the machine's memory,
+    before the model is allocated.
     """
     from descend.train._device import resolve_device
 
@@ -229,9 +233,19 @@ def prepare(spec: RunSpec, out_dir: Path | None = None, *, bundle: DataBundle | 
     if fits != bundle.task:
         raise RunError(f"--loss {spec.loss} is for {fits}; {bundle.name!r} is a {bundle.task} task: use --loss auto")
     try:
+        plan = memory_plan(spec, bundle)
+        memory = physical_memory()
+        if log is not None:
+            log(plan.describe(memory))
+        if memory is not None and plan.total > memory:
+            raise RunError(
+                f"this run needs about {plan.total / 1e9:.3g} GB ({plan.describe()}) and this machine has "
+                f"{memory / 1e9:.3g} GB: choose a smaller --width/--depth/--batch-size, or a lean mode "
+                "(--step-in-backward, --state-dtype bfloat16, --checkpoint-activations)"
+            )
         model = build_model(
             spec.model, bundle, depth=spec.depth, width=spec.width, activation=spec.activation, heads=spec.heads,
-            checkpoint_activations=spec.checkpoint_activations,
+            checkpoint_activations=spec.checkpoint_activations, bytes_per_parameter=plan.bytes_per_parameter,
         )
         if dd.world_size() > 1:  # every rank built the same model from the same seed
             model = dd.wrap(model, spec.strategy)
@@ -319,7 +333,7 @@ def run_training(
             _on_main(lock.acquire)  # a directory in use is refused before anything is loaded
         if not resume:
             _on_main(lambda: check_out_dir(out_dir, overwrite, remove=False))
-        trainer = prepare(spec, out_dir)
+        trainer = prepare(spec, out_dir, log=say)
         bundle = trainer.data
         say(describe_data(bundle))
         if main:
