@@ -250,11 +250,7 @@ def optimizer_ratios(_: str | None = None) -> str:
         cells = [tables[p.name].get(pick, {}).get("vs_torch_fused_adamw") for p in files]
         if any(c is not None for c in cells):
             lines.append(f"| {pick} | " + " | ".join("" if c is None else f"{c:.2f}x" for c in cells) + " |")
-    sources = "; ".join(
-        f"{run_name(p.name, data[p.name])}: {_count(data[p.name]['params'])} parameters in "
-        f"{data[p.name]['tensors']} tensors, `{p.name}`"
-        for p in files
-    )
+    sources = "; ".join(f"{run_name(p.name, data[p.name])}: `{p.name}`" for p in files)
     return "\n".join([*lines, "", f"Runs: {sources}."])
 
 
@@ -392,7 +388,7 @@ def _new_figure(width: float, height: float) -> Any:
 
 
 def _size_name(d: dict[str, Any]) -> str:
-    return f"{_count(d['params'])} params in {d['tensors']} tensors"
+    return f"{_count(d['params'])} params"
 
 
 def _short(name: str) -> str:
@@ -426,7 +422,7 @@ def performance_figure(names: str | None) -> str:
     left.xaxis.set_major_locator(FixedLocator(ticks))
     left.xaxis.set_major_formatter(FormatStrFormatter("%g×"))
     left.xaxis.set_minor_locator(NullLocator())
-    left.set_xlabel("step time ÷ torch fused AdamW's (same run)\n← faster      slower →", fontsize=11.5)
+    left.set_xlabel("step time ÷ torch fused AdamW's\n← faster      slower →", fontsize=11.5)
     left.set_yticks(y, [_short(n) for n in rows], fontsize=10.5)
     left.invert_yaxis()
     left.grid(True, axis="x", alpha=0.3)
@@ -442,16 +438,18 @@ def performance_figure(names: str | None) -> str:
     for i, v in zip(y, values):
         right.annotate(f"{v:g}", (v, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=10)
     right.set_xlim(0, max(values) * 1.35)
-    right.set_xlabel("optimizer state\n(B/param)", fontsize=11.5)
+    right.set_xlabel("state\nB/param", fontsize=11.5)
     right.grid(True, axis="x", alpha=0.3)
     for ax in (left, right):
         ax.tick_params(axis="x", labelsize=10.5)
     sources = ", ".join(f"`benchmarks/results/{n}`" for n, _ in runs)
+    sizes = ", ".join(f"{_size_name(d)} in {d['tensors']} tensors" for _, d in runs)
     alt = "step time relative to torch fused AdamW and optimizer state bytes per parameter, per optimizer"
     caption = (
         f"Step time of each optimizer as a multiple of `torch.optim.AdamW(fused=True)`'s in the same run "
-        f"(left; one marker per run, the rows of the largest) and the optimizer state it keeps per parameter "
-        f"(right; float32 parameters). Sources: {sources}; the tables below give every number."
+        f"(left; one marker per run: {sizes}) "
+        f"and the optimizer state it keeps per parameter (right; float32 parameters). Sources: {sources}; "
+        f"the tables below give every number."
     )
     return _figure_markdown(fig, alt) + "\n\n" + caption
 
@@ -579,7 +577,7 @@ def tidy_docstrings(html: str, link: Callable[[str], str | None] = lambda _: Non
             return f"<code>{titled.group('title')}</code>"
         target = target.lstrip("~") if "._" in target else target
         if target in PRIVATE_PAGES:
-            return to_page(PRIVATE_PAGES[target], f"the {page_title(PRIVATE_PAGES[target]).lower()} guide") or (
+            return to_page(PRIVATE_PAGES[target]) or (
                 f"<code>{_public(target)}</code>"
             )
         if "._" in target:

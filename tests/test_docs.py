@@ -212,7 +212,7 @@ def test_api_pages_link_docs_paths_and_never_show_private_modules() -> None:
             ":mod:<code>descend.train._data</code> :mod:<code>descend.nn._secret</code></p>")
     shown = hooks.tidy_docstrings(html, link)
     assert '<a href="../../guide/engines/">Engines</a>' in shown
-    assert '<a href="../../guide/engines/#engines-by-name">the engines guide</a>' in shown
+    assert '<a href="../../guide/engines/#engines-by-name">Engines</a>' in shown
     assert "<code>tune_lr</code>" in shown and "<code>descend.nn</code>" in shown
     assert "._" not in re.sub(r"<[^>]+>", "", shown), shown
     assert "docs/guide" not in shown

@@ -154,7 +154,7 @@ def test_task_caption_names_gd_only_where_gd_ran(results) -> None:
 def test_one_task_says_why_there_is_no_performance_profile(results) -> None:
     text = render_report(results)
     assert "Not drawn: this run has 1 task" in text
-    assert "alt=\"performance profiles" not in text
+    assert 'alt="performance profiles' not in text
     assert text.count("data:image/png") == 2  # the task's curves and its tuning sweep only
 
 
