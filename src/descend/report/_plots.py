@@ -239,7 +239,7 @@ def sweep_png(task: dict[str, Any]) -> bytes:
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final validation loss (mean over tuning seeds)")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=LABEL_SIZE, frameon=False, handlelength=3.2)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=LABEL_SIZE, frameon=False, handlelength=4.5)
     return _png(fig)
 
 
@@ -270,5 +270,5 @@ def profile_png(results: dict[str, Any]) -> bytes:
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
     axes[0].set_ylabel(f"fraction of the {n_tasks} tasks within τ")
-    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False, handlelength=4.5)
     return _png(fig)
