@@ -52,10 +52,10 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argpar
 
 
 def cli_reference(_: str | None = None) -> str:
-    """Markdown: every command's ``--help`` text, at a fixed width of 88 columns (a code block's width on
-    the site at 1280 px)."""
+    """Markdown: every command's ``--help`` text, at a fixed width of 84 columns (a code block's width on
+    the site at 1280 px, less the copy button)."""
     old = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "88"
+    os.environ["COLUMNS"] = "84"
     try:
         parser = cli_parser()
         commands = _subcommands(parser)
