@@ -52,9 +52,10 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argpar
 
 
 def cli_reference(_: str | None = None) -> str:
-    """Markdown: every command's ``--help`` text, at a fixed width of 100 columns."""
+    """Markdown: every command's ``--help`` text, at a fixed width of 84 columns (a code block's width on
+    the site at 1280 px, less the copy button)."""
     old = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "100"
+    os.environ["COLUMNS"] = "84"
     try:
         parser = cli_parser()
         commands = _subcommands(parser)
@@ -170,6 +171,13 @@ def _load(d: dict[str, Any]) -> str:
     return f" Load average (1 min) {before[0]:.1f} before the run, {after[0]:.1f} after."
 
 
+def _time_unit(ms: list[float]) -> tuple[str, Callable[[float], str]]:
+    """The unit a table's step times read best in: µs (whole numbers) below 10 ms, else ms (two decimals)."""
+    if max(ms, default=0.0) < 10:
+        return "µs/step", lambda v: f"{v * 1e3:,.0f}"
+    return "ms/step", lambda v: f"{v:,.2f}"
+
+
 def optimizer_step(name: str | None) -> str:
     """Markdown table of one ``benchmarks/optimizer_step.py`` result file."""
     if not name:
@@ -189,18 +197,27 @@ def optimizer_step(name: str | None) -> str:
         f"{_machine(d)}; {method}. Streaming bandwidth in the same run: copy {_num(bw.get('copy'))} GB/s, "
         f"triad {_num(bw.get('triad'))} GB/s.{_load(d)} Source: `benchmarks/results/{name}`."
     )
+    unit, shown = _time_unit([r["ms"] for r in d["rows"] if r.get("ms") is not None])
     head = [
-        "| optimizer | ms/step | Mparams/s | bytes/param | GB/s | % triad | vs torch fused AdamW | state B/param "
-        "| transient B/param |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| optimizer | {unit} | × fused AdamW | B/param moved | % triad | state B/param | transient B/param |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     rows = [
-        f"| {r['name']} | {_num(r.get('ms'))} | {_num(r.get('mparams_per_s'), 0)} | {r.get('bytes_per_param', '')} "
-        f"| {_num(r.get('gb_per_s'))} | {_num(r.get('pct_stream'), 0)}% | {_num(r.get('vs_torch_fused_adamw'), 2)}x "
-        f"| {_num(r.get('state_bytes_per_param'))} | {_num(r.get('transient_bytes_per_param'), 2)} |"
+        f"| {r['name']} | {'' if r.get('ms') is None else shown(r['ms'])} "
+        f"| {_num(r.get('vs_torch_fused_adamw'), 2)}x | {r.get('bytes_per_param', '')} "
+        f"| {_num(r.get('pct_stream'), 0)}% | {_num(r.get('state_bytes_per_param'))} "
+        f"| {_num(r.get('transient_bytes_per_param'), 2)} |"
         for r in d["rows"]
     ]
     return "\n".join([caption, "", *head, *rows])
+
+
+def run_name(name: str, d: dict[str, Any]) -> str:
+    """A short name for an ``optimizer_step`` run: its size, and what else its file name says
+    (``optimizer_step_20M_compiled.json``: ``20M compiled``)."""
+    rest = name.removesuffix(".json").removeprefix("optimizer_step_").split("_", 1)
+    extra = rest[1].replace("_", " ") if len(rest) > 1 else ""
+    return f"{_count(d['params'])} {extra}".strip()
 
 
 def optimizer_ratios(_: str | None = None) -> str:
@@ -212,26 +229,29 @@ def optimizer_ratios(_: str | None = None) -> str:
         "descend Signum [default]",
         "descend AdamW [compiled, flat]",
         "descend AdamW [compiled]",
-        "descend AdamW [foreach]",
         "descend Lion [compiled, flat]",
         "descend Lion bf16 state [compiled, flat]",
         "descend Signum [compiled, flat]",
+        "descend AdamW [foreach]",
+        "torch AdamW [foreach]",
     ]
     files = sorted(RESULTS.glob("optimizer_step*.json"), key=lambda p: (json.loads(p.read_text())["params"], p.name))
-    header = "| optimizer | " + " | ".join(f"`{p.name}`" for p in files) + " |"
+    data = {p.name: json.loads(p.read_text()) for p in files}
+    header = "| optimizer | " + " | ".join(run_name(p.name, data[p.name]) for p in files) + " |"
     lines = [
         "Step time as a multiple of `torch.optim.AdamW(fused=True)` measured in the same run "
-        "(below 1 is faster); a blank cell: not in that run.",
+        "(below 1 is faster); a blank cell: not in that run. The columns are the runs below, by size:",
         "",
         header,
         "|---|" + "---:|" * len(files),
     ]
-    tables = {p.name: {r["name"]: r for r in json.loads(p.read_text())["rows"]} for p in files}
+    tables = {name: {r["name"]: r for r in d["rows"]} for name, d in data.items()}
     for pick in picks:
         cells = [tables[p.name].get(pick, {}).get("vs_torch_fused_adamw") for p in files]
         if any(c is not None for c in cells):
             lines.append(f"| {pick} | " + " | ".join("" if c is None else f"{c:.2f}x" for c in cells) + " |")
-    return "\n".join(lines)
+    sources = "; ".join(f"{run_name(p.name, data[p.name])}: `{p.name}`" for p in files)
+    return "\n".join([*lines, "", f"Runs: {sources}."])
 
 
 def optimizer_targets(name: str | None) -> str:
@@ -369,6 +389,146 @@ def distributed_equivalence(name: str | None) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ figures
+
+#: Okabe-Ito colours (colour-blind safe), the palette of every descend figure.
+OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
+FIGURE_DPI = 100  # the page shows a figure at its size in inches x 100 px: fonts at their point size
+_MARKERS = ("o", "s", "D", "^", "v")
+
+
+def _figure_markdown(fig: Any, alt: str) -> str:
+    """A matplotlib figure as a Markdown image: a PNG at twice the page's pixels (sharp on dense screens),
+    embedded in the page, with its width in page pixels."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=2 * FIGURE_DPI)
+    width = round(fig.get_figwidth() * FIGURE_DPI)
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f'![{alt}](data:image/png;base64,{data}){{ width="{width}" }}'
+
+
+def _new_figure(width: float, height: float) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=FIGURE_DPI, layout="constrained")
+    return fig
+
+
+def _size_name(d: dict[str, Any]) -> str:
+    return f"{_count(d['params'])} params"
+
+
+def _short(name: str) -> str:
+    """A row name for a figure's axis: descend's rows without the library's name."""
+    return name.removeprefix("descend ").replace("->", "→")
+
+
+def performance_figure(names: str | None) -> str:
+    """Markdown: the figure the performance page leads with, from the ``optimizer_step`` files ``names``
+    (comma-separated, smallest first): each optimizer's step time as a multiple of torch's fused AdamW
+    in the same run, one marker per file, and its optimizer state in bytes per parameter."""
+    if not names:
+        raise ValueError("performance-figure needs result files: <!-- generate: performance-figure a.json,b.json -->")
+    runs = [(name, load_result(name)) for name in names.split(",")]
+    rows = [r["name"] for r in runs[-1][1]["rows"]]  # the largest run's rows, in its order
+    state = {r["name"]: r.get("state_bytes_per_param") for _, d in runs for r in d["rows"]}
+    height = 0.3 * len(rows) + 1.6
+    fig = _new_figure(7.4, height)
+    left, right = fig.subplots(1, 2, sharey=True, width_ratios=(3.2, 1))
+    y = list(range(len(rows)))
+    for k, (_, d) in enumerate(runs):
+        ratio = {r["name"]: r.get("vs_torch_fused_adamw") for r in d["rows"]}
+        xs = [ratio.get(n) for n in rows]
+        left.plot([x for x in xs if x is not None], [i for i, x in zip(y, xs) if x is not None], _MARKERS[k],
+                  color=OKABE_ITO[k], markersize=6.5, label=_size_name(d), linestyle="none")  # fmt: skip
+    left.axvline(1.0, color="#444444", linewidth=1, linestyle=":")
+    left.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
+
+    ticks = [0.25, 0.5, 1, 2, 4, 10]
+    left.xaxis.set_major_locator(FixedLocator(ticks))
+    left.xaxis.set_major_formatter(FormatStrFormatter("%g×"))
+    left.xaxis.set_minor_locator(NullLocator())
+    left.set_xlabel("step time ÷ torch fused AdamW's\n← faster      slower →", fontsize=11.5)
+    left.set_yticks(y, [_short(n) for n in rows], fontsize=10.5)
+    left.invert_yaxis()
+    left.grid(True, axis="x", alpha=0.3)
+    fig.legend(*left.get_legend_handles_labels(), loc="outside upper center", ncols=len(runs), fontsize=10.5,
+               frameon=False, handletextpad=0.2)  # fmt: skip
+    libraries = [n.split(" ", 1)[0] for n in rows]
+    for i in range(1, len(rows)):  # a rule between the libraries (descend, torch, ...)
+        if libraries[i] != libraries[i - 1]:
+            for ax in (left, right):
+                ax.axhline(i - 0.5, color="#999999", linewidth=0.8)
+    values = [state.get(n) or 0.0 for n in rows]
+    right.barh(y, values, color=OKABE_ITO[2], height=0.6)
+    for i, v in zip(y, values):
+        right.annotate(f"{v:g}", (v, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=10)
+    right.set_xlim(0, max(values) * 1.35)
+    right.set_xlabel("state\nB/param", fontsize=11.5)
+    right.grid(True, axis="x", alpha=0.3)
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelsize=10.5)
+    sources = ", ".join(f"`benchmarks/results/{n}`" for n, _ in runs)
+    sizes = ", ".join(f"{_size_name(d)} in {d['tensors']} tensors" for _, d in runs)
+    alt = "step time relative to torch fused AdamW and optimizer state bytes per parameter, per optimizer"
+    caption = (
+        f"Step time of each optimizer as a multiple of `torch.optim.AdamW(fused=True)`'s in the same run "
+        f"(left; one marker per run: {sizes}) "
+        f"and the optimizer state it keeps per parameter (right; float32 parameters). Sources: {sources}; "
+        f"the tables below give every number."
+    )
+    return _figure_markdown(fig, alt) + "\n\n" + caption
+
+
+def gd_vs_sgd_figure(name: str | None) -> str:
+    """Markdown: the home page's figure from the gd-vs-sgd experiment's JSON (``docs/figures/``): CPU time
+    per step and to the target against the data size, GD against SGD, median and range over seeds."""
+    import statistics
+
+    d = json.loads((ROOT / (name or "docs/figures/gd-vs-sgd.json")).read_text())
+    fig = _new_figure(7.4, 3.5)
+    axes = fig.subplots(1, 2)
+    sizes = d["sizes"]
+    labels = {"GD": "GD (full batch)", "SGD": f"SGD (batch {d['batch']})"}
+    panels = (
+        ("seconds_per_step", "CPU time per step (ms)", 1e3, "cost of one step"),
+        ("seconds_to_target", "CPU time to the target (s)", 1.0, "time to reach the target"),
+    )
+    for ax, (key, ylabel, scale, title) in zip(axes, panels):
+        for k, method in enumerate(("GD", "SGD")):
+            per_n = [[v * scale for v in d[key][method][str(n)]] for n in sizes]
+            mid = [statistics.median(v) for v in per_n]
+            low = [m - min(v) for m, v in zip(mid, per_n)]
+            high = [max(v) - m for m, v in zip(mid, per_n)]
+            label = f"{labels[method]}, lr {d['tuning'][method]['best_lr']:g}"
+            ax.errorbar(sizes, mid, yerr=[low, high], marker=_MARKERS[k], color=OKABE_ITO[k], capsize=3,
+                        linewidth=1.8, linestyle=("-", "--")[k], label=label)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training examples N", fontsize=11.5)
+        ax.set_ylabel(ylabel, fontsize=11.5)
+        ax.set_title(title, fontsize=12)
+        ax.tick_params(labelsize=10.5)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=10.5, loc="upper left")
+    seeds = len(d["seeds"])
+    alt = "gd-vs-sgd: the cost of a full-batch step grows with N; SGD's time to the target does not"
+    caption = (
+        f"*{d['title']}* Logistic regression with {d['dimension']} features; the target is a held-out loss "
+        f"within {d['excess_target']:g} of the true model's. Median and range over {seeds} seeds, from "
+        f"`{name or 'docs/figures/gd-vs-sgd.json'}`; the full experiment, with the paths of both methods on a "
+        f"two-parameter loss, is on the [experiments page](guide/experiments.md#gd-vs-sgd)."
+    )
+    return _figure_markdown(fig, alt) + "\n\n" + caption
+
+
 GENERATORS: dict[str, Callable[[str | None], str]] = {
     "cli-reference": cli_reference,
     "rule-equations": rule_equations,
@@ -376,6 +536,8 @@ GENERATORS: dict[str, Callable[[str | None], str]] = {
     "experiments": experiments,
     "optimizer-step": optimizer_step,
     "optimizer-ratios": optimizer_ratios,
+    "performance-figure": performance_figure,
+    "gd-vs-sgd-figure": gd_vs_sgd_figure,
     "optimizer-targets": optimizer_targets,
     "attention": attention,
     "trainer-overhead": trainer_overhead,
@@ -407,24 +569,71 @@ def on_page_markdown(markdown: str, **_: Any) -> str:
 #: A Sphinx cross-reference role as the API pages render a docstring's ``:class:`~x.Y``` (the role
 #: left as text before the code): ``:class:<code>~x.Y</code>``.
 ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj|const):<code>(?P<target>[^<]*)</code>")
+#: A docstring's ``docs/guide/engines.md``, as the API pages render it.
+DOCS_PATH = re.compile(r"<code>docs/(?P<path>[\w/.-]+\.md)(?P<anchor>#[\w-]+)?</code>")
+#: Private modules that docstrings name, and the page of the site that explains them instead.
+PRIVATE_PAGES = {
+    "descend.optim._engines": "guide/engines.md#engines-by-name",
+    "descend.optim._flat": "guide/engines.md#why-not-flat-buffers-or-torchcompile-by-default",
+    "descend.train._data": "guide/training.md#data-tensors-a-dataset-or-a-dataloader",
+}
 
 
-def tidy_docstrings(html: str) -> str:
+def page_title(path: str) -> str:
+    """The ``# Title`` of ``docs/PATH`` (the file name where it has none)."""
+    source = ROOT / "docs" / path.split("#")[0]
+    first = source.read_text(encoding="utf-8").splitlines()[0] if source.is_file() else ""
+    return first[2:].strip() if first.startswith("# ") else Path(path).stem
+
+
+def _public(target: str) -> str:
+    """A dotted name without its private parts: ``x._m.f`` as ``f``, the private module ``x._m`` as ``x``."""
+    last = target.rsplit(".", 1)[-1]
+    return last if not last.startswith("_") else target.split("._", 1)[0]
+
+
+def tidy_docstrings(html: str, link: Callable[[str], str | None] = lambda _: None) -> str:
     """Docstrings are written for Sphinx; show what they mean. A role shows the code it names
     (``:func:`x.f``` as ``x.f``, ``:class:`~x.Y``` as ``Y``, ``:meth:`title <x.Y.f>``` as ``title``),
-    and a paragraph that ends in ``::`` before its code block ends in ``:``."""
+    a paragraph that ends in ``::`` before its code block ends in ``:``, a ``docs/PAGE.md`` path is a
+    link to that page (titled as it is), and a private module is never shown: a reference to one links
+    the page that explains it (:data:`PRIVATE_PAGES`) or names the public package around it.
+    ``link(path)`` turns a path under ``docs/`` into a URL relative to the page (``None``: no such page).
+    """
+
+    def to_page(path: str, title: str | None = None) -> str | None:
+        url = link(path)
+        return None if url is None else f'<a href="{url}">{title or page_title(path)}</a>'
 
     def shown(m: re.Match[str]) -> str:
         target = m.group("target").strip()
         titled = re.fullmatch(r"(?P<title>.+?)\s*&lt;.+&gt;", target)
         if titled:
-            target = titled.group("title")
-        elif target.startswith("~"):
+            return f"<code>{titled.group('title')}</code>"
+        target = target.lstrip("~") if "._" in target else target
+        if target in PRIVATE_PAGES:
+            return to_page(PRIVATE_PAGES[target]) or (
+                f"<code>{_public(target)}</code>"
+            )
+        if "._" in target:
+            return f"<code>{_public(target)}</code>"
+        if target.startswith("~"):
             target = target[1:].rsplit(".", 1)[-1]
         return f"<code>{target}</code>"
 
-    return ROLE.sub(shown, html).replace("::</p>", ":</p>")
+    def docs_link(m: re.Match[str]) -> str:
+        return to_page(m.group("path") + (m.group("anchor") or "")) or m.group(0)
+
+    html = ROLE.sub(shown, html).replace("::</p>", ":</p>")
+    return DOCS_PATH.sub(docs_link, html)
 
 
-def on_page_content(html: str, **_: Any) -> str:
-    return tidy_docstrings(html)
+def on_page_content(html: str, page: Any = None, files: Any = None, **_: Any) -> str:
+    def link(path: str) -> str | None:
+        name, _, anchor = path.partition("#")
+        target = files.get_file_from_path(name) if files is not None else None
+        if target is None or page is None:
+            return None
+        return target.url_relative_to(page.file) + (f"#{anchor}" if anchor else "")
+
+    return tidy_docstrings(html, link)

@@ -143,7 +143,8 @@ def test_compare_tiny(tmp_path) -> None:
     lines = (out / "results.csv").read_text().splitlines()
     assert len(lines) == 1 + 2  # one row per task and optimizer
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "signum" in html  # profile, curves, lr sweep
+    assert html.count("data:image/png;base64,") == 2 and "signum" in html  # curves, lr sweep: one task, no profile
+    assert "Not drawn: this run has 1 task" in html
 
 
 def test_gradflow_and_optimizers(tmp_path) -> None:

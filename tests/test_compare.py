@@ -64,6 +64,10 @@ def test_time_to_target_needs_the_target_to_hold_until_the_end() -> None:
 def test_quick_suite_defaults_and_bad_names() -> None:
     plan = resolve_plan(CompareSpec())
     assert plan["suite"] == "quick" and "text-lm" in plan["tasks"] and len(plan["tasks"]) >= 3
+    assert plan["label"] == "quick suite"
+    assert resolve_plan(CompareSpec(suite="full", task="all"))["label"] == "full suite"  # exactly the suite's
+    custom = resolve_plan(CompareSpec(optimizers="sgd,adam"))  # the quick suite's tasks, other optimizers
+    assert custom["suite"] is None and custom["label"] == f"{', '.join(plan['tasks'])}: sgd, adam"
     assert plan["seeds"] >= 3 and plan["tune_seeds"] >= 1
     full = resolve_plan(CompareSpec(suite="full"))
     assert full["seeds"] >= 5 and set(full["tasks"]) == set(TASKS)

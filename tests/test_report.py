@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import copy
+import io
+import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from matplotlib.text import Text
 
-from descend.report import COLOURS, markdown_tables, render_report, summary_table, task_table, write_report
+from descend._options import OPTIMIZER_NAMES
+from descend.report import (
+    COLOURS,
+    DASHES,
+    curves_figure,
+    markdown_tables,
+    render_report,
+    style_of,
+    summary_table,
+    swatch,
+    task_table,
+    write_outputs,
+    write_report,
+)
 from descend.train import CompareSpec, compare
+from descend.train._compare import summarise
+
+OKABE_ITO = {"#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#999999"}
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +56,106 @@ def test_task_table_follows_the_tie_groups_and_explains_ties(results) -> None:
     assert all(r["digits-mlp"].rstrip("=").isdigit() for r in summary)
 
 
-def test_palette_is_okabe_ito_and_every_optimizer_has_its_own_colour() -> None:
-    okabe_ito = {"#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#999999"}
-    assert len(set(COLOURS.values())) == len(COLOURS)
-    assert len(set(COLOURS.values()) - okabe_ito) <= 1  # signsgd: Okabe-Ito yellow, darkened for white paper
+def test_every_registered_optimizer_has_its_own_okabe_ito_colour_and_its_own_dash() -> None:
+    styles = {name: style_of(name) for name in OPTIMIZER_NAMES}
+    colours = [s["color"] for s in styles.values()]
+    dashes = [DASHES[name] for name in OPTIMIZER_NAMES]
+    assert len(set(colours)) == len(OPTIMIZER_NAMES), "two optimizers share a colour"
+    assert len(set(dashes)) == len(OPTIMIZER_NAMES), "two optimizers share a dash pattern"
+    assert len(set(colours) - OKABE_ITO) <= 1  # softsign: Okabe-Ito yellow, darkened for white paper
+    assert set(COLOURS) == set(DASHES) == set(OPTIMIZER_NAMES)
+    quick = ("sgd", "momentum", "signum", "adam")  # the quick suite: not both of Okabe-Ito's blues
+    assert len({"#56B4E9", "#0072B2"} & {COLOURS[n] for n in quick}) <= 1
+
+
+def _strokes(svg: str) -> dict[str, tuple[float, ...]]:
+    """Colour -> dash pattern in units of the line width, of every stroked path or line of an SVG."""
+    found = {}
+    for style in re.findall(r'style="([^"]*stroke:[^"]*)"', svg):
+        props = dict(p.split(":", 1) for p in (x.strip() for x in style.split(";")) if ":" in p)
+        props = {k.strip(): v.strip() for k, v in props.items()}
+        width = float(props.get("stroke-width", "1"))
+        dash = props.get("stroke-dasharray", "none")
+        pattern = () if dash == "none" else tuple(round(float(d) / width, 3) for d in re.split(r"[ ,]+", dash))
+        found.setdefault(props["stroke"].lower(), pattern)
+    return found
+
+
+def _swatch_stroke(name: str) -> tuple[str, tuple[float, ...]]:
+    line = swatch(name)
+    colour = re.search(r'stroke="([^"]+)"', line).group(1).lower()
+    width = float(re.search(r'stroke-width="([^"]+)"', line).group(1))
+    dash = re.search(r'stroke-dasharray="([^"]+)"', line)
+    return colour, () if dash is None else tuple(round(float(d) / width, 3) for d in dash.group(1).split(","))
+
+
+def test_table_swatches_draw_the_colour_and_dash_of_the_plotted_curves(results) -> None:
+    task = results["tasks"]["digits-mlp"]
+    buffer = io.StringIO()
+    curves_figure(task, "val_accuracy", "validation accuracy").savefig(buffer, format="svg")
+    plotted = _strokes(buffer.getvalue())
+    for name in task["optimizers"]:
+        colour, pattern = _swatch_stroke(name)
+        assert colour in plotted, f"{name}: no curve drawn in the swatch's colour {colour}"
+        assert plotted[colour] == pattern, f"{name}: swatch dashes {pattern}, curve dashes {plotted[colour]}"
+        assert swatch(name) in render_report(results)
+
+
+def _converging(names: list[str]) -> dict:
+    """A task whose curves all end at the same validation accuracy."""
+    history = lambda k: [{"step": s, "val_accuracy": 0.5 + 0.4 * s / 100 + 0.01 * k * (1 - s / 100)}  # noqa: E731
+                         for s in range(0, 101, 10)]  # fmt: skip
+    runs = lambda k: [{"seed": 0, "diverged": False, "history": history(k)}]  # noqa: E731
+    return {"metric": "accuracy", "target": 0.95, "optimizers": {n: {"runs": runs(k)} for k, n in enumerate(names)}}
+
+
+def test_end_labels_of_converging_curves_do_not_overlap() -> None:
+    fig = curves_figure(_converging(list(OPTIMIZER_NAMES)), "val_accuracy", "validation accuracy")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    labels = [t for t in ax.texts if t.get_text() in OPTIMIZER_NAMES]
+    assert sorted(t.get_text() for t in labels) == sorted(OPTIMIZER_NAMES)
+    boxes = []
+    for label in labels:
+        label.get_window_extent()  # places the annotation's text on the page
+        boxes.append(Text.get_window_extent(label))  # the words alone, without their leader lines
+    overlapping = [
+        (labels[i].get_text(), labels[j].get_text())
+        for i in range(len(boxes))
+        for j in range(i + 1, len(boxes))
+        if boxes[i].overlaps(boxes[j])
+    ]
+    assert not overlapping, f"end labels overlap: {overlapping}"
+
+
+def test_a_custom_selection_is_labelled_by_what_ran(results, tmp_path) -> None:
+    paths = write_outputs(results, tmp_path)
+    plan = json.loads(paths["json"].read_text())["plan"]
+    assert plan["suite"] is None  # digits-mlp with sgd, signum, adam is not the quick suite
+    assert all(name in plan["label"] for name in ("digits-mlp", "sgd", "signum", "adam"))
+    text = paths["report"].read_text()
+    assert "quick" not in text.lower()
+    assert "A custom selection: 1 task (digits-mlp), 3 optimizers (sgd, signum, adam)" in text
+    assert "quick" not in markdown_tables(results).split("\n")[0].lower()
+
+
+def _caption(text: str, task: str) -> str:
+    return re.search(rf'<h2 id="{task}">.*?</p>', text, flags=re.DOTALL).group(0)
+
+
+def test_task_caption_names_gd_only_where_gd_ran(results) -> None:
+    assert "gd" not in re.findall(r"\w+", _caption(render_report(results), "digits-mlp"))
+    with_gd = copy.deepcopy(results)
+    with_gd["tasks"]["digits-mlp"]["optimizers"]["gd"] = with_gd["tasks"]["digits-mlp"]["optimizers"]["sgd"]
+    with_gd["plan"]["optimizers"].append("gd")
+    assert "batch 32; gd full batch" in _caption(render_report(summarise(with_gd)), "digits-mlp")
+
+
+def test_one_task_says_why_there_is_no_performance_profile(results) -> None:
+    text = render_report(results)
+    assert "Not drawn: this run has 1 task" in text
+    assert 'alt="performance profiles' not in text
+    assert text.count("data:image/png") == 2  # the task's curves and its tuning sweep only
 
 
 def test_report_explains_its_columns_and_keeps_the_equations(results) -> None:

@@ -32,7 +32,7 @@ def _table_png(results: dict, task: str, png: Path) -> bool:
     rows = len(info["optimizers"])
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{_STYLE}body{{margin:.5em}}</style></head><body>"
-        f"<h3>{task}: {info['description']}</h3>{_table(task_table(info), swatch=True)}</body></html>"
+        f"<h3>{task}: {info['description']}</h3>{_table(task_table(info), swatch_column=True)}</body></html>"
     )
     with tempfile.TemporaryDirectory() as tmp:
         html_path, shot = Path(tmp, "table.html"), Path(tmp, "table.png")

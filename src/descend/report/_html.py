@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from descend._io import atomic_write, write_json
-from descend.report._plots import curves_png, profile_png, style_of, sweep_png
+from descend.report._plots import DASHES, curves_png, profile_png, style_of, sweep_png
 
 __all__ = [
     "COLUMNS",
     "comparison_table",
     "render_report",
     "summary_table",
+    "swatch",
     "task_table",
     "write_outputs",
     "write_report",
@@ -37,8 +38,7 @@ text-align:right;vertical-align:top}th{background:#f4f4f4}
 .left1 th:first-child,.left1 td:first-child,.left2 th:nth-child(-n+2),.left2 td:nth-child(-n+2){text-align:left}
 img{max-width:100%}.grid{display:grid;grid-template-columns:1fr 1fr;gap:.8em}
 pre{background:#f6f6f6;padding:.6em;font-size:.8em;overflow-x:auto}
-.note{font-size:.85em;color:#444}.swatch{display:inline-block;width:1.6em;height:0;border-top-width:3px;
-vertical-align:middle;margin-right:.3em}
+.note{font-size:.85em;color:#444}.swatch{vertical-align:middle;margin-right:.3em}
 dl.cols{font-size:.85em;color:#333;display:grid;grid-template-columns:max-content 1fr;gap:.15em .8em}
 dl.cols dt{font-weight:600}dl.cols dd{margin:0}
 """
@@ -134,7 +134,21 @@ def comparison_table(results: dict[str, Any], task: str | None = None) -> list[d
     return task_table(results["tasks"][task or next(iter(results["tasks"]))])
 
 
-def _table(rows: list[dict[str, str]], swatch: bool = False, left: int = 2) -> str:
+def swatch(name: str, width: int = 52) -> str:
+    """An inline SVG line in the optimizer's colour and dash pattern, as its curves are drawn
+    (:data:`~descend.report._plots.COLOURS`, :data:`~descend.report._plots.DASHES`, scaled by the line
+    width as matplotlib scales them)."""
+    colour = style_of(name)["color"]
+    dashes = DASHES.get(name, ())
+    stroke = 2.0  # pixels, about the curves' width on the page; the pattern is in units of the width
+    dash = f' stroke-dasharray="{",".join(f"{d * stroke:g}" for d in dashes)}"' if dashes else ""
+    return (
+        f'<svg class="swatch" width="{width}" height="10" role="img" aria-label="{html.escape(name)} line">'
+        f'<line x1="0" y1="5" x2="{width}" y2="5" stroke="{colour}" stroke-width="{stroke:g}"{dash}/></svg>'
+    )
+
+
+def _table(rows: list[dict[str, str]], swatch_column: bool = False, left: int = 2) -> str:
     if not rows:
         return "<p>(no rows)</p>"
     head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
@@ -143,11 +157,8 @@ def _table(rows: list[dict[str, str]], swatch: bool = False, left: int = 2) -> s
         cells = []
         for k, v in r.items():
             text = html.escape(v)
-            if swatch and k == "optimizer":
-                style = style_of(v)
-                border = {"--": "dashed", "-.": "dotted"}.get(style["linestyle"], "solid")
-                swatch_css = f"border-top-style:{border};border-color:{style['color']}"
-                text = f'<span class="swatch" style="{swatch_css}"></span>{text}'
+            if swatch_column and k == "optimizer":
+                text = swatch(v) + text
             cells.append(f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table class='left{left}'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -163,6 +174,13 @@ def _columns() -> str:
     ) + "</dl>"  # fmt: skip
 
 
+def _batch_caption(task: dict[str, Any]) -> str:
+    """The batch the task's runs used: gd is named only where it ran (it always takes the full batch)."""
+    if task["batch_size"] is None:
+        return "full batch"
+    return f"batch {task['batch_size']}" + ("; gd full batch" if "gd" in task["optimizers"] else "")
+
+
 def _task_section(name: str, task: dict[str, Any]) -> str:
     metric = task["metric"]
     unit = f" {task['unit']}" if task["unit"] else ""
@@ -175,9 +193,9 @@ def _task_section(name: str, task: dict[str, Any]) -> str:
     return f"""
 <h2 id="{html.escape(name)}">{html.escape(name)}</h2>
 <p>{html.escape(task["summary"])}. Budget {task["steps"]} steps
-({"full batch" if task["batch_size"] is None else f"batch {task['batch_size']}; gd full batch"});
+({_batch_caption(task)});
 target: validation {metric} {relation} {task["target"]:g}{html.escape(unit)}.</p>
-{_table(task_table(task), swatch=True)}
+{_table(task_table(task), swatch_column=True)}
 <div class="grid">{"".join(plots)}</div>
 <p class="note">Left: validation {metric} against the step, the line the mean over seeds and the band the
 lowest to the highest seed; dotted: the target. Right: the tuning sweep, the mean final validation loss
@@ -187,12 +205,47 @@ worst chosen rate's).</p>
 """
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _label(plan: dict[str, Any]) -> str:
+    """What ran: ``"quick suite"``, or a custom selection's tasks and optimizers."""
+    return plan.get("label") or f"{plan['suite']} suite"  # results written before the label was recorded
+
+
+#: The performance profile needs several tasks: with one, ρ(τ) is a step from 0 to 1 at each optimizer's
+#: ratio to the fastest, which the task's own table says better.
+PROFILE_MIN_TASKS = 2
+
+
+def _profile_section(results: dict[str, Any]) -> str:
+    n = len(results["tasks"])
+    if n < PROFILE_MIN_TASKS:
+        return (
+            f"<p class='note'>Not drawn: this run has {_count(n, 'task')}, and a performance profile compares "
+            f"optimizers across tasks (with one task each curve is a single step from 0 to 1). The task's table "
+            f"below gives each optimizer's steps and seconds to target. Run at least {PROFILE_MIN_TASKS} tasks "
+            f"(--task NAME,NAME or a suite) for a profile.</p>"
+        )
+    return f"""{_img(profile_png(results), "performance profiles by time and by steps to target")}
+<p class="note">For each optimizer, the fraction of tasks on which it reaches the target within a factor τ of
+the fastest optimizer on that task (AlgoPerf / Dolan-Moré). Its time on a task is the median over seeds of the
+time (left) or steps (right) to target, counted only if at least half of the seeds reach the target. Higher
+and further left is better; ρ(1) is the share of tasks it is fastest on, the right end the share it solves.
+The values are multiples of 1/(number of tasks); the lines are drawn a hair apart so that equal profiles stay
+visible.</p>
+"""
+
+
 def render_report(results: dict[str, Any]) -> str:
     """The report as an HTML string: profile and summary at the top, then one section per task."""
     plan, env = results["plan"], results["environment"]
     tasks = results["tasks"]
     setup = (
-        f"Suite <b>{html.escape(plan['suite'])}</b>: {len(tasks)} tasks, {len(plan['optimizers'])} optimizers; "
+        ("The <b>" + html.escape(plan["suite"]) + " suite</b>: " if plan.get("suite") else "A custom selection: ")
+        + f"{_count(len(tasks), 'task')} ({html.escape(', '.join(tasks))}), "
+        f"{_count(len(plan['optimizers']), 'optimizer')} ({html.escape(', '.join(plan['optimizers']))}); "
         f"per task and optimizer a learning-rate grid (multipliers "
         f"{', '.join(f'{m:.3g}' for m in plan['grid'])} of the task's centre, extended up to "
         f"{plan['max_extensions']} times past an edge) tuned on {plan['tune_seeds']} seed(s), then "
@@ -207,20 +260,14 @@ def render_report(results: dict[str, Any]) -> str:
         for name, entry in next(iter(tasks.values()))["optimizers"].items()
     )
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>descend compare: {html.escape(plan["suite"])} suite</title>
+<html lang="en"><head><meta charset="utf-8"><title>descend compare: {html.escape(_label(plan))}</title>
 <style>{_STYLE}</style></head><body>
 <h1>Optimizer comparison</h1>
 <p>{setup}</p>
 <h2>Performance profile</h2>
-{_img(profile_png(results), "performance profiles by time and by steps to target")}
-<p class="note">For each optimizer, the fraction of tasks on which it reaches the target within a factor τ of
-the fastest optimizer on that task (AlgoPerf / Dolan-Moré). Its time on a task is the median over seeds of the
-time (left) or steps (right) to target, counted only if at least half of the seeds reach the target. Higher
-and further left is better; ρ(1) is the share of tasks it is fastest on, the right end the share it solves.
-The values are multiples of 1/(number of tasks); the lines are drawn a hair apart so that equal profiles stay
-visible.</p>
+{_profile_section(results)}
 <h2>Summary</h2>
-{_table(summary_table(results), swatch=True, left=1)}
+{_table(summary_table(results), swatch_column=True, left=1)}
 <p class="note">Task columns: the optimizer's rank on that task ('=' shared with others whose 95% intervals
 overlap). Tasks reached: tasks where at least half of its seeds end at the target. Runs, seconds and CPU s:
 everything it cost, tuning included (wall-clock seconds of its units, and the CPU time of its runs, which

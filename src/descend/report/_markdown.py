@@ -61,7 +61,7 @@ def markdown_tables(results: dict[str, Any], tasks: list[str] | None = None) -> 
     """The run's conditions, its summary table and the tables of ``tasks`` (default: every task)."""
     plan, env = results["plan"], results["environment"]
     parts = [
-        f"*{plan['suite']} suite, {env['date']}: {len(results['tasks'])} tasks, optimizers "
+        f"*{plan.get('label') or plan['suite'] + ' suite'}, {env['date']}: {len(results['tasks'])} tasks, optimizers "
         f"{', '.join(plan['optimizers'])}; learning rate tuned on {plan['tune_seeds']} seed(s), then seeds "
         f"0-{plan['seeds'] - 1} at the chosen rate; {results['seconds']:.0f} s wall on {env['cpus']} CPU(s), "
         f"{env['workers']} worker process(es) x {env['threads_per_run']} thread(s), {env['device']}, "
@@ -82,8 +82,8 @@ def markdown_tables(results: dict[str, Any], tasks: list[str] | None = None) -> 
         parts.append(_markdown(task_table(task)))
     checks = known_results(results)
     if checks:
-        parts.append(
-            "**Known results checked on this run** (on the badly-scaled task sgd is full-batch gradient descent):\n"
-        )
+        scaled = "badly-scaled" in results["tasks"]
+        note = " (on the badly-scaled task sgd is full-batch gradient descent)" if scaled else ""
+        parts.append(f"**Known results checked on this run**{note}:\n")
         parts.append("\n".join(f"- {line}" for line in checks) + "\n")
     return "\n".join(parts)

@@ -61,7 +61,11 @@ DEFAULT_GRID = (10**-0.5, 1.0, 10**0.5)
 
 
 def resolve_plan(spec: CompareSpec) -> dict[str, Any]:
-    """The tasks, optimizers, seeds and grid a spec asks for (suite defaults filled in); ``RunError`` if bad."""
+    """The tasks, optimizers, seeds and grid a spec asks for (suite defaults filled in); ``RunError`` if bad.
+
+    ``suite`` is the suite's name when the run is exactly its tasks and optimizers, else ``None``;
+    ``label`` names what runs: ``"quick suite"``, or the tasks and optimizers of a custom run.
+    """
     if spec.suite not in SUITES:
         raise RunError(f"unknown suite {spec.suite!r}; choose from {', '.join(SUITES)}")
     suite_task_names, suite_optimizers, suite_seeds, suite_tune_seeds = SUITES[spec.suite]
@@ -76,9 +80,14 @@ def resolve_plan(spec: CompareSpec) -> dict[str, Any]:
         raise RunError(str(e)) from e
     seeds = spec.seeds or suite_seeds
     tune_seeds = spec.tune_seeds or suite_tune_seeds
+    names = [t.name for t in tasks]
+    is_suite = names == list(suite_task_names) and optimizers == list(suite_optimizers)
     return {
-        "suite": spec.suite,
-        "tasks": [t.name for t in tasks],
+        # a run of other tasks or optimizers than the suite's is labelled by what it ran, not by the suite
+        # whose seeds and defaults it borrowed
+        "suite": spec.suite if is_suite else None,
+        "label": f"{spec.suite} suite" if is_suite else f"{', '.join(names)}: {', '.join(optimizers)}",
+        "tasks": names,
         "optimizers": optimizers,
         "seeds": seeds,
         "tune_seeds": min(tune_seeds, seeds),
