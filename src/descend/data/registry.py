@@ -64,6 +64,7 @@ def load_data(
     normalize_points: bool = True,
     encoding: str | None = None,
     delimiter: str | None = None,
+    missing: str = "error",
 ) -> DataBundle:
     """The dataset ``name_or_path``: a built-in name (see :data:`DATASETS`), a ``.csv`` or an ``.npz``.
 
@@ -72,7 +73,8 @@ def load_data(
     train/val/test split (and the draw, for synthetic sets). An ``.npz`` holds a table (``X [M, F]``,
     ``y``) or point sets (``locations [N, P, d]``, optional ``values [N, P, k]`` and ``mask [N, P]``,
     ``y``; or a 3-D ``X`` as the locations), each set centred and scaled unless
-    ``normalize_points=False`` (see :func:`descend.data.points.load_point_npz`).
+    ``normalize_points=False`` (see :func:`descend.data.points.load_point_npz`). ``missing`` says what
+    a table's missing feature values do: ``"error"``, ``"drop"`` the row or fill the training ``"mean"``.
     """
     if name_or_path in DATASETS:
         if target is not None:
@@ -84,7 +86,7 @@ def load_data(
     path = Path(name_or_path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return load_csv(path, target, task=task, seed=seed, encoding=encoding, delimiter=delimiter)
+        return load_csv(path, target, task=task, seed=seed, encoding=encoding, delimiter=delimiter, missing=missing)
     if suffix == ".npz":
         if target is not None:
             raise DataError("--target is for CSV files; an .npz holds its targets in the array 'y'")
@@ -92,7 +94,7 @@ def load_data(
             from descend.data.points import load_point_npz
 
             return load_point_npz(path, task=task, seed=seed, normalize=normalize_points)
-        return load_npz(path, task=task, seed=seed)
+        return load_npz(path, task=task, seed=seed, missing=missing)
     if path.is_dir():
         raise DataError(f"--data {name_or_path!r} is a directory; give a .csv or .npz file")
     if path.exists():
