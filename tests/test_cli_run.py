@@ -79,7 +79,9 @@ def test_config_records_resolved_values_and_resume_works_from_another_directory(
     config = json.loads((tmp_path / "runs" / "r" / "config.json").read_text())
     assert config["lr"] == 1e-3 and config["task"] == "classification" and config["l2"] == 1e-3
     assert config["data"] == str(data.resolve())
+    assert config["weight_decay"] == 0.0 and (config["steps"], config["epochs"]) == (4, None)  # resolved, one budget
     resolved = config["resolved"]
+    assert resolved["total_steps"] == 4 and resolved["eval_every"] >= 1
     assert resolved["num_classes"] == 2 and resolved["classes"] == [0, 1] and resolved["in_features"] == 2
     assert resolved["parameters"] == (2 + 1) * 8 + (8 + 1) * 8 + (8 + 1) * 2  # mlp, depth 2, width 8
     import hashlib
@@ -192,3 +194,16 @@ def test_resume_the_budget_given_last_wins_and_a_reached_budget_is_refused(tmp_p
         line = _one_line(capsys.readouterr().err)
         assert "the run already has 160 steps" in line and "give a larger --steps" in line, line
     assert (run / "config.json").read_bytes() == before and state()[0] == 160  # nothing rewritten
+
+
+def test_config_records_the_optimizers_own_weight_decay(tmp_path) -> None:
+    import inspect
+
+    from descend import optim
+
+    for name in ("adamw", "lion", "sgd"):
+        out = tmp_path / name
+        assert main(["train", "--optimizer", name, *TINY, "--out", str(out)]) == 0
+        config = json.loads((out / "config.json").read_text())
+        defaults = inspect.signature(optim.OPTIMIZERS[name]).parameters
+        assert (config["weight_decay"], config["lr"]) == (defaults["weight_decay"].default, defaults["lr"].default)
