@@ -389,6 +389,24 @@ def distributed_equivalence(name: str | None) -> str:
     return "\n".join(lines)
 
 
+def default_lr(_: str | None = None) -> str:
+    """Markdown: each optimizer's default learning rate and weight decay, read from the code: the one
+    table (``descend._options.DEFAULT_LR``) that the presets' signatures, ``descend train`` and
+    ``descend optimizers`` all take their default from."""
+    import inspect
+
+    from descend._options import DEFAULT_LR, FULL_BATCH, OPTIMIZER_NAMES
+    from descend.train import optimizer_class
+
+    lines = ["| `--optimizer` | class | default `lr` | default `weight_decay` |", "|---|---|---:|---:|"]
+    for name in OPTIMIZER_NAMES:
+        cls = optimizer_class(name)
+        decay = inspect.signature(cls).parameters["weight_decay"].default
+        label = f"`optim.{cls.__name__}`" + (" on the full batch" if name in FULL_BATCH else "")
+        lines.append(f"| `{name}` | {label} | {DEFAULT_LR[name]:g} | {decay:g} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------ figures
 
 #: Okabe-Ito colours (colour-blind safe), the palette of every descend figure.
@@ -531,6 +549,7 @@ def gd_vs_sgd_figure(name: str | None) -> str:
 
 GENERATORS: dict[str, Callable[[str | None], str]] = {
     "cli-reference": cli_reference,
+    "default-lr": default_lr,
     "rule-equations": rule_equations,
     "explain": explain,
     "experiments": experiments,

@@ -60,7 +60,8 @@ def test_a_second_run_in_the_same_directory_is_refused_and_a_killed_runs_lock_is
         first.wait()
     # the lock file of the killed process is left behind, but not held: a resume takes it over
     assert (out / ".lock").exists()
-    resumed = descend("train", "--resume", str(out), "--steps", "60")
+    reached = json.loads((out / "checkpoint" / "latest.json").read_text())["step"]
+    resumed = descend("train", "--resume", str(out), "--steps", str(reached + 10))
     assert resumed.returncode == 0, resumed.stderr
     assert f"took over the lock of process {first.pid}" in resumed.stdout
     assert not (out / ".lock").exists()  # released on exit
@@ -76,9 +77,11 @@ def test_config_records_resolved_values_and_resume_works_from_another_directory(
     assert first.returncode == 0, first.stderr
     assert "classification with 2 classes" in first.stdout  # the inferred task is printed
     config = json.loads((tmp_path / "runs" / "r" / "config.json").read_text())
-    assert config["lr"] == 1e-3 and config["task"] == "classification" and config["l2"] == 0.0
+    assert config["lr"] == 1e-3 and config["task"] == "classification" and config["l2"] == 1e-3
     assert config["data"] == str(data.resolve())
+    assert config["weight_decay"] == 0.0 and (config["steps"], config["epochs"]) == (4, None)  # resolved, one budget
     resolved = config["resolved"]
+    assert resolved["total_steps"] == 4 and resolved["eval_every"] >= 1
     assert resolved["num_classes"] == 2 and resolved["classes"] == [0, 1] and resolved["in_features"] == 2
     assert resolved["parameters"] == (2 + 1) * 8 + (8 + 1) * 8 + (8 + 1) * 2  # mlp, depth 2, width 8
     import hashlib
@@ -159,3 +162,48 @@ def test_os_errors_the_user_can_fix_are_one_line_exit_2(tmp_path) -> None:
     full.bytes_needed = 1234  # type: ignore[attr-defined]
     assert "1234 bytes needed" in classify(full)[1]
     assert classify(RuntimeError("boom"))[0] == 1
+
+
+def test_resume_the_budget_given_last_wins_and_a_reached_budget_is_refused(tmp_path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(150, 4))
+    species = np.array(["setosa", "versicolor", "virginica"])[np.argmax(X[:, :3], axis=1)]
+    data = tmp_path / "iris.csv"
+    data.write_text("a,b,c,d,species\n" + "\n".join(",".join([*map(str, x), s]) for x, s in zip(X, species)) + "\n")
+    run = tmp_path / "r"
+    fast = ["--width", "8", "--threads", "1", "--no-progress"]
+    assert main(["train", "--data", str(data), "--target", "species", "--epochs", "5", *fast, "--out", str(run)]) == 0
+    per_epoch = 4  # 105 training rows in minibatches of 32
+
+    def state() -> tuple[int, dict]:
+        summary = json.loads((run / "summary.json").read_text())
+        return summary["steps"], json.loads((run / "config.json").read_text())
+
+    steps, config = state()
+    assert steps == 5 * per_epoch and (config["steps"], config["epochs"]) == (None, 5.0)
+    assert main(["train", "--resume", str(run), "--steps", "60"]) == 0
+    steps, config = state()
+    assert steps == 60 and (config["steps"], config["epochs"]) == (60, None)  # one budget, not both
+    assert main(["train", "--resume", str(run), "--epochs", "40"]) == 0
+    steps, config = state()
+    assert steps == 40 * per_epoch and (config["steps"], config["epochs"]) == (None, 40.0)
+    capsys.readouterr()
+    before = (run / "config.json").read_bytes()
+    for budget in (["--steps", "100"], ["--epochs", "40"]):  # below, and at, the 160 steps the run has
+        assert main(["train", "--resume", str(run), *budget]) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert "the run already has 160 steps" in line and "give a larger --steps" in line, line
+    assert (run / "config.json").read_bytes() == before and state()[0] == 160  # nothing rewritten
+
+
+def test_config_records_the_optimizers_own_weight_decay(tmp_path) -> None:
+    import inspect
+
+    from descend import optim
+
+    for name in ("adamw", "lion", "sgd"):
+        out = tmp_path / name
+        assert main(["train", "--optimizer", name, *TINY, "--out", str(out)]) == 0
+        config = json.loads((out / "config.json").read_text())
+        defaults = inspect.signature(optim.OPTIMIZERS[name]).parameters
+        assert (config["weight_decay"], config["lr"]) == (defaults["weight_decay"].default, defaults["lr"].default)

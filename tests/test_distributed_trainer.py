@@ -9,6 +9,7 @@ its whole process group is killed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -127,6 +128,47 @@ def test_two_processes_train_the_one_process_model(tmp_path: Path, launcher: str
     assert max_abs_diff(weights(tmp_path / "two"), weights(tmp_path / "one")) <= 1e-5
     rows = [(tmp_path / d / "metrics.jsonl").read_text().count("\n") for d in ("one", "two")]
     assert rows[0] == rows[1]  # one writer: rank 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_nodes_of_torchrun_with_c10d_rendezvous_train_the_one_process_model(tmp_path: Path) -> None:
+    """What docs/guide/distributed.md tells a cluster to run, with both "nodes" on this host: two
+    launchers, --nnodes 2, one process each, meeting through c10d rendezvous on 127.0.0.1 (gloo)."""
+    options = ["--strategy", "ddp", "--steps", "6", *TINY]
+    code, log, _ = descend(*options, "--out", str(tmp_path / "one"))
+    assert code == 0, log[-3000:]
+    endpoint = f"127.0.0.1:{_free_port()}"
+    launchers = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+               "--rdzv_id", "descend-two-nodes", "--rdzv_conf", f"is_host={int(node == 0)}",
+               "-m", "descend", "train", *options, "--out", str(tmp_path / "two")]  # fmt: skip
+        launchers.append(subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          start_new_session=True))  # fmt: skip
+    logs = []
+    try:
+        for launcher in launchers:
+            out, _ = launcher.communicate(timeout=300)
+            logs.append(out)
+    finally:
+        for launcher in launchers:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+                launcher.wait()
+    assert [launcher.returncode for launcher in launchers] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "on 2 processes" in "".join(logs) and "".join(logs).count("test loss") == 1  # global rank 0 alone
+    assert max_abs_diff(weights(tmp_path / "two"), weights(tmp_path / "one")) <= 1e-5
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two")]
+    assert summaries[1]["test"]["loss"] == pytest.approx(summaries[0]["test"]["loss"], abs=1e-5)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import pytest
@@ -146,6 +147,9 @@ def test_matches_torch_on_torchs_own_optimizer_inputs(name: str, kwargs: dict) -
     """Every configuration torch's OptimizerInfo tests for SGD/Adam/AdamW, float64, 100 steps."""
     make_torch = getattr(torch.optim, name)
     make_descend = getattr(optim, name)
+    # the same arguments give the same update; where torch's inputs leave lr out, both get torch's default
+    # (descend's SGD defaults to lr=0.1, the rate of the command line's tasks, where torch's is 1e-3)
+    kwargs = {"lr": inspect.signature(make_torch).parameters["lr"].default, **kwargs}
 
     def torch_factory(groups: list[dict]) -> torch.optim.Optimizer:
         return make_torch(groups, **kwargs)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from descend._options import (
     ACTIVATIONS,
     DEFAULT_LR,
+    FULL_BATCH,
     MODELS,
     OPTIMIZER_NAMES,
     OPTIONS,
@@ -57,7 +58,8 @@ def test_one_default_per_option() -> None:
     run, config = RunSpec(), TrainConfig()
     for name in {f.name for f in fields(TrainConfig)} & {f.name for f in fields(RunSpec)}:
         assert getattr(run, name) == getattr(config, name), name
-    assert run.l2 == 0.0 and config.batch_size == 32 and run.width == 128  # the three disagreements
+    assert run.l2 == 1e-3 and config.batch_size == 32 and run.width == 128  # the three disagreements
+    assert run.restore_best and config.restore_best
 
 
 def test_the_default_lr_is_the_one_the_optimizer_gets() -> None:
@@ -136,6 +138,37 @@ def test_precedence_flags_over_set_over_config_over_default(tmp_path) -> None:
             _parse(tmp_path, *bad)
     with pytest.raises(OptionError, match="--lr must be"):
         _parse(tmp_path, "--set", "lr=nan")
+
+
+@pytest.mark.parametrize("value", ["1.5", "true", "0", '"many"'])
+def test_a_config_files_wrong_value_is_refused_even_when_a_flag_overrides_it(tmp_path, value) -> None:
+    (tmp_path / "c.toml").write_text(f"steps = {value}\n")
+    with pytest.raises(OptionError, match=r"--config c\.toml: .*steps"):
+        _parse(tmp_path, "--config", str(tmp_path / "c.toml"), "--steps", "3")
+    with pytest.raises(OptionError, match="--set steps"):
+        _parse(tmp_path, "--set", f"steps={value.strip(chr(34))}", "--steps", "3")
+    (tmp_path / "ok.toml").write_text("steps = 2.0\nepochs = 3\n")  # whole numbers are integers
+    assert _parse(tmp_path, "--config", str(tmp_path / "ok.toml"), "--steps", "3").steps == 3
+
+
+def test_the_library_and_the_command_line_agree_on_every_default_learning_rate() -> None:
+    import inspect
+
+    import torch
+
+    from descend import optim
+    from descend.train import optimizer_class
+
+    for name in OPTIMIZER_NAMES:
+        cls = optimizer_class(name)
+        if name not in FULL_BATCH:  # gd is the command line's name for SGD fed the whole-set gradient
+            assert optim.OPTIMIZERS[name] is cls
+            assert inspect.signature(cls).parameters["lr"].default == DEFAULT_LR[name], name
+            opt = cls([torch.zeros(1, requires_grad=True)])  # the library's default, no lr given
+            assert opt.param_groups[0]["lr"] == DEFAULT_LR[name], name
+    listed = subprocess.run([sys.executable, "-m", "descend", "optimizers"], capture_output=True, text=True, timeout=60)
+    shown = dict(line.split("  default lr ") for line in listed.stdout.splitlines() if "  default lr " in line)
+    assert {k: float(v.split()[0]) for k, v in shown.items()} == DEFAULT_LR
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

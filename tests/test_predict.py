@@ -100,3 +100,76 @@ def test_regression_predictions_are_in_the_target_units(tmp_path) -> None:
     mse_standardised = np.mean((predicted - y[test]) ** 2) / record["target_std"][0] ** 2
     summary = json.loads((run / "summary.json").read_text())
     assert mse_standardised == pytest.approx(summary["test"]["loss"], rel=1e-2, abs=1e-6)
+
+
+def test_missing_values_are_handled_at_predict_time_as_in_training(tmp_path, capsys) -> None:
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(120, 2)) + np.array([0.0, 10.0])
+    y = (X[:, 0] + X[:, 1] > 10).astype(int)
+    rows: list[list[object]] = [[a, b, t] for (a, b), t in zip(X.tolist(), y.tolist())]
+    rows[5][0] = ""  # one gap in the training data
+    _write_csv(tmp_path / "t.csv", ["a", "b", "y"], rows)
+    new = [[0.5, ""], [0.1, 10.2], ["NA", 9.0]]  # rows 0 and 2 have a gap
+    _write_csv(tmp_path / "new.csv", ["a", "b"], new)
+    base = ["train", "--data", str(tmp_path / "t.csv"), "--target", "y", *FAST, "--steps", "20"]
+    assert main([*base, "--out", str(tmp_path / "e")]) == 2  # the default refuses it, saying what it is
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "column 'a' has a missing value at line 7 (an empty cell)" in err[0], err
+
+    assert main([*base, "--missing", "mean", "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["missing"] == "mean"
+    fill = json.loads((tmp_path / "m" / "preprocessing.json").read_text())["feature_fill"]
+    def predict(run: str, data: str, out: str) -> int:
+        return main(["predict", str(tmp_path / run), "--data", str(tmp_path / data), "--out", str(tmp_path / out)])
+
+    assert predict("m", "new.csv", "p.csv") == 0
+    filled = [[0.5, fill[1]], [0.1, 10.2], [fill[0], 9.0]]  # the oracle: the gaps filled by hand
+    _write_csv(tmp_path / "filled.csv", ["a", "b"], filled)
+    assert predict("m", "filled.csv", "q.csv") == 0
+    assert _rows(tmp_path / "p.csv") == _rows(tmp_path / "q.csv")
+
+    assert main([*base, "--missing", "drop", "--out", str(tmp_path / "d")]) == 0
+    assert "dropped 1 rows with a missing value" in capsys.readouterr().out
+    assert predict("d", "new.csv", "r.csv") == 0
+    assert [r["row"] for r in _rows(tmp_path / "r.csv")] == ["1"]  # the rows with a gap are left out
+    assert "left out 2 rows with a missing value" in capsys.readouterr().out
+
+    rows[5][0] = 0.0  # a run trained on data without gaps, with the default --missing error, refuses them
+    _write_csv(tmp_path / "clean.csv", ["a", "b", "y"], rows)
+    assert main(["train", "--data", str(tmp_path / "clean.csv"), "--target", "y", *FAST, "--steps", "2",
+                 "--out", str(tmp_path / "c")]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert predict("c", "new.csv", "s.csv") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "column 'b' has a missing value at line 2" in err[0], err
+
+
+def test_an_unwritable_out_is_named_not_its_temporary_file(classification_run, capsys, tmp_path) -> None:
+    _, run, X, _ = classification_run
+    _write_csv(tmp_path / "new.csv", ["a", "b", "c"], X[:5])
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (tmp_path / "newdir" / "p.csv", f"the directory {tmp_path / 'newdir'} does not exist"),
+        (tmp_path / "adir", f"{tmp_path / 'adir'} is a directory"),
+        (tmp_path / "afile" / "p.csv", "not a directory"),
+    ]
+    for out, expected in cases:
+        assert main(["predict", str(run), "--data", str(tmp_path / "new.csv"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0] and str(out) in err[0] and ".tmp" not in err[0], err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adir", "afile", "new.csv"]  # no temporary left
+
+
+def test_atomic_write_errors_name_the_target(tmp_path) -> None:
+    from descend._io import atomic_write
+
+    with pytest.raises(FileNotFoundError) as missing:
+        atomic_write(tmp_path / "no" / "x.json", "{}")
+    assert missing.value.filename == str(tmp_path / "no" / "x.json")
+    with pytest.raises(IsADirectoryError) as directory:
+        atomic_write(tmp_path, "{}")
+    assert directory.value.filename == str(tmp_path)
+    with pytest.raises(ValueError):  # an error of the writer itself passes through, leaving no temporary
+        atomic_write(tmp_path / "y.json", lambda f: (_ for _ in ()).throw(ValueError("writer failed")))
+    assert list(tmp_path.iterdir()) == []

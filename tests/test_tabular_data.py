@@ -66,7 +66,8 @@ def test_csv_task_inference_and_override(tmp_path) -> None:
     [
         (["a", "y"], [[1, 0]] * 5, "z", "no column 'z'"),
         (["a", "y"], [["cat", 0]] * 5, "y", "column 'a' is not numeric"),
-        (["a", "y"], [[1, 0], ["nan", 1], [2, 0], [3, 1]], "y", "holds 'nan'"),
+        (["a", "y"], [[1, 0], ["nan", 1], [2, 0], [3, 1]], "y", r"column 'a' has a missing value at line 3 \('nan'\)"),
+        (["a", "y"], [[1, 0], ["", 1], [2, 0], [3, 1]], "y", r"missing value at line 3 \(an empty cell\); fill it in"),
         (["a", "y"], [[1, 0], ["inf", 1], [2, 0], [3, 1]], "y", "holds 'inf'"),
         (["a", "y"], [], "y", "no data rows"),
     ],
@@ -156,13 +157,13 @@ def test_duplicate_or_empty_column_names_are_errors(tmp_path) -> None:
 
 def test_a_blank_line_does_not_shift_the_line_named_in_an_error(tmp_path) -> None:
     (tmp_path / "d.csv").write_text("a,y\n1,0\n\n2,1\nnan,0\n3,1\n")
-    with pytest.raises(DataError, match="'nan' at line 5, NaN"):
+    with pytest.raises(DataError, match=r"missing value at line 5 \('nan'\)"):
         load_csv(tmp_path / "d.csv", "y")
 
 
 @pytest.mark.parametrize(
     ("value", "accepted"),
-    [("1e308", False), ("-1e39", False), ("inf", False), ("-Infinity", False), ("nan", False), ("3e38", True)],
+    [("1e308", False), ("-1e39", False), ("inf", False), ("-Infinity", False), ("3e38", True)],
 )
 def test_feature_values_must_fit_float32(tmp_path, value, accepted) -> None:
     rows = [[i, i % 2] for i in range(10)]
@@ -227,3 +228,58 @@ def test_a_small_integer_regression_target_is_not_taken_for_classes(tmp_path) ->
     assert forced.out_features == len(np.unique(d.target[:, 0]))
     _write_csv(tmp_path / "b.csv", ["a", "y"], [[i, i % 2] for i in range(6)])  # two values: classes at any size
     assert load_csv(tmp_path / "b.csv", "y").task == "classification"
+
+
+# ---- missing values: an error that says so, or dropped, or filled with the training means --------------------
+def _with_gaps(path):
+    """40 rows, ``a = i``, ``b = 2i``; ``a`` is missing at rows 3 and 17 (empty, NA), ``b`` at row 8 (NaN)."""
+    rows = [[i, 2 * i, i % 2] for i in range(40)]
+    rows[3][0], rows[17][0], rows[8][1] = "", "NA", "NaN"
+    _write_csv(path, ["a", "b", "y"], rows)
+    return rows
+
+
+def test_a_missing_value_is_named_as_one_with_its_line_column_and_the_options(tmp_path) -> None:
+    _with_gaps(tmp_path / "g.csv")
+    with pytest.raises(DataError) as error:
+        load_csv(tmp_path / "g.csv", "y")
+    message = str(error.value)
+    assert "column 'a' has a missing value at line 5 (an empty cell)" in message
+    assert "--missing drop" in message and "--missing mean" in message and "not numeric" not in message
+
+
+def test_missing_drop_removes_exactly_the_rows_with_a_gap(tmp_path) -> None:
+    _with_gaps(tmp_path / "g.csv")
+    bundle = load_data(str(tmp_path / "g.csv"), target="y", missing="drop")
+    assert bundle.info["rows_dropped"] == 3 and bundle.info["rows"] == 37
+    mean, std = np.array(bundle.info["feature_mean"]), np.array(bundle.info["feature_std"])
+    splits = (bundle.train, bundle.val, bundle.test)
+    a = np.concatenate([(s.inputs[0].double().numpy() * std + mean)[:, 0] for s in splits])
+    assert sorted(np.round(a).astype(int).tolist()) == [i for i in range(40) if i not in (3, 8, 17)]
+
+
+def test_missing_mean_fills_the_training_rows_column_means(tmp_path) -> None:
+    _with_gaps(tmp_path / "g.csv")
+    bundle = load_data(str(tmp_path / "g.csv"), target="y", missing="mean", seed=1)
+    from descend.data.tabular import DEFAULT_FRACTIONS, _split_index
+
+    train, _, _ = _split_index(40, DEFAULT_FRACTIONS, 1)  # the oracle: the training rows' own values
+    a = [i for i in train if i not in (3, 17)]
+    b = [2 * i for i in train if i != 8]
+    assert bundle.info["feature_fill"] == pytest.approx([np.mean(a), np.mean(b)])
+    assert bundle.info["rows_filled"] == 3 and bundle.info["rows"] == 40
+    mean, std = np.array(bundle.info["feature_mean"]), np.array(bundle.info["feature_std"])
+    inputs = np.concatenate([s.inputs[0].double().numpy() for s in (bundle.train, bundle.val, bundle.test)])
+    assert np.isfinite(inputs).all()
+    raw = inputs * std + mean
+    assert np.isclose(raw[:, 0], np.mean(a), atol=1e-4).sum() >= 2  # rows 3 and 17 hold the fill
+
+
+def test_missing_values_in_an_npz_follow_the_same_option(tmp_path) -> None:
+    X = np.random.default_rng(0).normal(size=(30, 2))
+    X[4, 1] = np.nan
+    np.savez(tmp_path / "d.npz", X=X, y=np.arange(30) % 2)
+    with pytest.raises(DataError, match=r"feature column 1 at row 4 .* is missing .*--missing drop"):
+        load_data(str(tmp_path / "d.npz"))
+    assert load_data(str(tmp_path / "d.npz"), missing="drop").info["rows_dropped"] == 1
+    assert load_data(str(tmp_path / "d.npz"), missing="mean").info["rows_filled"] == 1

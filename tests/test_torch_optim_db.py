@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import io
 from collections.abc import Callable
 from typing import Any
@@ -230,7 +231,8 @@ def test_fused_matches_torch_fused(info: OptimizerInfo) -> None:
         out = []
         for cls in (info.optim_cls, torch_cls):
             weight, bias, x = linear_problem()
-            opt = cls([weight, bias], **optim_input.kwargs, fused=True)
+            lr = inspect.signature(torch_cls).parameters["lr"].default  # torch's, where its inputs leave lr out
+            opt = cls([weight, bias], **{"lr": lr, **optim_input.kwargs}, fused=True)
             for _ in range(10):
                 opt.step(functools.partial(fwd_bwd, opt, weight, bias, x))
             out.append([weight.detach(), bias.detach()])

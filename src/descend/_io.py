@@ -5,11 +5,16 @@ permissions a plain ``open()`` would give under the current umask (``0o644`` und
 and then replaces the target with ``os.replace``; the directory is ``fsync``-ed afterwards so the
 rename itself survives a power cut. Readers see the old file or the new one, never a half-written
 one; a failure (disk full, permission denied) leaves the old file in place and no temporary behind.
+An ``OSError`` names the target path, never the temporary: a target that is a directory is an
+``IsADirectoryError``, a target whose directory does not exist a ``FileNotFoundError`` (a file in its
+place: ``NotADirectoryError``), each raised
+before anything is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -53,7 +58,16 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     ``suffix`` keeps an extension some writers dispatch on (``".png"``).
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix + ".tmp")
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{path.parent} is a file, not a directory", str(path))
+    if not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, f"the directory {path.parent} does not exist", str(path))
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix + ".tmp")
+    except OSError as e:
+        raise _naming(e, path) from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -62,11 +76,20 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError) and e.filename == str(tmp):
+            raise _naming(e, path) from None
         raise
     fsync_dir(path.parent)
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """``error`` as the same kind of error about ``path``: a message names the user's file, never the temporary."""
+    renamed = type(error)(error.errno, error.strerror, str(path))
+    renamed.__dict__.update(error.__dict__)  # e.g. bytes_needed
+    return renamed
 
 
 def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None], *, encoding: str = "utf-8") -> Path:

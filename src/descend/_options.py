@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_LR",
     "DEVICE_PATTERN",
     "FULL_BATCH",
+    "MISSING",
     "MODELS",
     "OPTIMIZER_NAMES",
     "OPTIMIZER_SUMMARY",
@@ -84,6 +85,9 @@ OPTIMIZER_SUMMARY: dict[str, str] = {
     "adam": "m ← β₁·m + (1−β₁)·g;  v ← β₂·v + (1−β₂)·g²;  w ← w − lr·m̂/(√v̂ + ε)",
     "adamw": "Adam's step plus decoupled weight decay w ← w − lr·λ·w",
 }
+
+#: ``--missing``: what a missing feature value does (see :func:`descend.data.tabular.from_arrays`).
+MISSING = ("error", "drop", "mean")
 
 #: ``--device``: auto, cpu, cuda, cuda:N or mps.
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
@@ -250,6 +254,16 @@ OPTIONS: dict[str, Option] = {
             group="data",
         ),
         _o(
+            "missing",
+            str,
+            "error",
+            "rows with a missing feature (an empty cell, NA or NaN): error; drop the row; or mean, the training "
+            "rows' column mean (predict fills new rows with the same means)",
+            metavar="HOW",
+            choices=MISSING,
+            group="data",
+        ),
+        _o(
             "normalize_points",
             bool,
             True,
@@ -313,7 +327,7 @@ OPTIONS: dict[str, Option] = {
         _o(
             "l2",
             float,
-            0.0,
+            1e-3,
             "L2 penalty λ in the loss: loss + λ/2·‖w‖² (separate from --weight-decay)",
             metavar="FLOAT",
             low=0,
@@ -476,6 +490,14 @@ OPTIONS: dict[str, Option] = {
             group="output",
         ),
         _o(
+            "restore_best",
+            bool,
+            True,
+            "end with the weights of the validation with the lowest loss (model.safetensors, the summary and "
+            "predict use them; training itself continues to the budget)",
+            group="output",
+        ),
+        _o(
             "log_every",
             int,
             None,
@@ -620,11 +642,12 @@ class TrainConfig:
     ``accumulation`` of them averaged per step. The loss minimised is
     ``mean ℓ + l2/2·‖w‖²`` (weight decay, if any, belongs to the optimizer). ``eval_every`` /
     ``log_every`` / ``checkpoint_every`` count steps (``None``: once per epoch / about 200 rows per
-    run / at each evaluation). Each evaluation reads at most ``eval_size`` examples of a split (tokens, for
-    token sequences; ``None``: all): the same evenly spaced subset every time. ``patience``: stop after
-    that many evaluations without a lower
-    validation loss. Each field's default, range and meaning are those of :data:`OPTIONS` (the
-    command line's ``--flag`` of the same name); constructing one validates every field.
+    run / at each evaluation). Each evaluation reads at most ``eval_size`` examples of a split (tokens,
+    for token sequences; ``None``: all): the same evenly spaced subset every time. ``patience``: stop
+    after that many evaluations without a lower validation loss. ``restore_best``: end with the weights
+    of the evaluation with the lowest validation loss (the summary's ``weights_step``), not the last
+    step's. Each field's default, range and meaning are those of :data:`OPTIONS` (the command line's
+    ``--flag`` of the same name); constructing one validates every field.
     """
 
     steps: int | None = opt("steps")
@@ -649,6 +672,7 @@ class TrainConfig:
     checkpoint_every: int | None = opt("checkpoint_every")
     keep_checkpoints: int = opt("keep_checkpoints")
     patience: int | None = opt("patience")
+    restore_best: bool = opt("restore_best")
     seed: int = opt("seed")
     progress: bool = opt("progress")
     tensorboard: bool = opt("tensorboard")
@@ -676,6 +700,7 @@ class RunSpec:
     task: str | None = opt("task")
     encoding: str | None = opt("encoding")
     delimiter: str | None = opt("delimiter")
+    missing: str = opt("missing")
     normalize_points: bool = opt("normalize_points")
     model: str = opt("model")
     depth: int = opt("depth")
@@ -711,6 +736,7 @@ class RunSpec:
     eval_every: int | None = opt("eval_every")
     eval_size: int | None = opt("eval_size")
     patience: int | None = opt("patience")
+    restore_best: bool = opt("restore_best")
     log_every: int | None = opt("log_every")
     checkpoint_every: int | None = opt("checkpoint_every")
     keep_checkpoints: int = opt("keep_checkpoints")

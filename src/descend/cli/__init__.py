@@ -331,6 +331,9 @@ def _os_error(e: OSError) -> str | None:
     if isinstance(e, IsADirectoryError):
         return f"{path} is a directory; give a file name"
     if isinstance(e, FileNotFoundError):
+        parent = os.path.dirname(str(path))
+        if e.filename is not None and parent and not os.path.isdir(parent):
+            return f"cannot write {path}: the directory {parent} does not exist; create it or choose another path"
         return f"no such file or directory: {path}"
     if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         needed = getattr(e, "bytes_needed", None)

@@ -83,8 +83,10 @@ def train(args: argparse.Namespace) -> int:
             )
         spec = load_run_spec(args.resume, warn=_warn if dd.is_main() else None)
         spec = replace(spec, **{k: values[k] for k in given})
-        if "steps" in given and "epochs" not in given:
+        if "steps" in given and "epochs" not in given:  # the budget given last wins: one budget, not both
             spec = replace(spec, epochs=None)
+        elif "epochs" in given and "steps" not in given:
+            spec = replace(spec, steps=None)
         out = Path(args.resume)
     else:
         assert new_spec is not None
@@ -99,7 +101,9 @@ def train(args: argparse.Namespace) -> int:
         test = summary["test"]
         shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, (int, float)))
         world = f" on {dd.world_size()} processes ({spec.strategy})" if dd.world_size() > 1 else ""
-        print(f"test {shown} after {summary['steps']} steps ({summary['seconds']:.1f}s){world}; run in {out}")
+        kept = summary.get("weights_step", summary["steps"])
+        weights = f", the weights of step {kept} (lowest validation loss)" if kept != summary["steps"] else ""
+        print(f"test {shown} after {summary['steps']} steps ({summary['seconds']:.1f}s){weights}{world}; run in {out}")
     if joined:
         dd.teardown()
     if str(summary.get("stop_reason", "")).startswith("diverged"):  # stopped by a blow-up: not a success
@@ -118,7 +122,8 @@ def predict(args: argparse.Namespace) -> int:
     from descend.train._predict import predict as run_predict
 
     result = run_predict(args.run, args.data, args.out, device=args.device, batch_size=args.batch_size)
-    print(f"wrote {result['rows']} predictions ({result['task']}) to {result['out']}")
+    skipped = f"; left out {result['skipped']} rows with a missing value" if result.get("skipped") else ""
+    print(f"wrote {result['rows']} predictions ({result['task']}) to {result['out']}{skipped}")
     return 0
 
 

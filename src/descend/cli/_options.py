@@ -4,7 +4,8 @@ Every option field of :class:`~descend._options.RunSpec` / :class:`~descend._opt
 becomes a flag (``batch_size`` -> ``--batch-size``), a key of a ``--config`` TOML file and a
 ``--set key=value`` target, with the metavar, choices, help and default of its
 :class:`~descend._options.Option`. Precedence, lowest first: the default, the TOML file, ``--set``,
-explicit flags. Values are converted here and validated once, when the spec is built.
+explicit flags. Values are converted here; a ``--config``/``--set`` value is also checked here (a wrong type or
+range in the file is an error even when a flag overrides it), and every value once more when the spec is built.
 """
 
 from __future__ import annotations
@@ -100,13 +101,17 @@ def add_options(parser: argparse.ArgumentParser, spec: type) -> None:
 
 
 def _coerce(option: Option, value: Any, source: str) -> Any:
-    """A TOML value for ``option``: text goes through the converter; typed values are validated later."""
+    """A ``--config``/``--set`` value for ``option``, validated now: text goes through the converter, then
+    every value through the option's one check, so a bad value is refused even when a flag overrides it."""
     if isinstance(value, str):
         try:
-            return converter(option)(value)
+            value = converter(option)(value)
         except argparse.ArgumentTypeError as e:
             raise UsageError(f"{source}: bad value for {option.name}: {e}") from e
-    return value
+    try:
+        return option.check(value)
+    except OptionError as e:
+        raise UsageError(f"{source}: {e}") from None
 
 
 def collect(spec: type, args: argparse.Namespace) -> tuple[dict[str, Any], set[str]]:

@@ -70,6 +70,7 @@ def load_data(
     encoding: str | None = None,
     delimiter: str | None = None,
     context: int = 64,
+    missing: str = "error",
 ) -> DataBundle:
     """The dataset ``name_or_path``: a built-in name (see :data:`DATASETS`), a ``.csv`` or an ``.npz``.
 
@@ -78,9 +79,10 @@ def load_data(
     train/val/test split (and the draw, for synthetic sets). An ``.npz`` holds a table (``X [M, F]``,
     ``y``) or point sets (``locations [N, P, d]``, optional ``values [N, P, k]`` and ``mask [N, P]``,
     ``y``; or a 3-D ``X`` as the locations), each set centred and scaled unless
-    ``normalize_points=False`` (see :func:`descend.data.points.load_point_npz`). Text (a ``.txt``
-    file or a directory) is cut into windows of ``context`` bytes and split by contiguous spans, the
-    same for every ``seed``.
+    ``normalize_points=False`` (see :func:`descend.data.points.load_point_npz`). ``missing`` says what
+    a table's missing feature values do: ``"error"``, ``"drop"`` the row or fill the training ``"mean"``.
+    Text (a ``.txt`` file or a directory) is cut into windows of ``context`` bytes and split by
+    contiguous spans, the same for every ``seed``.
     """
     if name_or_path in DATASETS:
         if target is not None:
@@ -93,7 +95,7 @@ def load_data(
     path = Path(name_or_path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return load_csv(path, target, task=task, seed=seed, encoding=encoding, delimiter=delimiter)
+        return load_csv(path, target, task=task, seed=seed, encoding=encoding, delimiter=delimiter, missing=missing)
     if suffix == ".npz":
         if target is not None:
             raise DataError("--target is for CSV files; an .npz holds its targets in the array 'y'")
@@ -101,7 +103,7 @@ def load_data(
             from descend.data.points import load_point_npz
 
             return load_point_npz(path, task=task, seed=seed, normalize=normalize_points)
-        return load_npz(path, task=task, seed=seed)
+        return load_npz(path, task=task, seed=seed, missing=missing)
     if suffix == ".txt" or path.is_dir():
         if target is not None or task not in (None, "classification"):
             raise DataError("text is modelled byte by byte (a classification over 256 bytes): drop --target and --task")

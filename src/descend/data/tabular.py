@@ -21,6 +21,13 @@ classes, and a 20-row table of integer body weights (17 distinct values) is regr
 bundle records the choice and why in ``info["task_source"]`` (``"given"`` or ``"inferred"``)
 and ``info["task_reason"]``.
 
+**Missing values.** An empty cell (or ``NA``, ``N/A``, ``NaN``, ``null``, ``none``) of a CSV feature
+column, and a NaN in an ``.npz``'s ``X``, is a missing value. ``missing="error"`` (the default)
+refuses it, naming the line and column; ``"drop"`` drops every row with a missing feature or
+target before the split (``info["rows_dropped"]``); ``"mean"`` fills each missing feature with its
+column's mean over the *training* rows (``info["feature_fill"]``, what ``descend predict`` fills new
+rows with), a missing target still being an error.
+
 **Which values.** Every feature (and regression target) must be finite and within float32's
 range, ``|x| <= 3.4e38``, since the model computes in float32; then the float64 mean and
 variance cannot overflow (``n * 3.4e38`` and ``(3.4e38)**2`` are far below float64's 1.8e308).
@@ -51,6 +58,12 @@ MIN_ROWS_PER_CLASS = 5
 
 #: The largest magnitude a feature or regression target may have (float32's largest finite value).
 MAX_ABS_VALUE = float(np.finfo(np.float32).max)
+
+#: CSV cells (compared lower-cased, stripped) that mean "no value": a missing value, not a bad one.
+MISSING_CELLS = frozenset({"", "na", "n/a", "nan", "null", "none"})
+
+#: What a missing value advises, after what is wrong.
+MISSING_HINT = "fill it in, or pass --missing drop (drop such rows) or --missing mean (fill the training mean)"
 
 #: Delimiters :func:`load_csv` tries when none is given.
 DELIMITERS = (",", ";", "\t")
@@ -126,8 +139,13 @@ def from_arrays(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     feature_names: Sequence[str] | None = None,
     standardize: bool = True,
+    missing: str = "error",
+    rows_dropped: int = 0,
 ) -> DataBundle:
-    """Validate ``X [M, F]`` and ``y [M]`` (or ``[M, K]``), split, standardise and bundle them."""
+    """Validate ``X [M, F]`` and ``y [M]`` (or ``[M, K]``), split, standardise and bundle them.
+
+    NaN features are missing values, handled as ``missing`` says (see the module docstring);
+    ``rows_dropped`` counts rows a reader already dropped (e.g. for a missing target)."""
     X = np.asarray(X)
     y = np.asarray(y)
     if X.ndim == 1:
@@ -142,8 +160,26 @@ def from_arrays(
         raise DataError(f"{name}: features must be numeric, got dtype {X.dtype}; encode or drop non-numeric columns")
     if feature_names is not None and len(feature_names) != X.shape[1]:
         raise DataError(f"{name}: {len(feature_names)} feature names for {X.shape[1]} feature columns")
+    if missing not in ("error", "drop", "mean"):
+        raise DataError(f"missing must be 'error', 'drop' or 'mean', got {missing!r}")
     X = X.astype(np.float64)
-    _check_values(X, name, "feature", feature_names)
+    absent = np.isnan(X)
+    if absent.any() and missing == "drop":
+        keep = ~absent.any(axis=1)
+        if y.dtype.kind == "f":
+            keep &= np.isfinite(y.reshape(len(y), -1)).all(axis=1)
+        rows_dropped += int((~keep).sum())
+        X, y, absent = X[keep], y[keep], absent[keep]
+        if X.shape[0] == 0:
+            raise DataError(f"{name}: every row has a missing value; --missing mean fills them instead")
+    if absent.any() and missing == "error":
+        row, col = (int(i) for i in np.argwhere(absent)[0])
+        column = repr(feature_names[col]) if feature_names is not None else str(col)
+        raise DataError(
+            f"{name}: feature column {column} at row {row} (counting from 0) is missing (NaN; "
+            f"{int(absent.sum())} such value(s)); {MISSING_HINT}"
+        )
+    _check_values(np.where(absent, 0.0, X), name, "feature", feature_names)
     if task is None:
         task, reason = _infer_task(y)
         source = "inferred"
@@ -156,7 +192,10 @@ def from_arrays(
         "features": int(X.shape[1]),
         "task_source": source,
         "task_reason": reason,
+        "missing": missing,
     }
+    if rows_dropped:
+        info["rows_dropped"] = rows_dropped
     if feature_names is not None:
         info["feature_names"] = list(feature_names)
     if task == "classification":
@@ -182,6 +221,17 @@ def from_arrays(
         out_features = int(y.shape[1])
 
     i_train, i_val, i_test = _split_index(X.shape[0], fractions, seed)
+    if missing == "mean":  # the training rows' means, ignoring the missing entries; every split filled with them
+        train = X[i_train]
+        empty = [j for j in range(X.shape[1]) if np.isnan(train[:, j]).all()]
+        if empty:
+            column = repr(feature_names[empty[0]]) if feature_names is not None else str(empty[0])
+            raise DataError(f"{name}: feature column {column} has no value in the training rows to take a mean of")
+        fill = np.array([np.nanmean(train[:, j]) if np.isnan(train[:, j]).any() else train[:, j].mean()
+                         for j in range(X.shape[1])])  # fmt: skip
+        info["feature_fill"] = fill.tolist()
+        info["rows_filled"] = int(absent.any(axis=1).sum())
+        X = np.where(absent, fill, X)
     features = torch.as_tensor(X, dtype=torch.float64)
     if standardize:
         mean = features[i_train].mean(0)
@@ -278,6 +328,7 @@ def load_csv(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     encoding: str | None = None,
     delimiter: str | None = None,
+    missing: str = "error",
 ) -> DataBundle:
     """A CSV file with a header row; ``target`` names the label column, all other columns are features.
 
@@ -286,6 +337,7 @@ def load_csv(
     ``delimiter`` is given. Column names must be unique; every feature must be a number, finite and
     within float32's range. The task is inferred from the target column (see :func:`infer_task`)
     unless ``task`` is given; ``info`` records the encoding, delimiter and why the task was chosen.
+    Missing values (empty cells, ``NA``, ...) are handled as ``missing`` says (see the module docstring).
     Rows in error messages are the file's line numbers (the header is line 1).
     """
     path = Path(path)
@@ -325,10 +377,25 @@ def load_csv(
         if len(r) != len(header):
             raise DataError(f"{path.name}: line {line} has {len(r)} fields, the header has {len(header)}")
     t = header.index(target)
+    dropped = 0
+    if missing == "drop":  # a row without a target cannot be used
+        kept = [(line, r) for line, r in body if r[t].strip().lower() not in MISSING_CELLS]
+        dropped, body = len(body) - len(kept), kept
+        if not body:
+            raise DataError(f"{path.name}: the target column {target!r} is empty in every row")
     feature_names = [h for j, h in enumerate(header) if j != t]
     X = np.empty((len(body), len(feature_names)))
     for j_out, j in enumerate(j for j in range(len(header)) if j != t):
         for i, (line, r) in enumerate(body):
+            cell = r[j].strip()
+            if cell.lower() in MISSING_CELLS:
+                if missing == "error":
+                    what = "an empty cell" if not cell else repr(cell)
+                    raise DataError(
+                        f"{path.name}: column {header[j]!r} has a missing value at line {line} ({what}); {MISSING_HINT}"
+                    )
+                X[i, j_out] = math.nan
+                continue
             v = _parse_float(r[j])
             if v is None:
                 raise DataError(
@@ -343,9 +410,12 @@ def load_csv(
                 )
             X[i, j_out] = v
     labels = [r[t].strip() for _, r in body]
-    if any(label == "" for label in labels):
-        line = body[labels.index("")][0]
-        raise DataError(f"{path.name}: the target column {target!r} is empty at line {line}; remove that row")
+    if any(label.lower() in MISSING_CELLS for label in labels):
+        line = next(line for (line, _), label in zip(body, labels) if label.lower() in MISSING_CELLS)
+        raise DataError(
+            f"{path.name}: the target column {target!r} has a missing value at line {line}; "
+            "remove that row, or pass --missing drop to drop such rows"
+        )
     numeric = [_parse_float(v) for v in labels]
     if all(v is not None for v in numeric):
         for (line, _), v, label in zip(body, numeric, labels, strict=True):
@@ -357,24 +427,31 @@ def load_csv(
         y = np.array(numeric, dtype=np.float64)
     else:
         y = np.array(labels, dtype=str)
-    bundle = from_arrays(X, y, name=path.stem, task=task, seed=seed, fractions=fractions, feature_names=feature_names)
+    bundle = from_arrays(X, y, name=path.stem, task=task, seed=seed, fractions=fractions, feature_names=feature_names,
+                         missing=missing, rows_dropped=dropped)  # fmt: skip
     bundle.info.update(encoding=used, delimiter=delimiter)
     return bundle
 
 
 def load_npz(
-    path: str | Path, *, task: Task | None = None, seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS
+    path: str | Path,
+    *,
+    task: Task | None = None,
+    seed: int = 0,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    missing: str = "error",
 ) -> DataBundle:
-    """An ``.npz`` archive holding ``X [M, F]`` and ``y [M]`` (no pickled objects are loaded)."""
+    """An ``.npz`` archive holding ``X [M, F]`` and ``y [M]`` (no pickled objects are loaded); NaN
+    features are missing values, handled as ``missing`` says."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist; check the path")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            missing = [k for k in ("X", "y") if k not in archive.files]
-            if missing:
+            lacking = [k for k in ("X", "y") if k not in archive.files]
+            if lacking:
                 raise DataError(
-                    f"{path.name}: the archive lacks {' and '.join(missing)}; it holds {archive.files or 'nothing'} "
+                    f"{path.name}: the archive lacks {' and '.join(lacking)}; it holds {archive.files or 'nothing'} "
                     "and needs arrays named X and y"
                 )
             X, y = archive["X"], archive["y"]
@@ -382,4 +459,4 @@ def load_npz(
         raise
     except Exception as e:  # zipfile/pickle errors: not a usable npz
         raise DataError(f"{path.name}: cannot read it as an .npz archive ({e})") from e
-    return from_arrays(X, y, name=path.stem, task=task, seed=seed, fractions=fractions)
+    return from_arrays(X, y, name=path.stem, task=task, seed=seed, fractions=fractions, missing=missing)

@@ -101,6 +101,13 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     return optim.OPTIMIZERS["sgd" if key == "gd" else key]
 
 
+def resolved_weight_decay(name: str, weight_decay: float | None) -> float:
+    """``weight_decay``, or (``None``) the default of the optimizer class behind ``name``."""
+    if weight_decay is not None:
+        return weight_decay
+    return float(inspect.signature(optimizer_class(name)).parameters["weight_decay"].default)
+
+
 def make_optimizer(
     name: str, params: Any, *, lr: float | None = None, weight_decay: float | None = None, **kwargs: Any
 ) -> torch.optim.Optimizer:

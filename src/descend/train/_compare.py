@@ -145,6 +145,8 @@ def run_once(
         steps=budget,
         batch_size=None if (optimizer in FULL_BATCH or task.batch_size is None) else task.batch_size,
         seed=seed,
+        l2=0.0,  # a comparison measures the optimizer alone, on the final weights
+        restore_best=False,
         eval_every=min(task.eval_every, budget),
         log_every=min(task.eval_every, budget),
         progress=False,
@@ -164,7 +166,10 @@ def run_once(
     history = _rows(trainer.history)
     final_val = summary["val"][task.metric]
     finite = all(math.isfinite(v) for v in (*summary["val"].values(), *summary["test"].values()))
-    diverged = not finite or bool(getattr(trainer, "diverged", False))
+    start = summary.get("val_loss_start")
+    # a comparison also counts a seed whose validation loss ended above where it started as failed
+    risen = start is not None and summary["val"]["loss"] > start
+    diverged = not finite or bool(getattr(trainer, "diverged", False)) or risen
     step_to, seconds_to = time_to_target(history, task)
     record.update(
         diverged=diverged,

@@ -150,11 +150,12 @@ class EarlyStopping:
         self.bad, self.stopped = int(state["bad"]), bool(state["stopped"])
 
 
-def diverged(start: float | None, loss: float, *, final: bool = False) -> bool:
-    """True when the validation loss rose from ``start``: by ``DIVERGENCE_FACTOR`` or more at any
-    evaluation, or at all by the end of the run (``final``). Without a start nothing is known."""
+def diverged(start: float | None, loss: float) -> bool:
+    """True when the validation ``loss`` is NaN/inf or ``DIVERGENCE_FACTOR`` times or more its value at
+    ``start``: the loss exploded. A loss that rises more modestly (overfitting, noise) is not divergence.
+    Without a start nothing is known."""
     if start is None or not math.isfinite(start):
         return False
     if not math.isfinite(loss):
         return True
-    return loss > start * DIVERGENCE_FACTOR if not final else loss > start
+    return loss > start * DIVERGENCE_FACTOR

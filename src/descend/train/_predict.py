@@ -4,8 +4,10 @@
 the feature columns with the training split's means and standard deviations, the target's scale,
 and whether point sets were centred and scaled. :func:`predict` applies exactly that to new rows:
 
-    tables:      x' = (x - mean_train) / std_train, columns matched by name (CSV) or position (npz)
-    point sets:  each set centred and scaled to unit RMS radius when the run did so
+    tables:      x' = (x - mean_train) / std_train, columns matched by name (CSV) or position (npz);
+                 a missing value handled as in training (--missing: error, drop the row, fill the mean)
+    point sets:  each set centred and scaled to unit RMS radius when the run did so; a file lacking
+                 values or mask that training needed (not all ones / some sets padded) is refused
     output:      classification: argmax and softmax probabilities, by class name;
                  regression:     y = y' * std_target + mean_target (the target's own units)
 
@@ -56,13 +58,31 @@ def preprocessing_record(spec: RunSpec, bundle: DataBundle) -> dict[str, Any]:
         "feature_std": info.get("feature_std"),
         "target_mean": info.get("target_mean"),
         "target_std": info.get("target_std"),
+        "missing": info.get("missing", "error"),
+        "feature_fill": info.get("feature_fill"),
         "normalize_points": bool(info.get("normalize_points", False)),
         "encoding": info.get("encoding"),
         "delimiter": info.get("delimiter"),
         "model": {"name": spec.model, "depth": spec.depth, "width": spec.width, "activation": spec.activation,
                   "heads": spec.heads},
         "context": info.get("context"),
+        "point_arrays": _point_arrays_needed(bundle),
     }
+
+
+def _point_arrays_needed(bundle: DataBundle) -> list[str] | None:
+    """The arrays a point-set file must hold for prediction: ``locations``, plus ``values`` when the
+    training values were not all 1 and ``mask`` when some training set was padded (the defaults of a
+    missing array, ones and all real, would silently differ from what the model learnt on)."""
+    if bundle.input_kind != "pointset":
+        return None
+    _, values, mask = bundle.train.inputs
+    needed = ["locations"]
+    if not bool((values[mask] == 1).all()):
+        needed.append("values")
+    if not bool(mask.all()):
+        needed.append("mask")
+    return needed
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -96,8 +116,9 @@ def _shape_bundle(record: dict[str, Any]) -> DataBundle:
 
 
 def _table_from_csv(path: Path, record: dict[str, Any]) -> np.ndarray:
-    """The run's feature columns of a CSV file, ``[rows, F]`` float64, matched by name (extra columns ignored)."""
-    from descend.data.tabular import _bad_value, _decode, _parse_float, _sniff_delimiter
+    """The run's feature columns of a CSV file, ``[rows, F]`` float64, matched by name (extra columns ignored);
+    a missing value is NaN when the run handles them (``--missing drop|mean``), else an error."""
+    from descend.data.tabular import MISSING_CELLS, _bad_value, _decode, _parse_float, _sniff_delimiter
 
     try:
         text, _ = _decode(path, record.get("encoding"))
@@ -128,6 +149,14 @@ def _table_from_csv(path: Path, record: dict[str, Any]) -> np.ndarray:
         if len(r) != len(header):
             raise PredictError(f"{path.name}: line {line} has {len(r)} fields, the header has {len(header)}")
         for j, k in enumerate(index):
+            if r[k].strip().lower() in MISSING_CELLS:
+                if record.get("missing", "error") == "error":
+                    raise PredictError(
+                        f"{path.name}: column {names[j]!r} has a missing value at line {line}; fill it in "
+                        "(the run was trained with --missing error: train with --missing mean or drop to handle them)"
+                    )
+                X[i, j] = np.nan
+                continue
             v = _parse_float(r[k])
             if v is None or _bad_value(v) is not None:
                 raise PredictError(
@@ -137,8 +166,23 @@ def _table_from_csv(path: Path, record: dict[str, Any]) -> np.ndarray:
     return X
 
 
-def _inputs(path: Path, record: dict[str, Any]) -> tuple[Tensor, ...]:
-    """The model's inputs for the rows of ``path``, preprocessed as the run's training data was."""
+def _handle_missing(X: np.ndarray, record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``X`` with its missing (NaN) entries handled as in training, and the input row of each row kept:
+    ``mean`` fills the training means (``feature_fill``), ``drop`` leaves the row out."""
+    rows = np.arange(len(X))
+    absent = np.isnan(X)
+    if not absent.any():
+        return X, rows
+    if record.get("missing") == "mean":
+        return np.where(absent, np.asarray(record["feature_fill"], dtype=np.float64), X), rows
+    keep = ~absent.any(axis=1)
+    return X[keep], rows[keep]
+
+
+def _inputs(path: Path, record: dict[str, Any]) -> tuple[tuple[Tensor, ...], np.ndarray, int]:
+    """The model's inputs for the rows of ``path``, preprocessed as the run's training data was; the
+    input row (counting from 0) each one comes from (rows with a missing value are left out under
+    ``drop``); and the number of input rows."""
     if not path.is_file():
         raise PredictError(f"--data {path}: no such file")
     suffix = path.suffix.lower()
@@ -159,23 +203,34 @@ def _inputs(path: Path, record: dict[str, Any]) -> tuple[Tensor, ...]:
                     f"got {X.dtype} {tuple(X.shape)}"
                 )
             X = X.astype(np.float64)
-            if not np.isfinite(X).all():
+            handled = record.get("missing", "error") != "error"
+            if not np.isfinite(np.where(np.isnan(X), 0.0, X) if handled else X).all():
                 raise PredictError(f"{path.name}: X holds NaN/inf values; remove or impute them")
         else:
             raise PredictError(f"--data {path}: use a .csv or .npz file")
+        total = len(X)
+        X, rows = _handle_missing(X, record)
         features = torch.as_tensor(X, dtype=torch.float64)
         if record.get("feature_mean") is not None:
             mean = torch.tensor(record["feature_mean"], dtype=torch.float64)
             std = torch.tensor(record["feature_std"], dtype=torch.float64)
             features = (features - mean) / std
-        return (features.float(),)
+        return (features.float(),), rows, total
     if kind == "pointset":
         if suffix != ".npz":
             raise PredictError(f"--data {path}: point sets are read from an .npz (locations, values, mask)")
         from descend.data.points import normalize_point_sets, point_arrays
 
+        raw = _npz(path)
+        needed = record.get("point_arrays") or ()
+        missing = [k for k in needed if k not in raw and not (k == "locations" and "X" in raw)]
+        if missing:
+            raise PredictError(
+                f"{path.name}: lacks {' and '.join(missing)}, which the model was trained with; give "
+                f"{', '.join(needed)} as in training (the file holds {', '.join(raw) or 'nothing'})"
+            )
         try:
-            arrays = point_arrays(_npz(path), path.name, need_y=False)
+            arrays = point_arrays(raw, path.name, need_y=False)
         except ValueError as e:
             raise PredictError(str(e)) from None
         d, k = arrays["locations"].shape[2], arrays["values"].shape[2]
@@ -189,7 +244,7 @@ def _inputs(path: Path, record: dict[str, Any]) -> tuple[Tensor, ...]:
         if record.get("normalize_points"):
             locations = normalize_point_sets(locations, mask)
         values = torch.as_tensor(arrays["values"], dtype=torch.float32) * mask[..., None]
-        return locations, values, mask
+        return (locations, values, mask), np.arange(len(locations)), len(locations)
     raise PredictError(f"predict reads tables and point sets; this run's inputs are {kind!r}")
 
 
@@ -248,13 +303,16 @@ def predict(
     """Predict every row of ``data`` with the model of ``run_dir``; write ``out`` (CSV) atomically.
 
     Columns: ``row``, then ``prediction`` and ``p_<class>`` per class (classification), or the target
-    column(s) in the target's units (regression). Returns ``{"rows", "out", "task"}``.
+    column(s) in the target's units (regression); ``row`` is the input row (counting from 0), since a run
+    trained with ``--missing drop`` leaves out rows with a missing value (``skipped`` counts them) and
+    one trained with ``--missing mean`` fills them with the training means. Returns
+    ``{"rows", "out", "task", "skipped"}``.
     """
     run_dir, data, out = Path(run_dir), Path(data), Path(out)
     if batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
     record = _run_record(run_dir)
-    inputs = _inputs(data, record)
+    inputs, row_ids, total = _inputs(data, record)
     model, dev = load_run_model(run_dir, device)
     outputs = []
     with torch.no_grad():
@@ -267,7 +325,7 @@ def predict(
         classes = [str(c) for c in record.get("classes") or range(record["out_features"])]
         probabilities = torch.softmax(y, dim=-1)
         rows = [["row", "prediction", *(f"p_{c}" for c in classes)]]
-        for i, p in enumerate(probabilities.tolist()):
+        for i, p in zip(row_ids.tolist(), probabilities.tolist()):
             rows.append([i, classes[int(np.argmax(p))], *(f"{v:.6g}" for v in p)])
     else:
         y = y.double()
@@ -275,8 +333,8 @@ def predict(
             y = y * torch.tensor(record["target_std"]) + torch.tensor(record["target_mean"])
         target = record.get("target") or "prediction"
         names = [target] if y.shape[1] == 1 else [f"{target}_{j}" for j in range(y.shape[1])]
-        rows = [["row", *names], *([i, *(f"{v:.9g}" for v in r)] for i, r in enumerate(y.tolist()))]
+        rows = [["row", *names], *([i, *(f"{v:.9g}" for v in r)] for i, r in zip(row_ids.tolist(), y.tolist()))]
     text = io.StringIO(newline="")
     csv.writer(text).writerows(rows)
     atomic_write(out, text.getvalue())
-    return {"rows": len(rows) - 1, "out": str(out), "task": record["task"]}
+    return {"rows": len(rows) - 1, "out": str(out), "task": record["task"], "skipped": total - (len(rows) - 1)}

@@ -2,13 +2,17 @@
 
 ``run_training(spec, out_dir)`` writes (each file atomically, through :mod:`descend._io`)::
 
-    out_dir/config.json         every resolved option (the lr used, the task, the absolute data path)
-                                plus "resolved": classes, model dimensions, parameters, the data's SHA-256
+    out_dir/config.json         every resolved option (the lr and weight decay used, the task, one budget:
+                                steps or epochs, the absolute data path) plus "resolved": classes, model
+                                dimensions, parameters, the data's SHA-256, the steps and intervals used
     out_dir/preprocessing.json  what `descend predict` applies to new data (see descend.train._predict)
     out_dir/metrics.jsonl       one JSON object per logged step; metrics.csv, the same as a table
     out_dir/checkpoint/         the resumable state (see descend.train._checkpoint)
-    out_dir/model.safetensors   the final weights
-    out_dir/summary.json        {"train": {...}, "val": {...}, "test": {...}, "steps": ..., "diverged": ...}
+    out_dir/model.safetensors   the weights the run ends with: those of the lowest validation loss
+                                (restore_best, the default) or of the last step
+    out_dir/best/               the checkpoint of the lowest validation loss (restore_best or patience)
+    out_dir/summary.json        {"train": {...}, "val": {...}, "test": {...}, "steps": ..., "weights_step": ...,
+                                 "best_step": ..., "diverged": ...}
     out_dir/.lock               held (``fcntl.flock``) by the process writing the run, with its pid
 
 A run directory belongs to one process at a time: a second run (or ``--resume``) of the same
@@ -45,7 +49,7 @@ from descend._options import OptionError, RunSpec, from_values, physical_memory
 from descend._tensorfile import sha256_file
 from descend.data._base import DataBundle
 from descend.data.registry import load_data
-from descend.train._build import build_model, make_optimizer, memory_plan
+from descend.train._build import build_model, make_optimizer, memory_plan, resolved_weight_decay
 from descend.train._trainer import Trainer, seed_everything
 
 __all__ = ["RUN_FILES", "RunError", "RunLock", "RunSpec", "check_out_dir", "load_run_spec", "prepare", "run_training"]
@@ -59,6 +63,7 @@ RUN_FILES = (
     "metrics.csv",
     "model.safetensors",
     "checkpoint",
+    "best",
     "tensorboard",
     "report.html",
     "results.csv",
@@ -198,7 +203,12 @@ def describe_data(bundle: DataBundle) -> str:
     why = f" ({source}: {reason})" if source == "inferred" and reason else (f" ({source})" if source else "")
     kind = {"vector": "table", "pointset": "point sets", "pointset-query": "point sets with queries"}
     shape = kind.get(bundle.input_kind, bundle.input_kind)
-    return f"data {bundle.name}: {shape}, {task}{why}; {sizes} train/val/test examples"
+    handled = ""
+    if bundle.info.get("rows_dropped"):
+        handled = f"; dropped {bundle.info['rows_dropped']} rows with a missing value"
+    elif bundle.info.get("rows_filled"):
+        handled = f"; filled the missing values of {bundle.info['rows_filled']} rows with the training means"
+    return f"data {bundle.name}: {shape}, {task}{why}; {sizes} train/val/test examples{handled}"
 
 
 def _check_tensorboard(spec: RunSpec) -> None:
@@ -277,13 +287,23 @@ def load_bundle(spec: RunSpec) -> DataBundle:
         encoding=spec.encoding,
         delimiter=spec.delimiter,
         context=spec.context,
+        missing=spec.missing,
     )
 
 
-def resolved_config(spec: RunSpec, bundle: DataBundle, model: nn.Module) -> dict[str, Any]:
-    """``config.json``: every option as used (``lr`` and ``task`` filled in), plus what was resolved from the data."""
+def resolved_config(
+    spec: RunSpec, bundle: DataBundle, model: nn.Module, trainer: Trainer | None = None
+) -> dict[str, Any]:
+    """``config.json``: every option as used, plus what was resolved from the data (and the trainer).
+
+    ``lr``, ``weight_decay`` and ``task`` are the values used, not ``null``; the run's length is one
+    budget, ``steps`` or ``epochs`` (the other ``null``), so a ``--resume`` that gives the other replaces it.
+    """
     values = asdict(spec)
-    values.update(lr=spec.resolved_lr, task=bundle.task)
+    values.update(lr=spec.resolved_lr, weight_decay=resolved_weight_decay(spec.optimizer, spec.weight_decay))
+    values.update(task=bundle.task)
+    if spec.steps is not None:
+        values["epochs"] = None
     resolved: dict[str, Any] = {
         "task": bundle.task,
         "task_source": bundle.info.get("task_source", "given" if spec.task else "dataset"),
@@ -297,6 +317,13 @@ def resolved_config(spec: RunSpec, bundle: DataBundle, model: nn.Module) -> dict
         "parameters": sum(p.numel() for p in model.parameters()),
         "examples": {"train": len(bundle.train), "val": len(bundle.val), "test": len(bundle.test)},
     }
+    if trainer is not None:
+        resolved.update(
+            total_steps=trainer.total_steps,
+            eval_every=trainer.eval_every,
+            log_every=trainer.log_every,
+            checkpoint_every=trainer.checkpoint_every,
+        )
     if "files" in bundle.info:  # text: every file read, each with its SHA-256 (computed while checking it)
         resolved.update(data_path=spec.data, data_files=bundle.info["files"])
     elif _is_file_data(spec.data):
@@ -347,10 +374,15 @@ def run_training(
         dd.barrier()
         if resume:
             trainer.resume()
+            if trainer.step >= trainer.total_steps:  # refused before config.json is rewritten
+                raise RunError(
+                    f"--resume {out_dir}: the run already has {trainer.step} steps and the budget asks for "
+                    f"{trainer.total_steps}; give a larger --steps (or --epochs) to train on"
+                )
         if main:
             from descend.train._predict import preprocessing_record
 
-            write_json(out_dir / "config.json", resolved_config(spec, bundle, trainer.model))
+            write_json(out_dir / "config.json", resolved_config(spec, bundle, trainer.model, trainer))
             write_json(out_dir / PREPROCESSING, preprocessing_record(spec, bundle))
         summary = trainer.fit()
         if trainer.world > 1:

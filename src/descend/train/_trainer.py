@@ -11,6 +11,11 @@ average the gradients, so each step is the one-process step. At ``W = 1`` the sh
 micro-batch and every collective a no-op: there is no second code path. Rank 0 (``is_main``) writes
 metrics, progress and files; every rank runs evaluations and (FSDP2) writes its checkpoint shards.
 
+Overfitting is not divergence: a run diverges when its loss becomes NaN/inf or its validation loss
+grows to ``DIVERGENCE_FACTOR`` times where it started; a validation loss that rises while the training
+loss falls is overfitting, and ``restore_best`` (the default) ends the run with the weights of its
+lowest validation loss.
+
 Test hook: ``DESCEND_FAIL_AT_STEP=k`` (with ``DESCEND_FAIL_RANK=r``, default 0) makes rank ``r``
 raise before step ``k``; the tests use it to kill one rank of a job. Leave both unset.
 """
@@ -166,6 +171,10 @@ class Trainer:
         self._in_backward: Any = None  # the hooks of descend.optim.step_in_backward while fit() runs
         self.step, self.seconds = 0, 0.0
         self.early_stopping = EarlyStopping(cfg.patience)
+        # the weights of the lowest validation loss are kept (in memory, and in out_dir/best for a resume)
+        # when the run ends with them (restore_best) or may stop early (patience)
+        self.keeps_best = cfg.restore_best or cfg.patience is not None
+        self.weights_step: int | None = None  # the step whose weights the model ends with, when not the last
         self.val_loss_start: float | None = None
         self.diverged, self.should_stop = False, False
         self.stop_reason: str | None = None  # set when the run stops because it diverged
@@ -218,24 +227,22 @@ class Trainer:
                     self.save_checkpoint()
         finally:
             self.close()
-        if self.early_stopping.stopped:
+        es = self.early_stopping
+        finished = self.step >= self.total_steps or es.stopped or self.diverged  # not paused by max_steps
+        restored = False
+        if finished and self.keeps_best and 0 < es.best_step != self.step:
             restored = load_best(self, self._best)
+            if restored:
+                self.weights_step = es.best_step
+        if es.stopped:
+            kept = "; restored the best weights" if restored else ""
+            self.say(f"early stopping at step {self.step}: {es.reason()}{kept}")
+        elif restored:
             self.say(
-                f"early stopping at step {self.step}: {self.early_stopping.reason()}"
-                + ("; restored the best weights" if restored else "")
+                f"kept the weights of step {es.best_step} (the lowest validation loss, {es.best:.4g}) "
+                f"rather than those of the last step, {self.step}"
             )
         summary = self.summary()
-        finished = self.step >= self.total_steps or self.early_stopping.stopped  # not paused by max_steps
-        if (
-            not self.diverged
-            and finished
-            and diverged(self.val_loss_start, summary.get("val", {}).get("loss", math.nan), final=True)
-        ):
-            self.diverged = summary["diverged"] = True
-            self.warn(
-                f"the validation loss ended at {summary['val']['loss']:.4g}, above where it started "
-                f"({self.val_loss_start:.4g}): the run diverged; lower the learning rate"
-            )
         run_callbacks(self.callbacks, "on_fit_end", self, summary)
         return summary
 
@@ -280,7 +287,7 @@ class Trainer:
         """Evaluate on the validation split; update early stopping, the best weights and the divergence check."""
         metrics = self.evaluate("val")
         loss = metrics["loss"]
-        if self.early_stopping.update(loss, self.step) and self.early_stopping.patience is not None:
+        if self.early_stopping.update(loss, self.step) and self.keeps_best:
             self._best = best_weights(self)
             if self.out_dir is not None:
                 save(self, self.out_dir / "best", keep=1)
@@ -299,18 +306,25 @@ class Trainer:
         return row
 
     def summary(self) -> dict[str, Any]:
-        """Loss and metrics on each split, the steps and epochs taken, and how the run ended."""
+        """Loss and metrics on each split, the steps and epochs taken, and how the run ended.
+
+        The metrics are those of the weights the model ends with: the step ``weights_step`` (the
+        ``best_step`` of the lowest validation loss when ``restore_best`` or early stopping put them back).
+        """
         out: dict[str, Any] = {name: self.evaluate(name) for name in ("train", "val", "test") if name in self.sources}
         out.update(
             steps=self.step,
             epochs=self.sampler.epoch,
             seconds=self.seconds,
+            weights_step=self.step if self.weights_step is None else self.weights_step,
             stopped_early=self.early_stopping.stopped,
             diverged=self.diverged,
             val_loss_start=self.val_loss_start,
         )
+        if self.early_stopping.best_step > 0:
+            out.update(best_step=self.early_stopping.best_step, best_val_loss=self.early_stopping.best)
         if self.early_stopping.stopped:
-            out.update(best_step=self.early_stopping.best_step, stop_reason=self.early_stopping.reason())
+            out.update(stop_reason=self.early_stopping.reason())
         elif self.stop_reason is not None:
             out.update(stop_reason=self.stop_reason)
         return out
