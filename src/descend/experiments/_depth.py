@@ -212,8 +212,9 @@ def depth(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
     if nonfinite:  # one label for all the lines: labels at neighbouring depths would overlap
         count = {d: bare_nan.count(d) for d in nonfinite}
         text = "bare: non-finite from depth\n" + ", ".join(f"{d} ({count[d]} of {n} seeds)" for d in nonfinite)
-        ax4.annotate(text, (nonfinite[0], 0.5), xycoords=("data", "axes fraction"), xytext=(-4, 0),
-                     textcoords="offset points", fontsize=7, color=PALETTE[4], ha="right", va="center")
+        ax4.annotate(text, (nonfinite[0], 0.5), xycoords=("data", "axes fraction"), xytext=(-8, 0),
+                     textcoords="offset points", fontsize=7, color=PALETTE[4], ha="right", va="center",
+                     multialignment="right", bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     ax4.set(xscale="log", yscale="log", xlabel="residual blocks (depth)", ylabel="size at initialisation",
             title="ReLU residual, He init: with and without norm")
     ax4.set_xlim(bare_depths[0] / 1.3, bare_depths[-1] * 1.6)

@@ -172,8 +172,7 @@ def weight_decay(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outco
                     "final_max_abs_times_lambda": final_max[m], "test_accuracy": box_acc[m]} for m, r in box.items()},
     }
 
-    fig, axes = new_figure(4, width=3.8, height=3.3, nrows=2)
-    axes[-1].set_visible(False)  # three methods, three histograms
+    fig, axes = new_figure(3, width=4.3, height=3.4, nrows=2)
     ax = axes[0]
     pos = lams[1:]
     curves = ((test, PALETTE[0], "test"), (val, PALETTE[1], "validation"), (train, PALETTE[2], "train"))
@@ -194,14 +193,8 @@ def weight_decay(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outco
     axes[2].axhline(1.0, color="gray", linestyle="--", linewidth=1, label="1/λ")
     axes[2].set(yscale="log", xlabel="step (minibatch 64)", ylabel="max|w| · λ", title="the largest weight")
     axes[2].legend(fontsize=7)
-    axes[3].bar(range(len(BOX_METHODS)), [mean(final_frac[m]) * 100 for m in BOX_METHODS],
-                color=PALETTE[: len(BOX_METHODS)],
-                yerr=[[100 * (mean(final_frac[m]) - min(final_frac[m])) for m in BOX_METHODS],
-                      [100 * (max(final_frac[m]) - mean(final_frac[m])) for m in BOX_METHODS]], capsize=3)
-    axes[3].set_xticks(range(len(BOX_METHODS)), list(BOX_METHODS))
-    axes[3].set(ylabel="% at the bound, end (min-max)", title=f"after {box_steps} steps")
     edges = torch.linspace(-1.5 / BOX_LAMBDA, 1.5 / BOX_LAMBDA, 61)
-    for ax, (m, runs), color in zip(axes[4:], box_runs.items(), PALETTE):
+    for ax, (m, runs), color in zip(axes[3:], box_runs.items(), PALETTE):
         w = torch.cat([d["weights"] for d in runs])
         outside = int(((w < edges[0]) | (w > edges[-1])).sum())
         ax.hist(w.clamp(float(edges[0]), float(edges[-1])).tolist(), bins=edges.tolist(), color=color)
