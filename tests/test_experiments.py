@@ -153,10 +153,19 @@ def test_gd_is_rotation_invariant_and_sign_is_not() -> None:
                                                                                rel=1e-2)
 
 
-def test_gd_and_sgd_targets_agree_with_the_text() -> None:
-    from descend.experiments._gd_vs_sgd import EXCESS, gd_vs_sgd
+def test_descriptions_state_the_constants_the_code_uses() -> None:
+    from descend.experiments._common import digits
+    from descend.experiments._flow_matching import HELD_OUT, POINTS, SAMPLES, flow_matching
+    from descend.experiments._gd_vs_sgd import EVAL, EXCESS, TUNE_OFFSET, gd_vs_sgd
+    from descend.experiments._weight_decay import BOX_LAMBDA, FEW, weight_decay
 
-    assert f"within {EXCESS:g} of the" in " ".join((gd_vs_sgd.__doc__ or "").split())
+    text = lambda fn: " ".join((fn.__doc__ or "").split())  # noqa: E731
+    assert f"within {EXCESS:g} of the" in text(gd_vs_sgd) and f"{EVAL:,} test points" in text(gd_vs_sgd)
+    assert f"seed + {TUNE_OFFSET}" in text(gd_vs_sgd)
+    assert f"{len(digits(0).y_test)} test digits" in text(weight_decay) and f"to {FEW} digits" in text(weight_decay)
+    assert f"lambda = {BOX_LAMBDA:g}" in text(weight_decay)
+    assert f"{POINTS:,} training points" in text(flow_matching)
+    assert f"between {SAMPLES:,} generated points and {HELD_OUT:,} points of the data" in text(flow_matching)
 
 
 def test_docs_page_is_generated_from_one_full_run() -> None:

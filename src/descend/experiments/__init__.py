@@ -110,7 +110,7 @@ def run(name: str, out_dir: Path, *, quick: bool = False, seed: int = 0, seeds: 
     numbers = {
         **outcome.numbers,
         "name": name,
-        "title": doc.split("\n", 1)[0],
+        "title": " ".join(doc.split("\n\n", 1)[0].split()),  # the first paragraph, which may wrap
         "description": doc.split("\n\n", 1)[1].strip() if "\n\n" in doc else "",
         "findings": [f.to_dict() for f in outcome.findings],
         "notes": outcome.notes,
@@ -172,7 +172,7 @@ def render_markdown(json_dir: Path, figures: str = "../figures/") -> str:
         cpu_total += float(data.get("cpu_seconds", 0.0))
         seeds = data.get("seeds", [])
         mode = "quick mode" if data.get("quick") else "full mode"
-        lines += [f"## {name}", "", f"**{data.get('title', '')}**", ""]
+        lines += [f"## {name}", "", f"**{_markdown(data.get('title', ''))}**", ""]
         if data.get("description"):
             lines += [_markdown(" ".join(data["description"].split())), ""]
         lines += [f"![{name}]({figures}{name}.png)", ""]

@@ -98,7 +98,7 @@ def _network(method: str, lr: float, seed: int, steps: int) -> tuple[float, dict
 
 def badly_scaled(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
     """Sign, softsign and Adam shrink every coordinate of an axis-aligned ill-conditioned quadratic where GD shrinks
-    only the steep ones; rotate the same quadratic and their advantage goes.
+    only the steep ones; rotate the same quadratic and most of that advantage goes (signSGD falls behind GD).
 
     Part 1, a quadratic ``f(w) = 1/2 sum_i h_i u_i^2`` in 50 dimensions with curvatures ``h_i``
     log-spaced from ``1e-4`` to ``1`` (condition number 1e4), started at ``u_i ~ U(0.5, 1.5)``, in two
