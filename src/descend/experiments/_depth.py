@@ -39,7 +39,8 @@ def _net(kind: str, activation: str, depth: int, norm: str | None = "layer") -> 
 
 
 def _train(kind: str, activation: str, depth: int, lr: float, seed: int, steps: int) -> tuple[float, dict[str, Any]]:
-    """Adam, minibatches of 64: final validation loss, and the final training loss (full training set)."""
+    """Adam, minibatches of 64: final validation loss (the tuning score), and the final training loss (full
+    training set) and test loss."""
     data = digits(seed)
     seed_everything(seed)
     model = _net(kind, activation, depth)
@@ -50,7 +51,8 @@ def _train(kind: str, activation: str, depth: int, lr: float, seed: int, steps: 
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
         opt.step()
-    return loss_of(model, data.x_val, data.y_val), {"train_loss": loss_of(model, data.x, data.y)}
+    return loss_of(model, data.x_val, data.y_val), {"train_loss": loss_of(model, data.x, data.y),
+                                                    "test_loss": loss_of(model, data.x_test, data.y_test)}
 
 
 def _probe(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +68,8 @@ def depth(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
     of width 64 with He init and pre-LayerNorm blocks, with the skip (``z + W act(norm(z))``) and
     without it (``W act(norm(z))``, the same parameters), ReLU and sigmoid, at several depths, trained
     on digits by Adam (100 steps, minibatches of 64); each net's learning rate is tuned at each depth on
-    the mean final validation loss over seeds. Reported: the final training loss against depth.
+    the mean final validation loss over seeds. Reported: the final training loss against depth (the
+    measure of trainability, as in He et al.), and the test loss (test digits never used for a choice).
     Part 2: a plain tanh :class:`descend.nn.MLP` of 16 hidden layers initialised with
     ``W ~ N(0, g^2/fan_in)``, ``g`` in {0.5, 1, sqrt 2, 4}: the norm of the loss gradient at each layer's
     output (:func:`descend.diagnostics.activation_gradients`) at initialisation, 256 digits.
@@ -79,13 +82,15 @@ def depth(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
     n = len(seeds)
     tuned: dict[str, dict[int, Any]] = {}
     train_loss: dict[str, dict[int, list[float]]] = {}
+    test_loss: dict[str, dict[int, list[float]]] = {}
     for kind, act in NETS:
         label = f"{kind} {act}"
-        tuned[label], train_loss[label] = {}, {}
+        tuned[label], train_loss[label], test_loss[label] = {}, {}, {}
         for d in depths:  # every net tuned at every depth: a rate good for 2 layers may be bad for 32
             r = tune(lambda lr, s, k=kind, a=act, d=d: _train(k, a, d, lr, s, steps), [1e-3, 3e-3, 1e-2], seeds, 2)
             tuned[label][d] = r
             train_loss[label][d] = [det["train_loss"] for det in r.details[r.best_lr]]
+            test_loss[label][d] = [det["test_loss"] for det in r.details[r.best_lr]]
 
     # part 2: init gain of a plain tanh net, the backward signal per layer
     signal: dict[float, list[list[float]]] = {}
@@ -134,6 +139,10 @@ def depth(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
                 f"at depth {deep}, the residual sigmoid net ends with a lower training loss than the plain one "
                 f"({span(train_loss['residual sigmoid'][deep])} against {span(train_loss['plain sigmoid'][deep])})",
                 [r < p for r, p in zip(train_loss["residual sigmoid"][deep], train_loss["plain sigmoid"][deep])]),
+        finding("skip_sigmoid_test_loss",
+                f"and a lower test loss ({span(test_loss['residual sigmoid'][deep])} against "
+                f"{span(test_loss['plain sigmoid'][deep])})",
+                [r < p for r, p in zip(test_loss["residual sigmoid"][deep], test_loss["plain sigmoid"][deep])]),
         finding("plain_sigmoid_degrades_with_depth",
                 f"the plain sigmoid net's training loss is higher at depth {deep} than at depth {depths[0]} "
                 f"({span(train_loss['plain sigmoid'][deep])} against {span(train_loss['plain sigmoid'][depths[0]])})",
@@ -159,11 +168,13 @@ def depth(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
                  for d, row in zip(bare_nan, blow["pre-norm residual"]["output_std"])]),
     ]
     notes = [f"{label}, depth {d}: learning rate {r.best_lr:g}{' (at the grid edge)' if r.at_edge else ''}, final "
-             f"training loss {span(train_loss[label][d])}" for label, by in tuned.items() for d, r in by.items()]
+             f"training loss {span(train_loss[label][d])}, test loss {span(test_loss[label][d])}"
+             for label, by in tuned.items() for d, r in by.items()]
     numbers: dict[str, Any] = {
         "depths": list(depths), "steps": steps, "width": WIDTH,
         "tuning": {label: {str(d): tuned_dict(r) for d, r in by.items()} for label, by in tuned.items()},
         "train_loss": {label: {str(d): v for d, v in by.items()} for label, by in train_loss.items()},
+        "test_loss": {label: {str(d): v for d, v in by.items()} for label, by in test_loss.items()},
         "gains": list(GAINS), "backward_signal": {f"{g:.3g}": v for g, v in signal.items()},
         "first_over_last_signal": {f"{g:.3g}": v for g, v in ratio.items()},
         "gradient_flow_depth16": flows, "bare_depths": list(bare_depths), "blow_up": blow,
@@ -195,9 +206,15 @@ def depth(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
     for (label, parts), color in zip(blow.items(), PALETTE[4:]):
         for rows, style, what in ((parts["output_std"], "-", "output std"), (parts["first_grad"], ":", "‖∂L/∂W₁‖")):
             band(ax4, bare_depths, rows, color, f"{label}: {what}", style)
-    for d in {d for d in bare_nan if d is not None}:
+    nonfinite = sorted({d for d in bare_nan if d is not None})
+    for d in nonfinite:
         ax4.axvline(d, color=PALETTE[4], linestyle="--", linewidth=1)
-        ax4.annotate(f"non-finite\nat depth {d}", (d, 10.0), fontsize=7, color=PALETTE[4], ha="center", va="bottom")
+    if nonfinite:  # one label for all the lines: labels at neighbouring depths would overlap
+        count = {d: bare_nan.count(d) for d in nonfinite}
+        text = "bare: non-finite from depth\n" + ", ".join(f"{d} ({count[d]} of {n} seeds)" for d in nonfinite)
+        ax4.annotate(text, (nonfinite[0], 0.5), xycoords=("data", "axes fraction"), xytext=(-8, 0),
+                     textcoords="offset points", fontsize=7, color=PALETTE[4], ha="right", va="center",
+                     multialignment="right", bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     ax4.set(xscale="log", yscale="log", xlabel="residual blocks (depth)", ylabel="size at initialisation",
             title="ReLU residual, He init: with and without norm")
     ax4.set_xlim(bare_depths[0] / 1.3, bare_depths[-1] * 1.6)
