@@ -83,7 +83,7 @@ def test_state_put_in_by_hand_that_does_not_fit_raises_the_reference_engines_err
     opt.step()
     before = p.detach().clone()
     opt.state[p]["momentum_buffer"] = torch.zeros(4) if bad == "shape" else torch.zeros(64, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="'momentum_buffer' .* does not fit its parameter"):
+    with pytest.raises(RuntimeError, match=r"'momentum_buffer' .* does not fit its parameter"):
         opt.step()
     assert torch.equal(p.detach(), before)
 
