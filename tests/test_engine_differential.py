@@ -384,14 +384,14 @@ def test_every_engine_equals_the_reference(s: Scenario) -> None:
     check(s, ["foreach", "native", "auto"])
 
 
-@settings(max_examples=4, **SETTINGS)
+@settings(max_examples=8, **SETTINGS)
 @given(scenarios())
 def test_the_compiled_engine_equals_the_reference(s: Scenario) -> None:
     check(s, ["compiled"])
 
 
 @pytest.mark.slow
-@settings(max_examples=600, **SETTINGS)
+@settings(max_examples=300, **SETTINGS)
 @given(scenarios())
 def test_every_engine_equals_the_reference_on_many_examples(s: Scenario) -> None:
     check(s, ENGINES_UNDER_TEST)

@@ -20,17 +20,20 @@
   ``torch._fused_adamw_``, ``torch._fused_sgd_``) for buckets whose live chain is exactly one of
   them (:func:`torch_kernel`); the same equations as the rules, evaluated in another order.
 - :class:`AutoEngine` (``engine="auto"``, the default): per bucket, on the CPU the native loop for
-  every chain it can run; elsewhere (and for the rest) torch's Adam, AdamW or SGD kernel where
-  :func:`torch_kernel` finds one, the compiled engine for a flat buffer (``flat=True``) of at least
-  :data:`COMPILE_MIN` elements, the foreach engine otherwise. A compile failure falls back and is
-  logged, never raised. Why: ``docs/guide/engines.md``.
+  every chain it can run and the foreach engine for the rest (no torch kernel: each computes what the
+  reference engine computes); elsewhere torch's Adam, AdamW or SGD kernel where :func:`torch_kernel`
+  finds one, the compiled engine for a flat buffer (``flat=True``) of at least :data:`COMPILE_MIN`
+  elements, the foreach engine otherwise. A compile failure falls back and is logged, never raised.
+  Why: ``docs/guide/engines.md``.
 
 With ``flat=True`` (:mod:`descend.optim._flat`) a group's parameters, gradients and state are views
 of one buffer each, and the multi-tensor engines step such a buffer as a single tensor
 (:meth:`BucketEngine.step_flat`) whenever that computes what stepping its parameters one by one would.
 
-Shared by all engines: a parameter's first step (state creation, ``Rule.first_update``) and
-zero-size parameters go through the reference path; the multi-tensor engines keep the step
+Shared by all engines: a parameter's state is checked against the parameter before it is touched
+(:func:`check_state`); a parameter's first step (state creation, ``Rule.first_update``), zero-size
+parameters and the parameters of a group where two share memory (:func:`tensors_overlap`) go through
+the reference path; the multi-tensor engines keep the step
 counters of a bucket as the elements of one tensor and advance them with one operation
 (:class:`StepCounters`); ``clip_by_global_norm`` computes the global norm over every gradient
 first; ``grad_scale`` (from ``torch.amp.GradScaler``) divides the gradient inside the step; state
@@ -1249,9 +1252,9 @@ class FusedEngine(BucketEngine):
 
 
 class AutoEngine(FusedEngine):
-    """``engine="auto"``: per bucket, on the CPU the native loop for every chain; elsewhere torch's fused
-    Adam, AdamW or SGD kernel, the compiled step for a large flat buffer, or the foreach engine (see the
-    module docstring)."""
+    """``engine="auto"``: per bucket, on the CPU the native loop for every chain (foreach for what it cannot
+    run); elsewhere torch's fused Adam, AdamW or SGD kernel, the compiled step for a large flat buffer, or
+    the foreach engine (see the module docstring)."""
 
     name = "auto"
 

@@ -17,9 +17,10 @@ one fused multiply-add, as torch's vectorised kernel computes it); nothing else 
 
 The loop runs over every tensor of a bucket in one call (OpenMP threads share the elements), on
 float32 CPU tensors; state may be bfloat16, widened on load and rounded stochastically on store.
-The C source is compiled once per machine with the system C compiler (``$CC``, else ``cc``) and
-cached by its hash under ``$DESCEND_CACHE_DIR`` (default ``~/.cache/descend/kernels``; never a
-directory other users can write to); a process that finds the library there only loads it. A rule
+The C source is compiled once per machine with the system C compiler (``$CC``, split as a shell
+splits it, else ``cc``) and cached by its hash under ``$DESCEND_CACHE_DIR`` (default
+``~/.cache/descend/kernels``; never a directory other users can write to); a process that finds the
+library there loads it only if its bytes match the SHA-256 sealed onto it when it was built. A rule
 that uses an operation the tracer does not know raises :class:`NotTraceable`, and the engine runs
 that chain another way.
 """
