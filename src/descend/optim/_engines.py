@@ -47,6 +47,7 @@ import array
 import logging
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, pairwise, repeat
@@ -596,10 +597,15 @@ class BucketEngine(Engine):
         self.reference = ReferenceEngine(plan, source)
         self.counters = StepCounters()
         self.remembered: dict[int, NativeGroup] = {}  # by group index
+        # state tensors check_state passed (by id, with a weak reference: the same tensor, not a successor
+        # at its address); a state tensor is the optimizer's, so one that passed once fits its parameter
+        self.fitting: dict[int, weakref.ref[Tensor]] = {}
+        self.disjoint: dict[int, array.array] = {}  # by group index: addresses of parameters known not to overlap
 
     def reset(self) -> None:
         self.counters.reset()
         self.remembered.clear()
+        self.fitting.clear()
         if self.plan.layout is not None:  # the state was replaced: check the flat buffers in full
             self.plan.layout.invalidate()
 
@@ -650,7 +656,7 @@ class BucketEngine(Engine):
                         loose += buffer.params
             idle = [p for p in loose if p.grad is None]  # parameters without a gradient
             stepping = [p for p in loose if p.grad is not None] if idle else loose
-            if len(stepping) > 1 and tensors_overlap(stepping):
+            if len(stepping) > 1 and self.overlap(gi, stepping):
                 # parameters that share memory see each other's updates: step them in the reference engine's
                 # order (a bucket steps them together, the native loop even on several threads at once)
                 for p in stepping:
@@ -665,12 +671,19 @@ class BucketEngine(Engine):
                 if p.numel() == 0 or not needed <= state.keys():
                     self.reference.step_param(p, group, live, keep, grad_scale)
                     continue
-                check_state(p, state, keys, state_dtype)
+                states = [state[k] for k in keys]
+                fitting = self.fitting
+                for t in states:
+                    known = fitting.get(id(t))
+                    if known is None or known() is not t:
+                        check_state(p, state, keys, state_dtype)
+                        fitting.update((id(u), weakref.ref(u)) for u in states)
+                        break
                 key = (p.device, p.dtype, g.dtype)  # and equal step counts: StepCounters.groups
                 if isinstance(p, DTensor):  # the rules are elementwise: a sharded parameter steps on its shard
-                    item = _Item(_local(p), _local(g), [_local(state[k]) for k in keys])
+                    item = _Item(_local(p), _local(g), [_local(t) for t in states])
                 else:
-                    item = _Item(p, g, [state[k] for k in keys])
+                    item = _Item(p, g, states)
                 if widen:  # only rounding noise needs the parameter's position
                     item.ordinal, item.offset = self.position(p)
                 bucket = buckets.get(key)
@@ -697,6 +710,20 @@ class BucketEngine(Engine):
                         remembered = NativeGroup(runner, group, keys, items, ps, states, counts[0][1], idle)
                         if remembered.read_hyper(self.plan, group):
                             self.remembered[gi] = remembered
+
+    def overlap(self, gi: int, params: list[Tensor]) -> bool:
+        """Whether two of group ``gi``'s ``params`` share memory (:func:`tensors_overlap`), read again only when
+        their addresses or sizes change."""
+        params = [_local(p) for p in params]
+        addresses = array.array("q", chain(map(Tensor.data_ptr, params), map(_nbytes_of, params)))
+        if self.disjoint.get(gi) == addresses:
+            return False
+        if tensors_overlap(params):
+            return True
+        if len(self.disjoint) > 256:
+            self.disjoint.clear()
+        self.disjoint[gi] = addresses
+        return False
 
     def step_flat(self, buffer: FlatBuffer, group: dict[str, Any], live: Live, keep: Any, keys: list[str],
                   grad_scale: Tensor | None) -> bool:
