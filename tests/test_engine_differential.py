@@ -315,7 +315,7 @@ def outcome(fn: Callable[[], Any]) -> tuple[str, str] | None:
 
 
 def check(s: Scenario, engines: list[str]) -> None:
-    if s.dtype == torch.float64 and s.state_dtype is not None:  # test_compiled_float64_parameters_with_bf16_state
+    if s.dtype in (torch.float16, torch.bfloat16):  # test_compiled_half_precision_adam
         engines = [e for e in engines if e != "compiled"]
     threads = torch.get_num_threads()
     torch.set_num_threads(s.threads)
@@ -392,14 +392,12 @@ def test_the_compiled_engine_equals_the_reference(s: Scenario) -> None:
 @settings(max_examples=300, **SETTINGS)
 @given(scenarios())
 def test_every_engine_equals_the_reference_on_many_examples(s: Scenario) -> None:
-    """The compiled engine is left out here until the cases below are fixed (on more examples it meets them)."""
-    check(s, ["foreach", "native", "auto"])
+    check(s, ["foreach", "native", "auto", "compiled"])
 
 
-# -- what the property found, kept as explicit cases -------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="not fixed yet: the compiled engine's traced step for float64 parameters "
-                   "with bfloat16 state differs from the reference in the last bits")
-def test_compiled_float64_parameters_with_bf16_state() -> None:
+# -- what the property found, kept as explicit cases (the engine-level ones are in test_engine_correctness.py) ------
+def test_compiled_0d_float64_parameters_with_bf16_state() -> None:
+    """A 0-d parameter times a 0-d float64 hyperparameter was promoted to float64 in the compiled step."""
     def run(engine: str) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)
         ps = [nn.Parameter(torch.randn((), generator=gen, dtype=torch.float64)) for _ in range(3)]
@@ -415,9 +413,8 @@ def test_compiled_float64_parameters_with_bf16_state() -> None:
     assert torch.equal(run("compiled"), run("reference"))
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed yet: the compiled engine's traced Adam step with gradient "
-                   "clipping differs from the reference in exp_avg")
 def test_compiled_adam_with_clipping_on_a_0d_parameter() -> None:
+    """The same promotion: the clipped gradient of a 0-d parameter in float64, its exp_avg off in the last bit."""
     def run(engine: str) -> torch.Tensor:
         gen = torch.Generator().manual_seed(266)
         p = nn.Parameter(torch.randn((), generator=gen))
@@ -429,5 +426,38 @@ def test_compiled_adam_with_clipping_on_a_0d_parameter() -> None:
             p.grad = torch.randn((), generator=g) * 10.0 ** float(torch.randint(-3, 3, (), generator=g))
             opt.step()
         return opt.state[p]["exp_avg"]
+
+    assert torch.equal(run("compiled"), run("reference"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_foreach_half_precision_momentum_multiplies_as_tensor_mul(dtype: torch.dtype) -> None:
+    """torch's in-place ``_foreach_mul_`` by a Python number rounds the number to half precision first."""
+    def run(engine: str) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        ps = [nn.Parameter(torch.randn(37, generator=gen).to(dtype)) for _ in range(3)]
+        opt = optim.SGD(ps, lr=0.01, momentum=0.9, engine=engine)
+        for _ in range(10):
+            for p in ps:
+                p.grad = torch.randn(37, generator=gen).to(dtype)
+            opt.step()
+        return torch.cat([p.detach() for p in ps])
+
+    assert torch.equal(run("foreach"), run("reference"))
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed yet: the compiled step takes hyperparameters as 0-d tensors, which "
+                   "half-precision arithmetic rounds to the tensor dtype (Python numbers it does not)")
+def test_compiled_half_precision_adam() -> None:
+    def run(engine: str) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        p = nn.Parameter(torch.randn(15, generator=gen).to(torch.bfloat16))
+        opt = optim.Adam([p], lr=1e-3, engine=engine)
+        if engine == "compiled":
+            opt._engine.backend = eager
+        for _ in range(3):
+            p.grad = torch.randn(15, generator=gen).to(torch.bfloat16) * 30
+            opt.step()
+        return opt.state[p]["exp_avg_sq"]
 
     assert torch.equal(run("compiled"), run("reference"))

@@ -976,6 +976,9 @@ class CompiledEngine(BucketEngine):
         if self.fallback is not None:
             self.fallback.run_bucket(group, live, keep, items, step, grad_scale)
             return
+        # a 0-d tensor meeting a 0-d float64 hyperparameter would be promoted to float64; a 1-element view is not
+        items = [_Item(it.param.view(1), it.grad.view(1), [t.view(1) for t in it.states], it.ordinal, it.offset,
+                       it.whole) if it.param.dim() == 0 else it for it in items]
         rules = tuple(rule for rule, _ in live)
         # a ball projection needs each parameter whole: a flat buffer's are applied after the step
         whole = all(item.whole for item in items)
