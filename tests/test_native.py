@@ -57,7 +57,7 @@ def test_the_generated_loop_is_the_rule_as_written() -> None:
     shapes = [native.flatten_hyper(hp, rule.static)[1] for rule, hp in live]
     source = native.trace_chain([r for r, _ in live], [("exp_avg",), ()], shapes, maximize=False, decays=True)
     body = source.split("for (int64_t i = start; i < stop; i++) {")[1]
-    assert body.count("fmaf(") == 2 and body.count("? 1.0f : (") == 1  # two lerps (an fma each), one sign
+    assert body.count("fmaf(") == 2 and body.count("(float)(") == 2  # two lerps (an fma each), one sign
     assert "P2[i] =" in body and "P0[i] =" in body  # the momentum and the weights are written back
     assert "s[3]" in source  # lr, beta1, beta2 and keep come in as scalars, not constants
     assert f"if(total >= {native.PARALLEL_MIN})" in source  # a small bucket stays on the calling thread

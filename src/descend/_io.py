@@ -47,7 +47,7 @@ def fsync_dir(directory: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | Path, suffix: str = "", mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on a clean exit it atomically becomes ``path``.
 
     For writers that take a file name (``safetensors.save_file``, ``matplotlib.savefig``)::
@@ -55,7 +55,8 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         with atomic_path(out / "model.safetensors") as tmp:
             save_file(tensors, tmp)
 
-    ``suffix`` keeps an extension some writers dispatch on (``".png"``).
+    ``suffix`` keeps an extension some writers dispatch on (``".png"``). ``mode``: the file's permissions
+    (default: what ``open()`` gives under the umask).
     """
     path = Path(path)
     if path.is_dir():
@@ -74,7 +75,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, umask_mode())
+        os.chmod(tmp, umask_mode() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -92,10 +93,12 @@ def _naming(error: OSError, path: Path) -> OSError:
     return renamed
 
 
-def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None], *, encoding: str = "utf-8") -> Path:
-    """Write ``data`` (bytes, text, or a function given the open binary file) to ``path`` atomically."""
+def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None], *, encoding: str = "utf-8",
+                 mode: int | None = None) -> Path:
+    """Write ``data`` (bytes, text, or a function given the open binary file) to ``path`` atomically
+    (``mode``: as :func:`atomic_path`)."""
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, mode=mode) as tmp, open(tmp, "wb") as f:
         if callable(data):
             data(f)
         else:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from descend.optim._engines import Plan, make_engine
+from descend.optim._engines import Plan, check_state, make_engine
 from descend.optim._flat import FlatLayout
 from descend.optim._rules import Rule, ScaleByLR, WeightRule, step_dtype
 
@@ -242,21 +242,37 @@ class ChainOptimizer(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state (also a ``torch.optim`` state_dict of the same rule); missing keys take defaults."""
+        """Load state (also a ``torch.optim`` state_dict of the same rule); missing keys take defaults.
+
+        Raises ``RuntimeError`` (and keeps the state it had) when a state tensor does not fit its
+        parameter: another shape (a checkpoint of a resized layer), dtype or device.
+        """
         state_dtype = self.state_dtype
+        before = {"state": self.state, "param_groups": self.param_groups}
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-            for p in group["params"]:  # torch before 1.12 saved "step" as a Python number
-                state = self.state.get(p)
-                if state is not None and "step" in state and not torch.is_tensor(state["step"]):
-                    state["step"] = torch.tensor(float(state["step"]), dtype=step_dtype())
-            if state_dtype is not None:  # torch casts loaded state to the parameter dtype: undo that
+        keys = [rule.state_names.get(n, n) for rule in self.rules for n in rule.all_state_keys()]
+        try:
+            for group in self.param_groups:
+                for key, value in self.defaults.items():
+                    group.setdefault(key, value)
                 for p in group["params"]:
-                    for key, value in self.state.get(p, {}).items():
-                        if key != "step" and torch.is_tensor(value) and value.is_floating_point():
-                            self.state[p][key] = value.to(state_dtype)
+                    state = self.state.get(p)
+                    if not state:
+                        continue
+                    # torch before 1.12 saved "step" as a Python number, fused and capturable torch optimizers
+                    # keep it on the parameter's device: descend counts on the host, in torch's step dtype
+                    step = state.get("step")
+                    if step is not None and not (torch.is_tensor(step) and step.dim() == 0 and step.is_cpu
+                                                 and step.is_floating_point()):
+                        state["step"] = torch.tensor(float(step), dtype=step_dtype())
+                    if state_dtype is not None:  # torch casts loaded state to the parameter dtype: undo that
+                        for key, value in state.items():
+                            if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                                state[key] = value.to(state_dtype)
+                    check_state(p, state, keys, state_dtype)
+        except RuntimeError:
+            self.__dict__.update(before)
+            raise
         self._engine.reset()
 
     def __getstate__(self) -> dict[str, Any]:

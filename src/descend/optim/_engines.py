@@ -20,17 +20,20 @@
   ``torch._fused_adamw_``, ``torch._fused_sgd_``) for buckets whose live chain is exactly one of
   them (:func:`torch_kernel`); the same equations as the rules, evaluated in another order.
 - :class:`AutoEngine` (``engine="auto"``, the default): per bucket, on the CPU the native loop for
-  every chain it can run; elsewhere (and for the rest) torch's Adam, AdamW or SGD kernel where
-  :func:`torch_kernel` finds one, the compiled engine for a flat buffer (``flat=True``) of at least
-  :data:`COMPILE_MIN` elements, the foreach engine otherwise. A compile failure falls back and is
-  logged, never raised. Why: ``docs/guide/engines.md``.
+  every chain it can run and the foreach engine for the rest (no torch kernel: each computes what the
+  reference engine computes); elsewhere torch's Adam, AdamW or SGD kernel where :func:`torch_kernel`
+  finds one, the compiled engine for a flat buffer (``flat=True``) of at least :data:`COMPILE_MIN`
+  elements, the foreach engine otherwise. A compile failure falls back and is logged, never raised.
+  Why: ``docs/guide/engines.md``.
 
 With ``flat=True`` (:mod:`descend.optim._flat`) a group's parameters, gradients and state are views
 of one buffer each, and the multi-tensor engines step such a buffer as a single tensor
 (:meth:`BucketEngine.step_flat`) whenever that computes what stepping its parameters one by one would.
 
-Shared by all engines: a parameter's first step (state creation, ``Rule.first_update``) and
-zero-size parameters go through the reference path; the multi-tensor engines keep the step
+Shared by all engines: a parameter's state is checked against the parameter before it is touched
+(:func:`check_state`); a parameter's first step (state creation, ``Rule.first_update``), zero-size
+parameters and the parameters of a group where two share memory (:func:`tensors_overlap`) go through
+the reference path; the multi-tensor engines keep the step
 counters of a bucket as the elements of one tensor and advance them with one operation
 (:class:`StepCounters`); ``clip_by_global_norm`` computes the global norm over every gradient
 first; ``grad_scale`` (from ``torch.amp.GradScaler``) divides the gradient inside the step; state
@@ -44,9 +47,10 @@ import array
 import logging
 import types
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain, repeat
+from itertools import chain, pairwise, repeat
 from operator import attrgetter, is_, itemgetter
 from typing import Any, Protocol
 
@@ -140,6 +144,48 @@ def check_grad(p: Tensor) -> Tensor:
         raise RuntimeError("descend optimizers do not support complex parameters; store them as real "
                            "tensors (torch.view_as_real) and rebuild with torch.view_as_complex")
     return g
+
+
+def check_state(p: Tensor, state: dict[str, Any], keys: Iterable[str], state_dtype: torch.dtype | None) -> None:
+    """Raise ``RuntimeError`` unless each of ``state[key]`` (those present) fits ``p``: a tensor of ``p``'s
+    shape on ``p``'s device, of the optimizer's state dtype (``state_dtype``, else ``p``'s).
+
+    Every engine checks this before it touches a state tensor: the native loop walks ``p.numel()``
+    elements of each, so a state of another size would be read and written out of bounds.
+    """
+    dtype = state_dtype or p.dtype
+    for key in keys:
+        t = state.get(key)
+        if t is None:
+            continue
+        if not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device or t.dtype != dtype:
+            found = (f"shape {tuple(t.shape)}, {t.dtype} on {t.device}" if torch.is_tensor(t)
+                     else f"a {type(t).__name__}")
+            raise RuntimeError(
+                f"optimizer state {key!r} ({found}) does not fit its parameter (shape {tuple(p.shape)}, {dtype} "
+                f"on {p.device}): the state belongs to other parameters (a checkpoint of a resized model?); "
+                "load a state_dict saved for these parameters, or drop this parameter's state "
+                "(optimizer.state.pop(param))")
+
+
+def tensors_overlap(tensors: Iterable[Tensor]) -> bool:
+    """Whether two of ``tensors`` may share memory: their address ranges (first to last element) intersect.
+
+    Conservative: interleaved views of one buffer (``x[0::2]``, ``x[1::2]``) count as overlapping.
+    """
+    spans = []
+    for t in tensors:
+        t = _local(t)
+        if not t.numel():
+            continue
+        start = t.data_ptr()
+        if t.is_contiguous():
+            spans.append((start, start + t.nbytes))
+        else:
+            extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+            spans.append((start, start + extent * t.element_size()))
+    spans.sort()
+    return any(start < end for (_, end), (start, _) in pairwise(spans))
 
 
 def clip_coefficients(plan: Plan, groups: list[dict[str, Any]], grad_scale: Tensor | None = None) -> list[Any] | None:
@@ -308,6 +354,7 @@ class ReferenceEngine(Engine):
         u = g / grad_scale.to(g.device) if grad_scale is not None else g
         u = -u if group["maximize"] else u
         state = self.source.state[p]
+        check_state(p, state, state_keys(live), plan.state_dtype)
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=step_dtype())
         state["step"] += 1
@@ -322,7 +369,7 @@ class ReferenceEngine(Engine):
             if widen:
                 assert ordinals is not None
                 for j, (k, v) in enumerate(view.items()):
-                    seed = rounding_seeds(state["step"], ordinals, state_slot(r, j)).to(v.device)
+                    seed = rounding_seeds(state["step"], ordinals, state_slot(r, j))[0].to(v.device)
                     write_back_(v, work[k], seed, offset)
         if keep != 1:  # decoupled decay acts on w: w <- keep*w + u
             p.mul_(keep)
@@ -337,19 +384,30 @@ class StepCounters:
     Each ``state["step"]`` stays its own 0-d tensor (a view of the bucket's packed tensor), so torch's
     state dicts are unchanged, but a bucket's step is one ``add_`` rather than one per parameter.
     Counters packed together were equal when packed and have been advanced together since, so the
-    engine knows them equal by identity alone, without reading any; counters that are not (a first
-    bucket step, after ``load_state_dict``, a parameter that skipped a step) are read and packed anew.
+    engine knows them equal by identity alone, without reading any, as long as nothing else wrote to
+    them (the packed tensor's version counter, which every in-place operation such as
+    ``state["step"].zero_()`` advances, is where this engine left it); counters that are not (a first
+    bucket step, after ``load_state_dict``, a parameter that skipped a step, a counter changed in place)
+    are read and packed anew.
     """
 
     def __init__(self) -> None:
-        self.packs: dict[int, list[Tensor]] = {}  # id of a pack's first counter -> the pack's counters
+        # id of a pack's first counter -> the pack's counters and the packed tensor's version after its last add
+        self.packs: dict[int, tuple[list[Tensor], int]] = {}
 
     def reset(self) -> None:
         self.packs.clear()
 
     def packed(self, steps: list[Tensor]) -> bool:
-        known = self.packs.get(id(steps[0]))
-        return known is not None and len(known) == len(steps) and all(a is b for a, b in zip(known, steps))
+        known, version = self.packs.get(id(steps[0]), (None, -1))
+        return (known is not None and len(known) == len(steps) and all(a is b for a, b in zip(known, steps))
+                and tensor_version(steps[0]._base) == version)
+
+    def add(self, steps: list[Tensor]) -> None:
+        """Advance a pack by one, remembering the version that leaves it at."""
+        base = steps[0]._base
+        base.add_(1)
+        self.packs[id(steps[0])] = (steps, tensor_version(base))
 
     def advance(self, states: list[dict[str, Any]]) -> Tensor:
         """``state["step"] += 1`` for each of ``states`` (equal step counts); returns one counter."""
@@ -361,8 +419,7 @@ class StepCounters:
             steps = list(torch.stack([s.detach() for s in steps]).unbind(0))
             for s, view in zip(states, steps):
                 s["step"] = view
-            self.packs[id(steps[0])] = steps
-        steps[0]._base.add_(1)
+        self.add(steps)
         return steps[0]
 
     def groups(self, states: list[dict[str, Any]]) -> list[tuple[list[int], Tensor]]:
@@ -370,12 +427,21 @@ class StepCounters:
         each group with one of its (advanced) counters."""
         steps = [s["step"] for s in states]
         if self.packed(steps):
-            steps[0]._base.add_(1)
+            self.add(steps)
             return [(list(range(len(states))), steps[0])]
         by_count: dict[float, list[int]] = {}
         for i, s in enumerate(steps):
             by_count.setdefault(float(s), []).append(i)
         return [(positions, self.advance([states[i] for i in positions])) for positions in by_count.values()]
+
+
+def tensor_version(t: Tensor) -> int:
+    """``t``'s version counter (advanced by every in-place operation on it or a view); -1 where torch keeps
+    none (an inference tensor), which matches no recorded version."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 def _local(t: Tensor) -> Tensor:
@@ -431,7 +497,7 @@ class NativeGroup:
 
     __slots__ = ("held", "hyper_keys", "idle", "keep", "kernel", "keys", "live", "members", "nbytes", "params",
                  "params_list", "per_step", "pointers", "runner", "scalars", "sizes", "state_of", "state_tensors",
-                 "states", "step", "stride", "values", "w_pointers")
+                 "states", "step", "stride", "values", "version", "w_pointers")
 
     def __init__(self, runner: NativeEngine, group: dict[str, Any], keys: list[str], items: list[_Item],
                  params: list[Tensor], states: list[dict[str, Any]], step: Tensor, idle: list[Tensor]) -> None:
@@ -453,6 +519,7 @@ class NativeGroup:
         self.pointers, self.sizes = array.array("q", pointers), array.array("q", sizes)
         self.stride = 2 + len(keys)
         self.step = step
+        self.version = tensor_version(step._base)  # the loop advances the counters without changing it
         self.hyper_keys = tuple(key for key in group if key != "params")
         self.values: list[Any] | None = None  # the hyperparameters the kernel and scalars were read from
         self.live: Live | None = None  # their live rules and decay factor, if they are all numbers
@@ -530,10 +597,15 @@ class BucketEngine(Engine):
         self.reference = ReferenceEngine(plan, source)
         self.counters = StepCounters()
         self.remembered: dict[int, NativeGroup] = {}  # by group index
+        # state tensors check_state passed (by id, with a weak reference: the same tensor, not a successor
+        # at its address); a state tensor is the optimizer's, so one that passed once fits its parameter
+        self.fitting: dict[int, weakref.ref[Tensor]] = {}
+        self.disjoint: dict[int, array.array] = {}  # by group index: addresses of parameters known not to overlap
 
     def reset(self) -> None:
         self.counters.reset()
         self.remembered.clear()
+        self.fitting.clear()
         if self.plan.layout is not None:  # the state was replaced: check the flat buffers in full
             self.plan.layout.invalidate()
 
@@ -547,8 +619,9 @@ class BucketEngine(Engine):
         remembered = self.remembered.get(gi)
         if remembered is None:
             return False
-        if not remembered.read_hyper(self.plan, group) or (
-                grads := remembered.gradient_pointers(group, self.source.state)) is None:
+        if (tensor_version(remembered.step._base) != remembered.version  # a counter changed in place
+                or not remembered.read_hyper(self.plan, group)
+                or (grads := remembered.gradient_pointers(group, self.source.state)) is None):
             del self.remembered[gi]
             return False
         pointers = remembered.pointers[:]
@@ -581,23 +654,36 @@ class BucketEngine(Engine):
                     if not self.step_flat(buffer, group, live, keep, keys, grad_scale):
                         buffer.invalidate()  # its parameters step one by one: their counts may part
                         loose += buffer.params
-            idle = []  # parameters without a gradient
-            for p in loose:
+            idle = [p for p in loose if p.grad is None]  # parameters without a gradient
+            stepping = [p for p in loose if p.grad is not None] if idle else loose
+            if len(stepping) > 1 and self.overlap(gi, stepping):
+                # parameters that share memory see each other's updates: step them in the reference engine's
+                # order (a bucket steps them together, the native loop even on several threads at once)
+                for p in stepping:
+                    self.reference.step_param(p, group, live, keep, grad_scale)
+                continue
+            state_dtype = self.plan.state_dtype
+            for p in stepping:
                 g = p.grad
-                if g is None:
-                    idle.append(p)
-                    continue
                 if g.is_sparse or p.is_complex():
                     check_grad(p)  # raises
                 state = all_state[p]
                 if p.numel() == 0 or not needed <= state.keys():
                     self.reference.step_param(p, group, live, keep, grad_scale)
                     continue
+                states = [state[k] for k in keys]
+                fitting = self.fitting
+                for t in states:
+                    known = fitting.get(id(t))
+                    if known is None or known() is not t:
+                        check_state(p, state, keys, state_dtype)
+                        fitting.update((id(u), weakref.ref(u)) for u in states)
+                        break
                 key = (p.device, p.dtype, g.dtype)  # and equal step counts: StepCounters.groups
                 if isinstance(p, DTensor):  # the rules are elementwise: a sharded parameter steps on its shard
-                    item = _Item(_local(p), _local(g), [_local(state[k]) for k in keys])
+                    item = _Item(_local(p), _local(g), [_local(t) for t in states])
                 else:
-                    item = _Item(p, g, [state[k] for k in keys])
+                    item = _Item(p, g, states)
                 if widen:  # only rounding noise needs the parameter's position
                     item.ordinal, item.offset = self.position(p)
                 bucket = buckets.get(key)
@@ -625,20 +711,32 @@ class BucketEngine(Engine):
                         if remembered.read_hyper(self.plan, group):
                             self.remembered[gi] = remembered
 
+    def overlap(self, gi: int, params: list[Tensor]) -> bool:
+        """Whether two of group ``gi``'s ``params`` share memory (:func:`tensors_overlap`), read again only when
+        their addresses or sizes change."""
+        params = [_local(p) for p in params]
+        addresses = array.array("q", chain(map(Tensor.data_ptr, params), map(_nbytes_of, params)))
+        if self.disjoint.get(gi) == addresses:
+            return False
+        if tensors_overlap(params):
+            return True
+        if len(self.disjoint) > 256:
+            self.disjoint.clear()
+        self.disjoint[gi] = addresses
+        return False
+
     def step_flat(self, buffer: FlatBuffer, group: dict[str, Any], live: Live, keep: Any, keys: list[str],
                   grad_scale: Tensor | None) -> bool:
         """Step a flat buffer's parameters as one tensor; False (nothing done) where that would differ
         from stepping them one by one (a parameter without gradient or state, unequal step counts)."""
-        if not buffer.gather_grads() or not buffer.ready(self.source.state, keys):
+        if not buffer.gather_grads() or not buffer.ready(self.source.state, keys, self.plan.state_dtype):
             return False
         item = _Item(buffer.rows(buffer.data), buffer.rows(buffer.grad), [buffer.rows(buffer.states[k]) for k in keys],
                      buffer.ordinal, 0, whole=False)
-        if buffer.step_base is not None and buffer.state_dicts[0].get("step") is buffer.step0:
-            buffer.step_base.add_(1)  # the counters are still the packed ones StepCounters made
-            step = buffer.step0
-        else:
-            step = self.counters.advance([self.source.state[p] for p in buffer.params])
-            buffer.step_base, buffer.step0 = step._base, step
+        states = buffer.state_dicts
+        if not self.counters.packed([s["step"] for s in states]) and not buffer.same_step_counts(self.source.state):
+            return False  # a counter changed in place since the buffer last stepped as one
+        step = self.counters.advance(states)
         self.run_bucket(group, live, keep, [item], step, grad_scale)
         self.project(group, buffer.params)
         return True
@@ -878,6 +976,9 @@ class CompiledEngine(BucketEngine):
         if self.fallback is not None:
             self.fallback.run_bucket(group, live, keep, items, step, grad_scale)
             return
+        # a 0-d tensor meeting a 0-d float64 hyperparameter would be promoted to float64; a 1-element view is not
+        items = [_Item(it.param.view(1), it.grad.view(1), [t.view(1) for t in it.states], it.ordinal, it.offset,
+                       it.whole) if it.param.dim() == 0 else it for it in items]
         rules = tuple(rule for rule, _ in live)
         # a ball projection needs each parameter whole: a flat buffer's are applied after the step
         whole = all(item.whole for item in items)
@@ -1071,16 +1172,19 @@ def is_torch_chain(rules: Sequence[Rule], decays: Sequence[Rule], projections: S
 
 
 def torch_kernel(live: Live, decays: Sequence[Rule], projections: Sequence[WeightRule], group: dict[str, Any],
-                 items: list[_Item], step: Tensor, grad_scale: Tensor | None) -> Callable[[], None] | None:
+                 items: list[_Item], step: Tensor, grad_scale: Tensor | None,
+                 rounding: bool = False) -> Callable[[], None] | None:
     """torch's fused kernel that computes this bucket's step, as a call ready to run, or None.
 
     A bucket qualifies when its live chain is exactly torch's Adam (``[l2] adam scale_by_lr``), AdamW
     (``adam scale_by_lr`` with lr-scaled decoupled decay) or SGD (``[l2] [heavy_ball] scale_by_lr``),
-    with no projection, no clipping and no ``grad_scale`` (torch's kernels unscale ``.grad`` in
-    place; the chain leaves it as it is), and parameters, gradients and state share one dtype on a
-    device torch has fused kernels for.
+    with no projection, no clipping, no ``grad_scale`` (torch's kernels unscale ``.grad`` in place;
+    the chain leaves it as it is) and no stochastic rounding of the state (``rounding``: torch's
+    kernels round to nearest), and parameters, gradients and state share one dtype on a device torch
+    has fused kernels for. Not SGD in half precision on the CPU: torch 2.13's kernel leaves such
+    weights unchanged.
     """
-    if grad_scale is not None or projections or not items:
+    if grad_scale is not None or projections or not items or rounding:
         return None
     kinds = [type(rule) for rule, _ in live]
     hps = [hp for _, hp in live]
@@ -1126,6 +1230,8 @@ def torch_kernel(live: Live, decays: Sequence[Rule], projections: Sequence[Weigh
     if active_decays:
         return None
     if kinds in ([HeavyBall, ScaleByLR], [ScaleByLR]):
+        if p0.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            return None
         hp = hps[0] if kinds[0] is HeavyBall else {"momentum": 0.0, "dampening": 0.0, "nesterov": False}
         buffers = [it.states[0] for it in items] if kinds[0] is HeavyBall else []
 
@@ -1165,7 +1271,8 @@ class FusedEngine(BucketEngine):
 
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
-        kernel = torch_kernel(live, self.plan.decays, self.plan.projections, group, items, step, grad_scale)
+        kernel = torch_kernel(live, self.plan.decays, self.plan.projections, group, items, step, grad_scale,
+                              rounds_stochastically(self.plan))
         if kernel is not None:
             self.last = self
             kernel()
@@ -1175,9 +1282,9 @@ class FusedEngine(BucketEngine):
 
 
 class AutoEngine(FusedEngine):
-    """``engine="auto"``: per bucket, on the CPU the native loop for every chain; elsewhere torch's fused
-    Adam, AdamW or SGD kernel, the compiled step for a large flat buffer, or the foreach engine (see the
-    module docstring)."""
+    """``engine="auto"``: per bucket, on the CPU the native loop for every chain (foreach for what it cannot
+    run); elsewhere torch's fused Adam, AdamW or SGD kernel, the compiled step for a large flat buffer, or
+    the foreach engine (see the module docstring)."""
 
     name = "auto"
 
@@ -1194,11 +1301,13 @@ class AutoEngine(FusedEngine):
 
     def run_bucket(self, group: dict[str, Any], live: Live, keep: Any, items: list[_Item], step: Tensor,
                    grad_scale: Tensor | None) -> None:
-        # On the CPU the native loop steps at least as fast as torch's fused kernels (Adam's faster) and
-        # computes what the reference engine computes; fused=True still runs torch's kernels.
-        if self.native.supports(items, grad_scale):
-            self.last = self.native
-            self.native.run_bucket(group, live, keep, items, step, grad_scale)
+        # On the CPU only what computes what the reference engine computes: the native loop (as fast as
+        # torch's fused kernels, Adam's faster), which runs the rest on foreach. torch's CPU kernels compute
+        # in another order, in float32 for half-precision tensors, and fused SGD leaves half-precision weights
+        # unchanged in torch 2.13; fused=True still runs them.
+        if items[0].param.device.type == "cpu":
+            self.last = self.fallback(items)
+            self.last.run_bucket(group, live, keep, items, step, grad_scale)
         else:
             super().run_bucket(group, live, keep, items, step, grad_scale)
 
@@ -1207,7 +1316,7 @@ class AutoEngine(FusedEngine):
 
     def fallback(self, items: list[_Item]) -> BucketEngine:
         """The native loop on the CPU (it runs what it cannot on foreach); the compiled step for one
-        large flat buffer elsewhere; else foreach."""
+        large flat buffer elsewhere (or without a C compiler); else foreach."""
         if items[0].param.device.type == "cpu" and not self.native.broken:
             return self.native
         flat = len(items) == 1 and not items[0].whole

@@ -87,13 +87,9 @@ class FlatBuffer:
         self.states: dict[str, Tensor] = {}
         self.state_views: dict[str, list[Tensor]] = {}
         self.ordinal = ordinal
-        # what the last full check found: each parameter's state dict and the keys checked (see
-        # ready()), and the packed step counters (their 1-D base and parameter 0's view), which
-        # BucketEngine.step_flat advances directly while that check holds
+        # what the last full check found: each parameter's state dict and the keys checked (see ready())
         self.state_dicts: list[dict[str, Any]] = []
         self.checked: list[str] = []
-        self.step_base: Tensor | None = None
-        self.step0: Tensor | None = None
 
     def rows(self, flat: Tensor) -> Tensor:
         """A flat buffer seen as ``[numel // LANES, LANES]``."""
@@ -122,8 +118,11 @@ class FlatBuffer:
                 p.grad = view
         return True
 
-    def adopt_states(self, state: dict[Tensor, dict[str, Any]], keys: list[str]) -> bool:
-        """Make each state tensor under ``keys`` a view of its flat buffer; False if one cannot be.
+    def adopt_states(self, state: dict[Tensor, dict[str, Any]], keys: list[str],
+                     state_dtype: torch.dtype | None = None) -> bool:
+        """Make each state tensor under ``keys`` a view of its flat buffer; False if one cannot be (one
+        that does not fit its parameter: another shape or device, a dtype other than ``state_dtype``, or
+        the parameter's if that is None).
 
         State created by a first step, or loaded by ``load_state_dict``, is copied into the buffer
         once; afterwards the check is one identity test per tensor.
@@ -134,11 +133,9 @@ class FlatBuffer:
             if views is not None and all(c is v for c, v in zip(current, views)):
                 continue
             if any(c is None or not torch.is_tensor(c) or c.shape != p.shape or c.device != p.device
-                   for c, p in zip(current, self.params)):
+                   or c.dtype != (state_dtype or p.dtype) for c, p in zip(current, self.params)):
                 return False
             dtype = current[0].dtype  # type: ignore[union-attr]
-            if any(c.dtype != dtype for c in current):  # type: ignore[union-attr]
-                return False
             flat = self.states.get(key)
             if flat is None or flat.dtype != dtype:
                 flat = torch.zeros(self.numel, device=self.data.device, dtype=dtype)
@@ -150,7 +147,8 @@ class FlatBuffer:
             self.state_views[key] = views
         return True
 
-    def ready(self, state: dict[Tensor, dict[str, Any]], keys: list[str]) -> bool:
+    def ready(self, state: dict[Tensor, dict[str, Any]], keys: list[str],
+              state_dtype: torch.dtype | None = None) -> bool:
         """Whether the buffer can step as one tensor: every parameter has its state (``step`` and
         ``keys``) as views of the flat state buffers, with one step count.
 
@@ -165,7 +163,7 @@ class FlatBuffer:
         self.invalidate()
         if any(p not in state or "step" not in state[p] for p in self.params):
             return False
-        if not self.adopt_states(state, keys) or not self.same_step_counts(state):
+        if not self.adopt_states(state, keys, state_dtype) or not self.same_step_counts(state):
             return False
         self.state_dicts = [state[p] for p in self.params]
         self.checked = list(keys)
@@ -173,7 +171,7 @@ class FlatBuffer:
 
     def invalidate(self) -> None:
         """Forget the last full check (the parameters stepped one by one, or the state was replaced)."""
-        self.state_dicts, self.checked, self.step_base, self.step0 = [], [], None, None
+        self.state_dicts, self.checked = [], []
 
     def same_step_counts(self, state: dict[Tensor, dict[str, Any]]) -> bool:
         """Whether every parameter has taken as many steps as the others."""

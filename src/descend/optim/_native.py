@@ -17,9 +17,10 @@ one fused multiply-add, as torch's vectorised kernel computes it); nothing else 
 
 The loop runs over every tensor of a bucket in one call (OpenMP threads share the elements), on
 float32 CPU tensors; state may be bfloat16, widened on load and rounded stochastically on store.
-The C source is compiled once per machine with the system C compiler (``$CC``, else ``cc``) and
-cached by its hash under ``$DESCEND_CACHE_DIR`` (default ``~/.cache/descend/kernels``; never a
-directory other users can write to); a process that finds the library there only loads it. A rule
+The C source is compiled once per machine with the system C compiler (``$CC``, split as a shell
+splits it, else ``cc``) and cached by its hash under ``$DESCEND_CACHE_DIR`` (default
+``~/.cache/descend/kernels``; never a directory other users can write to); a process that finds the
+library there loads it only if its bytes match the SHA-256 sealed onto it when it was built. A rule
 that uses an operation the tracer does not know raises :class:`NotTraceable`, and the engine runs
 that chain another way.
 """
@@ -30,20 +31,23 @@ import array
 import ctypes
 import functools
 import hashlib
+import logging
 import math
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from descend._io import atomic_path
+from descend._io import atomic_write, umask_mode
 
 __all__ = ["Kernel", "NotTraceable", "compile_kernel", "flatten_hyper", "kernel_cache_dir", "trace_chain"]
 
@@ -190,8 +194,8 @@ class Element(_Operand):
         return self.code.element(f"sqrtf({self.name})")
 
     def sign(self) -> Element:
-        x = self.name  # 0 stays 0 and NaN stays NaN, as torch.sign
-        return self.code.element(f"{x} > 0.0f ? 1.0f : ({x} < 0.0f ? -1.0f : {x})")
+        x = self.name  # as torch.sign: (0 < x) - (x < 0), so +0 for -0 and for NaN
+        return self.code.element(f"(float)({x} > 0.0f) - (float)({x} < 0.0f)")
 
     def lerp(self, end: Any, weight: Any) -> Element:
         start, stop = self.name, self.code.as_float(end)
@@ -507,8 +511,13 @@ def _machine_tag() -> str:
     return f"{platform.machine()}|{platform.system()}|{text}"
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+def _compiler() -> list[str] | None:
+    """The C compiler's command: ``$CC`` split as a shell splits it (``CC="gcc -O2"``), else cc, gcc or clang."""
+    configured = shlex.split(os.environ.get("CC", ""))
+    if configured:
+        return configured
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [found] if found else None
 
 
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
@@ -516,6 +525,7 @@ _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
 _TUNING = [["-march=native", "-mprefer-vector-width=512"] if platform.machine().lower() in ("x86_64", "amd64")
            else ["-mcpu=native"], []]
 _lock = threading.Lock()
+logger = logging.getLogger("descend.optim")
 
 
 def _as_array(values: Sequence[Any], typecode: str) -> array.array:
@@ -569,61 +579,137 @@ class Kernel:
 def compile_kernel(source: str, pointers: int) -> Kernel:
     """Compile ``source`` (or load it from the cache) and return the kernel.
 
+    A cached library is loaded only if its bytes match the SHA-256 written after them when it was
+    built (:func:`_sealed`), and it exports the step; one that does not (truncated, damaged, from
+    elsewhere) is built again, and the log says so once. A cache directory that is not this user's
+    alone is not used (logged, with the reason), nor one that cannot be written to when a kernel must
+    be stored there: the private directory under the temporary directory takes their place.
+
     Raises ``RuntimeError`` (one line, with the compiler's first error) when no C compiler works.
     """
-    compiler = _compiler()
-    if compiler is None:
+    command = _compiler()
+    if command is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
     flags = [*_FLAGS, *(f for tuning in _TUNING for f in tuning)]
-    digest = hashlib.sha256("\0".join([source, compiler, *flags, _machine_tag()]).encode()).hexdigest()[:24]
-    user = os.getuid() if hasattr(os, "getuid") else os.getpid()
+    key = "\0".join([_FORMAT, source, *command, *flags, _machine_tag()])
+    name = f"step_{hashlib.sha256(key.encode()).hexdigest()[:24]}.so"
     with _lock:
-        for directory in (kernel_cache_dir(), Path(tempfile.gettempdir()) / f"descend-kernels-{user}"):
-            if _private(directory):
-                break
-        else:
-            raise RuntimeError("no directory only this user can write to for compiled kernels; "
-                               "set DESCEND_CACHE_DIR to one")
-        path = directory / f"step_{digest}.so"
-        if not path.is_file():
-            _build(compiler, source, path)
-        elif not _private(path):
-            raise RuntimeError(f"{path} is writable by other users; delete it")
-    return Kernel(path, pointers)
+        directories = list(_cache_directories())
+        for directory in directories:
+            kernel = _cached(directory / name, pointers)
+            if kernel is not None:
+                return kernel
+        kernel, binary = _build(command, source, pointers)
+        for directory in directories:
+            try:
+                atomic_write(directory / name, _sealed(binary), mode=umask_mode() & ~0o022)
+                return kernel
+            except OSError as err:  # e.g. a read-only cache: the next directory
+                _log_once(f"descend: cannot store compiled kernels in {directory} ({err})")
+        _log_once("descend: no cache directory can be written to; compiled kernels are rebuilt in each process")
+        return kernel
 
 
-def _private(path: Path) -> bool:
-    """Whether ``path`` (a directory is created, mode 0700, if missing) belongs to this user and no other
-    user can write to it: a library loaded from there runs as this user."""
+#: Bumped when what the cache holds changes form (a library without the seal is never looked up).
+_FORMAT = "sealed-1"
+#: What precedes the hex SHA-256 of the library's bytes appended to each cached library.
+_SEAL = b"\0descend-sha256:"
+_SEAL_LENGTH = len(_SEAL) + 64
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.warning(message)
+
+
+def _sealed(binary: bytes) -> bytes:
+    """The library as cached: its bytes, then the SHA-256 of those bytes (the loader ignores what
+    follows the sections an ELF or Mach-O file describes)."""
+    return binary + _SEAL + hashlib.sha256(binary).hexdigest().encode()
+
+
+def _seal_broken(data: bytes) -> str | None:
+    """Why a cached file is not the library that was built and sealed, or None if it is."""
+    body, seal = data[:-_SEAL_LENGTH], data[-_SEAL_LENGTH:]
+    if len(data) <= _SEAL_LENGTH or not seal.startswith(_SEAL):
+        return "carries no record of what was built (truncated or not written by descend)"
+    if hashlib.sha256(body).hexdigest().encode() != seal[len(_SEAL):]:
+        return "does not match the SHA-256 recorded when it was built (damaged)"
+    return None
+
+
+def _cached(path: Path, pointers: int) -> Kernel | None:
+    """The kernel at ``path`` if it is there, this user's alone and what was built; None otherwise (a
+    present file that is not is logged, once)."""
     try:
-        if not path.exists():
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        why: str | None = f"cannot be read ({err})"
+    else:
+        why = _refusal(path) or _seal_broken(data)
+    if why is None:
+        try:
+            return Kernel(path, pointers)
+        except (OSError, AttributeError) as err:  # not a library here, or one without the step
+            why = f"does not load ({err})"
+    _log_once(f"descend: the compiled kernel {path} {why}; building it again")
+    return None
+
+
+def _cache_directories() -> Iterator[Path]:
+    """The cache directory, then a private one under the temporary directory; a directory this user does
+    not own alone is skipped, and the log says why (once)."""
+    user = os.getuid() if hasattr(os, "getuid") else os.getpid()
+    for directory in (kernel_cache_dir(), Path(tempfile.gettempdir()) / f"descend-kernels-{user}"):
+        why = _refusal(directory, create=True)
+        if why is None:
+            yield directory
+        else:
+            _log_once(f"descend: not keeping compiled kernels in {directory}: {why}")
+
+
+def _refusal(path: Path, create: bool = False) -> str | None:
+    """Why ``path`` cannot hold libraries this process loads, or None: it must belong to this user and no
+    other user may write to it (a library loaded from there runs as this user). ``create``: make the
+    directory (mode 0700) if it is missing."""
+    try:
+        if create and not path.exists():
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         status = path.stat()
-    except OSError:
-        return False
+    except OSError as err:
+        return f"it cannot be created or read ({err})"
     if hasattr(os, "getuid") and status.st_uid != os.getuid():
-        return False
-    return not status.st_mode & 0o022
+        return f"it belongs to user {status.st_uid}, not to this user"
+    if status.st_mode & 0o022:
+        return f"other users can write to it (mode {stat.S_IMODE(status.st_mode):o})"
+    return None
 
 
-def _build(compiler: str, source: str, path: Path) -> None:
+def _build(command: list[str], source: str, pointers: int) -> tuple[Kernel, bytes]:
+    """Compile ``source``; the kernel, loaded from what the compiler wrote, and the library's bytes."""
     with tempfile.TemporaryDirectory(prefix="descend-kernel-") as tmp:
-        c_file = Path(tmp) / "step.c"
+        c_file, library = Path(tmp) / "step.c", Path(tmp) / "step.so"
         c_file.write_text(source)
         errors = ""
         # without OpenMP (e.g. clang lacking libomp) the loop runs on one thread
         for tuning, openmp in [(t, o) for t in _TUNING for o in (["-fopenmp"], [])]:
             try:
-                with atomic_path(path, suffix=".so") as out:
-                    command = [compiler, *_FLAGS, *tuning, *openmp, str(c_file), "-o", str(out), "-lm"]
-                    result = subprocess.run(command, capture_output=True, text=True)
-                    if result.returncode != 0:
-                        raise _BuildError((result.stderr.strip().splitlines() or ["(no message)"])[0])
-                return
-            except _BuildError as err:
-                errors = errors or str(err)
+                result = subprocess.run([*command, *_FLAGS, *tuning, *openmp, str(c_file), "-o", str(library), "-lm"],
+                                        capture_output=True, text=True)
+            except OSError as err:  # the compiler is not there or cannot run
+                raise RuntimeError(f"the C compiler {shlex.join(command)!r} cannot run ({err})") from err
+            if result.returncode != 0:
+                errors = errors or (result.stderr.strip().splitlines() or ["(no message)"])[0]
+                continue
+            binary = library.read_bytes()
+            # named by its content: the loader takes a name it has loaded before for that library again
+            loaded = library.rename(Path(tmp) / f"{hashlib.sha256(binary).hexdigest()}.so")
+            try:
+                return Kernel(loaded, pointers), binary
+            except (OSError, AttributeError) as err:
+                errors = errors or f"the library it built does not load ({err})"
     raise RuntimeError(f"the C compiler could not build a native optimizer step: {errors}")
-
-
-class _BuildError(Exception):
-    pass

@@ -184,6 +184,10 @@ class TensorList:
         return self
 
     def mul_(self, other: Any) -> TensorList:
+        if isinstance(other, (int, float)) and self.dtype in (torch.float16, torch.bfloat16):
+            # torch 2.13's in-place _foreach_mul_ by a Python number rounds the number to the tensors' half
+            # precision first (Tensor.mul_ does not); as a 0-d tensor it multiplies as Tensor.mul_ does
+            other = torch.tensor(float(other), dtype=torch.float64)
         torch._foreach_mul_(self.tensors, other.tensors if isinstance(other, TensorList) else other)
         return self
 
