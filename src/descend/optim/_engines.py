@@ -212,12 +212,28 @@ def bucket_seeds(items: list[_Item], step: Tensor, layout: tuple[tuple[str, ...]
             for r, names in enumerate(layout)]
 
 
-def with_scalars(live: Live, step: int) -> Live:
+def with_scalars(live: Live, step: int | Tensor) -> Live:
     """The live rules with their per-step scalars (:meth:`Rule.scalars`) merged into their hyperparameters."""
     out: Live = []
     for rule, hp in live:
         extra = rule.scalars(hp, step)
         out.append((rule, {**hp, **extra} if extra else hp))
+    return out
+
+
+def traced_scalars(live: Live, step: Tensor) -> Live:
+    """:func:`with_scalars` in a step that ``torch.compile`` traces, ``step`` a 0-d tensor.
+
+    The per-step scalars are stacked into one tensor: inductor computes a stacked value once per step,
+    where it would inline a 0-d expression (Adam's powers of the betas) into every vector iteration of
+    each loop that reads it.
+    """
+    out = with_scalars(live, step)
+    computed = [(i, key) for i, ((_, hp), (_, given)) in enumerate(zip(out, live)) for key in hp if key not in given]
+    if computed:
+        stacked = torch.stack([out[i][1][key] for i, key in computed])
+        for j, (i, key) in enumerate(computed):
+            out[i][1][key] = stacked[j]
     return out
 
 
@@ -338,7 +354,8 @@ class ReferenceEngine(Engine):
         widen = rounds_stochastically(plan)
         ordinal, offset = self.position(p) if widen else (0, 0)
         ordinals = torch.tensor([ordinal], dtype=torch.int32) if widen else None
-        for r, (rule, hp) in enumerate(with_scalars(live, step)):
+        scaled = with_scalars(live, step) if isinstance(step, int) else traced_scalars(live, step)
+        for r, (rule, hp) in enumerate(scaled):
             view, fresh = rule_state(rule, state, p, hp, plan.state_dtype)
             work = {k: v.float() for k, v in view.items()} if widen else view
             u = (rule.first_update if fresh else rule.update)(u, p, work, hp, step)
