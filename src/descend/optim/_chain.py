@@ -239,14 +239,15 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     # -- the contract ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        given_momentum = isinstance(param_group, dict) and "momentum" in param_group
+        given = set(param_group) if isinstance(param_group, dict) else set()
+        given_momentum = "momentum" in given
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if self.momentum_rule is not None:
             key = self.momentum_key
-            if given_momentum and key in param_group and _differ(param_group[key], param_group["momentum"]):
-                raise ValueError(f"a param group sets momentum={param_group['momentum']!r} and {key}="
-                                 f"{param_group[key]!r}, which name one hyperparameter here; set one of them")
+            if given_momentum and key in given and _differ(group[key], group["momentum"]):
+                raise ValueError(f"a param group sets momentum={group['momentum']!r} and {key}="
+                                 f"{group[key]!r}, which name one hyperparameter here; set one of them")
             if given_momentum:
                 group[key] = group["momentum"]
             else:
