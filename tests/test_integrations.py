@@ -48,9 +48,10 @@ COMPILED = {
 }
 
 
-def _compiled_run(make: Any, compiled: bool, steps: int, warmup: int) -> tuple[list[torch.Tensor], int]:
+def _compiled_run(make: Any, compiled: bool, steps: int, warmup: int,
+                  strict: bool = True) -> tuple[list[torch.Tensor], int]:
     """``steps`` steps under OneCycleLR (which cycles lr and momentum or beta1); returns the weights and
-    the graphs dynamo compiled after ``warmup`` steps, where any recompile raises."""
+    the graphs dynamo compiled after ``warmup`` steps, where any recompile raises if ``strict``."""
     model = _mlp()
     opt = make(model.parameters())
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-2, total_steps=steps + 1)
@@ -60,7 +61,7 @@ def _compiled_run(make: Any, compiled: bool, steps: int, warmup: int) -> tuple[l
     for t in range(steps):
         if t == warmup:
             graphs = counters["stats"]["unique_graphs"]
-        with torch._dynamo.config.patch(error_on_recompile=t >= warmup):
+        with torch._dynamo.config.patch(error_on_recompile=strict and t >= warmup):
             opt.zero_grad()
             nn.functional.mse_loss(model(x), y).backward()
             step()
@@ -81,9 +82,11 @@ def test_compiled_step_does_not_recompile_under_a_schedule_and_matches_eager(nam
 def test_compiled_adamw_matches_torch_compiled_adamw() -> None:
     torch._dynamo.reset()
     ours, _ = _compiled_run(COMPILED["adamw"], True, steps=12, warmup=3)
+    # torch's compiled AdamW recompiles whenever OneCycleLR changes beta1 (a float it specialises on)
     theirs, _ = _compiled_run(lambda p: torch.optim.AdamW(p, lr=torch.tensor(1e-2), weight_decay=0.1), True,
-                              steps=12, warmup=3)
-    assert_close(ours, theirs, rtol=1e-5)
+                              steps=12, warmup=3, strict=False)
+    for a, b in zip(ours, theirs, strict=True):  # the same equations in another order: rounding apart
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # -- Lightning ------------------------------------------------------------------------------------
