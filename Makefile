@@ -7,6 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.descend-installed
 DOCS_STAMP := $(VENV)/.descend-docs-installed
+INTEGRATIONS_STAMP := $(VENV)/.descend-integrations-installed
 
 .PHONY: install demo test test-slow docs bench clean
 
@@ -26,7 +27,14 @@ test: install
 	$(BIN)/ruff check src tests benchmarks examples docs/hooks.py
 	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
-test-slow: install
+# the slow suite also runs descend inside Lightning and HF Trainer: the `integrations` extra, installed with the
+# torch already in the environment pinned as a constraint, so that nothing upgrades it
+$(INTEGRATIONS_STAMP): $(STAMP)
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,integrations]"
+	touch $(INTEGRATIONS_STAMP)
+
+test-slow: $(INTEGRATIONS_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 $(DOCS_STAMP): $(STAMP)

@@ -227,7 +227,7 @@ def test_tensorlist_rejects_unknown_torch_function() -> None:
 
 
 # -- mixed precision: GradScaler protocol -----------------------------------------------------------
-@pytest.mark.parametrize("engine", ["reference", "foreach", "compiled"])
+@pytest.mark.parametrize("engine", ["auto", "reference", "foreach", "native", "compiled"])
 def test_grad_scaler_matches_unscaled_and_skips_inf(engine: str) -> None:
     def train(scaled: bool) -> tuple[list[torch.Tensor], dict[str, Any]]:
         torch.manual_seed(0)
@@ -268,6 +268,30 @@ def test_grad_scaler_matches_unscaled_and_skips_inf(engine: str) -> None:
         if t != 3:
             opt.step()
     assert_close(scaled, [p.detach() for p in model.parameters()])
+
+
+def test_grad_scaler_unscale_then_clip_matches_torch_adamw() -> None:
+    """torch's AMP recipe with clipping (``scaler.unscale_``, ``clip_grad_norm_``, ``scaler.step``), an
+    overflowing step included: descend's AdamW follows torch's, as Lightning and HF Trainer run it."""
+    results = []
+    for make in (lambda p: torch.optim.AdamW(p, lr=1e-2), lambda p: optim.AdamW(p, lr=1e-2)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        opt = make(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        x, y = torch.randn(16, 4), torch.randn(16, 1)
+        for t in range(8):
+            opt.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+            if t == 3:
+                next(model.parameters()).grad[0, 0] = float("inf")
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            scaler.step(opt)
+            scaler.update()
+        results.append([p.detach() for p in model.parameters()])
+        assert scaler.get_scale() == 2.0**11  # halved once, at the overflow
+    assert_close(results[1], results[0], rtol=1e-6)
 
 
 def test_step_accepts_grad_scale_and_found_inf_directly() -> None:

@@ -247,3 +247,119 @@ def test_drop_in_for_a_torch_training_loop() -> None:
         loss.backward()
         opt.step()
     assert loss.item() < 1e-4
+
+
+# -- torch's momentum-cycling schedulers and an ema's beta ----------------------------------------
+EMA_CHAINS = {
+    "momentum": lambda p: optim.Momentum(p, lr=0.05),
+    "signum": lambda p: optim.Signum(p, lr=0.05, weight_decay=0.1),
+    "softsign": lambda p: optim.Softsign(p, lr=0.05, eps=1e-3),
+    "chain": lambda p: optim.chain(p, optim.ema(0.9), optim.sign(), lr=0.05),
+}
+
+
+def _cycling(opt: torch.optim.Optimizer, kind: str) -> torch.optim.lr_scheduler.LRScheduler:
+    if kind == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=25)
+    return torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=4)
+
+
+def _run_ema(make, steps: int, kind: str | None = None, by_hand: list[tuple[float, float]] | None = None,
+             ) -> tuple[torch.Tensor, list[tuple[float, float]]]:
+    """``steps`` steps on fixed random gradients; with a scheduler, or with ``(lr, beta)`` set by hand."""
+    w = nn.Parameter(torch.linspace(-1, 1, 12, dtype=torch.float64))
+    opt = make([w])
+    sched = _cycling(opt, kind) if kind else None
+    used = []
+    for t in range(steps):
+        if by_hand is not None:
+            opt.param_groups[0]["lr"], opt.param_groups[0]["beta"] = by_hand[t]
+        w.grad = torch.randn(12, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
+        opt.step()
+        used.append((opt.param_groups[0]["lr"], opt.param_groups[0]["beta"]))
+        if sched is not None:
+            sched.step()
+    return w.detach().clone(), used
+
+
+@pytest.mark.parametrize("kind", ["onecycle", "cyclic"])
+@pytest.mark.parametrize("name", sorted(EMA_CHAINS))
+def test_momentum_cycling_schedulers_drive_an_ema_beta(name: str, kind: str) -> None:
+    """OneCycleLR and CyclicLR (cycle_momentum=True) write ``momentum``; the ema's beta follows it: the run
+    equals one whose lr and beta are set by hand each step, and differs from one whose beta stays put."""
+    make = EMA_CHAINS[name]
+    scheduled, used = _run_ema(make, 20, kind)
+    assert len({beta for _, beta in used}) > 3  # the beta was cycled
+    by_hand, _ = _run_ema(make, 20, by_hand=used)
+    assert torch.equal(scheduled, by_hand)
+    fixed_beta, _ = _run_ema(make, 20, by_hand=[(lr, 0.9) for lr, _ in used])
+    assert not torch.equal(scheduled, fixed_beta)
+
+
+def test_momentum_key_follows_whichever_key_was_written() -> None:
+    w = nn.Parameter(torch.ones(3))
+    opt = optim.Signum([w], lr=0.1, beta=0.8)
+    group = opt.param_groups[0]
+    assert group["momentum"] == group["beta"] == 0.8 and opt.defaults["momentum"] == 0.8
+    w.grad = torch.ones(3)
+    group["momentum"] = 0.5  # a scheduler
+    opt.step()
+    assert group["beta"] == group["momentum"] == 0.5
+    group["beta"] = 0.7  # by hand
+    opt.step()
+    assert group["beta"] == group["momentum"] == 0.7
+    group["momentum"] = 1.5
+    with pytest.raises(ValueError, match=r"beta must be in \[0.0, 1.0\), got 1.5"):
+        opt.step()
+    opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "momentum": 0.3})
+    assert opt.param_groups[1]["beta"] == 0.3
+    with pytest.raises(ValueError, match="name one hyperparameter"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "momentum": 0.3, "beta": 0.4})
+
+
+def test_chains_with_their_own_momentum_or_betas_and_without_any_are_left_alone() -> None:
+    w = [nn.Parameter(torch.ones(2))]
+    assert "momentum" not in optim.Adam(w).defaults and "beta" not in optim.Adam(w).defaults
+    assert optim.SGD(w, momentum=0.9).defaults["momentum"] == 0.9
+    assert "momentum" not in optim.Lion(w).defaults
+    with pytest.raises(ValueError, match="optimizer must support momentum or beta1"):  # nothing to cycle
+        torch.optim.lr_scheduler.OneCycleLR(optim.SignSGD(w), max_lr=0.1, total_steps=10)
+
+
+def test_resume_mid_cycle_continues_identically_and_old_state_dicts_load() -> None:
+    """Saved after ``sched.step()`` wrote the next momentum, restored into fresh objects: the same run."""
+    def fresh() -> tuple[nn.Parameter, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        w = nn.Parameter(torch.linspace(-1, 1, 12, dtype=torch.float64))
+        opt = optim.Signum([w], lr=0.05)
+        return w, opt, _cycling(opt, "onecycle")
+
+    def train(w, opt, sched, steps: range) -> None:
+        for t in steps:
+            w.grad = torch.randn(12, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
+            opt.step()
+            sched.step()
+
+    straight = fresh()
+    train(*straight, range(20))
+    first = fresh()
+    train(*first, range(8))
+    buffer = io.BytesIO()
+    torch.save({"w": first[0].detach(), "opt": first[1].state_dict(), "sched": first[2].state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert saved["opt"]["param_groups"][0]["momentum"] != saved["opt"]["param_groups"][0]["beta"]  # pending
+    second = fresh()
+    with torch.no_grad():
+        second[0].copy_(saved["w"])
+    second[1].load_state_dict(saved["opt"])
+    second[2].load_state_dict(saved["sched"])
+    train(*second, range(8, 20))
+    assert torch.equal(second[0], straight[0])
+
+    old = copy.deepcopy(saved["opt"])  # saved before the key existed: the beta it holds is the one used
+    for group in old["param_groups"]:
+        group.pop("momentum")
+    group["beta"] = 0.75
+    _, opt, _ = fresh()
+    opt.load_state_dict(old)
+    assert opt.param_groups[0]["momentum"] == opt.param_groups[0]["beta"] == 0.75

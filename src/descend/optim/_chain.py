@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from descend.optim._engines import Plan, check_state, make_engine
+from descend.optim._engines import Plan, check_state, make_engine, traced_plans
 from descend.optim._flat import FlatLayout
 from descend.optim._rules import Rule, ScaleByLR, WeightRule, step_dtype
 
@@ -92,6 +92,24 @@ def _assign_keys(rules: Sequence[Rule]) -> dict[str, Any]:
     return defaults
 
 
+def _differ(a: Any, b: Any) -> bool:
+    """Whether two hyperparameter values differ: numbers by value, tensors by identity."""
+    return a is not b and (torch.is_tensor(a) or torch.is_tensor(b) or a != b)
+
+
+def momentum_rule(rules: Sequence[Rule]) -> Rule | None:
+    """The rule whose momentum coefficient the group key ``momentum`` stands for, or None.
+
+    torch's schedulers that cycle momentum (``OneCycleLR``, ``CyclicLR``) write ``momentum``, or
+    ``betas[0]`` where a group has ``betas``. A chain with neither key of its own whose rules include a
+    momentum coefficient under another name (:attr:`Rule.momentum_name <descend.optim._rules.Rule.momentum_name>`,
+    ``ema``'s ``beta``) gets a group key ``momentum`` that stands for the first such one.
+    """
+    if any(key in ("momentum", "betas") for rule in rules for key in rule.keys.values()):
+        return None
+    return next((rule for rule in rules if rule.momentum_name is not None), None)
+
+
 class ChainOptimizer(torch.optim.Optimizer):
     """An optimizer that runs a chain of rules: ``u <- g``, ``u <- rule_k(u)``, ``w <- keep*w + u``.
 
@@ -132,6 +150,11 @@ class ChainOptimizer(torch.optim.Optimizer):
             engine, ``fused=True`` ``engine="fused"``, ``fused=False`` the foreach engine; ``None``
             keeps ``engine``. ``capturable=True`` and ``differentiable=True`` raise (not supported).
         **hyper: overrides of rule hyperparameters by group key (e.g. ``beta=0.95``).
+
+    A chain whose momentum is an ``ema`` (Momentum, Signum, Softsign) and that has no ``momentum`` or
+    ``betas`` key of its own also has the group key ``momentum``, which stands for the ``ema``'s ``beta``
+    (:func:`momentum_rule`), so torch's ``OneCycleLR`` and ``CyclicLR`` cycle it: a value written to
+    either key is the one the next step uses (if both were written since the last step, ``beta``'s).
     """
 
     def __init__(self, params: ParamsT, rules: Sequence[Rule], *, lr: float = 1e-3, maximize: bool = False,
@@ -152,6 +175,10 @@ class ChainOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown hyperparameter(s) {unknown} for this chain; "
                              f"valid names: {sorted(defaults)}")
         defaults.update(hyper)
+        self.momentum_rule = momentum_rule(self.all_rules)
+        self._momentum_seen: list[Any] = []  # per param group, the value of momentum last synced
+        if self.momentum_rule is not None:
+            defaults["momentum"] = defaults[self.momentum_key]
         if not isinstance(flat, bool):
             raise ValueError(f"flat must be True or False, got {flat!r}")
         self.engine = engine
@@ -160,6 +187,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self.flat_layout: FlatLayout | None = FlatLayout() if flat else None
         super().__init__(params, defaults)
         self._engine = make_engine(engine, self.plan(), self)
+        self._reference = make_engine("reference", self.plan(), self)
 
     def plan(self) -> Plan:
         """What the engine runs: the chain's rules, its weight rules, the state dtype and the flat layout."""
@@ -175,10 +203,57 @@ class ChainOptimizer(torch.optim.Optimizer):
         """Update rules, then weight rules, in the order they act."""
         return [*self.rules, *self.weight_rules]
 
+    @property
+    def momentum_key(self) -> str:
+        """The group key that ``momentum`` stands for (e.g. ``beta``); only where :attr:`momentum_rule` is set."""
+        assert self.momentum_rule is not None and self.momentum_rule.momentum_name is not None
+        return self.momentum_rule.keys[self.momentum_rule.momentum_name]
+
+    def follow_momentum(self) -> None:
+        """Make ``momentum`` and the key it stands for agree, taking the one written since the last step.
+
+        A value written to ``momentum`` (a scheduler) moves into the rule's key and is validated; a value
+        written to the rule's key (or to both) is copied to ``momentum``. The value last synced is held per
+        group; a group without one counts its rule key as unchanged. Numbers compare by value, tensors by
+        identity (a tensor changed in place is the same hyperparameter).
+        """
+        key = self.momentum_key
+        seen = self._momentum_seen
+        for i, group in enumerate(self.param_groups):
+            own = group[key]
+            momentum = group.get("momentum", own)
+            if _differ(momentum, own):
+                if not _differ(own, seen[i] if i < len(seen) else own):
+                    group[key] = momentum
+                    rule = self.momentum_rule
+                    assert rule is not None
+                    rule.validate(rule.read(group))
+                else:
+                    group["momentum"] = own
+            elif "momentum" not in group:
+                group["momentum"] = own
+            if i < len(seen):
+                seen[i] = group[key]
+            else:
+                seen.append(group[key])
+
     # -- the contract ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        given = set(param_group) if isinstance(param_group, dict) else set()
+        given_momentum = "momentum" in given
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if self.momentum_rule is not None:
+            key = self.momentum_key
+            if given_momentum and key in given and _differ(group[key], group["momentum"]):
+                raise ValueError(f"a param group sets momentum={group['momentum']!r} and {key}="
+                                 f"{group[key]!r}, which name one hyperparameter here; set one of them")
+            if given_momentum:
+                group[key] = group["momentum"]
+            else:
+                group["momentum"] = group[key]
+            del self._momentum_seen[len(self.param_groups) - 1:]
+            self._momentum_seen.append(group[key])
         if not isinstance(group["maximize"], bool):
             raise ValueError(f"maximize must be a bool, got {group['maximize']!r}")
         for rule in self.all_rules:
@@ -209,9 +284,6 @@ class ChainOptimizer(torch.optim.Optimizer):
                         p.grad.requires_grad_(False)
                     p.grad.zero_()
 
-    #: ``torch.amp.GradScaler`` hands the scale to :meth:`step` instead of unscaling the gradients itself.
-    _step_supports_amp_scaling = True
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,  # type: ignore[override]
              grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> Any:
@@ -219,12 +291,23 @@ class ChainOptimizer(torch.optim.Optimizer):
 
         Args:
             closure: re-evaluates the model and returns the loss (run with grad enabled).
-            grad_scale: the loss scale of mixed-precision training; gradients are divided by it inside
-                the step (``.grad`` is left as it is). ``torch.amp.GradScaler`` passes it (as the
-                attribute ``grad_scale``, which is read when the argument is absent).
+            grad_scale: a loss scale to divide the gradients by inside the step (``.grad`` is left as it
+                is); read from the attribute ``grad_scale`` when absent (the protocol of torch's fused
+                optimizers).
             found_inf: nonzero when a scaled gradient overflowed; the whole step is then skipped
                 (parameters, state and step counts unchanged). Read from the attribute ``found_inf``
                 when absent.
+
+        ``torch.amp.GradScaler`` treats a descend optimizer as torch's non-fused ones: it unscales
+        ``.grad`` itself (so gradient clipping between ``scaler.unscale_`` and ``scaler.step`` sees true
+        gradients, as Lightning's does) and skips ``step`` when a gradient overflowed. The optimizer does
+        not set ``_step_supports_amp_scaling``: unscaling inside the step would send every bucket to the
+        foreach engine (neither the native loop nor torch's fused kernels take a scale here).
+
+        Traced by ``torch.compile`` (``torch.compile(opt.step)``), the step runs the reference loop with
+        the step count as a tensor, which the compiler fuses; hyperparameters that change between
+        steps (a scheduler) become inputs of the compiled graph after one recompile, or none where
+        they are tensors changed in place (``lr=torch.tensor(1e-3)``).
         """
         loss = None
         if closure is not None:
@@ -238,7 +321,12 @@ class ChainOptimizer(torch.optim.Optimizer):
             return loss
         if grad_scale is not None and not torch.is_tensor(grad_scale):
             grad_scale = torch.tensor(float(grad_scale))
-        self._engine.step(grad_scale)
+        if self.momentum_rule is not None:  # traced, outside the graph: comparing the values would specialise it
+            (torch.compiler.disable(self.follow_momentum) if torch.compiler.is_compiling() else self.follow_momentum)()
+        if torch.compiler.is_compiling():  # every engine computes what the reference loop does, which traces
+            self._reference.step_groups(traced_plans(self._reference.plan, self.param_groups, grad_scale), grad_scale)
+        else:
+            self._engine.step(grad_scale)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -251,8 +339,11 @@ class ChainOptimizer(torch.optim.Optimizer):
         before = {"state": self.state, "param_groups": self.param_groups}
         super().load_state_dict(state_dict)
         keys = [rule.state_names.get(n, n) for rule in self.rules for n in rule.all_state_keys()]
+        self._momentum_seen.clear()
         try:
-            for group in self.param_groups:
+            for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+                if self.momentum_rule is not None and "momentum" not in saved:  # saved before descend had the key
+                    group["momentum"] = group.get(self.momentum_key, self.defaults[self.momentum_key])
                 for key, value in self.defaults.items():
                     group.setdefault(key, value)
                 for p in group["params"]:
@@ -292,6 +383,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             self.defaults.pop("differentiable", None)
         if "_engine" in self.__dict__:  # load_state_dict goes through here too: keep the engine (and its settings)
             return
+        self.momentum_rule = momentum_rule(self.all_rules)
+        self._momentum_seen = []
         self.flat = state.get("flat", False)
         self.flat_layout = None
         if self.flat:  # a copy (pickle, deepcopy) lays out its own parameters anew
@@ -300,6 +393,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                 self.flat_layout.add_group(group["params"])
 
         self._engine = make_engine(self.engine, self.plan(), self)
+        self._reference = make_engine("reference", self.plan(), self)
 
     def __repr__(self) -> str:
         chain = " -> ".join(rule.name for rule in self.all_rules)

@@ -258,12 +258,28 @@ def bucket_seeds(items: list[_Item], step: Tensor, layout: tuple[tuple[str, ...]
             for r, names in enumerate(layout)]
 
 
-def with_scalars(live: Live, step: int) -> Live:
+def with_scalars(live: Live, step: int | Tensor) -> Live:
     """The live rules with their per-step scalars (:meth:`Rule.scalars`) merged into their hyperparameters."""
     out: Live = []
     for rule, hp in live:
         extra = rule.scalars(hp, step)
         out.append((rule, {**hp, **extra} if extra else hp))
+    return out
+
+
+def traced_scalars(live: Live, step: Tensor) -> Live:
+    """:func:`with_scalars` in a step that ``torch.compile`` traces, ``step`` a 0-d tensor.
+
+    The per-step scalars are stacked into one tensor: inductor computes a stacked value once per step,
+    where it would inline a 0-d expression (Adam's powers of the betas) into every vector iteration of
+    each loop that reads it.
+    """
+    out = with_scalars(live, step)
+    computed = [(i, key) for i, ((_, hp), (_, given)) in enumerate(zip(out, live)) for key in hp if key not in given]
+    if computed:
+        stacked = torch.stack([out[i][1][key] for i, key in computed])
+        for j, (i, key) in enumerate(computed):
+            out[i][1][key] = stacked[j]
     return out
 
 
@@ -288,6 +304,23 @@ def live_rules(plan: Plan, group: dict[str, Any], clip_coef: Any) -> Live:
     if clip_coef is not None:
         hps[0]["clip_coef"] = clip_coef
     return [(rule, hp) for rule, hp in zip(plan.rules, hps) if rule.active(hp)]
+
+
+def traced_plans(plan: Plan, groups: list[dict[str, Any]],
+                 grad_scale: Tensor | None) -> list[tuple[dict[str, Any], Live, Any]]:
+    """:func:`group_plans` for a step that ``torch.compile`` traces, with every number a 0-d float64 tensor.
+
+    The live rules' hyperparameters (static flags aside) and the decay factor ``keep`` (left at 1 without
+    decay) become tensors computed in the graph (:func:`_as_tensors` with ``traced=True``), so the
+    Python numbers they come from stay inputs of the graph: a scheduler changing them between steps
+    triggers one recompile (dynamo's automatic dynamic floats) the first time, none after.
+    """
+    out = []
+    for group, live, keep in group_plans(plan, groups, grad_scale):
+        live = [(rule, _as_tensors(hp, rule.static, traced=True)) for rule, hp in live]
+        decays = not (isinstance(keep, (int, float)) and keep == 1)
+        out.append((group, live, _as_tensors({"keep": keep}, (), traced=True)["keep"] if decays else keep))
+    return out
 
 
 def group_plans(plan: Plan, groups: list[dict[str, Any]],
@@ -341,7 +374,11 @@ class ReferenceEngine(Engine):
     name = "reference"
 
     def step(self, grad_scale: Tensor | None = None) -> None:
-        for group, live, keep in group_plans(self.plan, self.source.param_groups, grad_scale):
+        self.step_groups(group_plans(self.plan, self.source.param_groups, grad_scale), grad_scale)
+
+    def step_groups(self, plans: Iterable[tuple[dict[str, Any], Live, Any]], grad_scale: Tensor | None = None) -> None:
+        """Step every parameter with a gradient, per group as ``plans`` (:func:`group_plans`) give it."""
+        for group, live, keep in plans:
             for p in group["params"]:
                 if p.grad is not None:
                     self.step_param(p, group, live, keep, grad_scale)
@@ -358,11 +395,14 @@ class ReferenceEngine(Engine):
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=step_dtype())
         state["step"] += 1
-        step = int(state["step"].item())
+        # traced by torch.compile the count stays a tensor (float64: as exact as the number), which the graph
+        # reads instead of specialising on each value
+        step = state["step"].double() if torch.compiler.is_compiling() else int(state["step"].item())
         widen = rounds_stochastically(plan)
         ordinal, offset = self.position(p) if widen else (0, 0)
         ordinals = torch.tensor([ordinal], dtype=torch.int32) if widen else None
-        for r, (rule, hp) in enumerate(with_scalars(live, step)):
+        scaled = with_scalars(live, step) if isinstance(step, int) else traced_scalars(live, step)
+        for r, (rule, hp) in enumerate(scaled):
             view, fresh = rule_state(rule, state, p, hp, plan.state_dtype)
             work = {k: v.float() for k, v in view.items()} if widen else view
             u = (rule.first_update if fresh else rule.update)(u, p, work, hp, step)
@@ -371,7 +411,7 @@ class ReferenceEngine(Engine):
                 for j, (k, v) in enumerate(view.items()):
                     seed = rounding_seeds(state["step"], ordinals, state_slot(r, j))[0].to(v.device)
                     write_back_(v, work[k], seed, offset)
-        if keep != 1:  # decoupled decay acts on w: w <- keep*w + u
+        if torch.is_tensor(keep) or keep != 1:  # decoupled decay acts on w: w <- keep*w + u
             p.mul_(keep)
         p.add_(u)
         for projection in plan.projections:
@@ -857,13 +897,19 @@ class ForeachEngine(BucketEngine):
                 stochastic_round_into_(dst, src, noise[i], spare[i], nan[i], seed, item.offset)
 
 
-def _as_tensors(hp: dict[str, Any], static: tuple[str, ...], dtype: torch.dtype = torch.float64) -> dict[str, Any]:
-    """Hyperparameters as 0-d ``dtype`` tensors (static flags and non-numbers stay as they are)."""
+def _as_tensors(hp: dict[str, Any], static: tuple[str, ...], dtype: torch.dtype = torch.float64,
+                traced: bool = False) -> dict[str, Any]:
+    """Hyperparameters as 0-d ``dtype`` tensors (static flags and non-numbers stay as they are).
+
+    ``traced``: inside a step ``torch.compile`` traces, a number ``x`` becomes ``ones(()) * x``, an
+    operation dynamo keeps symbolic in ``x``; ``torch.tensor(x)`` would make ``x`` a constant of the graph
+    and recompile it whenever ``x`` changes.
+    """
     def convert(value: Any) -> Any:
         if isinstance(value, bool):
             return value
         if isinstance(value, (int, float)):
-            return torch.tensor(float(value), dtype=dtype)
+            return torch.ones((), dtype=dtype) * value if traced else torch.tensor(float(value), dtype=dtype)
         if isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point():
             return value.to(dtype)
         if isinstance(value, tuple):

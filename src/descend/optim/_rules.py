@@ -86,6 +86,9 @@ class Rule:
     reads_param: ClassVar[bool] = False
     #: Hyperparameters that change the computation's structure (flags); engines specialise on them.
     static: ClassVar[tuple[str, ...]] = ()
+    #: The hyperparameter that is a momentum coefficient under another name (``ema``'s ``beta``); a chain
+    #: with no ``momentum`` or ``betas`` of its own lets torch's momentum-cycling schedulers set it as ``momentum``.
+    momentum_name: ClassVar[str | None] = None
 
     def __init__(self, **hyper: Any) -> None:
         self.hyper: dict[str, Any] = dict(hyper)
@@ -115,8 +118,11 @@ class Rule:
         """False when these hyperparameters make the rule the identity (it is then skipped, stateless)."""
         return True
 
-    def scalars(self, hp: Hyper, step: int) -> dict[str, float]:
+    def scalars(self, hp: Hyper, step: Any) -> dict[str, Any]:
         """Per-step scalars derived from ``hp`` and ``step`` (a Python int), merged into ``hp`` for :meth:`update`.
+
+        In a step traced by ``torch.compile``, ``step`` is a 0-d float64 tensor and the numbers in ``hp``
+        are 0-d float64 tensors too; the scalars are then tensors.
 
         Engines call this once per step (and bucket) with Python numbers, outside the elementwise
         work, so a compiled step receives the results as inputs instead of recomputing them per element.
@@ -274,6 +280,7 @@ class EMA(Rule):
 
     name = "ema"
     keeps_bound = True
+    momentum_name = "beta"
 
     def __init__(self, beta: float = 0.9) -> None:
         super().__init__(beta=beta)
@@ -407,9 +414,9 @@ class ScaleByAdam(Rule):
         bias2_sqrt = hp["bias2_sqrt"]
         return (m * (bias2_sqrt / hp["bias1"]) / (v.sqrt() + hp["eps"] * bias2_sqrt)).to(u.dtype)
 
-    def scalars(self, hp: Hyper, step: int) -> dict[str, float]:
+    def scalars(self, hp: Hyper, step: Any) -> dict[str, Any]:
         """The bias corrections ``bias1 = 1 - b1^t`` and ``bias2_sqrt = sqrt(1 - b2^t)``."""
-        beta1, beta2 = (float(b) for b in hp["betas"])
+        beta1, beta2 = hp["betas"] if torch.is_tensor(step) else (float(b) for b in hp["betas"])
         return {"bias1": 1 - beta1**step, "bias2_sqrt": (1 - beta2**step) ** 0.5}
 
     def equation(self) -> str:
