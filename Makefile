@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/descend compare
 
 test: install
-	$(BIN)/ruff check src tests benchmarks examples docs/hooks.py
+	$(BIN)/ruff check src tests benchmarks examples docs/hooks.py docs/layout.py
 	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
 # the slow suite also runs descend inside Lightning and HF Trainer: the `integrations` extra, installed with the

@@ -209,6 +209,10 @@ def test_explain_lists_the_equations_with_group_values() -> None:
     assert "u ← sign(u)" in optim.explain(optim.Signum(model.parameters()))
     plain = optim.explain(optim.SGD(model.parameters(), lr=0.1)).splitlines()
     assert [line.split()[1] for line in plain if "off at these values" in line] == ["l2", "heavy_ball"]
+    lion = optim.explain(optim.Lion(model.parameters(), weight_decay=0.0)).splitlines()
+    assert [line.split()[1] for line in lion if "off at these values" in line] == ["decoupled_decay"]
+    decayed = optim.explain(optim.Lion(model.parameters(), weight_decay=0.1))
+    assert "off at these values" not in decayed
 
 
 def test_constraint_state_reports_the_implied_box() -> None:

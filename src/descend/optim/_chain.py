@@ -440,7 +440,8 @@ def explain(opt: torch.optim.Optimizer) -> str:
         lines.append(f"  {i}. {rule.name:<20} {rule.equation()}" + (f"    [{hp}]" if hp else "") + off)
     for rule in opt.decays:
         hp = ", ".join(f"{key}={_format_value(group0[key])}" for key in rule.keys.values())
-        lines.append(f"  then {rule.name:<17} {rule.equation()}    [{hp}]")
+        off = "" if rule.active(rule.read(group0)) else "    (off at these values: skipped)"
+        lines.append(f"  then {rule.name:<17} {rule.equation()}    [{hp}]" + off)
     lines.append("  w ← w + u")
     for rule in opt.projections:
         hp = ", ".join(f"{key}={_format_value(group0[key])}" for key in rule.keys.values())
