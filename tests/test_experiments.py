@@ -107,7 +107,8 @@ def test_render_markdown_shows_each_figure_with_its_findings(tmp_path: Path) -> 
             "description": "Part 1: :class:`descend.optim.Momentum` on ``f(w)``.", "seeds": [0, 1], "quick": True,
             "seconds": 12.3, "notes": ["kappa 10: 35 iterations"],
             "findings": [{"key": "k", "text": "momentum is faster", "holds": 2, "seeds": 2},
-                         {"key": "b", "text": "max|w| <= 1 + lr*lambda, final max|w|*lambda 1", "holds": 1, "seeds": 2}]}
+                         {"key": "b", "text": "max|w| <= 1 + lr*lambda, final max|w|*lambda 1", "holds": 1,
+                          "seeds": 2}]}
     (tmp_path / "momentum.json").write_text(json.dumps(data))
     page = render_markdown(tmp_path)
     assert page.startswith("# Experiments")
