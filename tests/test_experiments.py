@@ -106,13 +106,16 @@ def test_render_markdown_shows_each_figure_with_its_findings(tmp_path: Path) -> 
     data = {"title": "Momentum accelerates.",
             "description": "Part 1: :class:`descend.optim.Momentum` on ``f(w)``.", "seeds": [0, 1], "quick": True,
             "seconds": 12.3, "notes": ["kappa 10: 35 iterations"],
-            "findings": [{"key": "k", "text": "momentum is faster", "holds": 2, "seeds": 2}]}
+            "findings": [{"key": "k", "text": "momentum is faster", "holds": 2, "seeds": 2},
+                         {"key": "b", "text": "max|w| <= 1 + lr*lambda, final max|w|*lambda 1", "holds": 1,
+                          "seeds": 2}]}
     (tmp_path / "momentum.json").write_text(json.dumps(data))
     page = render_markdown(tmp_path)
     assert page.startswith("# Experiments")
     assert "Part 1: `descend.optim.Momentum` on `f(w)`." in page
     assert "![momentum](../figures/momentum.png)" in page
     assert "- momentum is faster (**on 2 of 2 seeds**)" in page
+    assert r"- max|w| <= 1 + lr\*lambda, final max|w|\*lambda 1 (**on 1 of 2 seeds**)" in page  # no emphasis
     assert "kappa 10: 35 iterations" in page and "2 seeds (0, 1), quick mode, 12 s" in page
     assert "## depth" not in page  # only experiments with a JSON file
 

@@ -145,6 +145,11 @@ def _markdown(text: str) -> str:
     return text.replace("``", "`")
 
 
+def _plain(text: str) -> str:
+    """Measured text as Markdown that shows it as written: ``lr*lambda ... max|w|*lambda`` is no emphasis."""
+    return re.sub(r"([*_`\[\]])", r"\\\1", text)
+
+
 def render_markdown(json_dir: Path, figures: str = "../figures/") -> str:
     """The experiments page as Markdown, generated from the ``<name>.json`` files in ``json_dir``.
 
@@ -178,11 +183,11 @@ def render_markdown(json_dir: Path, figures: str = "../figures/") -> str:
         lines += [f"![{name}]({figures}{name}.png)", ""]
         if data.get("findings"):
             lines += ["Findings:", ""]
-            lines += [f"- {f['text']} (**on {f['holds']} of {f['seeds']} seeds**)" for f in data["findings"]]
+            lines += [f"- {_plain(f['text'])} (**on {f['holds']} of {f['seeds']} seeds**)" for f in data["findings"]]
             lines.append("")
         if data.get("notes"):
             lines += ["Measured:", ""]
-            lines += [f"- {note}" for note in data["notes"]]
+            lines += [f"- {_plain(note)}" for note in data["notes"]]
             lines.append("")
         lines += [f"*{len(seeds)} seeds ({', '.join(map(str, seeds))}), {mode}, "
                   f"{float(data.get('seconds', 0.0)):.0f} s wall time, "
