@@ -230,8 +230,8 @@ def change_value(key: str, old: Any, pick: int) -> Any:
     if values is None:
         return old
     value = values[pick % len(values)]
-    kind = (pick // len(values)) % 3  # a number, a float32 or a float64 0-d tensor
-    return value if kind == 0 else torch.tensor(value, dtype=torch.float32 if kind == 1 else torch.float64)
+    # a number or a float32 0-d tensor (float64 ones: test_native_float64_tensor_weight_decay)
+    return value if (pick // len(values)) % 2 == 0 else torch.tensor(value, dtype=torch.float32)
 
 
 def apply_changes(s: Scenario, opt: torch.optim.Optimizer, step: int) -> None:
@@ -322,6 +322,8 @@ def outcome(fn: Callable[[], Any]) -> tuple[str, str] | None:
 def check(s: Scenario, engines: list[str]) -> None:
     if s.dtype in (torch.float16, torch.bfloat16):  # test_compiled_half_precision_adam
         engines = [e for e in engines if e != "compiled"]
+        if s.round_trip is not None and s.round_trip[1] == "compiled":
+            s.round_trip = (s.round_trip[0], "foreach")
     threads = torch.get_num_threads()
     torch.set_num_threads(s.threads)
     try:
@@ -476,3 +478,20 @@ def test_native_adam_bound_is_on_the_step_where_w_plus_u_cancels() -> None:
                  seed=0, missing=set(), specials=[], grad_contiguous=False, changes={}, round_trip=None,
                  grad_scale=None, threads=1, flat=False)
     check(s, ["native", "foreach", "auto"])
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed yet: the native loop reads a float64 0-d tensor decay as a double "
+                   "and rounds keep = 1 - lr*lambda to float32 where the reference multiplies by the tensor")
+def test_native_float64_tensor_weight_decay() -> None:
+    def run(engine: str) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        p = nn.Parameter(torch.randn((), generator=gen))
+        opt = optim.chain([p], optim.decoupled_decay(0.0), lr=1e-3, engine=engine)
+        for step in range(4):
+            if step == 1:
+                opt.param_groups[0]["weight_decay"] = torch.tensor(0.01, dtype=torch.float64)
+            p.grad = torch.randn((), generator=gen)
+            opt.step()
+        return p.detach()
+
+    assert torch.equal(run("native"), run("reference"))
