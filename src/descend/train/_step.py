@@ -72,10 +72,8 @@ def accumulate_gradient(
     last = len(batches) - 1
     parts: list[Tensor] = []  # summed once at the end: no per-micro-batch bookkeeping ops
     correct = torch.zeros((), dtype=_accumulator(device), device=device) if count_correct else None
-    params = [p for p in model.parameters() if p.requires_grad] if l2 else []
-    # Σ over ranks of this term is λ/2·||w||²: shards count once each, replicas W times (read before any step)
-    penalty = [0.5 * l2 * (sq if isinstance(p, DTensor) else sq / world)
-               for p in params for sq in [dd.local_tensor(p).detach().to(_accumulator(device)).square().sum()]]
+    # the weights move during the backward pass when the step runs inside it: read the penalty before
+    penalty = _l2_parts(model, l2, world, device) if l2 and in_backward else []
     for j, batch in enumerate(batches):
         inputs, targets = source.local(batch, world)
         inputs, targets = move(inputs, targets, device)
@@ -97,18 +95,31 @@ def accumulate_gradient(
         if correct is not None and m:
             hits = outputs.detach().argmax(-1) == targets  # [m] or, for sequences, [m, T]
             correct += hits.sum() if hits.dim() == 1 else hits.double().mean(tuple(range(1, hits.dim()))).sum()
-    if l2 and not in_backward:
+    if l2 and not in_backward:  # the parameters as the model holds them now (FSDP2 swaps them in forward)
+        params = [p for p in model.parameters() if p.requires_grad]
         with torch.no_grad():
             for p in params:
                 if p.grad is None:
                     p.grad = p.detach() * l2
                 else:
                     p.grad.add_(p.detach(), alpha=l2)
+        penalty = _l2_parts(model, l2, world, device)
     parts += penalty
     if len(parts) == 1:
         return parts[0], correct
     acc = _accumulator(device)
     return torch.stack([t.to(acc) for t in parts]).sum(), correct
+
+
+def _l2_parts(model: nn.Module, l2: float, world: int, device: torch.device) -> list[Tensor]:
+    """This rank's parts of ``λ/2·||w||²``: summed over ranks, shards count once each, replicas ``W`` times."""
+    acc = _accumulator(device)
+    parts = []
+    for p in model.parameters():
+        if p.requires_grad:
+            square = dd.local_tensor(p).detach().to(acc).square().sum()
+            parts.append(0.5 * l2 * (square if isinstance(p, DTensor) else square / world))
+    return parts
 
 
 def _check_finite(loss: float) -> None:
