@@ -134,7 +134,7 @@ def state_bytes_per_parameter(name: str, **options: Any) -> int:
     parameter after one step: every state tensor the step keeps, at its dtype)."""
     p = torch.zeros(1, requires_grad=True)
     p.grad = torch.zeros(1)
-    opt = make_optimizer(name, [p], **options)
+    opt = make_optimizer(name, [p], engine="reference", **options)  # no kernel to build for a count
     opt.step()
     return sum(t.element_size() for k, t in opt.state[p].items() if k != "step" and torch.is_tensor(t))
 
