@@ -482,8 +482,6 @@ def test_native_adam_bound_is_on_the_step_where_w_plus_u_cancels() -> None:
     check(s, ["native", "foreach", "auto"])
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed yet: the native loop reads a float64 0-d tensor decay as a double "
-                   "and rounds keep = 1 - lr*lambda to float32 where the reference multiplies by the tensor")
 def test_native_float64_tensor_weight_decay() -> None:
     def run(engine: str) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)

@@ -1172,6 +1172,11 @@ class NativeEngine(BucketEngine):
         self.stepped = None
         if self.supports(items, grad_scale):
             ready, pointers, sizes, rest = self.split(items)  # e.g. a transposed parameter: the rest
+            if any(item.param.dim() == 0 for item in ready) and reads_float64_tensor(live, keep):
+                # a 0-d parameter times a 0-d float64 tensor is computed in float64 (torch's promotion of
+                # two 0-d operands); the loop computes in float32, so such parameters take the foreach path
+                ready, pointers, sizes, rest = self.split([item for item in items if item.param.dim() != 0])
+                rest += [item for item in items if item.param.dim() == 0]
             if ready and self.run_native(group, live, keep, ready, pointers, sizes, step):
                 if rest:
                     self.foreach.run_bucket(group, live, keep, rest, step, grad_scale)
@@ -1206,6 +1211,16 @@ class NativeEngine(BucketEngine):
         else:
             kernel(pointers, sizes, scalars)
         return True
+
+
+def reads_float64_tensor(live: Live, keep: Any) -> bool:
+    """Whether a live hyperparameter or the decay factor ``keep`` is a float64 tensor (or holds one)."""
+    def double(value: Any) -> bool:
+        if isinstance(value, tuple):
+            return any(double(v) for v in value)
+        return torch.is_tensor(value) and value.dtype == torch.float64
+
+    return double(keep) or any(double(value) for _, hp in live for value in hp.values())
 
 
 def is_torch_chain(rules: Sequence[Rule], decays: Sequence[Rule], projections: Sequence[WeightRule]) -> bool:
