@@ -456,8 +456,6 @@ def test_foreach_half_precision_momentum_multiplies_as_tensor_mul(dtype: torch.d
     assert torch.equal(run("foreach"), run("reference"))
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed yet: the compiled step takes hyperparameters as 0-d tensors, which "
-                   "half-precision arithmetic rounds to the tensor dtype (Python numbers it does not)")
 def test_compiled_half_precision_adam() -> None:
     def run(engine: str) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)
