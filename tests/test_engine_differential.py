@@ -471,6 +471,16 @@ def test_compiled_half_precision_adam() -> None:
     assert torch.equal(run("compiled"), run("reference"))
 
 
+def test_a_0d_parameter_steps_as_a_1_element_tensor() -> None:
+    """An fp16 0-d parameter unscaled by a float32 grad scale: two 0-d operands compute in float32 where a
+    1-element tensor (a flat buffer's slice, a bucket's view) stays fp16; every engine now does the latter."""
+    s = Scenario(description="adam", factory=lambda params, **k: optim.Adam(params, lr=1e-3, **k),
+                 state_dtype=torch.bfloat16, dtype=torch.float16, specs=[ParamSpec("0d", (), 0)], buffer=0,
+                 group_lr=[1e-3], steps=2, seed=904353, missing=set(), specials=[], grad_contiguous=False,
+                 changes={1: [(0, 0)]}, round_trip=None, grad_scale=1024.0, threads=1, flat=True)
+    check(s, ["foreach", "native", "auto", "compiled"])
+
+
 def test_native_adam_bound_is_on_the_step_where_w_plus_u_cancels() -> None:
     """lr=0.1 steps of the size of the weights: ``w + u`` cancels, and one ulp of ``u`` is many of the result."""
     s = Scenario(description="adam", factory=lambda params, **k: optim.Adam(params, lr=1e-3, **k), state_dtype=None,

@@ -388,6 +388,10 @@ class ReferenceEngine(Engine):
         """One step of one parameter (also the first step of every parameter under the other engines)."""
         plan = self.plan
         g = check_grad(p)
+        # a 0-d parameter steps as a 1-element tensor: torch computes two 0-d operands (the parameter and a
+        # 0-d tensor hyperparameter or grad scale) in the wider dtype, a 1-element tensor in its own
+        w = p.view(1) if p.dim() == 0 else p
+        g = g.view(1) if p.dim() == 0 else g
         u = g / grad_scale.to(g.device) if grad_scale is not None else g
         u = -u if group["maximize"] else u
         state = self.source.state[p]
@@ -404,18 +408,20 @@ class ReferenceEngine(Engine):
         scaled = with_scalars(live, step) if isinstance(step, int) else traced_scalars(live, step)
         for r, (rule, hp) in enumerate(scaled):
             view, fresh = rule_state(rule, state, p, hp, plan.state_dtype)
+            if w is not p:
+                view = {k: v.view(1) for k, v in view.items()}
             work = {k: v.float() for k, v in view.items()} if widen else view
-            u = (rule.first_update if fresh else rule.update)(u, p, work, hp, step)
+            u = (rule.first_update if fresh else rule.update)(u, w, work, hp, step)
             if widen:
                 assert ordinals is not None
                 for j, (k, v) in enumerate(view.items()):
                     seed = rounding_seeds(state["step"], ordinals, state_slot(r, j))[0].to(v.device)
                     write_back_(v, work[k], seed, offset)
         if torch.is_tensor(keep) or keep != 1:  # decoupled decay acts on w: w <- keep*w + u
-            p.mul_(keep)
-        p.add_(u)
+            w.mul_(keep)
+        w.add_(u)
         for projection in plan.projections:
-            projection.project_(p, projection.read(group))
+            projection.project_(w, projection.read(group))
 
 
 class StepCounters:
@@ -722,6 +728,8 @@ class BucketEngine(Engine):
                 key = (p.device, p.dtype, g.dtype)  # and equal step counts: StepCounters.groups
                 if isinstance(p, DTensor):  # the rules are elementwise: a sharded parameter steps on its shard
                     item = _Item(_local(p), _local(g), [_local(t) for t in states])
+                elif p.dim() == 0:  # as a 1-element tensor, like the reference engine (step_param)
+                    item = _Item(p.view(1), g.view(1), [t.view(1) for t in states])
                 else:
                     item = _Item(p, g, states)
                 if widen:  # only rounding noise needs the parameter's position
@@ -744,7 +752,7 @@ class BucketEngine(Engine):
                 if (len(buckets) == 1 and len(counts) == 1 and len(items) + len(idle) == len(group["params"])
                         and not widen
                         and layout is None and clip is None and grad_scale is None
-                        and all(map(is_, (i.param for i in items), ps))):
+                        and all(i.param is p or i.param._base is p for i, p in zip(items, ps))):
                     runner = self.native_runner(items)
                     if runner is not None:
                         remembered = NativeGroup(runner, group, keys, items, ps, states, counts[0][1], idle)
@@ -1172,11 +1180,6 @@ class NativeEngine(BucketEngine):
         self.stepped = None
         if self.supports(items, grad_scale):
             ready, pointers, sizes, rest = self.split(items)  # e.g. a transposed parameter: the rest
-            if any(item.param.dim() == 0 for item in ready) and reads_float64_tensor(live, keep):
-                # a 0-d parameter times a 0-d float64 tensor is computed in float64 (torch's promotion of
-                # two 0-d operands); the loop computes in float32, so such parameters take the foreach path
-                ready, pointers, sizes, rest = self.split([item for item in items if item.param.dim() != 0])
-                rest += [item for item in items if item.param.dim() == 0]
             if ready and self.run_native(group, live, keep, ready, pointers, sizes, step):
                 if rest:
                     self.foreach.run_bucket(group, live, keep, rest, step, grad_scale)
@@ -1211,16 +1214,6 @@ class NativeEngine(BucketEngine):
         else:
             kernel(pointers, sizes, scalars)
         return True
-
-
-def reads_float64_tensor(live: Live, keep: Any) -> bool:
-    """Whether a live hyperparameter or the decay factor ``keep`` is a float64 tensor (or holds one)."""
-    def double(value: Any) -> bool:
-        if isinstance(value, tuple):
-            return any(double(v) for v in value)
-        return torch.is_tensor(value) and value.dtype == torch.float64
-
-    return double(keep) or any(double(value) for _, hp in live for value in hp.values())
 
 
 def is_torch_chain(rules: Sequence[Rule], decays: Sequence[Rule], projections: Sequence[WeightRule]) -> bool:
