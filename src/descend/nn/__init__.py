@@ -34,11 +34,13 @@ from ._mlp import (
     init_linear,
 )
 from ._pointset import PointSetDecoder, PointSetEncoder, PointSetTransformer
+from ._size import MAX_PARAMETERS, check_model_size, parameter_estimate, physical_memory
 from ._transformer import CausalSelfAttention, KVCache, TransformerBlock, TransformerLM, sample_next
 
 __all__ = [
     "ACTIVATIONS",
     "INITS",
+    "MAX_PARAMETERS",
     "MLP",
     "NORMS",
     "AttentionPooling",
@@ -59,7 +61,10 @@ __all__ = [
     "SelfAttentionBlock",
     "TransformerBlock",
     "TransformerLM",
+    "check_model_size",
     "count_parameters",
     "init_linear",
+    "parameter_estimate",
+    "physical_memory",
     "sample_next",
 ]

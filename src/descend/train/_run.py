@@ -45,10 +45,11 @@ from torch import Tensor, nn
 from descend import __version__
 from descend import distributed as dd
 from descend._io import atomic_path, umask_mode, write_json
-from descend._options import OptionError, RunSpec, physical_memory
+from descend._options import OptionError, RunSpec
 from descend._tensorfile import sha256_file
 from descend.data._base import DataBundle
 from descend.data.registry import load_data
+from descend.nn import physical_memory
 from descend.train._build import build_model, make_optimizer, memory_plan, resolved_weight_decay
 from descend.train._trainer import Trainer, seed_everything
 
