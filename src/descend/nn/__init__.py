@@ -10,6 +10,8 @@
 - :class:`TransformerLM`: a small causal (GPT-style) language model, ``idx [B, T] -> logits [B, T, vocab]``,
   pre-norm blocks on ``scaled_dot_product_attention(is_causal=True)``, tied embeddings;
   :meth:`TransformerLM.generate` samples from it (temperature, top-k, top-p) with a :class:`KVCache`.
+- :func:`parameter_estimate` and :func:`check_model_size`: the size of a model named by ``--model``,
+  known (and refused when it would not fit the machine) before anything is allocated.
 """
 
 from ._attention import (
