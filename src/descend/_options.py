@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import Field, asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
 __all__ = [
@@ -213,7 +213,7 @@ def _table(*rows: str | Option) -> dict[str, Option]:
         if isinstance(row, str):
             group = row
         else:
-            table[row.name] = Option(**{**{f.name: getattr(row, f.name) for f in fields(row)}, "group": group})
+            table[row.name] = replace(row, group=group)
     return table
 
 
