@@ -422,8 +422,8 @@ class RunSpec:
 
     That is the data, model and optimizer, every :class:`TrainConfig` field and where to run (``device``,
     ``threads``, ``strategy``). Each field is settable by flag, ``--config`` TOML or ``--set key=value``,
-    with the default and validation of its row; constructing one validates it. ``config.json`` holds one
-    key per field.
+    with the default and validation of its row (the command-line reference lists them); constructing one
+    validates it. ``config.json`` holds one key per field.
     """
 
     def __post_init__(self) -> None:
