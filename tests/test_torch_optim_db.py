@@ -479,11 +479,6 @@ NOT_APPLICABLE = {
 }
 
 
-@pytest.mark.parametrize("scenario", sorted(NOT_APPLICABLE))
-def test_scenarios_not_applicable(scenario: str) -> None:
-    pytest.skip(NOT_APPLICABLE[scenario])
-
-
 # -- the three defects torch's scenarios found -----------------------------------------------------------
 def _param(seed: int = 0) -> Parameter:
     gen = torch.Generator().manual_seed(seed)
