@@ -119,7 +119,7 @@ def _warn(message: str) -> None:
 
 
 def predict(args: argparse.Namespace) -> int:
-    from descend.train._predict import predict as run_predict
+    from descend.runs._predict import predict as run_predict
 
     result = run_predict(args.run, args.data, args.out, device=args.device, batch_size=args.batch_size)
     skipped = f"; left out {result['skipped']} rows with a missing value" if result.get("skipped") else ""
@@ -128,7 +128,7 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from descend.train._generate import generate_text
+    from descend.runs._generate import generate_text
 
     result = generate_text(
         args.run, args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -25,13 +25,9 @@ A script runs unchanged as one process (``python train.py``) or as ``W`` (``torc
 package sits below ``descend.train`` and never imports it.
 """
 
-from descend.distributed._checkpoint import (
-    full_state_dict,
-    grad_norm,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from importlib import import_module
+from typing import Any
+
 from descend.distributed._env import (
     DEFAULT_TIMEOUT_S,
     DistInfo,
@@ -66,6 +62,19 @@ from descend.distributed._wrap import (
     unwrap,
     wrap,
 )
+
+#: The DCP checkpoint functions live in descend.checkpoint, which imports this package; they are
+#: looked up on first use so that neither package imports the other while it loads.
+_FORWARDED = dict.fromkeys(
+    ("full_state_dict", "grad_norm", "latest_checkpoint", "load_checkpoint", "save_checkpoint"),
+    "descend.checkpoint._distributed",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FORWARDED:
+        return getattr(import_module(_FORWARDED[name]), name)
+    raise AttributeError(f"module 'descend.distributed' has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from descend import distributed as dd
-from descend.train._checkpoint import (
+from descend.checkpoint._local import (
     CheckpointError,
     commit_checkpoint,
     is_sharded,

@@ -17,7 +17,7 @@ What a checksum proves: the files are the ones descend wrote, unchanged since (n
 truncation, no planted or replaced file). It is not a signature: someone who can write the run
 directory and recomputes every checksum can forge a consistent checkpoint. One-process
 checkpoints are still safe to load then (safetensors + JSON hold no code); DCP checkpoints are
-read through a restricted unpickler (see :mod:`descend.distributed._checkpoint`).
+read through a restricted unpickler (see :mod:`descend.checkpoint._distributed`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ world needs, so a checkpoint written by 2 FSDP2 ranks loads into 1 process, DDP,
 The small loop state (``extra``: step, sampler, RNG states) is written by rank 0 beside the shards as
 ``extra.json`` + ``extra.safetensors`` (JSON and tensors, no pickle). Rank 0 then writes
 ``manifest.json``: the size and SHA-256 of every file in the directory, itself checksummed (see
-:mod:`descend._tensorfile`). :func:`load_checkpoint` verifies the whole directory against it before
+:mod:`descend.checkpoint._tensorfile`). :func:`load_checkpoint` verifies the whole directory against it before
 reading anything, so a planted or replaced file is refused. DCP's own ``.metadata`` and its
 non-tensor entries are pickles as torch writes them; descend reads them through a restricted
 unpickler that builds only DCP's metadata records, sizes, dtypes and plain values, never an
@@ -42,7 +42,14 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from descend._io import atomic_path, atomic_write
-from descend._tensorfile import CheckpointError, IncompleteCheckpointError, decode, encode, verify_step, write_manifest
+from descend.checkpoint._tensorfile import (
+    CheckpointError,
+    IncompleteCheckpointError,
+    decode,
+    encode,
+    verify_step,
+    write_manifest,
+)
 from descend.distributed._env import barrier, is_distributed, is_main
 
 METADATA = ".metadata"
@@ -175,7 +182,7 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module,
     parameters with the same chain. Returns the ``extra`` dict that was saved.
 
     Nothing is read before the directory verifies against its ``manifest.json``
-    (:func:`descend._tensorfile.verify_step`); a missing, planted, replaced or corrupt file
+    (:func:`descend.checkpoint._tensorfile.verify_step`); a missing, planted, replaced or corrupt file
     raises :class:`~descend.train.CheckpointError`.
     """
     path = Path(path)

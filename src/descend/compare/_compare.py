@@ -1,8 +1,8 @@
 """Compare optimizers on named workloads: fair learning-rate tuning, several seeds, honest statistics.
 
-For every task ``k`` (:mod:`descend.train._tasks`) and optimizer ``o``:
+For every task ``k`` (:mod:`descend.compare._tasks`) and optimizer ``o``:
 
-1. **tune**: :func:`~descend.train._tuning.tune_lr` trains the task's full step budget at each rate of
+1. **tune**: :func:`~descend.compare._tuning.tune_lr` trains the task's full step budget at each rate of
    the log grid ``η_o · c_k · m`` (``η_o`` the default rate, ``c_k`` the task's scale, ``m`` the
    multipliers, half a decade apart by default) for the tuning seeds, scores a rate by the mean over
    those seeds of the final *validation loss* (a diverged seed is the worst score) and extends the
@@ -11,7 +11,7 @@ For every task ``k`` (:mod:`descend.train._tasks`) and optimizer ``o``:
    and seed is reused, not repeated); a seed has *diverged* when its loss becomes NaN/inf or its
    validation loss ends above where it started (the trainer's divergence check);
 3. **statistics**: the final *test* metric over the seeds that did not diverge, as mean with a 95%
-   Student-t interval (:func:`~descend.train._tuning.seed_stats`). A seed has *reached* the target
+   Student-t interval (:func:`~descend.compare._tuning.seed_stats`). A seed has *reached* the target
    when its final validation metric meets it; its steps (seconds) to target are those of the first
    evaluation from which the validation metric meets the target until the end of the run; the table
    gives their (lower) median over the seeds that reached it, with the count.
@@ -38,12 +38,12 @@ import torch
 from descend import optim
 from descend._options import CompareSpec, OptionError
 from descend._random import seed_everything
+from descend.compare._tasks import SUITES, TASKS, Task, load_task_data, suite_tasks
+from descend.compare._tuning import seed_stats, tie_groups, tune_lr
 from descend.data._base import DataBundle
+from descend.runs._run import RunError
 from descend.train._build import DEFAULT_LR, FULL_BATCH, make_optimizer
-from descend.train._run import RunError
-from descend.train._tasks import SUITES, TASKS, Task, load_task_data, suite_tasks
 from descend.train._trainer import Trainer
-from descend.train._tuning import seed_stats, tie_groups, tune_lr
 
 __all__ = [
     "CompareSpec",
