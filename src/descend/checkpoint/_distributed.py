@@ -230,19 +230,3 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in state.items()}
-
-
-def grad_norm(parameters: Any, norm_type: float = 2.0) -> float:
-    """The global gradient norm over all ranks' shards (a plain float, equal on every rank).
-
-    For FSDP2 parameters the gradients are DTensors: their norm is reduced over the shards.
-    Replicated (DDP) gradients are the same on every rank, so no communication is needed.
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type, foreach=False)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    return float(total)
-

@@ -1,7 +1,7 @@
 """What both kinds of checkpoint share: the JSON + tensors codec and the checksummed manifest.
 
-``descend.train`` (one-process checkpoints) and ``descend.distributed`` (DCP checkpoints) both sit
-above this module, so neither imports the other.
+The one-process format (:mod:`descend.checkpoint._local`) and the DCP format
+(:mod:`descend.checkpoint._distributed`) both build on this module, so neither imports the other.
 
 A checkpoint step directory holds its data files and a ``manifest.json`` written last::
 

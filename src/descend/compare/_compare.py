@@ -43,7 +43,8 @@ from descend.compare._tuning import seed_stats, tie_groups, tune_lr
 from descend.data._base import DataBundle
 from descend.runs._run import RunError
 from descend.train._build import DEFAULT_LR, FULL_BATCH, make_optimizer
-from descend.train._trainer import Trainer
+from descend.train._device import resolve_device
+from descend.train._trainer import NonFiniteLossError, TrainConfig, Trainer
 
 __all__ = [
     "CompareSpec",
@@ -111,12 +112,6 @@ def time_to_target(history: list[dict[str, Any]], task: Task) -> tuple[int | Non
     return (int(hit["step"]), float(hit["seconds"])) if hit is not None else (None, None)
 
 
-def _device(name: str | None) -> torch.device:
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def run_once(
     task: Task,
     optimizer: str,
@@ -134,8 +129,6 @@ def run_once(
     ``history`` (one row per evaluation: ``step``, ``seconds``, ``loss`` (training minibatch),
     ``val_loss`` and, for classification, ``val_accuracy``).
     """
-    from descend.train._trainer import NonFiniteLossError, TrainConfig
-
     data = bundle or load_task_data(task.data)
     seed_everything(seed)
     model = task.model(data)
@@ -152,7 +145,7 @@ def run_once(
         progress=False,
         tensorboard=False,
     )
-    trainer = _Run(model, opt, data, config, device=str(_device(device)))  # the trainer moves model and batches
+    trainer = _Run(model, opt, data, config, device=device or None)  # the trainer moves model and batches
     record: dict[str, Any] = {"seed": seed, "lr": lr}
     started, cpu = time.perf_counter(), time.process_time()
     try:
@@ -379,7 +372,7 @@ def compare(spec: CompareSpec, log: Callable[[str], None] = lambda _: None) -> d
             "cpu_seconds_of_runs": sum(e["cpu_seconds"] for t in tasks.values() for e in t["optimizers"].values()),
             "cpus": os.cpu_count(),
             "load_average": [load_before, _load()],  # 1-minute load at the start and the end: others' work too
-            "device": str(_device(spec.device)),
+            "device": str(resolve_device(spec.device or None)),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         },
     }

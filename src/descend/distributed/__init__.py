@@ -51,7 +51,7 @@ from descend.distributed._env import (
     torchrun_command,
     world_size,
 )
-from descend.distributed._shard import Batch, batch_size_of, grad_scale, local_tensor, shard, total_norm
+from descend.distributed._shard import Batch, batch_size_of, grad_norm, grad_scale, local_tensor, shard, total_norm
 from descend.distributed._wrap import (
     STRATEGIES,
     check_wrapped,
@@ -66,7 +66,7 @@ from descend.distributed._wrap import (
 #: The DCP checkpoint functions live in descend.checkpoint, which imports this package; they are
 #: looked up on first use so that neither package imports the other while it loads.
 _FORWARDED = dict.fromkeys(
-    ("full_state_dict", "grad_norm", "latest_checkpoint", "load_checkpoint", "save_checkpoint"),
+    ("full_state_dict", "latest_checkpoint", "load_checkpoint", "save_checkpoint"),
     "descend.checkpoint._distributed",
 )
 

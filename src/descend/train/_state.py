@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from descend import distributed as dd
+from descend.checkpoint._distributed import load_checkpoint as load_sharded
+from descend.checkpoint._distributed import save_checkpoint as save_sharded
 from descend.checkpoint._local import (
     CheckpointError,
     commit_checkpoint,
@@ -33,15 +36,30 @@ from descend.checkpoint._local import (
     set_rng_state,
 )
 
-if TYPE_CHECKING:
-    from descend.train._trainer import Trainer
+__all__ = ["TrainerState", "best_weights", "load_best", "resume", "save", "trainer_state"]
 
-__all__ = ["best_weights", "load_best", "resume", "save", "trainer_state"]
+
+class TrainerState(Protocol):
+    """What a checkpoint reads from and restores into a :class:`~descend.train.Trainer`."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: Any
+    early_stopping: Any
+    config: Any
+    out_dir: Path | None
+    is_main: bool
+    step: int
+    seconds: float
+    val_loss_start: float | None
+    last_checkpoint: Path | None
+    resumed: bool
 
 ERRORS = (KeyError, ValueError, RuntimeError, TypeError)
 
 
-def trainer_state(trainer: Trainer) -> dict[str, Any]:
+def trainer_state(trainer: TrainerState) -> dict[str, Any]:
     """Everything but the model's tensors (and, for DCP, the optimizer's) that a resume needs."""
     es = trainer.early_stopping
     return {
@@ -62,11 +80,11 @@ def trainer_state(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def _sharded(trainer: Trainer) -> bool:
+def _sharded(trainer: TrainerState) -> bool:
     return any(isinstance(p, DTensor) for p in trainer.model.parameters())
 
 
-def save(trainer: Trainer, root: Path, *, keep: int, sharded: bool | None = None) -> Path:
+def save(trainer: TrainerState, root: Path, *, keep: int, sharded: bool | None = None) -> Path:
     """Write a checkpoint of ``trainer`` under ``root`` (``root/step-N``, ``root/latest.json``); every rank calls it.
 
     ``sharded`` forces the format (default: DCP exactly when the parameters are FSDP2 DTensors).
@@ -90,13 +108,13 @@ def save(trainer: Trainer, root: Path, *, keep: int, sharded: bool | None = None
     dd.barrier()
     state = trainer_state(trainer)
     del state["optimizer"]  # DCP writes the (sharded) optimizer state itself
-    dd.save_checkpoint(path, trainer.model, trainer.optimizer, extra=state)  # ends with a barrier
+    save_sharded(path, trainer.model, trainer.optimizer, extra=state)  # ends with a barrier
     if trainer.is_main:
         commit_checkpoint(root, trainer.step, name, keep=keep, kind="dcp")
     return path
 
 
-def _check_classes(trainer: Trainer, state: dict[str, Any], path: Path) -> None:
+def _check_classes(trainer: TrainerState, state: dict[str, Any], path: Path) -> None:
     for what, mine in (
         ("optimizer_class", type(trainer.optimizer).__name__),
         ("sampler_class", type(trainer.sampler).__name__),
@@ -107,13 +125,13 @@ def _check_classes(trainer: Trainer, state: dict[str, Any], path: Path) -> None:
             )
 
 
-def _load(trainer: Trainer, root: Path, *, optimizer: bool = True) -> tuple[dict[str, Any], Path]:
+def _load(trainer: TrainerState, root: Path, *, optimizer: bool = True) -> tuple[dict[str, Any], Path]:
     """Load the checkpoint at ``root`` into the model (and optimizer); return its state and directory."""
     directory = latest_dir(root)
     opt = trainer.optimizer if optimizer else None
     if is_sharded(directory):
         try:
-            state = dd.load_checkpoint(directory, trainer.model, opt)
+            state = load_sharded(directory, trainer.model, opt)
         except ERRORS as e:
             raise CheckpointError(
                 f"checkpoint {directory} does not match this run "
@@ -141,7 +159,7 @@ def _load(trainer: Trainer, root: Path, *, optimizer: bool = True) -> tuple[dict
     return ckpt.state, ckpt.path
 
 
-def resume(trainer: Trainer, path: str | Path | None = None) -> int:
+def resume(trainer: TrainerState, path: str | Path | None = None) -> int:
     """Load the latest checkpoint (``path`` or ``out_dir/checkpoint``) into ``trainer``; return its step.
 
     Raises :class:`~descend.train.CheckpointError` if it is corrupt or was written for another
@@ -175,12 +193,12 @@ def resume(trainer: Trainer, path: str | Path | None = None) -> int:
     return trainer.step
 
 
-def best_weights(trainer: Trainer) -> dict[str, Tensor]:
+def best_weights(trainer: TrainerState) -> dict[str, Tensor]:
     """A copy of the model's tensors (this rank's shards under FSDP2), on its device."""
     return {k: v.detach().clone() for k, v in dd.unwrap(trainer.model).state_dict().items()}
 
 
-def load_best(trainer: Trainer, weights: dict[str, Tensor] | None) -> bool:
+def load_best(trainer: TrainerState, weights: dict[str, Tensor] | None) -> bool:
     """Put the best weights back: from memory, else from ``out_dir/best``; False when neither exists."""
     if weights is not None:
         dd.unwrap(trainer.model).load_state_dict(weights)
