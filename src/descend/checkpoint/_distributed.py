@@ -183,7 +183,7 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module,
 
     Nothing is read before the directory verifies against its ``manifest.json``
     (:func:`descend.checkpoint._tensorfile.verify_step`); a missing, planted, replaced or corrupt file
-    raises :class:`~descend.train.CheckpointError`.
+    raises :class:`~descend.checkpoint.CheckpointError`.
     """
     path = Path(path)
     if not (path / METADATA).exists():

@@ -68,7 +68,7 @@ def train(args: argparse.Namespace) -> int:
     new_spec = None if args.resume else RunSpec.from_dict(values)  # a bad option fails here, before torch loads
 
     from descend import distributed as dd
-    from descend.train import load_run_spec, run_training
+    from descend.runs import load_run_spec, run_training
 
     if args.nproc is not None and args.nproc > 1 and not dd.launched():
         return _launch_train(args)
@@ -147,9 +147,10 @@ def compare(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from descend.compare import compare as run_compare
+    from descend.compare import describe_tasks, resolve_plan
     from descend.report import summary_table, task_table, write_outputs
-    from descend.train import check_out_dir, describe_tasks, resolve_plan
-    from descend.train import compare as run_compare
+    from descend.runs import check_out_dir
 
     if getattr(args, "list", False):
         print(describe_tasks())

@@ -145,7 +145,7 @@ def run_once(
         progress=False,
         tensorboard=False,
     )
-    trainer = _Run(model, opt, data, config, device=device or None)  # the trainer moves model and batches
+    trainer = _CompareTrainer(model, opt, data, config, device=device or None)  # the trainer moves model and batches
     record: dict[str, Any] = {"seed": seed, "lr": lr}
     started, cpu = time.perf_counter(), time.process_time()
     try:
@@ -154,9 +154,10 @@ def run_once(
         trainer.close()
         record.update(diverged=True, seconds=time.perf_counter() - started, steps=trainer.step)
         record["cpu_seconds"] = time.process_time() - cpu
-        record.update(reached=False, steps_to_target=None, seconds_to_target=None, history=_rows(trainer.history))
+        record.update(reached=False, steps_to_target=None, seconds_to_target=None)
+        record["history"] = _evaluation_rows(trainer.history)
         return record
-    history = _rows(trainer.history)
+    history = _evaluation_rows(trainer.history)
     final_val = summary["val"][task.metric]
     finite = all(math.isfinite(v) for v in (*summary["val"].values(), *summary["test"].values()))
     start = summary.get("val_loss_start")
@@ -179,7 +180,7 @@ def run_once(
     return record
 
 
-class _Run(Trainer):
+class _CompareTrainer(Trainer):
     """The trainer, less the evaluation of the whole training split at the end (compare reports validation
     and test; on ``text-lm`` that evaluation would cost as much as the run), with its warnings kept in
     ``notes`` rather than printed (a diverged tuning run is expected, and counted in the results)."""
@@ -193,11 +194,12 @@ class _Run(Trainer):
         return {"val": self.evaluate("val"), "test": self.evaluate("test"), "steps": self.step, "seconds": self.seconds}
 
 
-_KEEP = ("step", "seconds", "loss", "val_loss", "val_accuracy")
+_EVALUATION_KEYS = ("step", "seconds", "loss", "val_loss", "val_accuracy")
 
 
-def _rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: r[k] for k in _KEEP if k in r} for r in history if "val_loss" in r]
+def _evaluation_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluation rows of a training history, with the columns a comparison keeps."""
+    return [{k: r[k] for k in _EVALUATION_KEYS if k in r} for r in history if "val_loss" in r]
 
 
 def grid_for(task: Task, optimizer: str, multipliers: Sequence[float]) -> list[float]:
@@ -334,7 +336,7 @@ def compare(spec: CompareSpec, log: Callable[[str], None] = lambda _: None) -> d
     ``tuning``, ``runs``, ``summary``, ``equations``), ``profile`` (``taus`` and ``ρ`` by time and by
     steps), ``summary`` (one row per optimizer across tasks), ``seconds``, ``environment``.
     """
-    started, load_before = time.perf_counter(), _load()
+    started, load_before = time.perf_counter(), _load_average()
     plan = resolve_plan(spec)
     previous = torch.get_num_threads()
     if spec.threads:
@@ -371,7 +373,7 @@ def compare(spec: CompareSpec, log: Callable[[str], None] = lambda _: None) -> d
             "workers": min(spec.workers, len(plan["tasks"]) * len(plan["optimizers"])),
             "cpu_seconds_of_runs": sum(e["cpu_seconds"] for t in tasks.values() for e in t["optimizers"].values()),
             "cpus": os.cpu_count(),
-            "load_average": [load_before, _load()],  # 1-minute load at the start and the end: others' work too
+            "load_average": [load_before, _load_average()],  # 1-minute load at the start and the end: others' work too
             "device": str(resolve_device(spec.device or None)),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         },
@@ -402,7 +404,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def _load() -> float | None:
+def _load_average() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
     except (OSError, AttributeError):  # not on every platform

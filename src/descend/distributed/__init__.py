@@ -26,7 +26,7 @@ package sits below ``descend.train`` and never imports it.
 """
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from descend.distributed._env import (
     DEFAULT_TIMEOUT_S,
@@ -62,6 +62,9 @@ from descend.distributed._wrap import (
     unwrap,
     wrap,
 )
+
+if TYPE_CHECKING:  # for type checkers and the API reference
+    from descend.checkpoint._distributed import full_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint
 
 #: The DCP checkpoint functions live in descend.checkpoint, which imports this package; they are
 #: looked up on first use so that neither package imports the other while it loads.

@@ -5,7 +5,7 @@ loop counters, so a resumed run continues bit for bit. Two formats, chosen by ho
 are stored, not by the world size:
 
 - plain or DDP parameters: the main process writes one safetensors + JSON directory
-  (:func:`descend.train.save_checkpoint`); the other ranks wait for it;
+  (:func:`descend.checkpoint.save_checkpoint`); the other ranks wait for it;
 - FSDP2 (DTensor) parameters: every rank writes its shards with torch.distributed.checkpoint.
 
 Either resumes at any world size and on any device: tensors are read to the CPU and copied onto
@@ -56,7 +56,8 @@ class TrainerState(Protocol):
     last_checkpoint: Path | None
     resumed: bool
 
-ERRORS = (KeyError, ValueError, RuntimeError, TypeError)
+#: What loading a checkpoint into a model or optimizer it does not fit raises.
+MISMATCH_ERRORS = (KeyError, ValueError, RuntimeError, TypeError)
 
 
 def trainer_state(trainer: TrainerState) -> dict[str, Any]:
@@ -132,7 +133,7 @@ def _load(trainer: TrainerState, root: Path, *, optimizer: bool = True) -> tuple
     if is_sharded(directory):
         try:
             state = load_sharded(directory, trainer.model, opt)
-        except ERRORS as e:
+        except MISMATCH_ERRORS as e:
             raise CheckpointError(
                 f"checkpoint {directory} does not match this run "
                 f"(resume with the same model and optimizer options): {e}"
@@ -154,7 +155,7 @@ def _load(trainer: TrainerState, root: Path, *, optimizer: bool = True) -> tuple
             _restore_tuples(ckpt.state["optimizer"], trainer.optimizer.state_dict()) if optimizer else None
         )
         dd.load_full_state(trainer.model, opt, ckpt.model, optimizer_state)
-    except ERRORS as e:
+    except MISMATCH_ERRORS as e:
         raise CheckpointError(f"checkpoint {ckpt.path} does not match this run: {e}") from e
     return ckpt.state, ckpt.path
 
@@ -162,32 +163,32 @@ def _load(trainer: TrainerState, root: Path, *, optimizer: bool = True) -> tuple
 def resume(trainer: TrainerState, path: str | Path | None = None) -> int:
     """Load the latest checkpoint (``path`` or ``out_dir/checkpoint``) into ``trainer``; return its step.
 
-    Raises :class:`~descend.train.CheckpointError` if it is corrupt or was written for another
+    Raises :class:`~descend.checkpoint.CheckpointError` if it is corrupt or was written for another
     model, optimizer or sampling scheme.
     """
     if path is None:
         if trainer.out_dir is None:
             raise CheckpointError("resume() needs a checkpoint path or a trainer with out_dir")
         path = trainer.out_dir / "checkpoint"
-    s, directory = _load(trainer, Path(path))
-    _check_classes(trainer, s, directory)
+    state, directory = _load(trainer, Path(path))
+    _check_classes(trainer, state, directory)
     try:
-        if trainer.scheduler is not None and s["scheduler"] is not None:
-            trainer.scheduler.load_state_dict(s["scheduler"])
-        trainer.sampler.load_state_dict(s["sampler"])
-    except ERRORS as e:
+        if trainer.scheduler is not None and state["scheduler"] is not None:
+            trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.sampler.load_state_dict(state["sampler"])
+    except MISMATCH_ERRORS as e:
         raise CheckpointError(f"checkpoint {directory} does not match this run: {e}") from e
-    set_rng_state(s["rng"])
-    trainer.step, trainer.seconds = int(s["step"]), float(s["seconds"])
+    set_rng_state(state["rng"])
+    trainer.step, trainer.seconds = int(state["step"]), float(state["seconds"])
     trainer.early_stopping.load_state_dict(
         {
-            "best": s["best_val_loss"],
-            "best_step": s.get("best_step", 0),
-            "bad": s["evals_without_improvement"],
-            "stopped": s["stopped_early"],
+            "best": state["best_val_loss"],
+            "best_step": state.get("best_step", 0),
+            "bad": state["evals_without_improvement"],
+            "stopped": state["stopped_early"],
         }
     )
-    start = s.get("val_loss_start")
+    start = state.get("val_loss_start")
     trainer.val_loss_start = None if start is None else float(start)
     trainer.last_checkpoint, trainer.resumed = directory, True
     return trainer.step
