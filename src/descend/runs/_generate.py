@@ -18,7 +18,7 @@ import torch
 
 from descend.nn import TransformerLM
 from descend.train._device import autocast
-from descend.train._predict import PredictError, load_run_model
+from descend.runs._predict import PredictError, load_run_model
 
 __all__ = ["Generation", "generate_text"]
 
