@@ -20,7 +20,7 @@ from descend.experiments._momentum import heavy_ball, quadratic
 from descend.experiments._point_sets import _reorder
 
 NAMES = ["momentum", "depth", "weight-decay", "adam-softsign", "gd-vs-sgd", "badly-scaled", "point-sets",
-         "point-set-regression", "function-approximation", "flow-matching"]
+         "point-set-regression", "function-approximation", "flow-matching", "scale"]
 
 
 def test_registry_names_every_experiment() -> None:
