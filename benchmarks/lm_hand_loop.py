@@ -1,7 +1,7 @@
 """``descend train`` on a language model against a nanoGPT-style loop in plain PyTorch, on the same work.
 
-    python benchmarks/lm_hand_loop.py [--width 384] [--depth 6] [--heads 6] [--context 64] [--batch-size 32]
-        [--steps 300] [--eval-every 50] [--lr 1e-3] [--eval-tokens 8192] [--threads N] [--device auto] [--repeats 2]
+    python benchmarks/lm_hand_loop.py [--width 384] [--depth 6] [--heads 6] [--context 64] [--batch-size 16]
+        [--steps 100] [--eval-every 10] [--lr 1e-3] [--eval-tokens 4096] [--threads N] [--device auto] [--repeats 2]
         [--out results.json] [--figure curves.png] [--keep-run DIR]
 
 Both train the same ``TransformerLM`` (same initialisation) on the standard library's bytes
@@ -18,8 +18,11 @@ written (descend's clock in ``metrics.jsonl`` does the same).
 The machine may be shared, so the two loops alternate: ``--repeats 2`` runs descend, hand, hand,
 descend (ABBA), and each loop's time is its mean over its repeats, so a slow spell falls on both.
 Reported: each loop's wall time, the validation loss at each evaluation, and the time each took to
-reach the higher of the two final validation losses (the target both reach); the ratio of those
-times is the trainer's overhead on a real model (target: at most 1.05).
+reach the higher of the two final validation losses (the target both reach; linear in time between
+evaluations); the ratio of those times is the trainer's overhead on a real model (target: at most
+1.05). The two loops compute the same steps up to rounding (torch's fused AdamW and descend's
+engine round differently), which is enough for their curves to part after some tens of steps, so
+the ratio of the wall times of the same steps and evaluations is reported beside it.
 """
 
 from __future__ import annotations
@@ -100,9 +103,26 @@ def descend_run(args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
     return [{"step": r["step"], "seconds": r["seconds"], "val_loss": r["val_loss"]} for r in rows if "val_loss" in r]
 
 
+def sample(run: Path, prompt: str, tokens: int) -> dict[str, str]:
+    """``descend generate`` on a kept run: the command as a user types it and the text it printed."""
+    args = ["--prompt", prompt, "--tokens", str(tokens), "--temperature", "0.8", "--top-k", "40", "--seed", "0"]
+    done = subprocess.run([sys.executable, "-m", "descend", "generate", str(run), *args], capture_output=True,
+                          text=True, check=True)
+    shown = " ".join(f'"{a}"' if " " in a or not a else a for a in args)
+    return {"command": f"descend generate {run.name} {shown}", "text": done.stdout.rstrip("\n")}
+
+
 def time_to(rows: list[dict[str, float]], target: float) -> float:
-    """Seconds at the first evaluation whose validation loss is at most ``target``."""
-    return next(r["seconds"] for r in rows if r["val_loss"] <= target)
+    """Seconds at which the validation loss first reaches ``target``, linear in time between evaluations."""
+    previous = None
+    for r in rows:
+        if r["val_loss"] <= target:
+            if previous is None or previous["val_loss"] == r["val_loss"]:
+                return r["seconds"]
+            w = (previous["val_loss"] - target) / (previous["val_loss"] - r["val_loss"])
+            return previous["seconds"] + w * (r["seconds"] - previous["seconds"])
+        previous = r
+    raise ValueError(f"the validation loss never reached {target}")
 
 
 def resolve(name: str) -> torch.device:
@@ -138,17 +158,18 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-tokens", type=int, default=8192, help="validation tokens each evaluation reads")
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="validation tokens each evaluation reads")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each loop, in ABBA order (default: 2)")
     parser.add_argument("--out", type=Path, default=None, help="write the numbers and curves here (JSON)")
     parser.add_argument("--figure", type=Path, default=None, help="plot bits per byte against time here (PNG)")
     parser.add_argument("--keep-run", type=Path, default=None, help="keep descend's first run here (to sample)")
+    parser.add_argument("--sample-tokens", type=int, default=300, help="with --keep-run: bytes to sample from it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve(args.device)
@@ -169,6 +190,8 @@ def main() -> None:
     reached = {name: [time_to(rows, target) for rows in repeats] for name, repeats in loops.items()}
     mean = {name: sum(v) / len(v) for name, v in reached.items()}
     ratio = mean["descend train"] / mean["hand loop"]
+    wall = {name: sum(r[-1]["seconds"] for r in repeats) / len(repeats) for name, repeats in loops.items()}
+    wall_ratio = wall["descend train"] / wall["hand loop"]
     tokens = args.steps * args.batch_size * args.context
     print(f"TransformerLM {params / 1e6:.1f}M parameters, {args.steps} steps of {args.batch_size} x {args.context} "
           f"tokens ({tokens:,} tokens), {describe(device)} ({args.threads} threads), {args.repeats} repeats (ABBA)")
@@ -177,11 +200,13 @@ def main() -> None:
         print(f"  {name:>13}: {', '.join(f'{t:.1f}' for t in times)} s; final validation loss "
               f"{', '.join(f'{v:.4f}' for v in final)} nats/byte ({min(final) / math.log(2):.3f} bits/byte at best); "
               f"{mean[name]:.1f} s to {target:.4f} (mean of {len(repeats)})")
-    print(f"  descend train / hand loop, time to the same validation loss: {ratio:.3f}")
+    print(f"  descend train / hand loop, time to the same validation loss: {ratio:.3f}; "
+          f"wall time of the same {args.steps} steps and evaluations: {wall_ratio:.3f}")
     title = (f"TransformerLM {params / 1e6:.1f}M on stdlib-text, {args.steps} steps, {args.threads} threads\n"
              f"time to {target / math.log(2):.3f} bits/byte: descend / hand loop = {ratio:.3f}")
     if args.figure is not None:
         plot(args.figure, loops, title)
+    drawn = sample(args.keep_run, "def ", args.sample_tokens) if args.keep_run and args.sample_tokens else None
     if args.out is not None:
         write_json(args.out, {
             "device": device.type, "device_name": describe(device), "threads": args.threads,
@@ -190,7 +215,8 @@ def main() -> None:
             "tokens": tokens, "eval_every": args.eval_every, "lr": args.lr, "eval_tokens": args.eval_tokens,
             "repeats": args.repeats, "order": order, "target_val_loss": target,
             "target_bits_per_byte": target / math.log(2), "seconds_to_target": reached,
-            "mean_seconds_to_target": mean, "ratio": ratio, "curves": loops,
+            "mean_seconds_to_target": mean, "ratio": ratio,
+            "mean_wall_seconds": wall, "wall_ratio": wall_ratio, "curves": loops, "sample": drawn,
         })
 
 

@@ -30,11 +30,13 @@ def test_ladder_spans_1m_to_2b_2x_to_4x_apart() -> None:
     assert all(1.9 < b / a < 4.5 for a, b in pairwise(params))
 
 
-def test_frontier_is_the_lower_envelope_by_compute() -> None:
-    curves = {"small": {"flops": [1.0, 2.0, 4.0], "val_loss": [3.0, 2.0, 1.9]},
-              "big": {"flops": [2.0, 4.0], "val_loss": [2.5, 1.5]}}
-    assert _scale._frontier(curves, [1.0, 2.0, 3.0, 4.0]) == [(3.0, "small"), (2.0, "small"), (2.0, "small"),
-                                                               (1.5, "big")]
+def test_frontier_is_the_lower_envelope_of_the_curves_in_log_compute() -> None:
+    curves = {"small": {"flops": [1.0, 4.0], "val_loss": [3.0, 2.0]},
+              "big": {"flops": [2.0, 8.0], "val_loss": [4.0, 1.0]}}
+    front = _scale._frontier(curves, [1.0, 2.0, 4.0, 8.0])
+    # at 2 the small model is halfway (in log compute) from 3 to 2; the big one starts at 4; at 4 it is at 2.5
+    assert front == [(3.0, "small"), (2.5, "small"), (2.0, "small"), (1.0, "big")]
+    assert _scale._at(curves["small"], 8.0) == math.inf  # never trained that far
 
 
 def test_a_size_over_the_memory_limit_is_reported_not_crashed() -> None:

@@ -37,13 +37,17 @@ CONFIGS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "Lion": ("Lion", {}, False),
     "AdamW, step in backward": ("AdamW", {}, True),
 }
+#: Bytes per parameter of the float32 weights, float32 gradients (one tensor's at a time in the backward pass) and
+#: optimizer state alone: what a step needs at the least, before temporaries.
+HELD_BYTES = {"AdamW, float32 state": 4 + 4 + 8, "AdamW, bfloat16 state": 4 + 4 + 4, "Lion": 4 + 4 + 4,
+              "AdamW, step in backward": 4 + 8}
 STEP_BATCH, STEP_CONTEXT = 1, 64  # part 1's tokens per step: fixed, so the work grows with the parameters alone
 DEFAULT_MAX_PARAMS = 3e7
 MEMORY_CAP = 16 * 2**30  # part 1's children never address more than this (or 80% of the memory available)
 #: Part 2's models ``(width, depth, heads)``, its tokens per step, and the compute each model is trained to.
 LM_SHAPES: tuple[tuple[int, int, int], ...] = ((8, 1, 2), (16, 1, 2), (32, 1, 4), (48, 2, 4))
 LM_BATCH, LM_CONTEXT, LM_LR, LM_EVAL_WINDOWS = 32, 32, 3e-3, 64
-DEFAULT_COMPUTE = 1e10
+DEFAULT_COMPUTE = 2e10
 
 
 def _shape_params(shape: tuple[int, int, int], context: int) -> int:
@@ -228,17 +232,21 @@ def _train_lm(shape: tuple[int, int, int], seed: int, compute: float, points: in
     return {"params": params, "steps": steps, "flops": flops, "val_loss": losses}
 
 
+def _at(curve: dict[str, list[float]], c: float) -> float:
+    """The curve's loss at compute ``c``, linear in ``log c`` between its evaluations; inf outside its range."""
+    f, v = curve["flops"], curve["val_loss"]
+    if not f or c < f[0] * (1 - 1e-9) or c > f[-1] * (1 + 1e-9):
+        return math.inf
+    for j in range(1, len(f)):
+        if c <= f[j]:
+            w = (math.log(c) - math.log(f[j - 1])) / (math.log(f[j]) - math.log(f[j - 1]))
+            return v[j - 1] + min(max(w, 0.0), 1.0) * (v[j] - v[j - 1])
+    return v[-1]
+
+
 def _frontier(curves: dict[str, dict[str, list[float]]], grid: Sequence[float]) -> list[tuple[float, str]]:
-    """At each compute in ``grid``: the lowest loss any model reaches with at most that compute, and which."""
-    out = []
-    for c in grid:
-        best = (math.inf, "")
-        for name, curve in curves.items():
-            seen = [v for f, v in zip(curve["flops"], curve["val_loss"]) if f <= c * (1 + 1e-9)]
-            if seen and min(seen) < best[0]:
-                best = (min(seen), name)
-        out.append(best)
-    return out
+    """At each compute in ``grid``: the lowest loss of any model trained with that compute, and which model."""
+    return [min(((_at(curve, c), name) for name, curve in curves.items()), key=lambda t: t[0]) for c in grid]
 
 
 def scale(*, quick: bool = False, seeds: Sequence[int] = (0, 1), max_params: float | None = None,
@@ -277,8 +285,9 @@ def scale(*, quick: bool = False, seeds: Sequence[int] = (0, 1), max_params: flo
     points = 8 if quick else 12
     lm_names = [f"{_shape_params(s, LM_CONTEXT) / 1e3:.0f}k" for s in LM_SHAPES]
     runs = {name: [_train_lm(shape, s, compute, points) for s in seeds] for name, shape in zip(lm_names, LM_SHAPES)}
-    lo = max(min(r["flops"]) for rr in runs.values() for r in rr)
-    grid = [lo * (compute / lo) ** (i / 15) for i in range(16)]
+    lo = max(min(r["flops"]) for rr in runs.values() for r in rr)  # every model has been evaluated once
+    hi = min(max(r["flops"]) for rr in runs.values() for r in rr)  # and none has stopped
+    grid = [lo * (hi / lo) ** (i / 15) for i in range(16)]
     fronts = [_frontier({m: rr[i] for m, rr in runs.items()}, grid) for i in range(n)]
     first = lm_names[0]
     size_of = {m: runs[m][0]["params"] for m in lm_names}
@@ -317,7 +326,9 @@ def scale(*, quick: bool = False, seeds: Sequence[int] = (0, 1), max_params: flo
         if row["params"]:
             top = row["params"][-1]
             notes.append(f"{c}: at {top / 1e6:.3g}M parameters {span([row['seconds'][str(s)][-1] for s in seeds])} s "
-                         f"a step, peak resident set {row['peak_bytes'][str(seeds[0])][-1] / 2**30:.2f} GiB")
+                         f"a step, peak resident set {row['peak_bytes'][str(seeds[0])][-1] / 2**30:.2f} GiB; "
+                         f"{span(row['bytes_per_parameter'], '.1f')} bytes per parameter, against "
+                         f"{HELD_BYTES[c]} for the weights, gradients and state alone")
         if row["does_not_fit"]:
             notes.append(f"{c}: does not fit under {limit / 2**30:.1f} GiB at "
                          + ", ".join(f"{q / 1e6:.4g}M" for q in row["does_not_fit"]) + " parameters")
@@ -341,8 +352,9 @@ def scale(*, quick: bool = False, seeds: Sequence[int] = (0, 1), max_params: flo
             continue
         band(ax_t, row["params"], [row["seconds"][str(s)] for s in seeds], color,
              f"{config} (slope {span(row['slope'], '.2f')})")
+        missing = f"; not {_count(row['does_not_fit'][0])}" if row["does_not_fit"] else ""
         ax_m.plot(row["params"], [m / 2**30 for m in row["peak_bytes"][str(seeds[0])]], marker="o", markersize=3,
-                  color=color, label=f"{config}: {span(row['bytes_per_parameter'], '.1f')} B/param")
+                  color=color, label=f"{config}: {span(row['bytes_per_parameter'], '.1f')} B/param{missing}")
         for q in row["does_not_fit"]:
             ax_m.plot([q], [limit / 2**30], marker="x", color=color, markersize=7)
     ps = sorted({p for c in CONFIGS for p in table[c]["params"]})
@@ -365,6 +377,11 @@ def scale(*, quick: bool = False, seeds: Sequence[int] = (0, 1), max_params: flo
         ax.grid(True, alpha=0.3, which="both")
         ax.legend(fontsize=6)
     return Outcome(numbers, fig, findings, notes)
+
+
+def _count(n: float) -> str:
+    """``1.02B``, ``303M``: a parameter count in words."""
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
 
 
 def _machine() -> str:
