@@ -131,11 +131,18 @@ def resolve(name: str) -> torch.device:
 
 
 def describe(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}"
+    """The GPU's name, or the CPU's model name (from ``/proc/cpuinfo`` where there is one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "CPU"
 
 
-def plot(path: Path, loops: dict[str, list[list[dict[str, float]]]], title: str) -> None:
-    """Validation bits per byte against wall time, every repeat of each loop."""
+def plot(path: Path, loops: dict[str, list[list[dict[str, float]]]], title: str, target: float) -> None:
+    """Validation bits per byte against wall time, every repeat of each loop, and the target both reach."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.0, 3.8), dpi=100)
@@ -144,6 +151,7 @@ def plot(path: Path, loops: dict[str, list[list[dict[str, float]]]], title: str)
         for i, rows in enumerate(repeats):
             ax.plot([r["seconds"] for r in rows], [r["val_loss"] / math.log(2) for r in rows], marker="o",
                     markersize=3, color=color, alpha=1.0 if i == 0 else 0.5, label=name if i == 0 else None)
+    ax.axhline(target / math.log(2), color="#888888", linestyle=":", linewidth=1, label="target")
     ax.set(xlabel="wall time from the first step (s)", ylabel="validation bits per byte", title=title)
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -202,10 +210,11 @@ def main() -> None:
               f"{mean[name]:.1f} s to {target:.4f} (mean of {len(repeats)})")
     print(f"  descend train / hand loop, time to the same validation loss: {ratio:.3f}; "
           f"wall time of the same {args.steps} steps and evaluations: {wall_ratio:.3f}")
-    title = (f"TransformerLM {params / 1e6:.1f}M on stdlib-text, {args.steps} steps, {args.threads} threads\n"
+    threads = f"{args.threads} thread{'s' if args.threads != 1 else ''}"
+    title = (f"TransformerLM {params / 1e6:.1f}M on stdlib-text, {args.steps} steps, {threads}\n"
              f"time to {target / math.log(2):.3f} bits/byte: descend / hand loop = {ratio:.3f}")
     if args.figure is not None:
-        plot(args.figure, loops, title)
+        plot(args.figure, loops, title, target)
     drawn = sample(args.keep_run, "def ", args.sample_tokens) if args.keep_run and args.sample_tokens else None
     if args.out is not None:
         write_json(args.out, {

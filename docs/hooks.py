@@ -356,6 +356,8 @@ def lm_hand_loop(name: str | None) -> str:
         bits = ", ".join(f"{r[-1]['val_loss'] / math.log(2):.3f}" for r in runs)
         lines.append(f"| {loop} | {seconds} | {bits} | {d['mean_seconds_to_target'][loop]:.1f} |")
     lines += ["", f"descend train / hand loop, time to the same validation loss: **{d['ratio']:.3f}**"]
+    if d.get("wall_ratio"):
+        lines[-1] += f"; wall time of the same steps and evaluations: **{d['wall_ratio']:.3f}**"
     if d.get("sample"):
         lines += ["", f"`{d['sample']['command']}` printed:", "", "```text", d["sample"]["text"], "```"]
     return "\n".join(lines)
