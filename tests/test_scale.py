@@ -60,7 +60,7 @@ def test_summary_fits_slope_and_bytes_per_parameter_from_the_rows() -> None:
 
 @pytest.mark.slow
 def test_slope_and_bytes_per_parameter_come_from_the_measured_steps() -> None:
-    outcome = _scale.scale(quick=True, seeds=[0], max_params=3e6, compute=2e8)
+    outcome = _scale.scale(quick=True, seeds=[0], max_params=3e6, compute=2e9)
     table = outcome.numbers["step_costs"]
     for config, row in table.items():
         params, seconds, peak = row["params"], row["seconds"]["0"], row["peak_bytes"]["0"]
@@ -70,7 +70,7 @@ def test_slope_and_bytes_per_parameter_come_from_the_measured_steps() -> None:
         assert row["bytes_per_parameter"][0] == pytest.approx((peak[1] - peak[0]) / (params[1] - params[0]))
         assert row["bytes_per_parameter"][0] > 4  # at least the float32 weights themselves
     keys = {f.key for f in outcome.findings}
-    assert {"time_linear_in_parameters", "lean_state_saves_memory", "optimal_size_grows_with_compute"} <= keys
+    assert {"time_grows_with_parameters", "lean_state_saves_memory", "optimal_size_grows_with_compute"} <= keys
     lm = outcome.numbers["lm"]
     for runs in lm["runs"].values():  # every size is trained to the same compute, within one step
         per_step = 6 * runs[0]["params"] * lm["batch"] * lm["context"]
