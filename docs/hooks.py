@@ -339,6 +339,31 @@ def generate(name: str | None) -> str:
     return "\n".join(lines)
 
 
+def lm_hand_loop(name: str | None) -> str:
+    """Markdown table of ``benchmarks/lm_hand_loop.py``'s result: ``descend train`` against a nanoGPT-style loop."""
+    name = name or "lm_hand_loop.json"
+    d = load_result(name)
+    caption = (
+        f"`TransformerLM` of {d['parameters'] / 1e6:.1f}M parameters (width {d['width']}, depth {d['depth']}, "
+        f"{d['heads']} heads, context {d['context']}) on `stdlib-text`, AdamW lr {d['lr']:g}, {d['steps']} steps of "
+        f"{d['batch_size']} x {d['context']} bytes ({d['tokens']:,} tokens), evaluated every {d['eval_every']} steps "
+        f"on {d['eval_tokens']:,} validation bytes; {d['repeats']} runs of each loop in the order "
+        f"{', '.join(d['order'])}. Machine: {_machine(d)}. Source: `benchmarks/results/{name}`."
+    )
+    lines = [caption, "", f"| loop | wall time of each run (s) | final validation bits/byte | seconds to "
+             f"{d['target_bits_per_byte']:.3f} bits/byte (mean) |", "|---|---:|---:|---:|"]
+    for loop, runs in d["curves"].items():
+        seconds = ", ".join(f"{r[-1]['seconds']:.1f}" for r in runs)
+        bits = ", ".join(f"{r[-1]['val_loss'] / math.log(2):.3f}" for r in runs)
+        lines.append(f"| {loop} | {seconds} | {bits} | {d['mean_seconds_to_target'][loop]:.1f} |")
+    lines += ["", f"descend train / hand loop, time to the same validation loss: **{d['ratio']:.3f}**"]
+    if d.get("wall_ratio"):
+        lines[-1] += f"; wall time of the same steps and evaluations: **{d['wall_ratio']:.3f}**"
+    if d.get("sample"):
+        lines += ["", f"`{d['sample']['command']}` printed:", "", "```text", d["sample"]["text"], "```"]
+    return "\n".join(lines)
+
+
 def text_streaming(name: str | None) -> str:
     """Markdown table of ``benchmarks/text_streaming.py``'s result: peak memory against the corpus size."""
     name = name or "text_streaming.json"
@@ -594,6 +619,7 @@ GENERATORS: dict[str, Callable[[str | None], str]] = {
     "generate": generate,
     "text-streaming": text_streaming,
     "state-codes": state_codes,
+    "lm-hand-loop": lm_hand_loop,
     "distributed-equivalence": distributed_equivalence,
 }
 

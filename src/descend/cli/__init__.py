@@ -50,6 +50,7 @@ EXPERIMENT_NAMES = (
     "point-set-regression",
     "function-approximation",
     "flow-matching",
+    "scale",
 )
 
 

@@ -86,7 +86,7 @@ def total_norm(tensors: Iterable[Tensor]) -> float:
     for t in tensors:
         local = local_tensor(t).detach()
         dtype = torch.float32 if local.device.type == "mps" else torch.float64
-        square = local.to(dtype).square().sum()
+        square = torch.linalg.vector_norm(local, dtype=dtype).square()  # upcast inside the reduction: no copy
         if isinstance(t, DTensor):
             sharded = square if sharded is None else sharded + square
         else:

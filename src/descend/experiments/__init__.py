@@ -22,6 +22,7 @@ import io
 import json
 import math
 import re
+import resource
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,6 +40,7 @@ from descend.experiments._gd_vs_sgd import gd_vs_sgd
 from descend.experiments._momentum import momentum
 from descend.experiments._neural_process import point_set_regression
 from descend.experiments._point_sets import point_sets
+from descend.experiments._scale import scale
 from descend.experiments._scaling import badly_scaled
 from descend.experiments._weight_decay import weight_decay
 
@@ -54,6 +56,7 @@ EXPERIMENTS: dict[str, Callable[..., Outcome]] = {
     "point-set-regression": point_set_regression,
     "function-approximation": function_approximation,
     "flow-matching": flow_matching,
+    "scale": scale,
 }
 
 #: Former names that still work.
@@ -71,6 +74,12 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _cpu_time() -> float:
+    """CPU seconds of this process and of the child processes it has waited for (``scale`` measures in children)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -84,15 +93,16 @@ def _jsonable(value: Any) -> Any:
 
 
 def run(name: str, out_dir: Path, *, quick: bool = False, seed: int = 0, seeds: int | None = None,
-        verbose: bool = True) -> dict[str, Any]:
+        verbose: bool = True, **options: Any) -> dict[str, Any]:
     """Run experiment ``name``; write ``out_dir/<name>.png`` and ``out_dir/<name>.json``; return its numbers.
 
     The seeds are ``seed, seed + 1, ..., seed + seeds - 1``; ``seeds`` defaults to 5, or 2 with
     ``quick`` (which also shortens the runs; the tests use it). Each seed fixes the initialisation,
     the data order and, where the data is generated, the data. The returned dict holds the measured
     numbers plus ``findings`` (each claim with the seeds it holds on), ``finding`` (the printed
-    lines), ``seeds``, ``seconds`` (wall time), ``cpu_seconds``
-    (CPU time of this process), ``title`` and ``figure``/``json`` (the paths written).
+    lines), ``seeds``, ``seconds`` (wall time), ``cpu_seconds`` (CPU time of this process and its
+    children), ``title`` and ``figure``/``json`` (the paths written). ``options`` go to the experiment
+    itself (``run("scale", out, max_params=2e9)``: see its docstring).
     """
     name = ALIASES.get(name, name)
     if name not in EXPERIMENTS:
@@ -101,10 +111,10 @@ def run(name: str, out_dir: Path, *, quick: bool = False, seed: int = 0, seeds: 
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = seed_list(quick, seed, seeds)
     fn = EXPERIMENTS[name]
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu = time.perf_counter(), _cpu_time()
     with _threads(1):
-        outcome = fn(quick=quick, seeds=chosen)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+        outcome = fn(quick=quick, seeds=chosen, **options)
+    seconds, cpu_seconds = time.perf_counter() - start, _cpu_time() - cpu
     figure, json_path = out_dir / f"{name}.png", out_dir / f"{name}.json"
     doc = (fn.__doc__ or "").strip()
     numbers = {
@@ -119,6 +129,7 @@ def run(name: str, out_dir: Path, *, quick: bool = False, seed: int = 0, seeds: 
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "quick": quick,
+        "options": options,
     }
     outcome.figure.tight_layout()
     buffer = io.BytesIO()
@@ -177,6 +188,11 @@ def render_markdown(json_dir: Path, figures: str = "../figures/") -> str:
         cpu_total += float(data.get("cpu_seconds", 0.0))
         seeds = data.get("seeds", [])
         mode = "quick mode" if data.get("quick") else "full mode"
+        if data.get("options"):
+            mode += " with " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in data["options"].items())
+        if data.get("machine"):
+            mode += f", on {data['machine']}"
         lines += [f"## {name}", "", f"**{_markdown(data.get('title', ''))}**", ""]
         if data.get("description"):
             lines += [_markdown(" ".join(data["description"].split())), ""]
