@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from descend import optim
-from descend.optim import _native as native
 from descend.optim._chain import ENGINES
+from descend.optim.engines.native import compiler as native
 
 ALL_ENGINES = [*ENGINES, "fused"]
 needs_cc = pytest.mark.skipif(native._compiler() is None, reason="needs a C compiler")

@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from descend import optim
-from descend.optim import _native as native
 from descend.optim._chain import ENGINES
 from descend.optim._rules import Rule, ScaleByAdam
+from descend.optim.engines.native import compiler as native
 
 # -- optimizers ----------------------------------------------------------------------------------------------
 UNIT = st.sampled_from([0.0, 0.5, 0.9, 0.99])

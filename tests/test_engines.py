@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from descend import optim
-from descend.optim._engines import AutoEngine, CompiledEngine, ForeachEngine, ReferenceEngine
-from descend.optim._rounding import (
+from descend.optim.engines.bucket import AutoEngine, CompiledEngine, ForeachEngine, ReferenceEngine
+from descend.optim.engines.store import (
     element_noise,
     rounding_seeds,
     stochastic_round,
     stochastic_round_,
     stochastic_round_into_,
 )
-from descend.optim._tensorlist import TensorList
+from descend.optim.engines.tensorlist import TensorList
 
 SHAPES = [(3, 4), (5,), (2, 3, 2), (0,), (7,), (4, 1)]
 
@@ -439,7 +439,7 @@ def test_step_counters_count_each_parameters_own_steps(engine: str) -> None:
 # -- foreach scratch buffers and per-step scalars -----------------------------------------------------
 def test_tensorlist_with_scratch_matches_fresh_results() -> None:
     """Temporaries written into reused scratch buffers hold what fresh ``_foreach_*`` results hold."""
-    from descend.optim._tensorlist import Scratch
+    from descend.optim.engines.tensorlist import Scratch
 
     gen = torch.Generator().manual_seed(5)
     xs = [torch.rand(s, generator=gen) + 0.1 for s in [(3, 4), (5,), (2, 2)]]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from descend import optim
-from descend.optim._engines import BucketEngine
 from descend.optim._flat import ALIGN, LANES
-from descend.optim._rounding import element_noise
+from descend.optim.engines.bucket import BucketEngine
+from descend.optim.engines.store import element_noise
 from test_engines import PRESETS, CountingBackend, assert_close, run
 
 

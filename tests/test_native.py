@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from descend import optim
-from descend.optim import _native as native
-from descend.optim._engines import AutoEngine, NativeEngine
 from descend.optim._rules import Rule
+from descend.optim.engines.bucket import AutoEngine, NativeEngine
+from descend.optim.engines.native import compiler as native
 from test_engines import PRESETS, assert_close, run
 
 pytestmark = pytest.mark.skipif(native._compiler() is None, reason="needs a C compiler")

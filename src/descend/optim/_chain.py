@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from descend.optim._engines import Plan, check_state, make_engine, traced_plans
 from descend.optim._flat import FlatLayout
 from descend.optim._rules import Rule, ScaleByLR, WeightRule, step_dtype
+from descend.optim.engines.bucket import Plan, check_state, make_engine, traced_plans
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -133,7 +133,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             traced into one C loop, compiled once per machine; float32 CPU tensors, foreach for the
             rest), ``"compiled"`` (one fused pass per bucket via ``torch.compile``; warns and falls
             back to foreach without a compiler) or ``"fused"`` (torch's fused kernels; only for
-            torch's chains). See :mod:`descend.optim._engines`.
+            torch's chains). See :mod:`descend.optim.engines.bucket`.
         state_dtype: dtype of the optimizer state (default: the parameter's dtype), e.g.
             ``torch.bfloat16`` to halve the state memory (2 bytes per state value). bfloat16 state is
             updated in float32 and written back with stochastic rounding, so small EMA updates are

@@ -3,7 +3,7 @@
 - :class:`ReferenceEngine` (``engine="reference"``): one parameter at a time, Python numbers for
   hyperparameters. The oracle the other engines are tested against.
 - :class:`ForeachEngine` (``engine="foreach"``): the parameters of a bucket (param group, device,
-  dtype, step count) go through the chain together as a :class:`~descend.optim._tensorlist.TensorList`,
+  dtype, step count) go through the chain together as a :class:`~descend.optim.engines.tensorlist.TensorList`,
   so each tensor operation of a rule is one multi-tensor operation per chunk of at most
   :data:`CHUNK` elements; temporaries of large tensors go to reused scratch buffers.
 - :class:`CompiledEngine` (``engine="compiled"``): the whole chain of a bucket (gradient unscaling,
@@ -13,7 +13,7 @@
   recompile; scalar expressions are evaluated in double precision and converted to the parameter's
   dtype before they meet the elements. If compiling fails it runs the foreach engine instead.
 - :class:`NativeEngine` (``engine="native"``): the chain of a bucket of float32 CPU tensors (state in
-  float32 or bfloat16) as one C loop that :mod:`descend.optim._native` generates from the rules
+  float32 or bfloat16) as one C loop that :mod:`descend.optim.engines.native.compiler` generates from the rules
   themselves, compiled once per machine; other buckets, and every bucket where no C compiler works,
   run on the foreach engine.
 - :class:`FusedEngine` (``engine="fused"``): torch's own fused kernels (``torch._fused_adam_``,
@@ -38,7 +38,7 @@ counters of a bucket as the elements of one tensor and advance them with one ope
 (:class:`StepCounters`); ``clip_by_global_norm`` computes the global norm over every gradient
 first; ``grad_scale`` (from ``torch.amp.GradScaler``) divides the gradient inside the step; state
 kept in ``state_dtype=torch.bfloat16`` is updated in float32 and written back with stochastic
-rounding (:mod:`descend.optim._rounding`).
+rounding (:mod:`descend.optim.engines.store`).
 """
 
 from __future__ import annotations
@@ -63,16 +63,7 @@ try:  # torch builds without distributed support have no DTensor
 except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment,misc]
 
-from descend.optim import _native as native
 from descend.optim._flat import LANES, FlatBuffer, FlatLayout
-from descend.optim._rounding import (
-    LOW_PRECISION,
-    element_noise,
-    rounding_seeds,
-    stochastic_round,
-    stochastic_round_into_,
-    write_back_,
-)
 from descend.optim._rules import (
     L2,
     DecoupledDecay,
@@ -83,7 +74,16 @@ from descend.optim._rules import (
     WeightRule,
     step_dtype,
 )
-from descend.optim._tensorlist import Scratch, TensorList
+from descend.optim.engines.native import compiler as native
+from descend.optim.engines.store import (
+    LOW_PRECISION,
+    element_noise,
+    rounding_seeds,
+    stochastic_round,
+    stochastic_round_into_,
+    write_back_,
+)
+from descend.optim.engines.tensorlist import Scratch, TensorList
 
 Live = list[tuple[Rule, dict[str, Any]]]
 
@@ -1079,7 +1079,7 @@ class CompiledEngine(BucketEngine):
 
 
 class NativeEngine(BucketEngine):
-    """The chain as one generated C loop per bucket (:mod:`descend.optim._native`), on float32 CPU tensors.
+    """The chain as one generated C loop per bucket (:mod:`descend.optim.engines.native.compiler`), on float32 CPU.
 
     State may be float32 or bfloat16 (widened on load, written back with the stochastic rounding
     every engine uses). A bucket it cannot run (another device or dtype, a non-contiguous tensor, a

@@ -356,7 +356,7 @@ def _symbolic_hyper(code: _Code, shape: tuple[Any, ...], first: int) -> tuple[di
 
 
 #: bfloat16 state: widened to float32 on load; on store rounded stochastically with the noise of
-#: :func:`descend.optim._rounding.element_noise` (the same bits every engine draws for the element).
+#: :func:`descend.optim.engines.store.element_noise` (the same bits every engine draws for the element).
 _BF16 = """
 static inline float descend_bf16_load(uint16_t b) {
   const uint32_t u = (uint32_t)b << 16;
@@ -388,7 +388,7 @@ def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shape
         decays: whether ``keep`` (decoupled decay) is the last scalar, applied as ``w <- keep*w + u``.
         bf16_state: the state tensors are bfloat16: the rules run on their float32 values, which are
             written back rounded stochastically (seed per tensor and state slot, ``offsets[t] + i`` the
-            element's index), as :func:`descend.optim._rounding.write_back_` does.
+            element's index), as :func:`descend.optim.engines.store.write_back_` does.
     """
     code = _Code()
     w = Element(code, "w")
