@@ -11,12 +11,14 @@ from torch import Tensor
 
 from descend.optim._flat import FlatLayout
 from descend.optim._rules import Rule, ScaleByLR, WeightRule, step_dtype
-from descend.optim.engines.bucket import Plan, check_state, make_engine, traced_plans
+from descend.optim.engines import ENGINES as ENGINE_CLASSES
+from descend.optim.engines import KernelRun, Plan, make_engine
+from descend.optim.engines.plan import check_state, traced_plans
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 #: The engines that run every chain; ``"fused"`` (torch's kernels) runs only torch's chains.
-ENGINES = ("auto", "reference", "foreach", "compiled", "native")
+ENGINES = tuple(name for name in ENGINE_CLASSES if name != "fused")
 
 
 def _normalise(rules: Sequence[Rule]) -> tuple[list[Rule], list[WeightRule], list[WeightRule]]:
@@ -133,7 +135,8 @@ class ChainOptimizer(torch.optim.Optimizer):
             traced into one C loop, compiled once per machine; float32 CPU tensors, foreach for the
             rest), ``"compiled"`` (one fused pass per bucket via ``torch.compile``; warns and falls
             back to foreach without a compiler) or ``"fused"`` (torch's fused kernels; only for
-            torch's chains). See :mod:`descend.optim.engines.bucket`.
+            torch's chains). See :mod:`descend.optim.engines`; which engine stepped what in the
+            last step: :attr:`last_step_kernels`.
         state_dtype: dtype of the optimizer state (default: the parameter's dtype), e.g.
             ``torch.bfloat16`` to halve the state memory (2 bytes per state value). bfloat16 state is
             updated in float32 and written back with stochastic rounding, so small EMA updates are
@@ -192,6 +195,18 @@ class ChainOptimizer(torch.optim.Optimizer):
     def plan(self) -> Plan:
         """What the engine runs: the chain's rules, its weight rules, the state dtype and the flat layout."""
         return Plan(tuple(self.rules), tuple(self.decays), tuple(self.projections), self.state_dtype, self.flat_layout)
+
+    @property
+    def last_step_kernels(self) -> tuple[KernelRun, ...]:
+        """Which kernel stepped each bucket in the last step, in the order they ran (read-only).
+
+        Each entry names the param group (its index), the engine whose kernel ran (``"reference"``,
+        ``"foreach"``, ``"compiled"``, ``"native"`` or ``"fused"``) and how many tensors it stepped (a
+        flat buffer counts as one). A parameter's first step, which creates its state, is always a
+        ``"reference"`` entry. Empty before the first step; a step traced by ``torch.compile`` leaves it
+        as the last eager step left it. See ``docs/guide/engines.md``.
+        """
+        return tuple(self._engine.report)
 
     @property
     def weight_rules(self) -> list[WeightRule]:
