@@ -318,9 +318,9 @@ class BucketEngine(Engine):
         for items, params, states in buckets.values():
             counts = self.counters.groups(states)
             for positions, step in counts:
-                whole = len(positions) == len(items)
-                self.run(Bucket(index, group, active, factor, items if whole else [items[i] for i in positions],
-                                params if whole else [params[i] for i in positions], step, grad_scale))
+                every = len(positions) == len(items)  # one step count in the bucket
+                self.run(Bucket(index, group, active, factor, items if every else [items[i] for i in positions],
+                                params if every else [params[i] for i in positions], step, grad_scale))
             if len(buckets) == 1 and len(counts) == 1 and layout is None and clip_coef is None:
                 sorted_group = SortedGroup(active, keys, items, params, states, counts[0][1], without_grad)
         return sorted_group

@@ -137,8 +137,8 @@ class CompiledEngine(BucketEngine):
         group, store = bucket.group, self.plan.store
         rules = tuple(rule for rule, _ in bucket.active)
         # a ball projection needs each parameter whole: a flat buffer's are applied after the step
-        whole = all(item.whole_param for item in items)
-        projections = tuple(pr for pr in self.plan.projections if whole or pr.elementwise)
+        whole_params = all(item.whole_param for item in items)
+        projections = tuple(pr for pr in self.plan.projections if whole_params or pr.elementwise)
         self.outside = [pr for pr in self.plan.projections if pr not in projections]
         params = [item.param for item in items]
         active = with_scalars(bucket.active, int(bucket.step.item()))

@@ -121,7 +121,7 @@ def weight_factor(plan: Plan, group: dict[str, Any]) -> Any:
     for rule in plan.decays:
         hp = rule.read(group)
         if rule.active(hp):
-            factor = factor * rule.keep(hp, group["lr"])
+            factor = factor * rule.weight_factor(hp, group["lr"])
     return factor
 
 

@@ -43,20 +43,20 @@ class ReferenceEngine(Engine):
     def step(self, grad_scale: Tensor | None = None) -> None:
         self.report = []
         for index, (group, active, factor) in enumerate(group_plans(self.plan, self.source.param_groups, grad_scale)):
-            stepped = self.step_groups([(group, active, factor)], grad_scale)
-            if stepped:
-                self.report.append(KernelRun(index, "reference", stepped))
+            count = self.step_groups([(group, active, factor)], grad_scale)
+            if count:
+                self.report.append(KernelRun(index, "reference", count))
 
     def step_groups(self, plans: Iterable[GroupPlan], grad_scale: Tensor | None = None) -> int:
         """Step every parameter with a gradient, per group as ``plans`` (:func:`group_plans`) give it; returns
         how many it stepped."""
-        stepped = 0
+        count = 0
         for group, active, factor in plans:
             for p in group["params"]:
                 if p.grad is not None:
                     self.step_param(p, group, active, factor, grad_scale)
-                    stepped += 1
-        return stepped
+                    count += 1
+        return count
 
     def step_param(self, p: Tensor, group: dict[str, Any], active: ActiveRules, factor: Any = 1,
                    grad_scale: Tensor | None = None) -> None:
