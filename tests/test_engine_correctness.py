@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -373,3 +374,24 @@ def test_a_read_only_cache_falls_back_to_the_temporary_directory(
     assert any("cannot store compiled kernels in" in r.message for r in caplog.records)
     assert not list(cache.glob("*.so"))
     assert list((tmp_path / "private-tmp").glob("descend-kernels-*/*.so"))
+
+
+@pytest.mark.parametrize("copy_by", ["load_state_dict", "pickle"])
+def test_a_hyperparameter_written_after_loading_state_takes_effect(copy_by: str) -> None:
+    """Found by the differential property test: after ``load_state_dict`` (or unpickling), a value written to
+    the rule's own key (``beta``) was overwritten by the loaded ``momentum`` alias at the next step."""
+    p = nn.Parameter(torch.tensor(1.0))
+    first = optim.Momentum([p], lr=0.1, beta=0.9)
+    p.grad = torch.tensor(1.0)
+    first.step()  # m = 0.1
+    if copy_by == "pickle":
+        opt = pickle.loads(pickle.dumps(first))
+        p = opt.param_groups[0]["params"][0]
+    else:
+        opt = optim.Momentum([p], lr=0.1, beta=0.9)
+        opt.load_state_dict(copy.deepcopy(first.state_dict()))
+    opt.param_groups[0]["beta"] = 0.5
+    p.grad = torch.tensor(1.0)
+    opt.step()
+    assert opt.state[p]["exp_avg"].item() == pytest.approx(0.5 * 0.1 + 0.5 * 1.0)
+    assert opt.param_groups[0]["momentum"] == 0.5

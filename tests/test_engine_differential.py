@@ -459,8 +459,6 @@ def test_foreach_half_precision_momentum_multiplies_as_tensor_mul(dtype: torch.d
     assert torch.equal(run("foreach"), run("reference"))
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed yet: the compiled step takes hyperparameters as 0-d tensors, which "
-                   "half-precision arithmetic rounds to the tensor dtype (Python numbers it does not)")
 def test_compiled_half_precision_adam() -> None:
     def run(engine: str) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)
@@ -472,6 +470,16 @@ def test_compiled_half_precision_adam() -> None:
         return opt.state[p]["exp_avg_sq"]
 
     assert torch.equal(run("compiled"), run("reference"))
+
+
+def test_a_0d_parameter_steps_as_a_1_element_tensor() -> None:
+    """An fp16 0-d parameter unscaled by a float32 grad scale: two 0-d operands compute in float32 where a
+    1-element tensor (a flat buffer's slice, a bucket's view) stays fp16; every engine now does the latter."""
+    s = Scenario(description="adam", factory=lambda params, **k: optim.Adam(params, lr=1e-3, **k),
+                 state_dtype=torch.bfloat16, dtype=torch.float16, specs=[ParamSpec("0d", (), 0)], buffer=0,
+                 group_lr=[1e-3], steps=2, seed=904353, missing=set(), specials=[], grad_contiguous=False,
+                 changes={1: [(0, 0)]}, round_trip=None, grad_scale=1024.0, threads=1, flat=True)
+    check(s, ["foreach", "native", "auto", "compiled"])
 
 
 def test_native_adam_bound_is_on_the_step_where_w_plus_u_cancels() -> None:

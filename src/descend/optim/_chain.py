@@ -215,6 +215,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         assert self.momentum_rule is not None and self.momentum_rule.momentum_name is not None
         return self.momentum_rule.keys[self.momentum_rule.momentum_name]
 
+    def synced_momentum(self) -> list[Any]:
+        """Per group, the value of the key ``momentum`` stands for, taken as the last synced (loaded, unpickled)."""
+        if self.momentum_rule is None:
+            return []
+        return [group.get(self.momentum_key) for group in self.param_groups]
+
     def follow_momentum(self) -> None:
         """Make ``momentum`` and the key it stands for agree, taking the one written since the last step.
 
@@ -345,7 +351,6 @@ class ChainOptimizer(torch.optim.Optimizer):
         before = {"state": self.state, "param_groups": self.param_groups}
         super().load_state_dict(state_dict)
         keys = [rule.state_names.get(n, n) for rule in self.rules for n in rule.all_state_keys()]
-        self._momentum_seen.clear()
         try:
             for group, saved in zip(self.param_groups, state_dict["param_groups"]):
                 if self.momentum_rule is not None and "momentum" not in saved:  # a state_dict without the key
@@ -370,6 +375,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         except RuntimeError:
             self.__dict__.update(before)
             raise
+        self._momentum_seen = self.synced_momentum()
         self._engine.reset()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -390,7 +396,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         if "_engine" in self.__dict__:  # load_state_dict goes through here too: keep the engine (and its settings)
             return
         self.momentum_rule = momentum_rule(self.all_rules)
-        self._momentum_seen = []
+        self._momentum_seen = self.synced_momentum()
         self.flat = state.get("flat", False)
         self.flat_layout = None
         if self.flat:  # a copy (pickle, deepcopy) lays out its own parameters anew

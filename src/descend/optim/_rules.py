@@ -39,6 +39,24 @@ def step_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+def lerp(start: Tensor, end: Tensor, weight: Any) -> Tensor:
+    """``start + weight * (end - start)`` (``torch.lerp``), the same whether ``weight`` is a number or a 0-d tensor.
+
+    For half-precision tensors torch computes a number weight in float32 and rounds the result once,
+    but first rounds a tensor weight to the tensors' dtype; here a tensor weight is applied as a number would be.
+    """
+    if isinstance(start, Tensor) and isinstance(weight, Tensor) and start.dtype in (torch.bfloat16, torch.float16):
+        return torch.lerp(start.float(), end.float(), weight.float()).to(start.dtype)
+    return torch.lerp(start, end, weight)
+
+
+def lerp_(start: Tensor, end: Tensor, weight: Any) -> Tensor:
+    """:func:`lerp` in place of ``start``."""
+    if isinstance(start, Tensor) and isinstance(weight, Tensor) and start.dtype in (torch.bfloat16, torch.float16):
+        return start.copy_(lerp(start, end, weight))
+    return start.lerp_(end, weight)
+
+
 def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
                  high_open: bool = True) -> None:
     """Raise ``ValueError`` unless ``low <= value < high`` (brackets as given)."""
@@ -222,7 +240,7 @@ class L2(Rule):
         return float(hp["weight_decay"]) != 0.0
 
     def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
-        return u + hp["weight_decay"] * w
+        return u + w * hp["weight_decay"]
 
     def equation(self) -> str:
         return "u ← u + λ·w   (L2 penalty λ/2·‖w‖² in the loss)"
@@ -288,7 +306,7 @@ class EMA(Rule):
 
     def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
         m = state["exp_avg"]
-        m.lerp_(u.to(m.dtype), 1 - hp["beta"])
+        lerp_(m, u.to(m.dtype), 1 - hp["beta"])
         return m.to(u.dtype)
 
     def equation(self) -> str:
@@ -322,11 +340,11 @@ class HeavyBall(Rule):
 
     def _out(self, u: Tensor, b: Tensor, hp: Hyper) -> Tensor:
         b = b.to(u.dtype)
-        return u + hp["momentum"] * b if hp["nesterov"] else b
+        return u + b * hp["momentum"] if hp["nesterov"] else b
 
     def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
         b = state["momentum_buffer"]
-        b.mul_(hp["momentum"]).add_((1 - hp["dampening"]) * u.to(b.dtype))
+        b.mul_(hp["momentum"]).add_(u.to(b.dtype) * (1 - hp["dampening"]))
         return self._out(u, b, hp)
 
     def first_update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
@@ -395,8 +413,8 @@ class ScaleByAdam(Rule):
         beta1, beta2 = hp["betas"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         g = u.to(m.dtype)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).add_((1 - beta2) * g * g)
+        lerp_(m, g, 1 - beta1)
+        v.mul_(beta2).add_(g * (1 - beta2) * g)
         if hp["amsgrad"]:
             v = torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
         # (m/bias1) / (sqrt(v)/bias2_sqrt + eps), with the scalar factors gathered: one division per element
@@ -433,8 +451,8 @@ class Lion(Rule):
         beta1, beta2 = hp["betas"]
         m = state["exp_avg"]
         g = u.to(m.dtype)
-        direction = torch.sign(torch.lerp(m, g, 1 - beta1))
-        m.lerp_(g, 1 - beta2)
+        direction = torch.sign(lerp(m, g, 1 - beta1))
+        lerp_(m, g, 1 - beta2)
         return direction.to(u.dtype)
 
     def equation(self) -> str:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from descend.optim._flat import LANES
 from descend.optim._rules import Rule, WeightRule
-from descend.optim.engines.bucket import Bucket, BucketEngine, Item, apply_projections
+from descend.optim.engines.bucket import Bucket, BucketEngine, apply_projections
 from descend.optim.engines.foreach import ForeachEngine
 from descend.optim.engines.plan import KernelRun, Plan, Source, as_tensors, scales_weights, state_layout, with_scalars
 from descend.optim.engines.store import Store
@@ -131,9 +131,7 @@ class CompiledEngine(BucketEngine):
     def run_bucket(self, bucket: Bucket) -> list[KernelRun]:
         if self.fallback is not None:
             return self.fallback.run_bucket(bucket)
-        # a 0-d tensor meeting a 0-d float64 hyperparameter would be promoted to float64; a 1-element view is not
-        items = [Item(it.param.view(1), it.grad.view(1), [t.view(1) for t in it.states], it.ordinal, it.offset,
-                      it.whole_param) if it.param.dim() == 0 else it for it in bucket.items]
+        items = bucket.items
         group, store = bucket.group, self.plan.store
         rules = tuple(rule for rule, _ in bucket.active)
         # a ball projection needs each parameter whole: a flat buffer's are applied after the step

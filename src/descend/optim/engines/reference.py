@@ -64,6 +64,10 @@ class ReferenceEngine(Engine):
         plan = self.plan
         store = plan.store
         g = check_grad(p)
+        # a 0-d parameter steps as a 1-element tensor: torch computes two 0-d operands (the parameter and a
+        # 0-d tensor hyperparameter or grad scale) in the wider dtype, a 1-element tensor in its own
+        w = p.view(1) if p.dim() == 0 else p
+        g = g.view(1) if p.dim() == 0 else g
         u = g / grad_scale.to(g.device) if grad_scale is not None else g
         u = -u if group["maximize"] else u
         state = self.source.state[p]
@@ -79,12 +83,14 @@ class ReferenceEngine(Engine):
         scaled = with_scalars(active, step) if isinstance(step, int) else traced_scalars(active, step)
         for r, (rule, hp) in enumerate(scaled):
             stored, fresh = rule_state(rule, state, p, hp, plan.state_dtype)
+            if w is not p:
+                stored = {k: v.view(1) for k, v in stored.items()}
             work = {k: store.load(v) for k, v in stored.items()}
-            u = (rule.first_update if fresh else rule.update)(u, p, work, hp, step)
+            u = (rule.first_update if fresh else rule.update)(u, w, work, hp, step)
             for j, (k, v) in enumerate(stored.items()):
                 store.store_(v, work[k], seeds[r][j][0] if seeds else 0, offset)
-        if torch.is_tensor(factor) or scales_weights(factor):  # decoupled decay: w <- factor*w + u
-            p.mul_(factor)
-        p.add_(u)
+        if scales_weights(factor):  # decoupled decay: w <- factor*w + u
+            w.mul_(factor)
+        w.add_(u)
         for projection in plan.projections:
-            projection.project_(p, projection.read(group))
+            projection.project_(w, projection.read(group))

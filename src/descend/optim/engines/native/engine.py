@@ -21,16 +21,6 @@ from descend.optim.engines.plan import ActiveRules, KernelRun, Plan, Source, sta
 logger = logging.getLogger("descend.optim")
 
 
-def reads_float64_tensor(active: ActiveRules, factor: Any) -> bool:
-    """Whether an active hyperparameter or the weight factor is a float64 tensor (or holds one)."""
-    def double(value: Any) -> bool:
-        if isinstance(value, tuple):
-            return any(double(v) for v in value)
-        return torch.is_tensor(value) and value.dtype == torch.float64
-
-    return double(factor) or any(double(value) for _, hp in active for value in hp.values())
-
-
 class NativeEngine(BucketEngine):
     """The chain as one generated C loop per bucket, on float32 CPU tensors.
 
@@ -92,7 +82,7 @@ class NativeEngine(BucketEngine):
         if (grad_scale is None and not self.plan.store.stochastic
                 and runs == [KernelRun(index, self.name, len(stepped.items))]
                 and len(stepped.items) + len(stepped.without_grad) == len(group["params"])
-                and all(item.param is p for item, p in zip(stepped.items, stepped.params))):
+                and all(item.param is p or item.param._base is p for item, p in zip(stepped.items, stepped.params))):
             remembered = NativeGroup(self, group, stepped)
             if remembered.read_hyper(self.plan, group):
                 self.groups[index] = remembered
@@ -176,11 +166,6 @@ class NativeEngine(BucketEngine):
             return self.foreach.run_bucket(bucket)
         items = bucket.items
         ready, pointers, sizes, rest = self.split(items)  # e.g. a transposed parameter: the rest
-        if any(item.param.dim() == 0 for item in ready) and reads_float64_tensor(bucket.active, bucket.weight_factor):
-            # a 0-d parameter times a 0-d float64 tensor is computed in float64 (torch's promotion of
-            # two 0-d operands); the loop computes in float32, so such parameters take the foreach path
-            ready, pointers, sizes, rest = self.split([item for item in items if item.param.dim() != 0])
-            rest += [item for item in items if item.param.dim() == 0]
         if not ready or not self.run_native(bucket, ready, pointers, sizes):
             return self.foreach.run_bucket(bucket)
         return bucket.part(ready).ran(self.name) + (self.foreach.run_bucket(bucket.part(rest)) if rest else [])
