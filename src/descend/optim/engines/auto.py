@@ -29,11 +29,9 @@ COMPILE_MIN = 1 << 20
 class AutoEngine(BucketEngine):
     """Holds the engines it delegates to and picks one per bucket (:meth:`engine_for`).
 
-    Args:
-        native: the native engine's class, or None where there is none; it is built with ``quiet=True``
-            and this engine's foreach engine. It also offers a param-group cache (``repeat_group``,
-            ``remember_group``), which this engine consults before sorting a group into buckets.
-        compile_min: fewest elements of a flat buffer that off the CPU runs on the compiled engine.
+    ``native``: the native engine's class (None: there is none), built with ``quiet=True`` and this
+    engine's foreach engine; its param-group cache is consulted before a group is sorted into buckets.
+    ``compile_min``: fewest elements of a flat buffer that, off the CPU, runs on the compiled engine.
     """
 
     name = "auto"

@@ -72,26 +72,16 @@ class Item:
 
 @dataclass
 class Bucket:
-    """What one kernel call steps: items of one param group sharing device, dtypes and step count.
+    """What one kernel call steps: items of one param group sharing device, dtypes and step count."""
 
-    Attributes:
-        index: the param group's index; ``group``: the group.
-        active: the group's active rules with their hyperparameters.
-        weight_factor: ``w <- weight_factor * w + u`` (1 without decoupled decay).
-        items: the tensors to step.
-        params: the parameters they belong to (projections act on these).
-        step: the bucket's step counter, already advanced (0-d).
-        grad_scale: a loss scale to divide the gradients by, or None.
-    """
-
-    index: int
+    index: int  # the param group's index
     group: dict[str, Any]
-    active: ActiveRules
-    weight_factor: Any
-    items: list[Item]
-    params: list[Tensor]
-    step: Tensor
-    grad_scale: Tensor | None
+    active: ActiveRules  # the group's active rules with their hyperparameters
+    weight_factor: Any  # w <- weight_factor * w + u (1 without decoupled decay)
+    items: list[Item]  # the tensors to step
+    params: list[Tensor]  # the parameters they belong to (projections act on these)
+    step: Tensor  # the bucket's step counter, already advanced (0-d)
+    grad_scale: Tensor | None  # a loss scale to divide the gradients by
 
     def part(self, items: list[Item]) -> Bucket:
         """The same bucket holding only ``items``."""
@@ -104,8 +94,7 @@ class Bucket:
 
 @dataclass
 class SortedGroup:
-    """A param group whose parameters with a gradient all stepped as one bucket (the native group cache
-    remembers such groups)."""
+    """A param group whose parameters with a gradient all stepped as one bucket."""
 
     active: ActiveRules
     keys: list[str]

@@ -21,13 +21,8 @@ CHUNK = 1 << 18
 
 
 class ForeachEngine(BucketEngine):
-    """Multi-tensor execution: each rule runs once per chunk of a bucket, over a ``TensorList``.
-
-    Args:
-        chunk: the most elements per multi-tensor operation.
-        scratch_min_mean: temporaries go to scratch buffers when the tensors average at least this many
-            elements (:class:`~descend.optim.engines.tensorlist.Scratch`).
-    """
+    """Multi-tensor execution (see the module docstring); ``chunk``: the most elements per operation;
+    ``scratch_min_mean``: see :class:`~descend.optim.engines.tensorlist.Scratch`."""
 
     name = "foreach"
 

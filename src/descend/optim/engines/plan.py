@@ -234,29 +234,16 @@ def rule_state(rule: Rule, state: dict[str, Any], w: Tensor, hp: dict[str, Any],
 
 @dataclass(frozen=True)
 class KernelRun:
-    """One entry of an optimizer's :attr:`~descend.optim.ChainOptimizer.last_step_kernels`.
+    """One entry of an optimizer's :attr:`~descend.optim.ChainOptimizer.last_step_kernels`."""
 
-    Attributes:
-        group: the index of the param group.
-        kernel: the engine whose kernel stepped these tensors: ``"reference"`` (one tensor at a time:
-            the reference engine, and every engine for a parameter's first step, a zero-size parameter
-            or parameters that share memory), ``"foreach"``, ``"compiled"``, ``"native"`` or ``"fused"``
-            (torch's fused kernel).
-        tensors: how many tensors it stepped (a flat buffer, ``flat=True``, counts as one).
-    """
-
-    group: int
-    kernel: str
-    tensors: int
+    group: int  # the index of the param group
+    kernel: str  # the engine whose kernel stepped the tensors ("reference": one tensor at a time)
+    tensors: int  # how many tensors it stepped (a flat buffer counts as one)
 
 
 class Engine:
-    """Runs an optimizer's chain over its parameters.
-
-    Attributes:
-        name: the engine's name (``engine=...``).
-        report: what stepped each bucket in the last step (:class:`KernelRun`), in the order they ran.
-    """
+    """Runs an optimizer's chain over its parameters; ``report``: what stepped each bucket in the last
+    step (:class:`KernelRun`), in the order they ran."""
 
     name = "engine"
 

@@ -131,17 +131,6 @@ def stochastic_round(x: Tensor, dtype: torch.dtype = torch.bfloat16, noise: Tens
     return torch.where(x != x, x, rounded).to(dtype)
 
 
-def stochastic_round_(x: Tensor) -> Tensor:
-    """Round a float32 tensor in place to bfloat16-representable values, stochastically; returns ``x``.
-
-    The bits come from torch's generator (optimizer state uses :class:`StochasticBF16` instead).
-    """
-    if x.dtype != torch.float32:
-        raise TypeError(f"stochastic_round_ takes a float32 tensor, got {x.dtype}")
-    x.copy_(stochastic_round(x).float())
-    return x
-
-
 class Store:
     """State kept in its own dtype: the rules update the stored tensor itself; storing does nothing.
 
