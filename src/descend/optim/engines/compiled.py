@@ -60,9 +60,9 @@ def _bucket_step(rules: tuple[Rule, ...], projections: tuple[WeightRule, ...], m
             stored = {k: states[r][j][i] for j, k in enumerate(layout[r])}
             work = {k: store.load(v) for k, v in stored.items()}
             u = rule.update(u, w, work, hps[r], step)
-            if seeds:
-                for j, (k, v) in enumerate(stored.items()):
-                    store.store_(v, work[k], seeds[r][j][i], offsets[i], lanes=lanes)
+            for j, (k, v) in enumerate(stored.items()):
+                if work[k] is not v:
+                    store.store_(v, work[k], seeds[r][j][i] if seeds else 0, offsets[i] if seeds else 0, lanes=lanes)
         if factor is not None:
             w.mul_(factor)
         w.add_(u)
@@ -144,7 +144,7 @@ class CompiledEngine(BucketEngine):
         phps = [as_tensors(projection.read(group), ()) for projection in projections]
         factor = (torch.tensor(float(bucket.weight_factor), dtype=torch.float64)
                   if scales_weights(bucket.weight_factor) else None)
-        key = (rules, bool(group["maximize"]), store.stochastic, bucket.grad_scale is not None, factor is None,
+        key = (rules, bool(group["maximize"]), store, bucket.grad_scale is not None, factor is None,
                tuple((hp[k] if k in rule.static else _static_key(v)) for (rule, hp), hps_r in zip(active, hps)
                      for k, v in hps_r.items()),
                # the bucket shares device and dtypes; shapes and strides per tensor. dynamo's own guards

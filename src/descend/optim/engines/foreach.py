@@ -61,22 +61,22 @@ class ForeachEngine(BucketEngine):
                 first += len(names)
                 work = {k: store.load(v) for k, v in stored.items()}
                 u = rule.update(u, w, work, hp, step)  # type: ignore[arg-type]
-                if seeds:
-                    for j, (k, v) in enumerate(stored.items()):
-                        self.store(store, v, work[k], piece, seeds[r][j])
+                for j, (k, v) in enumerate(stored.items()):
+                    if work[k] is not v:
+                        self.store(store, v, work[k], piece, seeds[r][j] if seeds else None)
             if scales_weights(bucket.weight_factor):
                 w.mul_(bucket.weight_factor)
             w.add_(u)
         return bucket.ran(self.name)
 
     def store(self, store: Store, stored: TensorList, work: TensorList, piece: list[Item],
-              seeds: dict[int, int]) -> None:
+              seeds: dict[int, int] | None) -> None:
         """``store.store_`` for every tensor of a chunk, in scratch buffers where they fit.
 
-        ``seeds`` maps each parameter's ordinal to this state tensor's seed for the step.
+        ``seeds`` maps each parameter's ordinal to this state tensor's seed for the step (None: no noise).
         """
         buffers = [self.scratch.take(work.tensors, dtype) for dtype in store.scratch_dtypes()]
         usable = all(b is not None for b in buffers)
         for i, (dst, src, item) in enumerate(zip(stored.tensors, work.tensors, piece)):
-            store.store_(dst, src, seeds[item.ordinal], item.offset,
+            store.store_(dst, src, seeds[item.ordinal] if seeds else 0, item.offset,
                          buffers=[b[i] for b in buffers] if usable else None)  # type: ignore[index]

@@ -52,7 +52,7 @@ def torch_kernel(plan: Plan, bucket: Bucket) -> Callable[[], None] | None:
     SGD in half precision on the CPU: torch 2.13's kernel leaves such weights unchanged.
     """
     items, group = bucket.items, bucket.group
-    if bucket.grad_scale is not None or plan.projections or not items or plan.store.stochastic:
+    if bucket.grad_scale is not None or plan.projections or not items or not plan.store.as_is:
         return None
     rules = [rule for rule, _ in bucket.active]
     hps = [hp for _, hp in bucket.active]

@@ -88,7 +88,8 @@ class ReferenceEngine(Engine):
             work = {k: store.load(v) for k, v in stored.items()}
             u = (rule.first_update if fresh else rule.update)(u, w, work, hp, step)
             for j, (k, v) in enumerate(stored.items()):
-                store.store_(v, work[k], seeds[r][j][0] if seeds else 0, offset)
+                if work[k] is not v:
+                    store.store_(v, work[k], seeds[r][j][0] if seeds else 0, offset)
         if scales_weights(factor):  # decoupled decay: w <- factor*w + u
             w.mul_(factor)
         w.add_(u)

@@ -34,6 +34,8 @@ A new storage format is one more subclass of :class:`Store` and one more case in
 the engines do not change. It provides:
 
 - ``dtype``: what its state tensors are created in (``Rule.init_state`` zeros of that dtype);
+- ``as_is``: whether :meth:`Store.load` returns the stored tensor itself (torch's fused kernels then
+  may update it; the engines call :meth:`Store.store_` only for a working copy that is not it);
 - ``stochastic``: whether :meth:`Store.store_` takes noise (the engines then compute :meth:`Store.seeds`
   per tensor and state slot, and each piece's ``offset``, its first element's flat index);
 - :meth:`Store.load` and :meth:`Store.store_` on tensors (``load`` also on a
@@ -138,6 +140,7 @@ class Store:
         dtype: the state's dtype (None: each parameter's own).
     """
 
+    as_is = True
     stochastic = False
     c_helpers = ""
 
@@ -186,6 +189,7 @@ class Store:
 class StochasticBF16(Store):
     """bfloat16 state, loaded to float32 and stored rounded stochastically with the element's hash noise."""
 
+    as_is = False
     stochastic = True
     c_helpers = f"""
 static inline float descend_bf16_load(uint16_t b) {{
