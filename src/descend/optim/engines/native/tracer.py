@@ -75,7 +75,11 @@ class Code:
 
 
 class _Operand:
-    """Python's arithmetic operators, each one line of C through ``_binary`` (``reflected``: ``other op self``)."""
+    """A C variable (``name``) of the loop being written (``code``), with Python's arithmetic operators, each
+    one line of C through ``_binary`` (``reflected``: ``other op self``)."""
+
+    def __init__(self, code: Code, name: str) -> None:
+        self.code, self.name = code, name
 
     def _binary(self, op: str, other: Any, reflected: bool = False) -> Any:
         raise NotImplementedError
@@ -108,9 +112,6 @@ class _Operand:
 class Scalar(_Operand):
     """A hyperparameter, or an expression of hyperparameters: a ``double`` computed outside the loop."""
 
-    def __init__(self, code: Code, name: str) -> None:
-        self.code, self.name = code, name
-
     def _operand(self, other: Any) -> str:
         if isinstance(other, Scalar):
             return other.name
@@ -141,9 +142,6 @@ class Element(_Operand):
     """One element of a float32 tensor inside the loop (a C ``float``)."""
 
     dtype = torch.float32
-
-    def __init__(self, code: Code, name: str) -> None:
-        self.code, self.name = code, name
 
     # -- value operations ---------------------------------------------------------------------
     def _binary(self, op: str, other: Any, reflected: bool = False) -> Element:
