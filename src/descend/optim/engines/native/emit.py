@@ -36,7 +36,7 @@ def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shape
     """The C source of the chain's step for one bucket layout.
 
     Args:
-        rules: the live update rules, in order.
+        rules: the active update rules, in order.
         state_keys: per rule, the names of its state tensors (the order of the pointers per tensor).
         shapes: per rule, its hyperparameters' shape from :func:`flatten_hyper` (scalars come in that order).
         maximize: whether the step ascends (``u = -g``).
