@@ -47,8 +47,8 @@ def main() -> None:
         report = Path(sys.argv[1])
         png = Path(sys.argv[2]) if len(sys.argv) > 2 else report.with_suffix(".png")
     else:
+        from descend.compare import CompareSpec, compare
         from descend.report import write_report
-        from descend.train import CompareSpec, compare
 
         out = Path("runs/report-screenshot")
         out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from descend._tensorfile import decode, encode
+from descend.checkpoint._tensorfile import decode, encode
 from descend.data._base import DataBundle, Split
 from descend.train import CheckpointError, TrainConfig, Trainer, load_checkpoint, save_checkpoint
 

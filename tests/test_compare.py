@@ -13,11 +13,12 @@ import time
 import pytest
 
 from descend._options import CompareSpec, OptionError
+from descend.compare import Task, compare, resolve_plan
+from descend.compare._compare import performance_profile, time_to_target
+from descend.compare._tasks import TASKS, make_badly_scaled
+from descend.compare._tuning import seed_stats, tie_groups
 from descend.report import write_outputs
-from descend.train import RunError, Task, compare, resolve_plan
-from descend.train._compare import performance_profile, time_to_target
-from descend.train._tasks import TASKS, make_badly_scaled
-from descend.train._tuning import seed_stats, tie_groups
+from descend.runs import RunError
 
 
 def test_tie_groups_share_a_rank_only_where_intervals_overlap() -> None:

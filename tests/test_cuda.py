@@ -105,7 +105,7 @@ def test_default_optimizers_on_cuda_match_the_reference_engine(name: str) -> Non
 def test_a_language_model_trains_and_samples_on_cuda_in_bf16(tmp_path: Path) -> None:
     """``descend train --device cuda --bf16`` on a text file, then ``descend generate`` on the same device."""
     from descend.cli import main
-    from descend.train._generate import generate_text
+    from descend.runs._generate import generate_text
 
     text = tmp_path / "text.txt"
     text.write_text("the cat sat on the mat. " * 400, encoding="utf-8")

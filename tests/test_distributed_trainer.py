@@ -25,7 +25,8 @@ from _distributed_helpers import ENV, max_abs_diff, run
 from descend.cli import main
 from descend.cli._commands import _without_nproc
 from descend.data.registry import load_data
-from descend.train import RunError, RunSpec, TrainConfig, Trainer, build_model, make_optimizer, prepare
+from descend.runs import RunError, RunSpec, prepare
+from descend.train import TrainConfig, Trainer, build_model, make_optimizer
 
 # Uneven shards: 15 examples per micro-batch over 2 ranks (8 + 7), 2 micro-batches per step, L2 on.
 TINY = ["--batch-size", "15", "--accumulation", "2", "--width", "16", "--threads", "1", "--no-progress",

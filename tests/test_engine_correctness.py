@@ -396,3 +396,18 @@ def test_a_hyperparameter_written_after_loading_state_takes_effect(copy_by: str)
     opt.step()
     assert opt.state[p]["exp_avg"].item() == pytest.approx(0.5 * 0.1 + 0.5 * 1.0)
     assert opt.param_groups[0]["momentum"] == 0.5
+
+
+def test_bfloat16_state_of_float16_parameters_survives_a_state_dict_round_trip() -> None:
+    """Found by the differential property test: torch casts loaded state to the parameter's dtype, and a
+    bfloat16 ``exp_avg_sq`` of 1e-12 does not survive float16 (it became 0)."""
+    p = nn.Parameter(torch.ones(4, dtype=torch.float16))
+    opt = optim.Adam([p], lr=1e-3, state_dtype=torch.bfloat16)
+    p.grad = torch.full((4,), 3e-5, dtype=torch.float16)
+    opt.step()
+    again = optim.Adam([p], lr=1e-3, state_dtype=torch.bfloat16)
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert again.state[p][key].dtype == torch.bfloat16
+        assert torch.equal(again.state[p][key], opt.state[p][key])
+    assert again.state[p]["exp_avg_sq"].min() > 0

@@ -404,8 +404,6 @@ def test_the_compiled_engine_equals_the_reference(s: Scenario) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="open find, not fixed yet: on a clipped Adam chain (clip, adam, decoupled decay, box) the "
-                   "foreach engine's exp_avg_sq differs from the reference's", strict=False)
 @settings(max_examples=300, **SETTINGS)
 @given(scenarios())
 def test_every_engine_equals_the_reference_on_many_examples(s: Scenario) -> None:

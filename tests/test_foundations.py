@@ -12,7 +12,7 @@ import torch
 
 from descend._io import atomic_path, atomic_write, write_json
 from descend._random import generator, seed_everything
-from descend.train._tuning import log_grid, seed_stats, t_quantile, tune_lr
+from descend.compare._tuning import log_grid, seed_stats, t_quantile, tune_lr
 
 
 def test_atomic_write_uses_the_umask_and_leaves_no_temporary(tmp_path):

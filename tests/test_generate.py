@@ -40,7 +40,7 @@ def test_generate_prints_the_prompt_and_a_seeded_continuation(lm_run: Path) -> N
 
 
 def test_generate_library_call_streams_the_text(lm_run: Path) -> None:
-    from descend.train._generate import generate_text
+    from descend.runs._generate import generate_text
 
     result = generate_text(lm_run, "mat", 30, seed=1)
     pieces = list(result.pieces)
@@ -75,7 +75,7 @@ def test_a_run_that_is_not_a_language_model_is_refused(tmp_path: Path) -> None:
 
 
 def test_bf16_autocast_is_a_choice_and_off_by_default_on_the_cpu(lm_run: Path) -> None:
-    from descend.train._generate import generate_text
+    from descend.runs._generate import generate_text
 
     plain = "".join(generate_text(lm_run, "the", 20, seed=2, device="cpu").pieces)
     assert plain == "".join(generate_text(lm_run, "the", 20, seed=2, device="cpu", bf16=False).pieces)

@@ -12,7 +12,8 @@ from torch import nn
 
 from descend import optim
 from descend.data._base import DataBundle, Split
-from descend.train import NonFiniteLossError, RunSpec, TrainConfig, Trainer, prepare
+from descend.runs import RunSpec, prepare
+from descend.train import NonFiniteLossError, TrainConfig, Trainer
 
 
 def _bundle(m: int = 120) -> DataBundle:

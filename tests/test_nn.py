@@ -17,6 +17,7 @@ from descend.nn import (
     PointSetTransformer,
     ResidualMLP,
     count_parameters,
+    parameter_estimate,
 )
 
 INDUCING = [None, 4]
@@ -331,3 +332,14 @@ def test_checkpoint_refuses_batch_norm() -> None:
 
     with pytest.raises(ValueError, match="batch norm"):
         ResidualMLP(4, 2, norm="batch", checkpoint=True)
+
+
+@pytest.mark.parametrize(("depth", "width"), [(0, 8), (1, 8), (3, 16), (2, 33)])
+def test_parameter_estimate_counts_linear_and_mlp_exactly_and_bounds_resmlp(depth: int, width: int) -> None:
+    assert parameter_estimate("linear", depth, width, 5, 3) == count_parameters(Linear(5, 3))
+    assert parameter_estimate("mlp", depth, width, 5, 3) == count_parameters(MLP(5, 3, width=width, depth=depth))
+    if depth > 0:  # an over-estimate is what a size check before allocation needs
+        residual = ResidualMLP(5, 3, width=width, depth=depth)
+        assert count_parameters(residual) <= parameter_estimate("resmlp", depth, width, 5, 3)
+    with pytest.raises(ValueError, match="unknown model 'cnn'"):
+        parameter_estimate("cnn", depth, width, 5, 3)

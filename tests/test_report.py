@@ -15,6 +15,8 @@ import pytest
 from matplotlib.text import Text
 
 from descend._options import OPTIMIZER_NAMES
+from descend.compare import CompareSpec, compare
+from descend.compare._compare import summarise
 from descend.report import (
     COLOURS,
     DASHES,
@@ -28,8 +30,6 @@ from descend.report import (
     write_outputs,
     write_report,
 )
-from descend.train import CompareSpec, compare
-from descend.train._compare import summarise
 
 OKABE_ITO = {"#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#999999"}
 

@@ -283,3 +283,43 @@ def test_missing_values_in_an_npz_follow_the_same_option(tmp_path) -> None:
         load_data(str(tmp_path / "d.npz"))
     assert load_data(str(tmp_path / "d.npz"), missing="drop").info["rows_dropped"] == 1
     assert load_data(str(tmp_path / "d.npz"), missing="mean").info["rows_filled"] == 1
+
+
+# The splits every result so far was computed on: (sizes, seed) -> (train, val, test) indices, as the
+# loaders cut them before they shared one helper. A change here changes every reported number.
+TABLE_SPLITS = [
+    ((10, (0.7, 0.1), 0), ([4, 1, 7, 5, 3, 9, 0], [8], [6, 2])),
+    ((12, (0.7, 0.1), 1), ([1, 4, 6, 8, 11, 0, 5, 3], [2], [9, 10, 7])),
+    ((23, (0.5, 0.25), 7), ([10, 15, 1, 9, 11, 20, 7, 14, 21, 12, 5, 18], [17, 0, 16, 3, 6, 8], [2, 4, 13, 19, 22])),
+]
+POINT_SPLITS = [
+    ((12, 0.25, 0.25, 1), ([5, 3, 2, 9, 10, 7], [1, 4, 6], [8, 11, 0])),
+    ((10, 0.1, 0.1, 0), ([7, 5, 3, 9, 0, 8, 6, 2], [4], [1])),
+    ((7, 0.2, 0.0, 5), ([0, 4, 2, 6, 5, 3], [1], [])),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), TABLE_SPLITS)
+def test_table_splits_are_unchanged_for_a_seed(args, expected) -> None:
+    from descend.data.tabular import _split_index
+
+    assert [part.tolist() for part in _split_index(*args)] == [list(e) for e in expected]
+
+
+@pytest.mark.parametrize(("args", "expected"), POINT_SPLITS)
+def test_point_set_splits_are_unchanged_for_a_seed(args, expected) -> None:
+    from descend.data.points import split_indices
+
+    assert [part.tolist() for part in split_indices(*args)] == [list(e) for e in expected]
+
+
+@pytest.mark.parametrize("n", [3, 10, 97, 1000])
+def test_splits_partition_a_seeded_permutation(n: int) -> None:
+    from descend.data._base import seeded_split
+
+    first, second, rest = seeded_split(n, (0.3, 0.2), seed=n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    assert torch.equal(torch.cat([first, second, rest]), order)
+    assert (len(first), len(second)) == (max(round(0.3 * n), 1), max(round(0.2 * n), 1))
+    with pytest.raises(ValueError, match="leave nothing"):
+        seeded_split(2, (0.5, 0.5), seed=0)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from descend import distributed as dd
-from descend._tensorfile import (
+from descend.checkpoint._local import commit_checkpoint, is_sharded, latest_dir, load_checkpoint, save_checkpoint
+from descend.checkpoint._tensorfile import (
     CheckpointWarning,
     read_checked_json,
     verify_step,
@@ -30,7 +31,6 @@ from descend._tensorfile import (
 )
 from descend.data._base import DataBundle, Split
 from descend.train import CheckpointError, TrainConfig, Trainer
-from descend.train._checkpoint import commit_checkpoint, is_sharded, latest_dir, load_checkpoint, save_checkpoint
 
 
 class _Payload:
@@ -238,7 +238,7 @@ def test_a_read_only_run_still_falls_back_without_moving_anything(tmp_path: Path
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(Path, "rename", refuse)
-    monkeypatch.setattr("descend.train._checkpoint.write_checked_json", refuse)
+    monkeypatch.setattr("descend.checkpoint._local.write_checked_json", refuse)
     path, said = _resume(root)
     assert path == root / "step-00000002" and len(said) == 1 and "nothing was moved: Permission denied" in said[0]
     assert (root / "step-00000004").is_dir()
@@ -369,7 +369,7 @@ def test_a_forged_manifest_still_cannot_run_code_from_the_metadata(tmp_path: Pat
 
 
 def test_non_tensor_dcp_entries_are_read_without_running_code(tmp_path: Path) -> None:
-    from descend.distributed._checkpoint import _SafePlanner
+    from descend.checkpoint._distributed import _SafePlanner
 
     buffer = io.BytesIO()
     torch.save(_Payload(tmp_path / "MARKER"), buffer)
@@ -506,7 +506,7 @@ def test_a_replaced_metadata_in_a_two_rank_checkpoint_never_runs(tmp_path: Path)
 
 _SAVER = """
 import sys, torch
-from descend.train._checkpoint import save_checkpoint
+from descend.checkpoint._local import save_checkpoint
 root = sys.argv[1]
 model = {"w": torch.randn(1024, 1024)}  # 4 MiB per step: a kill often lands mid-write
 for step in range(1, 10_000):

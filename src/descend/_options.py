@@ -1,28 +1,32 @@
+# ruff: noqa: E501
+# (the option tables keep one row per option, however long its help)
 """Every hyperparameter of descend, defined once: its type, default, help text and validation.
 
 This module is the one home of the options that the library (:class:`TrainConfig`), the command
 line (``descend train``, ``descend compare``), ``--config`` TOML files and ``--set key=value`` all
 read. It imports neither torch nor numpy, so ``descend --help`` parses and prints without them.
 
-An :class:`Option` describes one hyperparameter; :data:`OPTIONS` holds them by name. A dataclass
-takes an option as a field with ``name: type = opt("name")`` (default and metadata from the
-registry), and :func:`validate` checks every such field of an instance, so the same rule holds
-wherever the value came from. Validation is strict: every number must be finite (no NaN/inf),
-counts are integers in range, names are one of their choices.
+An :class:`Option` describes one hyperparameter; :data:`OPTIONS` holds those of ``descend train``
+(one row each) and :data:`COMPARE_OPTIONS` those of ``descend compare``. A dataclass field comes
+from a table by :func:`opt` (``steps: int | None = opt("steps")``), or a whole dataclass, one field
+per row, by :func:`options_dataclass`; :func:`validate` checks every such field of an instance, so
+the same rule holds wherever the value came from. Validation is strict: every number must be finite
+(no NaN/inf), counts are integers in range, names are one of their choices.
 
-Learning rates: :data:`DEFAULT_LR` is the one table of per-optimizer defaults (``lr=None`` means
-"the optimizer's default from this table").
+The names of the models, activations and optimizers are the tables here, which the torch side
+reads (:data:`descend.nn.ACTIVATIONS`, :data:`descend.optim.OPTIMIZERS`), so the help needs no torch.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import Field, asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
 __all__ = [
     "ACTIVATIONS",
+    "COMPARE_OPTIONS",
     "DEFAULT_LR",
     "DEVICE_PATTERN",
     "FULL_BATCH",
@@ -31,16 +35,16 @@ __all__ = [
     "OPTIMIZER_NAMES",
     "OPTIMIZER_SUMMARY",
     "OPTIONS",
+    "PRESET_NAMES",
     "CompareSpec",
     "Option",
     "OptionError",
     "RunSpec",
     "TrainConfig",
     "check",
-    "define",
     "opt",
     "option_of",
-    "parameter_estimate",
+    "options_dataclass",
     "validate",
 ]
 
@@ -50,41 +54,34 @@ class OptionError(ValueError):
 
 
 # --------------------------------------------------------------------------- names (torch-free)
-#: The model names of ``--model``.
+#: The model names of ``--model`` (:func:`descend.nn.parameter_estimate` sizes each).
 MODELS = ("linear", "mlp", "resmlp", "pointset", "transformer")
-#: Activation names (the same as :data:`descend.nn.ACTIVATIONS`; a test keeps them equal).
+#: The hidden activations of ``--activation`` and of :func:`descend.nn.make_activation`.
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu")
-#: ``gd`` (full-batch gradient descent) and every optimizer in :data:`descend.optim.OPTIMIZERS`.
-OPTIMIZER_NAMES = ("gd", "sgd", "momentum", "signsgd", "signum", "softsign", "lion", "adam", "adamw")
+
+#: Every optimizer of ``--optimizer``: its default learning rate (for an MLP on standardised data: what
+#: ``lr=None`` resolves to in ``descend train``, ``descend compare``, :func:`descend.train.make_optimizer`
+#: and each preset's signature) and its update in one line (``descend optimizers``; ``--explain`` prints
+#: the full chain). ``gd`` is the command line's name for SGD fed the whole-set gradient; every other name
+#: is a preset of :data:`descend.optim.OPTIMIZERS`.
+_OPTIMIZERS: dict[str, tuple[float, str]] = {
+    "gd": (0.3, "w ← w − lr·∇L(w), the gradient of the whole training set (full-batch gradient descent)"),
+    "sgd": (0.1, "w ← w − lr·g"),
+    "momentum": (0.1, "m ← β·m + (1−β)·g;  w ← w − lr·m"),
+    "signsgd": (3e-4, "w ← w − lr·sign(g)"),
+    "signum": (3e-4, "m ← β·m + (1−β)·g;  w ← w − lr·sign(m)"),
+    "softsign": (3e-4, "m ← β·m + (1−β)·g;  w ← w − lr·m/(|m|+ε)"),
+    "lion": (3e-4, "w ← w − lr·(sign(β₁·m + (1−β₁)·g) + λ·w);  m ← β₂·m + (1−β₂)·g"),
+    "adam": (1e-3, "m ← β₁·m + (1−β₁)·g;  v ← β₂·v + (1−β₂)·g²;  w ← w − lr·m̂/(√v̂ + ε)"),
+    "adamw": (1e-3, "Adam's step plus decoupled weight decay w ← w − lr·λ·w"),
+}
+OPTIMIZER_NAMES = tuple(_OPTIMIZERS)
+DEFAULT_LR: dict[str, float] = {name: lr for name, (lr, _) in _OPTIMIZERS.items()}
+OPTIMIZER_SUMMARY: dict[str, str] = {name: summary for name, (_, summary) in _OPTIMIZERS.items()}
 #: Optimizers that always take the full training set per step.
 FULL_BATCH = frozenset({"gd"})
-
-#: The default learning rate per optimizer name, for an MLP on standardised data: what ``lr=None``
-#: resolves to in ``descend train``, ``descend compare`` and :func:`descend.train.make_optimizer`.
-DEFAULT_LR: dict[str, float] = {
-    "gd": 0.3,
-    "sgd": 0.1,
-    "momentum": 0.1,
-    "signsgd": 3e-4,
-    "signum": 3e-4,
-    "softsign": 3e-4,
-    "lion": 3e-4,
-    "adam": 1e-3,
-    "adamw": 1e-3,
-}
-
-#: One line per optimizer: its update (``descend optimizers``; ``--explain`` prints the full chain).
-OPTIMIZER_SUMMARY: dict[str, str] = {
-    "gd": "w ← w − lr·∇L(w), the gradient of the whole training set (full-batch gradient descent)",
-    "sgd": "w ← w − lr·g",
-    "momentum": "m ← β·m + (1−β)·g;  w ← w − lr·m",
-    "signsgd": "w ← w − lr·sign(g)",
-    "signum": "m ← β·m + (1−β)·g;  w ← w − lr·sign(m)",
-    "softsign": "m ← β·m + (1−β)·g;  w ← w − lr·m/(|m|+ε)",
-    "lion": "w ← w − lr·(sign(β₁·m + (1−β₁)·g) + λ·w);  m ← β₂·m + (1−β₂)·g",
-    "adam": "m ← β₁·m + (1−β₁)·g;  v ← β₂·v + (1−β₂)·g²;  w ← w − lr·m̂/(√v̂ + ε)",
-    "adamw": "Adam's step plus decoupled weight decay w ← w − lr·λ·w",
-}
+#: The names of :data:`descend.optim.OPTIMIZERS`, in order: every optimizer name but the full-batch ones.
+PRESET_NAMES = tuple(name for name in OPTIMIZER_NAMES if name not in FULL_BATCH)
 
 #: ``--missing``: what a missing feature value does (see :func:`descend.data.tabular.from_arrays`).
 MISSING = ("error", "drop", "mean")
@@ -93,6 +90,7 @@ MISSING = ("error", "drop", "mean")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 _MAX_INT = 2**63 - 1
+_INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
 
 
 # --------------------------------------------------------------------------- the option type
@@ -100,10 +98,11 @@ _MAX_INT = 2**63 - 1
 class Option:
     """One hyperparameter: what it is, its default, how it is written and which values it takes.
 
-    ``kind`` is ``int``, ``float``, ``str`` or ``bool``; ``nullable`` lets it be ``None`` (whose meaning
-    ``none_means`` states in the help). Numbers must be finite and within ``[low, high]`` (``low_open`` /
-    ``high_open`` make an end exclusive); strings one of ``choices`` (when given) or matching ``pattern``.
-    ``aliases`` are extra words the command line reads (``{"full": None}`` for ``--batch-size full``).
+    ``kind`` is ``int``, ``float``, ``str`` or ``bool``. ``none_means`` (what ``None`` stands for, as the
+    help states it) makes ``None`` a valid value. Numbers must be finite and inside the interval
+    ``within``, written as in mathematics: ``"[0, 1024]"``, ``"(0, 1]"``, ``"[1, inf)"``. Strings must be
+    one of ``choices`` (when given) or match ``pattern``. ``aliases`` are extra words the command line
+    reads (``{"full": None}`` for ``--batch-size full``); ``group`` is the help's section.
     """
 
     name: str
@@ -111,20 +110,33 @@ class Option:
     default: Any
     help: str
     metavar: str | None = None
-    nullable: bool = False
     none_means: str | None = None
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
+    within: str | None = None
     choices: tuple[str, ...] | None = None
     pattern: re.Pattern[str] | None = None
     aliases: dict[str, Any] = field(default_factory=dict)
     group: str = "training"
 
+    def __post_init__(self) -> None:
+        if self.within is not None and not _INTERVAL.match(self.within):
+            raise ValueError(f"option {self.name}: within={self.within!r} is not an interval such as '[0, 1]'")
+
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def nullable(self) -> bool:
+        """Whether ``None`` is a value of this option."""
+        return self.none_means is not None
+
+    def bounds(self) -> tuple[float | None, bool, float | None, bool]:
+        """``(low, low_open, high, high_open)`` of ``within``; an infinite end is ``None``."""
+        match = _INTERVAL.match(self.within or "[-inf, inf]")
+        assert match is not None  # checked when the option was made
+        opening, low, high, closing = match.groups()
+        return (None if low == "-inf" else float(low), opening == "(",
+                None if high == "inf" else float(high), closing == ")")  # fmt: skip
 
     def default_text(self) -> str:
         """The default as the help shows it (once)."""
@@ -135,11 +147,12 @@ class Option:
         return f"{self.default:g}" if self.kind is float else str(self.default)
 
     def range_text(self) -> str:
+        low, low_open, high, high_open = self.bounds()
         parts = []
-        if self.low is not None:
-            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
-        if self.high is not None:
-            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        if low is not None:
+            parts.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            parts.append(f"{'<' if high_open else '<='} {high:g}")
         return " and ".join(parts)
 
     def check(self, value: Any) -> Any:
@@ -177,8 +190,9 @@ class Option:
                 raise OptionError(
                     f"{self.flag} must be a finite number {self.range_text()}".rstrip() + f", got {value}"
                 )
-        low_bad = self.low is not None and (value <= self.low if self.low_open else value < self.low)
-        high_bad = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        low, low_open, high, high_open = self.bounds()
+        low_bad = low is not None and (value <= low if low_open else value < low)
+        high_bad = high is not None and (value >= high if high_open else value > high)
         if low_bad or high_bad:
             raise OptionError(f"{self.flag} must be {self.range_text()}, got {value:g}")
         return value
@@ -186,344 +200,99 @@ class Option:
     def _expects(self) -> str:
         if self.choices is not None:
             return "one of " + ", ".join(self.choices)
-        if self.name == "device":
+        if self.pattern is DEVICE_PATTERN:
             return "auto, cpu, cuda, cuda:N or mps"
         what = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}[self.kind]
-        rng = self.range_text()
-        return f"{what} {rng}".strip() + (" or none" if self.nullable else "")
+        return f"{what} {self.range_text()}".strip() + (" or none" if self.nullable else "")
 
 
-def _o(name: str, kind: type, default: Any, help: str, **kw: Any) -> Option:
-    return Option(name, kind, default, help, **kw)
+def _table(*rows: str | Option) -> dict[str, Option]:
+    """Options by name; a string row names the help section (``group``) of the options below it."""
+    table, group = {}, "training"
+    for row in rows:
+        if isinstance(row, str):
+            group = row
+        else:
+            table[row.name] = replace(row, group=group)
+    return table
 
 
-_POSITIVE = {"low": 0, "low_open": True}
+#: Every option of ``descend train`` (and so of :class:`RunSpec`, in this order): name, type, default,
+#: help and metavar, then what ``None`` means and the valid values. A long help line is still one row.
+OPTIONS: dict[str, Option] = _table(
+    "data",
+    Option("data", str, "digits", "dataset: digits, digits-points, shapes, gp1d, stdlib-text, or a .csv/.npz/.txt file or a text directory", "NAME|PATH"),
+    Option("target", str, None, "the label column of a CSV file", "COLUMN", none_means="required for a CSV file"),
+    Option("task", str, None, "the learning task", "TASK", none_means="inferred from the target", choices=("classification", "regression")),
+    Option("encoding", str, None, "text encoding of a CSV file (a Python codec name, e.g. latin-1)", "NAME", none_means="UTF-8, with or without a byte-order mark"),
+    Option("delimiter", str, None, "field delimiter of a CSV file", "CHAR", none_means="sniffed: comma, semicolon or tab"),
+    Option("missing", str, "error", "rows with a missing feature (an empty cell, NA or NaN): error; drop the row; or mean, the training rows' column mean (predict fills new rows with the same means)", "HOW", choices=MISSING),
+    Option("normalize_points", bool, True, "centre each point set on its mean and scale it to unit RMS radius (point-set .npz files)"),
+    "model",
+    Option("model", str, "mlp", "the network", "MODEL", choices=MODELS),
+    Option("depth", int, 2, "hidden layers (mlp), residual blocks (resmlp) or attention blocks (pointset)", "N", within="[0, 1024]"),
+    Option("width", int, 128, "hidden width of every layer", "N", within="[1, 65536]"),
+    Option("heads", int, 4, "attention heads (pointset, transformer; must divide --width)", "N", within="[1, 1024]"),
+    Option("context", int, 64, "tokens a transformer reads at once (text data)", "N", within="[1, 65536]"),
+    Option("activation", str, "relu", "hidden activation", "NAME", choices=ACTIVATIONS),
+    Option("checkpoint_activations", bool, False, "recompute each block's activations in the backward pass instead of storing them (resmlp, transformer): less memory, about one more forward pass"),
+    "optimizer",
+    Option("optimizer", str, "adam", "the optimizer (`descend optimizers` lists them)", "NAME", choices=OPTIMIZER_NAMES),
+    Option("lr", float, None, "learning rate", "LR", none_means="the optimizer's own, see `descend optimizers`", within="(0, inf)"),
+    Option("weight_decay", float, None, "the optimizer's weight decay λ (decoupled for adamw and lion)", "FLOAT", none_means="the optimizer's own", within="[0, inf)"),
+    Option("state_dtype", str, "float32", "the optimizer state's precision (bfloat16: half the bytes, rounded stochastically)", "DTYPE", choices=("float32", "bfloat16")),
+    Option("l2", float, 1e-3, "L2 penalty λ in the loss: loss + λ/2·‖w‖² (separate from --weight-decay)", "FLOAT", within="[0, inf)"),
+    Option("clip_grad_norm", float, None, "clip the gradient's global norm to this value", "FLOAT", none_means="no clipping", within="(0, inf)"),
+    Option("schedule", str, "constant", "learning-rate schedule", "NAME", choices=("constant", "cosine", "linear", "step")),
+    Option("warmup_steps", int, 0, "linear learning-rate warm-up steps", "N", within="[0, inf)"),
+    Option("min_lr_factor", float, 0.0, "final LR / initial LR of the cosine and linear schedules", "FLOAT", within="[0, 1]"),
+    Option("step_size", int, 1000, "steps between LR drops of the step schedule", "N", within="[1, inf)"),
+    Option("gamma", float, 0.1, "LR factor per drop of the step schedule", "FLOAT", within="(0, 1]"),
+    "training",
+    Option("steps", int, None, "optimizer steps (overrides --epochs)", "N", none_means="from --epochs", within="[1, inf)"),
+    Option("epochs", float, 30.0, "passes over the training set (ignored when --steps is set)", "FLOAT", none_means="from --steps", within="(0, inf)"),
+    Option("batch_size", int, 32, "examples per step; 'full' for full-batch gradient descent", "N|full", none_means="full batch", within="[1, inf)", aliases={"full": None}),
+    Option("replacement", bool, False, "sample minibatches with replacement instead of reshuffling each epoch"),
+    Option("accumulation", int, 1, "minibatches whose gradients are averaged per step", "N", within="[1, inf)"),
+    Option("chunk_size", int, None, "examples per forward pass in full-batch mode (bounds memory)", "N", none_means="the whole set", within="[1, inf)"),
+    Option("loss", str, "auto", "loss function", "NAME", choices=("auto", "cross_entropy", "mse")),
+    Option("bf16", bool, False, "bfloat16 autocast for forward passes"),
+    Option("step_in_backward", bool, False, "step each parameter inside the backward pass as soon as its gradient is ready, then free it: one gradient alive at a time (no --clip-grad-norm or --accumulation)"),
+    Option("seed", int, 0, "seed of the data split, initialisation and sampling", "N", within="[0, inf)"),
+    Option("device", str, "auto", "where to train: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps", "DEVICE", pattern=DEVICE_PATTERN),
+    Option("threads", int, None, "torch CPU threads", "N", none_means="torch's own choice", within="[1, 4096]"),
+    Option("strategy", str, "ddp", "how W > 1 processes (torchrun, --nproc) share the model", "NAME", choices=("ddp", "fsdp")),
+    "output",
+    Option("eval_every", int, None, "steps between validations", "N", none_means="once per epoch", within="[1, inf)"),
+    Option("eval_size", int, 16384, "examples each evaluation reads at most, counted in tokens for text: the same evenly spaced subset of each split every time", "N", none_means="every example", within="[1, inf)"),
+    Option("patience", int, None, "early stopping: validations without a lower validation loss", "N", none_means="no early stopping", within="[1, inf)"),
+    Option("restore_best", bool, True, "end with the weights of the validation with the lowest loss (model.safetensors, the summary and predict use them; training itself continues to the budget)"),
+    Option("log_every", int, None, "steps between logged metric rows", "N", none_means="about 200 rows per run", within="[1, inf)"),
+    Option("checkpoint_every", int, None, "steps between checkpoints", "N", none_means="at each validation", within="[1, inf)"),
+    Option("keep_checkpoints", int, 2, "checkpoints kept on disk (the newest)", "N", within="[1, inf)"),
+    Option("progress", bool, True, "progress bar on a terminal, periodic lines otherwise"),
+    Option("tensorboard", bool, False, "also log to TensorBoard (needs `pip install tensorboard`)"),
+)
 
-#: Every option by name. Groups: data, model, optimizer, training, output.
-OPTIONS: dict[str, Option] = {
-    o.name: o
-    for o in [
-        # data
-        _o(
-            "data",
-            str,
-            "digits",
-            "dataset: digits, digits-points, shapes, gp1d, stdlib-text, or a .csv/.npz/.txt file or a text directory",
-            metavar="NAME|PATH",
-            group="data",
-        ),
-        _o(
-            "target",
-            str,
-            None,
-            "the label column of a CSV file",
-            metavar="COLUMN",
-            nullable=True,
-            none_means="required for a CSV file",
-            group="data",
-        ),
-        _o(
-            "task",
-            str,
-            None,
-            "the learning task",
-            metavar="TASK",
-            nullable=True,
-            none_means="inferred from the target",
-            choices=("classification", "regression"),
-            group="data",
-        ),
-        _o(
-            "encoding",
-            str,
-            None,
-            "text encoding of a CSV file (a Python codec name, e.g. latin-1)",
-            metavar="NAME",
-            nullable=True,
-            none_means="UTF-8, with or without a byte-order mark",
-            group="data",
-        ),
-        _o(
-            "delimiter",
-            str,
-            None,
-            "field delimiter of a CSV file",
-            metavar="CHAR",
-            nullable=True,
-            none_means="sniffed: comma, semicolon or tab",
-            group="data",
-        ),
-        _o(
-            "missing",
-            str,
-            "error",
-            "rows with a missing feature (an empty cell, NA or NaN): error; drop the row; or mean, the training "
-            "rows' column mean (predict fills new rows with the same means)",
-            metavar="HOW",
-            choices=MISSING,
-            group="data",
-        ),
-        _o(
-            "normalize_points",
-            bool,
-            True,
-            "centre each point set on its mean and scale it to unit RMS radius (point-set .npz files)",
-            group="data",
-        ),
-        # model
-        _o("model", str, "mlp", "the network", metavar="MODEL", choices=MODELS, group="model"),
-        _o(
-            "depth",
-            int,
-            2,
-            "hidden layers (mlp), residual blocks (resmlp) or attention blocks (pointset)",
-            metavar="N",
-            low=0,
-            high=1024,
-            group="model",
-        ),
-        _o("width", int, 128, "hidden width of every layer", metavar="N", low=1, high=65536, group="model"),
-        _o("heads", int, 4, "attention heads (pointset, transformer; must divide --width)", metavar="N", low=1,
-           high=1024, group="model"),
-        _o("context", int, 64, "tokens a transformer reads at once (text data)", metavar="N", low=1, high=65536,
-           group="model"),
-        _o("activation", str, "relu", "hidden activation", metavar="NAME", choices=ACTIVATIONS, group="model"),
-        _o("checkpoint_activations", bool, False, "recompute each block's activations in the backward pass "
-           "instead of storing them (resmlp, transformer): less memory, about one more forward pass", group="model"),
-        # optimizer
-        _o(
-            "optimizer",
-            str,
-            "adam",
-            "the optimizer (`descend optimizers` lists them)",
-            metavar="NAME",
-            choices=OPTIMIZER_NAMES,
-            group="optimizer",
-        ),
-        _o(
-            "lr",
-            float,
-            None,
-            "learning rate",
-            metavar="LR",
-            nullable=True,
-            none_means="the optimizer's own, see `descend optimizers`",
-            group="optimizer",
-            **_POSITIVE,
-        ),
-        _o("state_dtype", str, "float32", "the optimizer state's precision (bfloat16: half the bytes, rounded "
-           "stochastically)", metavar="DTYPE", choices=("float32", "bfloat16"), group="optimizer"),
-        _o(
-            "weight_decay",
-            float,
-            None,
-            "the optimizer's weight decay λ (decoupled for adamw and lion)",
-            metavar="FLOAT",
-            nullable=True,
-            none_means="the optimizer's own",
-            low=0,
-            group="optimizer",
-        ),
-        _o(
-            "l2",
-            float,
-            1e-3,
-            "L2 penalty λ in the loss: loss + λ/2·‖w‖² (separate from --weight-decay)",
-            metavar="FLOAT",
-            low=0,
-            group="optimizer",
-        ),
-        _o(
-            "clip_grad_norm",
-            float,
-            None,
-            "clip the gradient's global norm to this value",
-            metavar="FLOAT",
-            nullable=True,
-            none_means="no clipping",
-            group="optimizer",
-            **_POSITIVE,
-        ),
-        _o(
-            "schedule",
-            str,
-            "constant",
-            "learning-rate schedule",
-            metavar="NAME",
-            choices=("constant", "cosine", "linear", "step"),
-            group="optimizer",
-        ),
-        _o("warmup_steps", int, 0, "linear learning-rate warm-up steps", metavar="N", low=0, group="optimizer"),
-        _o(
-            "min_lr_factor",
-            float,
-            0.0,
-            "final LR / initial LR of the cosine and linear schedules",
-            metavar="FLOAT",
-            low=0,
-            high=1,
-            group="optimizer",
-        ),
-        _o(
-            "step_size", int, 1000, "steps between LR drops of the step schedule", metavar="N", low=1, group="optimizer"
-        ),
-        _o(
-            "gamma",
-            float,
-            0.1,
-            "LR factor per drop of the step schedule",
-            metavar="FLOAT",
-            low=0,
-            low_open=True,
-            high=1,
-            group="optimizer",
-        ),
-        # training
-        _o(
-            "steps",
-            int,
-            None,
-            "optimizer steps (overrides --epochs)",
-            metavar="N",
-            nullable=True,
-            none_means="from --epochs",
-            low=1,
-        ),
-        _o(
-            "epochs",
-            float,
-            30.0,
-            "passes over the training set (ignored when --steps is set)",
-            metavar="FLOAT",
-            nullable=True,
-            none_means="from --steps",
-            **_POSITIVE,
-        ),
-        _o(
-            "batch_size",
-            int,
-            32,
-            "examples per step; 'full' for full-batch gradient descent",
-            metavar="N|full",
-            nullable=True,
-            none_means="full batch",
-            low=1,
-            aliases={"full": None},
-        ),
-        _o("replacement", bool, False, "sample minibatches with replacement instead of reshuffling each epoch"),
-        _o("accumulation", int, 1, "minibatches whose gradients are averaged per step", metavar="N", low=1),
-        _o(
-            "chunk_size",
-            int,
-            None,
-            "examples per forward pass in full-batch mode (bounds memory)",
-            metavar="N",
-            nullable=True,
-            none_means="the whole set",
-            low=1,
-        ),
-        _o("loss", str, "auto", "loss function", metavar="NAME", choices=("auto", "cross_entropy", "mse")),
-        _o("bf16", bool, False, "bfloat16 autocast for forward passes"),
-        _o("step_in_backward", bool, False, "step each parameter inside the backward pass as soon as its gradient "
-           "is ready, then free it: one gradient alive at a time (no --clip-grad-norm or --accumulation)"),
-        _o("seed", int, 0, "seed of the data split, initialisation and sampling", metavar="N", low=0),
-        _o(
-            "device",
-            str,
-            "auto",
-            "where to train: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps",
-            metavar="DEVICE",
-            pattern=DEVICE_PATTERN,
-        ),
-        _o(
-            "threads",
-            int,
-            None,
-            "torch CPU threads",
-            metavar="N",
-            nullable=True,
-            none_means="torch's own choice",
-            low=1,
-            high=4096,
-        ),
-        _o(
-            "strategy",
-            str,
-            "ddp",
-            "how W > 1 processes (torchrun, --nproc) share the model",
-            metavar="NAME",
-            choices=("ddp", "fsdp"),
-        ),
-        # evaluation and output
-        _o(
-            "eval_every",
-            int,
-            None,
-            "steps between validations",
-            metavar="N",
-            nullable=True,
-            none_means="once per epoch",
-            low=1,
-            group="output",
-        ),
-        _o(
-            "eval_size",
-            int,
-            16384,
-            "examples each evaluation reads at most, counted in tokens for text: the same evenly spaced "
-            "subset of each split every time",
-            metavar="N",
-            nullable=True,
-            none_means="every example",
-            low=1,
-            group="output",
-        ),
-        _o(
-            "patience",
-            int,
-            None,
-            "early stopping: validations without a lower validation loss",
-            metavar="N",
-            nullable=True,
-            none_means="no early stopping",
-            low=1,
-            group="output",
-        ),
-        _o(
-            "restore_best",
-            bool,
-            True,
-            "end with the weights of the validation with the lowest loss (model.safetensors, the summary and "
-            "predict use them; training itself continues to the budget)",
-            group="output",
-        ),
-        _o(
-            "log_every",
-            int,
-            None,
-            "steps between logged metric rows",
-            metavar="N",
-            nullable=True,
-            none_means="about 200 rows per run",
-            low=1,
-            group="output",
-        ),
-        _o(
-            "checkpoint_every",
-            int,
-            None,
-            "steps between checkpoints",
-            metavar="N",
-            nullable=True,
-            none_means="at each validation",
-            low=1,
-            group="output",
-        ),
-        _o("keep_checkpoints", int, 2, "checkpoints kept on disk (the newest)", metavar="N", low=1, group="output"),
-        _o("progress", bool, True, "progress bar on a terminal, periodic lines otherwise", group="output"),
-        _o("tensorboard", bool, False, "also log to TensorBoard (needs `pip install tensorboard`)", group="output"),
-    ]
-}
+#: Every option of ``descend compare`` (and so of :class:`CompareSpec`, in this order).
+COMPARE_OPTIONS: dict[str, Option] = _table(
+    "training",
+    Option("task", str, None, "task names, comma-separated, or 'all' (see --list)", "NAMES", none_means="the suite's tasks"),
+    Option("suite", str, "quick", "quick (3 tasks, 3 seeds, minutes) or full (every task, 5 seeds)", "NAME", choices=("quick", "full")),
+    "optimizer",
+    Option("optimizers", str, None, "comma-separated optimizer names", "NAMES", none_means="the suite's"),
+    "training",
+    Option("seeds", int, None, "seeds per optimizer at its tuned learning rate", "N", none_means="3 (quick) or 5 (full)", within="[1, 1000]"),
+    Option("tune_seeds", int, None, "seeds averaged per learning rate while tuning", "N", none_means="1 (quick) or 2 (full)", within="[1, 100]"),
+    "optimizer",
+    Option("grid", str, None, "multipliers of each optimizer's grid centre (a task's scaled default lr)", "M,M,...", none_means="0.316,1,3.16"),
+    Option("max_extensions", int, 3, "grid points added beyond an edge while the best rate sits there", "N", within="[0, 20]"),
+    "training",
+    Option("steps", int, None, "optimizer steps of every run, overriding each task's budget (smoke tests)", "N", none_means="each task's own budget", within="[1, inf)"),
+    Option("workers", int, 2, "processes running (task, optimizer) units in parallel, one thread each by default", "N", within="[1, 256]"),
+    OPTIONS["device"],
+    Option("threads", int, 1, "torch CPU threads per run (small models run fastest on one)", "N", none_means="torch's own choice", within="[1, 4096]"),
+)
 
 GROUPS = {
     "data": "data",
@@ -534,31 +303,35 @@ GROUPS = {
 }
 
 
-def define(name: str, kind: type, default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field for an option that only one command has (not in :data:`OPTIONS`).
-
-    ``seeds: int = define("seeds", int, 3, "seeds per optimizer", metavar="N", low=1)``.
-    """
-    option = Option(name, kind, default, help, **kw)
-    return field(default=default, metadata={"option": option})
-
-
-def opt(name: str) -> Any:
-    """The dataclass field of the shared option ``name``: its one default, help and validation."""
-    option = OPTIONS[name]
+def opt(name: str, table: dict[str, Option] = OPTIONS) -> Any:
+    """The dataclass field of the option ``name`` of ``table``: its one default, help and validation."""
+    option = table[name]
     return field(default=option.default, metadata={"option": option})
+
+
+def options_dataclass(table: dict[str, Option]) -> Any:
+    """A class decorator: the class as a dataclass with one field per option of ``table``, in order."""
+
+    def decorate(cls: type) -> type:
+        cls.__annotations__ = {name: _annotation(option) for name, option in table.items()}
+        for name in table:
+            setattr(cls, name, opt(name, table))
+        return dataclass(cls)
+
+    return decorate
+
+
+def _annotation(option: Option) -> Any:
+    return option.kind | None if option.nullable else option.kind
 
 
 def option_of(f: Field[Any]) -> Option | None:
     """The :class:`Option` behind a dataclass field (``None`` for a field that is not an option)."""
-    option = f.metadata.get("option")
-    if option is not None and option.name != f.name:  # defined under another name: rename
-        option = Option(**{**{k.name: getattr(option, k.name) for k in fields(option)}, "name": f.name})
-    return option
+    return f.metadata.get("option")
 
 
 def check(name: str, value: Any) -> Any:
-    """Validate ``value`` for the shared option ``name`` (see :meth:`Option.check`)."""
+    """Validate ``value`` for the option ``name`` of :data:`OPTIONS` (see :meth:`Option.check`)."""
     return OPTIONS[name].check(value)
 
 
@@ -582,53 +355,9 @@ def from_values(cls: type, values: dict[str, Any]) -> Any:
     return cls(**values)
 
 
-# --------------------------------------------------------------------------- model size
-#: The largest model (parameters) a run may allocate; beyond it a run refuses to start.
-MAX_PARAMETERS = 2_000_000_000
-
-
-def parameter_estimate(model: str, depth: int, width: int, inputs: int, outputs: int) -> int:
-    """An estimate of a model's parameter count, computed before anything is allocated.
-
-    ``inputs`` is the feature count (vectors) or ``location_dim + value_dim`` (point sets). MLP:
-    ``(in+1)·w + (depth−1)·(w+1)·w + (w+1)·out``; residual MLP and point-set attention blocks are
-    counted as ``depth`` blocks of ``c·w²`` with ``c = 2`` and ``12`` (two linear layers; attention's
-    four projections plus a 4×-wide feed-forward).
-    """
-    if model == "linear":
-        return (inputs + 1) * outputs
-    if model == "mlp":
-        if depth == 0:
-            return (inputs + 1) * outputs
-        return (inputs + 1) * width + (depth - 1) * (width + 1) * width + (width + 1) * outputs
-    per_block = 2 if model == "resmlp" else 12
-    return (inputs + 1) * width + depth * per_block * (width + 1) * width + (width + 1) * outputs
-
-
-def check_model_size(model: str, depth: int, width: int, inputs: int, outputs: int, memory_bytes: int | None,
-                     bytes_per_parameter: int = 16) -> None:
-    """Refuse, before allocation, a model whose weights, gradients and optimizer state
-    (``bytes_per_parameter``: 16 for float32 weights, gradients and two state tensors) would not fit in
-    half of ``memory_bytes`` (or beyond :data:`MAX_PARAMETERS`)."""
-    n = parameter_estimate(model, depth, width, inputs, outputs)
-    per = max(1, bytes_per_parameter)
-    budget = MAX_PARAMETERS if memory_bytes is None else min(MAX_PARAMETERS, memory_bytes // 2 // per)
-    if n > budget:
-        raise OptionError(
-            f"--depth {depth} --width {width} gives model {model!r} about {n:.3g} parameters "
-            f"({per * n / 2**30:.3g} GiB with gradients and optimizer state), more than the {budget:.3g} this machine "
-            "allows; choose a smaller --depth or --width"
-        )
-
-
-def physical_memory() -> int | None:
-    """Bytes of physical memory (``None`` where the system does not say)."""
-    import os
-
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return None
+def option_fields(cls: type) -> list[tuple[Field[Any], Option]]:
+    """``(field, option)`` for every option field of the dataclass ``cls``, in order."""
+    return [(f, option) for f in fields(cls) if (option := option_of(f)) is not None]
 
 
 # --------------------------------------------------------------------------- the library's options
@@ -687,61 +416,15 @@ class TrainConfig:
         return asdict(self)
 
 
-@dataclass
+@options_dataclass(OPTIONS)
 class RunSpec:
-    """Every option of ``descend train``: the data, model and optimizer, plus every :class:`TrainConfig` field.
+    """Every option of ``descend train``: one field per row of :data:`OPTIONS`, in its order.
 
-    Each field is settable by flag, ``--config`` TOML or ``--set key=value``, with the default and
-    validation of :data:`OPTIONS`; constructing one validates it.
+    That is the data, model and optimizer, every :class:`TrainConfig` field and where to run (``device``,
+    ``threads``, ``strategy``). Each field is settable by flag, ``--config`` TOML or ``--set key=value``,
+    with the default and validation of its row (the command-line reference lists them); constructing one
+    validates it. ``config.json`` holds one key per field.
     """
-
-    data: str = opt("data")
-    target: str | None = opt("target")
-    task: str | None = opt("task")
-    encoding: str | None = opt("encoding")
-    delimiter: str | None = opt("delimiter")
-    missing: str = opt("missing")
-    normalize_points: bool = opt("normalize_points")
-    model: str = opt("model")
-    depth: int = opt("depth")
-    width: int = opt("width")
-    heads: int = opt("heads")
-    context: int = opt("context")
-    activation: str = opt("activation")
-    checkpoint_activations: bool = opt("checkpoint_activations")
-    optimizer: str = opt("optimizer")
-    lr: float | None = opt("lr")
-    weight_decay: float | None = opt("weight_decay")
-    state_dtype: str = opt("state_dtype")
-    l2: float = opt("l2")
-    clip_grad_norm: float | None = opt("clip_grad_norm")
-    schedule: str = opt("schedule")
-    warmup_steps: int = opt("warmup_steps")
-    min_lr_factor: float = opt("min_lr_factor")
-    step_size: int = opt("step_size")
-    gamma: float = opt("gamma")
-    steps: int | None = opt("steps")
-    epochs: float | None = opt("epochs")
-    batch_size: int | None = opt("batch_size")
-    replacement: bool = opt("replacement")
-    accumulation: int = opt("accumulation")
-    chunk_size: int | None = opt("chunk_size")
-    loss: str = opt("loss")
-    bf16: bool = opt("bf16")
-    step_in_backward: bool = opt("step_in_backward")
-    seed: int = opt("seed")
-    device: str = opt("device")
-    threads: int | None = opt("threads")
-    strategy: str = opt("strategy")
-    eval_every: int | None = opt("eval_every")
-    eval_size: int | None = opt("eval_size")
-    patience: int | None = opt("patience")
-    restore_best: bool = opt("restore_best")
-    log_every: int | None = opt("log_every")
-    checkpoint_every: int | None = opt("checkpoint_every")
-    keep_checkpoints: int = opt("keep_checkpoints")
-    progress: bool = opt("progress")
-    tensorboard: bool = opt("tensorboard")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -763,8 +446,7 @@ class RunSpec:
 
     def train_config(self) -> TrainConfig:
         """The :class:`TrainConfig` part (``gd`` trains on the full batch; ``steps`` overrides ``epochs``)."""
-        shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(self)}
-        values = {k: getattr(self, k) for k in shared}
+        values = {f.name: getattr(self, f.name) for f in fields(TrainConfig) if f.name in OPTIONS}
         if self.optimizer in FULL_BATCH:
             values["batch_size"] = None  # gd is SGD on the exact full-batch gradient
         if self.steps is not None:
@@ -772,56 +454,13 @@ class RunSpec:
         return TrainConfig(**values)
 
 
-@dataclass
+@options_dataclass(COMPARE_OPTIONS)
 class CompareSpec:
-    """Every option of ``descend compare``: which tasks (workloads), optimizers, seeds and tuning grid.
+    """Every option of ``descend compare``: one field per row of :data:`COMPARE_OPTIONS`, in its order.
 
-    ``None`` means "the suite's default" (see :data:`descend.train._tasks.SUITES`): the quick suite
-    runs 3 tasks with 5 optimizers, 1 tuning seed and 3 final seeds; the full suite every task with
-    8 optimizers, 2 tuning seeds and 5 final seeds.
+    Which tasks (workloads), optimizers, seeds and tuning grid. ``None`` means "the suite's default"
+    (:data:`descend.train.SUITES` holds each suite's tasks, optimizers and seeds).
     """
-
-    task: str | None = define(
-        "task", str, None, "task names, comma-separated, or 'all' (see --list)", metavar="NAMES",
-        nullable=True, none_means="the suite's tasks",
-    )  # fmt: skip
-    suite: str = define(
-        "suite", str, "quick", "quick (3 tasks, 3 seeds, minutes) or full (every task, 5 seeds)",
-        metavar="NAME", choices=("quick", "full"),
-    )  # fmt: skip
-    optimizers: str | None = define(
-        "optimizers", str, None, "comma-separated optimizer names", metavar="NAMES", nullable=True,
-        none_means="the suite's", group="optimizer",
-    )  # fmt: skip
-    seeds: int | None = define(
-        "seeds", int, None, "seeds per optimizer at its tuned learning rate", metavar="N", nullable=True,
-        none_means="3 (quick) or 5 (full)", low=1, high=1000,
-    )  # fmt: skip
-    tune_seeds: int | None = define(
-        "tune_seeds", int, None, "seeds averaged per learning rate while tuning", metavar="N", nullable=True,
-        none_means="1 (quick) or 2 (full)", low=1, high=100,
-    )  # fmt: skip
-    grid: str | None = define(
-        "grid", str, None, "multipliers of each optimizer's grid centre (a task's scaled default lr)",
-        metavar="M,M,...", nullable=True, none_means="0.316,1,3.16", group="optimizer",
-    )  # fmt: skip
-    max_extensions: int = define(
-        "max_extensions", int, 3, "grid points added beyond an edge while the best rate sits there",
-        metavar="N", low=0, high=20, group="optimizer",
-    )  # fmt: skip
-    steps: int | None = define(
-        "steps", int, None, "optimizer steps of every run, overriding each task's budget (smoke tests)",
-        metavar="N", nullable=True, none_means="each task's own budget", low=1,
-    )  # fmt: skip
-    workers: int = define(
-        "workers", int, 2, "processes running (task, optimizer) units in parallel, one thread each by default",
-        metavar="N", low=1, high=256,
-    )  # fmt: skip
-    device: str = opt("device")
-    threads: int | None = define(
-        "threads", int, 1, "torch CPU threads per run (small models run fastest on one)", metavar="N",
-        nullable=True, none_means="torch's own choice", low=1, high=4096,
-    )  # fmt: skip
 
     def __post_init__(self) -> None:
         validate(self)
@@ -853,13 +492,3 @@ class CompareSpec:
         if not values or any(not (math.isfinite(m) and m > 0) for m in values):
             raise OptionError(f"--grid needs positive finite multipliers, got {self.grid!r}")
         return values
-
-
-def option_fields(cls: type) -> list[tuple[Field[Any], Option]]:
-    """``(field, option)`` for every option field of the dataclass ``cls``, in order."""
-    out = []
-    for f in fields(cls):
-        option = option_of(f)
-        if option is not None:
-            out.append((f, option))
-    return out

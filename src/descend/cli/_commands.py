@@ -68,7 +68,7 @@ def train(args: argparse.Namespace) -> int:
     new_spec = None if args.resume else RunSpec.from_dict(values)  # a bad option fails here, before torch loads
 
     from descend import distributed as dd
-    from descend.train import load_run_spec, run_training
+    from descend.runs import load_run_spec, run_training
 
     if args.nproc is not None and args.nproc > 1 and not dd.launched():
         return _launch_train(args)
@@ -119,7 +119,7 @@ def _warn(message: str) -> None:
 
 
 def predict(args: argparse.Namespace) -> int:
-    from descend.train._predict import predict as run_predict
+    from descend.runs._predict import predict as run_predict
 
     result = run_predict(args.run, args.data, args.out, device=args.device, batch_size=args.batch_size)
     skipped = f"; left out {result['skipped']} rows with a missing value" if result.get("skipped") else ""
@@ -128,7 +128,7 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from descend.train._generate import generate_text
+    from descend.runs._generate import generate_text
 
     result = generate_text(
         args.run, args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -147,9 +147,10 @@ def compare(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from descend.compare import compare as run_compare
+    from descend.compare import describe_tasks, resolve_plan
     from descend.report import summary_table, task_table, write_outputs
-    from descend.train import check_out_dir, describe_tasks, resolve_plan
-    from descend.train import compare as run_compare
+    from descend.runs import check_out_dir
 
     if getattr(args, "list", False):
         print(describe_tasks())

@@ -64,3 +64,21 @@ class DataBundle:
     @property
     def num_classes(self) -> int | None:
         return self.out_features if self.task == "classification" else None
+
+
+def seeded_split(n: int, fractions: tuple[float, float], seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``range(n)`` in a seeded random order, cut into three index tensors ``(first, second, rest)``.
+
+    The order is ``torch.randperm(n)`` drawn from a generator seeded with ``seed``
+    (:func:`descend._random.generator`); ``first`` is its leading ``round(fractions[0] * n)`` indices,
+    ``second`` the next ``round(fractions[1] * n)`` (each at least one when its fraction is positive)
+    and ``rest`` the remainder. Every loader splits its examples with it, naming the pieces it cuts
+    first. Raises ``ValueError`` when nothing is left for ``rest``.
+    """
+    from descend._random import generator
+
+    counts = [max(round(f * n), int(f > 0)) for f in fractions]
+    if sum(counts) >= n:
+        raise ValueError(f"{n} examples leave nothing after splits of {counts[0]} and {counts[1]}")
+    order = torch.randperm(n, generator=generator(seed))
+    return order[: counts[0]], order[counts[0] : sum(counts)], order[sum(counts) :]

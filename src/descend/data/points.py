@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from descend.data._base import DataBundle, InputKind, Split, Task
+from descend.data._base import DataBundle, InputKind, Split, Task, seeded_split
 
 SHAPES = ("sphere", "cube", "cylinder", "cone", "torus")
 
@@ -33,19 +33,19 @@ def split_indices(
     """A seeded random partition of ``range(n)`` into (train, val, test) index tensors.
 
     The validation and test splits get ``round(fraction * n)`` examples each (at least one when the
-    fraction is positive); the rest is training data.
+    fraction is positive), cut in that order from a seeded permutation (:func:`~descend.data._base.seeded_split`);
+    the rest is training data.
     """
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= f < 1.0:
             raise ValueError(f"{name}={f!r}: expected a fraction in [0, 1)")
-    n_val = max(round(val_fraction * n), int(val_fraction > 0))
-    n_test = max(round(test_fraction * n), int(test_fraction > 0))
-    if n_val + n_test >= n:
+    try:
+        val, test, train = seeded_split(n, (val_fraction, test_fraction), seed)
+    except ValueError:
         raise ValueError(
             f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training data out of {n}"
-        )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
+        ) from None
+    return train, val, test
 
 
 def _bundle(

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from descend.data._base import DataBundle, Split, Task
+from descend.data._base import DataBundle, Split, Task, seeded_split
 
 __all__ = ["DEFAULT_FRACTIONS", "DataError", "from_arrays", "infer_task", "load_csv", "load_digits", "load_npz"]
 
@@ -117,16 +117,15 @@ def _check_values(a: np.ndarray, name: str, what: str, columns: Sequence[str] | 
 
 
 def _split_index(m: int, fractions: Sequence[float], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A seeded permutation of ``range(m)`` cut into train/val/test by ``fractions`` (train, val)."""
+    """Train/val/test row indices: :func:`~descend.data._base.seeded_split` by ``fractions`` (train, val)."""
     f_train, f_val = fractions
     if not (0 < f_train < 1 and 0 < f_val < 1 and f_train + f_val < 1):
         raise DataError(f"split fractions must be in (0, 1) with train + val < 1, got train={f_train}, val={f_val}")
-    perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed)).numpy()
-    n_train = max(1, round(f_train * m))
-    n_val = max(1, round(f_val * m))
-    if n_train + n_val >= m:
-        raise DataError(f"{m} rows are too few to split into non-empty train/val/test; provide at least 3 rows")
-    return perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]
+    try:
+        train, val, test = seeded_split(m, (f_train, f_val), seed)
+    except ValueError:
+        raise DataError(f"{m} rows are too few to split into non-empty train/val/test; provide more rows") from None
+    return train.numpy(), val.numpy(), test.numpy()
 
 
 def from_arrays(

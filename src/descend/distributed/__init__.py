@@ -25,13 +25,9 @@ A script runs unchanged as one process (``python train.py``) or as ``W`` (``torc
 package sits below ``descend.train`` and never imports it.
 """
 
-from descend.distributed._checkpoint import (
-    full_state_dict,
-    grad_norm,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from descend.distributed._env import (
     DEFAULT_TIMEOUT_S,
     DistInfo,
@@ -55,7 +51,7 @@ from descend.distributed._env import (
     torchrun_command,
     world_size,
 )
-from descend.distributed._shard import Batch, batch_size_of, grad_scale, local_tensor, shard, total_norm
+from descend.distributed._shard import Batch, batch_size_of, grad_norm, grad_scale, local_tensor, shard, total_norm
 from descend.distributed._wrap import (
     STRATEGIES,
     check_wrapped,
@@ -66,6 +62,22 @@ from descend.distributed._wrap import (
     unwrap,
     wrap,
 )
+
+if TYPE_CHECKING:  # for type checkers and the API reference
+    from descend.checkpoint._distributed import full_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint
+
+#: The DCP checkpoint functions live in descend.checkpoint, which imports this package; they are
+#: looked up on first use so that neither package imports the other while it loads.
+_FORWARDED = dict.fromkeys(
+    ("full_state_dict", "latest_checkpoint", "load_checkpoint", "save_checkpoint"),
+    "descend.checkpoint._distributed",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FORWARDED:
+        return getattr(import_module(_FORWARDED[name]), name)
+    raise AttributeError(f"module 'descend.distributed' has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,7 +26,7 @@ from descend.distributed._env import world_size as _world
 
 Batch = Tensor | slice
 
-__all__ = ["Batch", "batch_size_of", "grad_scale", "local_tensor", "shard", "total_norm"]
+__all__ = ["Batch", "batch_size_of", "grad_norm", "grad_scale", "local_tensor", "shard", "total_norm"]
 
 
 def _rank_world(rank_: int | None, world: int | None) -> tuple[int, int]:
@@ -96,3 +97,18 @@ def total_norm(tensors: Iterable[Tensor]) -> float:
     elif sharded is not None:
         total += float(sharded)
     return math.sqrt(total)
+
+
+def grad_norm(parameters: Any, norm_type: float = 2.0) -> float:
+    """The global gradient norm over all ranks' shards (a plain float, equal on every rank).
+
+    For FSDP2 parameters the gradients are DTensors: their norm is reduced over the shards.
+    Replicated (DDP) gradients are the same on every rank, so no communication is needed.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type, foreach=False)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    return float(total)

@@ -1,7 +1,7 @@
 """descend.experiments: one figure per idea about training, each claim measured over seeds.
 
 Every experiment runs several seeds (5 by default, 2 with ``quick``), tunes each method's learning
-rate on a grid extended while its best point is at an edge (:func:`descend.train._tuning.tune_lr`,
+rate on a grid extended while its best point is at an edge (:func:`descend.compare._tuning.tune_lr`,
 scored by the mean final validation loss over seeds, or on separately drawn problems where there is
 no data), separately at every setting it reports; reports every loss and accuracy on test data used
 for no choice; plots the mean over seeds with a min-max band; and states each finding with the

@@ -49,9 +49,9 @@ def _train(method: str, lr: float, seed: int, steps: int) -> tuple[float, dict[s
     """Minibatch training on digits: the final validation loss (the tuning score), the test loss every 10 steps
     and at the end; for Adam, also its moments' diagnostics every 10 steps.
 
-    The diagnostics keep their own ``m`` (EMA of the gradient, beta 0.9) and ``v`` (EMA of its
-    square, beta 0.999) from the same gradients Adam sees: Adam's step is ``m_hat/(sqrt(v_hat)+eps)``,
-    softsign's ``m/(|m|+eps)`` (descend's :class:`~descend.optim.Softsign`: no bias correction).
+    The diagnostics keep their own moments ``m`` and ``v`` (betas 0.9, 0.999) from the same gradients Adam
+    sees, to compare Adam's step (:func:`~descend.optim.scale_by_adam`) with softsign's
+    (:func:`~descend.optim.softsign` of ``m``, without bias correction).
     """
     data = digits(seed)
     seed_everything(seed)

@@ -16,7 +16,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from descend.train._tuning import TuneResult, seed_stats, tune_lr
+from descend.compare._tuning import TuneResult, seed_stats, tune_lr
 
 DPI = 100
 
@@ -91,7 +91,7 @@ def span(values: Sequence[float], fmt: str = ".3g") -> str:
 
 def tune(run: Callable[[float, int], Any], grid: Sequence[float], seeds: Sequence[int],
          max_extensions: int = 4) -> TuneResult:
-    """:func:`descend.train._tuning.tune_lr`: the grid extended while its best (mean over seeds) is at an edge."""
+    """:func:`descend.compare._tuning.tune_lr`: the grid extended while its best (mean over seeds) is at an edge."""
     return tune_lr(run, grid, seeds, max_extensions=max_extensions)
 
 

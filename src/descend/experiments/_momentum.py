@@ -48,8 +48,8 @@ def quadratic(kappa: float, seed: int, dim: int = DIM) -> tuple[Tensor, Tensor]:
 def heavy_ball(h: Tensor, w0: Tensor, alpha: Tensor, beta: Tensor, max_iter: int, tol: float = TOL) -> Tensor:
     """Iterations until ``||w_t|| <= tol ||w_0||`` on ``f = 1/2 sum h_i w_i^2``, for many runs at once.
 
-    The update is :class:`descend.optim.Momentum`'s, ``m <- beta m + (1-beta) g``, ``w <- w - lr m``,
-    written with the heavy-ball step ``alpha = lr (1 - beta)``: ``v <- beta v + alpha g``, ``w <- w - v``
+    The update is :class:`descend.optim.Momentum`'s (:func:`descend.optim.ema` of the gradient), written
+    with the heavy-ball step ``alpha = lr (1 - beta)``: ``v <- beta v + alpha g``, ``w <- w - v``
     (``beta = 0`` is gradient descent with step ``alpha``). ``h, w0``: ``[S, d]`` (one quadratic per seed);
     ``alpha, beta``: ``[C]`` (configurations). Returns ``[C, S]`` float iteration counts, ``inf`` where
     the tolerance was not reached within ``max_iter`` or the run diverged (``||w_t|| > 1e6 ||w_0||``).

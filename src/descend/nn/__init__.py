@@ -10,6 +10,8 @@
 - :class:`TransformerLM`: a small causal (GPT-style) language model, ``idx [B, T] -> logits [B, T, vocab]``,
   pre-norm blocks on ``scaled_dot_product_attention(is_causal=True)``, tied embeddings;
   :meth:`TransformerLM.generate` samples from it (temperature, top-k, top-p) with a :class:`KVCache`.
+- :func:`parameter_estimate` and :func:`check_model_size`: the size of a model named by ``--model``,
+  known (and refused when it would not fit the machine) before anything is allocated.
 """
 
 from ._attention import (
@@ -34,11 +36,13 @@ from ._mlp import (
     init_linear,
 )
 from ._pointset import PointSetDecoder, PointSetEncoder, PointSetTransformer
+from ._size import MAX_PARAMETERS, check_model_size, parameter_estimate, physical_memory
 from ._transformer import CausalSelfAttention, KVCache, TransformerBlock, TransformerLM, sample_next
 
 __all__ = [
     "ACTIVATIONS",
     "INITS",
+    "MAX_PARAMETERS",
     "MLP",
     "NORMS",
     "AttentionPooling",
@@ -59,7 +63,10 @@ __all__ = [
     "SelfAttentionBlock",
     "TransformerBlock",
     "TransformerLM",
+    "check_model_size",
     "count_parameters",
     "init_linear",
+    "parameter_estimate",
+    "physical_memory",
     "sample_next",
 ]

@@ -5,8 +5,8 @@ Masked (padding) tokens are never used as keys, and every block writes zeros at 
 so padding cannot leak into anything. A set with no real point at all attends uniformly over its
 (zeroed) padding tokens, which gives a finite output that does not depend on the padding.
 
-Attention itself is ``softmax(Q K^T / sqrt(D) + M) V`` per head, ``D = W / heads``, with
-``M = -inf`` at masked keys.
+Every block attends through :class:`MultiheadAttention` (``D = W / heads`` channels a head), whose
+mask ``M`` is ``-inf`` at masked keys.
 """
 
 from __future__ import annotations

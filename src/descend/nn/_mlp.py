@@ -14,9 +14,9 @@ import warnings
 
 from torch import Tensor, nn
 
+from descend._options import ACTIVATIONS
 from descend.nn._checkpoint import run_block
 
-ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu")
 INITS = ("default", "xavier", "he")
 NORMS = ("layer", "batch", None)
 

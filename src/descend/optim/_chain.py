@@ -351,6 +351,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         before = {"state": self.state, "param_groups": self.param_groups}
         super().load_state_dict(state_dict)
         keys = [rule.state_names.get(n, n) for rule in self.rules for n in rule.all_state_keys()]
+        # the saved state of each parameter, by position as torch maps it
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_of = {id(p): state_dict["state"].get(i, {}) for i, p in zip(saved_ids, params)}
         try:
             for group, saved in zip(self.param_groups, state_dict["param_groups"]):
                 if self.momentum_rule is not None and "momentum" not in saved:  # a state_dict without the key
@@ -367,10 +371,13 @@ class ChainOptimizer(torch.optim.Optimizer):
                     if step is not None and not (torch.is_tensor(step) and step.dim() == 0 and step.is_cpu
                                                  and step.is_floating_point()):
                         state["step"] = torch.tensor(float(step), dtype=step_dtype())
-                    if state_dtype is not None:  # torch casts loaded state to the parameter dtype: undo that
+                    if state_dtype is not None:  # torch casts loaded state to the parameter dtype, which may
+                        # lose range (bfloat16 state through a float16 parameter): cast what was saved instead
+                        saved = saved_of.get(id(p), {})
                         for key, value in state.items():
                             if key != "step" and torch.is_tensor(value) and value.is_floating_point():
-                                state[key] = value.to(state_dtype)
+                                original = saved.get(key, value)
+                                state[key] = original.to(device=value.device, dtype=state_dtype, copy=True)
                     check_state(p, state, keys, state_dtype)
         except RuntimeError:
             self.__dict__.update(before)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from descend._options import DEFAULT_LR
+from descend._options import DEFAULT_LR, PRESET_NAMES
 from descend.optim._chain import ChainOptimizer, ParamsT
 from descend.optim._rules import (
     Projection,
@@ -173,17 +173,11 @@ class AdamW(_Preset):
         super().__init__(params, [scale_by_adam(betas, eps, amsgrad)], **_options(locals()))
 
 
-#: Lower-case name -> optimizer class, for configuration files and the command line.
-OPTIMIZERS: dict[str, type[ChainOptimizer]] = {
-    "sgd": SGD,
-    "momentum": Momentum,
-    "signsgd": SignSGD,
-    "signum": Signum,
-    "softsign": Softsign,
-    "lion": Lion,
-    "adam": Adam,
-    "adamw": AdamW,
-}
+#: Lower-case name -> optimizer class, for configuration files and the command line; the names are those of
+#: the torch-free table the help reads (:data:`descend._options.PRESET_NAMES`), in its order.
+OPTIMIZERS: dict[str, type[ChainOptimizer]] = dict(
+    zip(PRESET_NAMES, (SGD, Momentum, SignSGD, Signum, Softsign, Lion, Adam, AdamW), strict=True)
+)
 
 
 def create(name: str, params: ParamsT, **kwargs: Any) -> ChainOptimizer:

@@ -6,7 +6,7 @@ writes ``PREFIX-profile.png`` (the performance profiles), ``PREFIX-summary.txt``
 conditions, summary and task tables as Markdown, included by ``docs/guide/compare.md``) and, where
 headless Chromium is installed, ``PREFIX-<task>-table.png`` (that task's table as the report shows it).
 The statistics are recomputed from the per-seed runs with this version's rules
-(:func:`descend.train._compare.summarise`).
+(:func:`descend.compare._compare.summarise`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="text-lm", help="the task whose table becomes a PNG (default: text-lm)")
     parser.add_argument("--prefix", default="compare", help="file name prefix (default: compare)")
     args = parser.parse_args(argv)
-    from descend.train._compare import summarise
+    from descend.compare._compare import summarise
 
     results = summarise(json.loads(args.results.read_text()))
     args.out.mkdir(parents=True, exist_ok=True)

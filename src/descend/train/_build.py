@@ -17,18 +17,9 @@ import torch
 from torch import nn
 
 from descend import optim
-from descend._options import (
-    DEFAULT_LR,
-    FULL_BATCH,
-    MODELS,
-    OPTIMIZER_NAMES,
-    OPTIONS,
-    check,
-    check_model_size,
-    parameter_estimate,
-    physical_memory,
-)
+from descend._options import DEFAULT_LR, FULL_BATCH, MODELS, OPTIMIZER_NAMES, OPTIONS, check
 from descend.data._base import DataBundle
+from descend.nn import check_model_size, parameter_estimate, physical_memory
 
 # The names and default learning rates live in the torch-free options module (one table each).
 __all__ = [
@@ -45,7 +36,7 @@ def build_model(
     """The model ``name`` shaped for ``data`` (inputs, outputs); ``ValueError`` if it cannot fit it.
 
     The model's size is checked before anything is allocated (see
-    :func:`~descend._options.check_model_size`, with ``bytes_per_parameter`` of training state): a
+    :func:`~descend.nn.check_model_size`, with ``bytes_per_parameter`` of training state): a
     request beyond the machine's memory is an error.
     """
     from descend import nn as dnn

@@ -5,7 +5,7 @@ loop counters, so a resumed run continues bit for bit. Two formats, chosen by ho
 are stored, not by the world size:
 
 - plain or DDP parameters: the main process writes one safetensors + JSON directory
-  (:func:`descend.train.save_checkpoint`); the other ranks wait for it;
+  (:func:`descend.checkpoint.save_checkpoint`); the other ranks wait for it;
 - FSDP2 (DTensor) parameters: every rank writes its shards with torch.distributed.checkpoint.
 
 Either resumes at any world size and on any device: tensors are read to the CPU and copied onto
@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from descend import distributed as dd
-from descend.train._checkpoint import (
+from descend.checkpoint._distributed import load_checkpoint as load_sharded
+from descend.checkpoint._distributed import save_checkpoint as save_sharded
+from descend.checkpoint._local import (
     CheckpointError,
     commit_checkpoint,
     is_sharded,
@@ -33,15 +36,31 @@ from descend.train._checkpoint import (
     set_rng_state,
 )
 
-if TYPE_CHECKING:
-    from descend.train._trainer import Trainer
-
-__all__ = ["best_weights", "load_best", "resume", "save", "trainer_state"]
-
-ERRORS = (KeyError, ValueError, RuntimeError, TypeError)
+__all__ = ["TrainerState", "best_weights", "load_best", "resume", "save", "trainer_state"]
 
 
-def trainer_state(trainer: Trainer) -> dict[str, Any]:
+class TrainerState(Protocol):
+    """What a checkpoint reads from and restores into a :class:`~descend.train.Trainer`."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: Any
+    early_stopping: Any
+    config: Any
+    out_dir: Path | None
+    is_main: bool
+    step: int
+    seconds: float
+    val_loss_start: float | None
+    last_checkpoint: Path | None
+    resumed: bool
+
+#: What loading a checkpoint into a model or optimizer it does not fit raises.
+MISMATCH_ERRORS = (KeyError, ValueError, RuntimeError, TypeError)
+
+
+def trainer_state(trainer: TrainerState) -> dict[str, Any]:
     """Everything but the model's tensors (and, for DCP, the optimizer's) that a resume needs."""
     es = trainer.early_stopping
     return {
@@ -62,11 +81,11 @@ def trainer_state(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def _sharded(trainer: Trainer) -> bool:
+def _sharded(trainer: TrainerState) -> bool:
     return any(isinstance(p, DTensor) for p in trainer.model.parameters())
 
 
-def save(trainer: Trainer, root: Path, *, keep: int, sharded: bool | None = None) -> Path:
+def save(trainer: TrainerState, root: Path, *, keep: int, sharded: bool | None = None) -> Path:
     """Write a checkpoint of ``trainer`` under ``root`` (``root/step-N``, ``root/latest.json``); every rank calls it.
 
     ``sharded`` forces the format (default: DCP exactly when the parameters are FSDP2 DTensors).
@@ -90,13 +109,13 @@ def save(trainer: Trainer, root: Path, *, keep: int, sharded: bool | None = None
     dd.barrier()
     state = trainer_state(trainer)
     del state["optimizer"]  # DCP writes the (sharded) optimizer state itself
-    dd.save_checkpoint(path, trainer.model, trainer.optimizer, extra=state)  # ends with a barrier
+    save_sharded(path, trainer.model, trainer.optimizer, extra=state)  # ends with a barrier
     if trainer.is_main:
         commit_checkpoint(root, trainer.step, name, keep=keep, kind="dcp")
     return path
 
 
-def _check_classes(trainer: Trainer, state: dict[str, Any], path: Path) -> None:
+def _check_classes(trainer: TrainerState, state: dict[str, Any], path: Path) -> None:
     for what, mine in (
         ("optimizer_class", type(trainer.optimizer).__name__),
         ("sampler_class", type(trainer.sampler).__name__),
@@ -107,14 +126,14 @@ def _check_classes(trainer: Trainer, state: dict[str, Any], path: Path) -> None:
             )
 
 
-def _load(trainer: Trainer, root: Path, *, optimizer: bool = True) -> tuple[dict[str, Any], Path]:
+def _load(trainer: TrainerState, root: Path, *, optimizer: bool = True) -> tuple[dict[str, Any], Path]:
     """Load the checkpoint at ``root`` into the model (and optimizer); return its state and directory."""
     directory = latest_dir(root)
     opt = trainer.optimizer if optimizer else None
     if is_sharded(directory):
         try:
-            state = dd.load_checkpoint(directory, trainer.model, opt)
-        except ERRORS as e:
+            state = load_sharded(directory, trainer.model, opt)
+        except MISMATCH_ERRORS as e:
             raise CheckpointError(
                 f"checkpoint {directory} does not match this run "
                 f"(resume with the same model and optimizer options): {e}"
@@ -136,51 +155,51 @@ def _load(trainer: Trainer, root: Path, *, optimizer: bool = True) -> tuple[dict
             _restore_tuples(ckpt.state["optimizer"], trainer.optimizer.state_dict()) if optimizer else None
         )
         dd.load_full_state(trainer.model, opt, ckpt.model, optimizer_state)
-    except ERRORS as e:
+    except MISMATCH_ERRORS as e:
         raise CheckpointError(f"checkpoint {ckpt.path} does not match this run: {e}") from e
     return ckpt.state, ckpt.path
 
 
-def resume(trainer: Trainer, path: str | Path | None = None) -> int:
+def resume(trainer: TrainerState, path: str | Path | None = None) -> int:
     """Load the latest checkpoint (``path`` or ``out_dir/checkpoint``) into ``trainer``; return its step.
 
-    Raises :class:`~descend.train.CheckpointError` if it is corrupt or was written for another
+    Raises :class:`~descend.checkpoint.CheckpointError` if it is corrupt or was written for another
     model, optimizer or sampling scheme.
     """
     if path is None:
         if trainer.out_dir is None:
             raise CheckpointError("resume() needs a checkpoint path or a trainer with out_dir")
         path = trainer.out_dir / "checkpoint"
-    s, directory = _load(trainer, Path(path))
-    _check_classes(trainer, s, directory)
+    state, directory = _load(trainer, Path(path))
+    _check_classes(trainer, state, directory)
     try:
-        if trainer.scheduler is not None and s["scheduler"] is not None:
-            trainer.scheduler.load_state_dict(s["scheduler"])
-        trainer.sampler.load_state_dict(s["sampler"])
-    except ERRORS as e:
+        if trainer.scheduler is not None and state["scheduler"] is not None:
+            trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.sampler.load_state_dict(state["sampler"])
+    except MISMATCH_ERRORS as e:
         raise CheckpointError(f"checkpoint {directory} does not match this run: {e}") from e
-    set_rng_state(s["rng"])
-    trainer.step, trainer.seconds = int(s["step"]), float(s["seconds"])
+    set_rng_state(state["rng"])
+    trainer.step, trainer.seconds = int(state["step"]), float(state["seconds"])
     trainer.early_stopping.load_state_dict(
         {
-            "best": s["best_val_loss"],
-            "best_step": s.get("best_step", 0),
-            "bad": s["evals_without_improvement"],
-            "stopped": s["stopped_early"],
+            "best": state["best_val_loss"],
+            "best_step": state.get("best_step", 0),
+            "bad": state["evals_without_improvement"],
+            "stopped": state["stopped_early"],
         }
     )
-    start = s.get("val_loss_start")
+    start = state.get("val_loss_start")
     trainer.val_loss_start = None if start is None else float(start)
     trainer.last_checkpoint, trainer.resumed = directory, True
     return trainer.step
 
 
-def best_weights(trainer: Trainer) -> dict[str, Tensor]:
+def best_weights(trainer: TrainerState) -> dict[str, Tensor]:
     """A copy of the model's tensors (this rank's shards under FSDP2), on its device."""
     return {k: v.detach().clone() for k, v in dd.unwrap(trainer.model).state_dict().items()}
 
 
-def load_best(trainer: Trainer, weights: dict[str, Tensor] | None) -> bool:
+def load_best(trainer: TrainerState, weights: dict[str, Tensor] | None) -> bool:
     """Put the best weights back: from memory, else from ``out_dir/best``; False when neither exists."""
     if weights is not None:
         dd.unwrap(trainer.model).load_state_dict(weights)

@@ -5,9 +5,9 @@
     out_dir/config.json         every resolved option (the lr and weight decay used, the task, one budget:
                                 steps or epochs, the absolute data path) plus "resolved": classes, model
                                 dimensions, parameters, the data's SHA-256, the steps and intervals used
-    out_dir/preprocessing.json  what `descend predict` applies to new data (see descend.train._predict)
+    out_dir/preprocessing.json  what `descend predict` applies to new data (see descend.runs._predict)
     out_dir/metrics.jsonl       one JSON object per logged step; metrics.csv, the same as a table
-    out_dir/checkpoint/         the resumable state (see descend.train._checkpoint)
+    out_dir/checkpoint/         the resumable state (see descend.checkpoint._local)
     out_dir/model.safetensors   the weights the run ends with: those of the lowest validation loss
                                 (restore_best, the default) or of the last step
     out_dir/best/               the checkpoint of the lowest validation loss (restore_best or patience)
@@ -34,9 +34,9 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -45,10 +45,11 @@ from torch import Tensor, nn
 from descend import __version__
 from descend import distributed as dd
 from descend._io import atomic_path, umask_mode, write_json
-from descend._options import OptionError, RunSpec, from_values, physical_memory
-from descend._tensorfile import sha256_file
+from descend._options import OptionError, RunSpec
+from descend.checkpoint._tensorfile import sha256_file
 from descend.data._base import DataBundle
 from descend.data.registry import load_data
+from descend.nn import physical_memory
 from descend.train._build import build_model, make_optimizer, memory_plan, resolved_weight_decay
 from descend.train._trainer import Trainer, seed_everything
 
@@ -72,20 +73,6 @@ RUN_FILES = (
 
 class RunError(OptionError):
     """A run cannot start as asked; the message says what to change."""
-
-
-_Spec = TypeVar("_Spec")
-
-
-def _opt(default: Any, help: str) -> Any:
-    """A dataclass field with a help text (kept for older option dataclasses; new ones use
-    :func:`descend._options.opt` / :func:`descend._options.define`)."""
-    return field(default=default, metadata={"help": help})
-
-
-def _spec_from_dict(cls: type[_Spec], values: dict[str, Any]) -> _Spec:
-    """``cls(**values)`` for an options dataclass, with an error naming an unknown option."""
-    return from_values(cls, values)  # type: ignore[no-any-return]
 
 
 def check_out_dir(out_dir: Path, overwrite: bool, *, remove: bool = True) -> None:
@@ -380,7 +367,7 @@ def run_training(
                     f"{trainer.total_steps}; give a larger --steps (or --epochs) to train on"
                 )
         if main:
-            from descend.train._predict import preprocessing_record
+            from descend.runs._predict import preprocessing_record
 
             write_json(out_dir / "config.json", resolved_config(spec, bundle, trainer.model, trainer))
             write_json(out_dir / PREPROCESSING, preprocessing_record(spec, bundle))

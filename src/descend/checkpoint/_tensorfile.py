@@ -1,7 +1,7 @@
 """What both kinds of checkpoint share: the JSON + tensors codec and the checksummed manifest.
 
-``descend.train`` (one-process checkpoints) and ``descend.distributed`` (DCP checkpoints) both sit
-above this module, so neither imports the other.
+The one-process format (:mod:`descend.checkpoint._local`) and the DCP format
+(:mod:`descend.checkpoint._distributed`) both build on this module, so neither imports the other.
 
 A checkpoint step directory holds its data files and a ``manifest.json`` written last::
 
@@ -17,7 +17,7 @@ What a checksum proves: the files are the ones descend wrote, unchanged since (n
 truncation, no planted or replaced file). It is not a signature: someone who can write the run
 directory and recomputes every checksum can forge a consistent checkpoint. One-process
 checkpoints are still safe to load then (safetensors + JSON hold no code); DCP checkpoints are
-read through a restricted unpickler (see :mod:`descend.distributed._checkpoint`).
+read through a restricted unpickler (see :mod:`descend.checkpoint._distributed`).
 """
 
 from __future__ import annotations

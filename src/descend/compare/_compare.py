@@ -1,8 +1,8 @@
 """Compare optimizers on named workloads: fair learning-rate tuning, several seeds, honest statistics.
 
-For every task ``k`` (:mod:`descend.train._tasks`) and optimizer ``o``:
+For every task ``k`` (:mod:`descend.compare._tasks`) and optimizer ``o``:
 
-1. **tune**: :func:`~descend.train._tuning.tune_lr` trains the task's full step budget at each rate of
+1. **tune**: :func:`~descend.compare._tuning.tune_lr` trains the task's full step budget at each rate of
    the log grid ``η_o · c_k · m`` (``η_o`` the default rate, ``c_k`` the task's scale, ``m`` the
    multipliers, half a decade apart by default) for the tuning seeds, scores a rate by the mean over
    those seeds of the final *validation loss* (a diverged seed is the worst score) and extends the
@@ -11,7 +11,7 @@ For every task ``k`` (:mod:`descend.train._tasks`) and optimizer ``o``:
    and seed is reused, not repeated); a seed has *diverged* when its loss becomes NaN/inf or its
    validation loss ends above where it started (the trainer's divergence check);
 3. **statistics**: the final *test* metric over the seeds that did not diverge, as mean with a 95%
-   Student-t interval (:func:`~descend.train._tuning.seed_stats`). A seed has *reached* the target
+   Student-t interval (:func:`~descend.compare._tuning.seed_stats`). A seed has *reached* the target
    when its final validation metric meets it; its steps (seconds) to target are those of the first
    evaluation from which the validation metric meets the target until the end of the run; the table
    gives their (lower) median over the seeds that reached it, with the count.
@@ -38,12 +38,13 @@ import torch
 from descend import optim
 from descend._options import CompareSpec, OptionError
 from descend._random import seed_everything
+from descend.compare._tasks import SUITES, TASKS, Task, load_task_data, suite_tasks
+from descend.compare._tuning import seed_stats, tie_groups, tune_lr
 from descend.data._base import DataBundle
+from descend.runs._run import RunError
 from descend.train._build import DEFAULT_LR, FULL_BATCH, make_optimizer
-from descend.train._run import RunError
-from descend.train._tasks import SUITES, TASKS, Task, load_task_data, suite_tasks
-from descend.train._trainer import Trainer
-from descend.train._tuning import seed_stats, tie_groups, tune_lr
+from descend.train._device import resolve_device
+from descend.train._trainer import NonFiniteLossError, TrainConfig, Trainer
 
 __all__ = [
     "CompareSpec",
@@ -111,12 +112,6 @@ def time_to_target(history: list[dict[str, Any]], task: Task) -> tuple[int | Non
     return (int(hit["step"]), float(hit["seconds"])) if hit is not None else (None, None)
 
 
-def _device(name: str | None) -> torch.device:
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def run_once(
     task: Task,
     optimizer: str,
@@ -134,8 +129,6 @@ def run_once(
     ``history`` (one row per evaluation: ``step``, ``seconds``, ``loss`` (training minibatch),
     ``val_loss`` and, for classification, ``val_accuracy``).
     """
-    from descend.train._trainer import NonFiniteLossError, TrainConfig
-
     data = bundle or load_task_data(task.data)
     seed_everything(seed)
     model = task.model(data)
@@ -152,7 +145,7 @@ def run_once(
         progress=False,
         tensorboard=False,
     )
-    trainer = _Run(model, opt, data, config, device=str(_device(device)))  # the trainer moves model and batches
+    trainer = _CompareTrainer(model, opt, data, config, device=device or None)  # the trainer moves model and batches
     record: dict[str, Any] = {"seed": seed, "lr": lr}
     started, cpu = time.perf_counter(), time.process_time()
     try:
@@ -161,9 +154,10 @@ def run_once(
         trainer.close()
         record.update(diverged=True, seconds=time.perf_counter() - started, steps=trainer.step)
         record["cpu_seconds"] = time.process_time() - cpu
-        record.update(reached=False, steps_to_target=None, seconds_to_target=None, history=_rows(trainer.history))
+        record.update(reached=False, steps_to_target=None, seconds_to_target=None)
+        record["history"] = _evaluation_rows(trainer.history)
         return record
-    history = _rows(trainer.history)
+    history = _evaluation_rows(trainer.history)
     final_val = summary["val"][task.metric]
     finite = all(math.isfinite(v) for v in (*summary["val"].values(), *summary["test"].values()))
     start = summary.get("val_loss_start")
@@ -186,7 +180,7 @@ def run_once(
     return record
 
 
-class _Run(Trainer):
+class _CompareTrainer(Trainer):
     """The trainer, less the evaluation of the whole training split at the end (compare reports validation
     and test; on ``text-lm`` that evaluation would cost as much as the run), with its warnings kept in
     ``notes`` rather than printed (a diverged tuning run is expected, and counted in the results)."""
@@ -200,11 +194,12 @@ class _Run(Trainer):
         return {"val": self.evaluate("val"), "test": self.evaluate("test"), "steps": self.step, "seconds": self.seconds}
 
 
-_KEEP = ("step", "seconds", "loss", "val_loss", "val_accuracy")
+_EVALUATION_KEYS = ("step", "seconds", "loss", "val_loss", "val_accuracy")
 
 
-def _rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: r[k] for k in _KEEP if k in r} for r in history if "val_loss" in r]
+def _evaluation_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluation rows of a training history, with the columns a comparison keeps."""
+    return [{k: r[k] for k in _EVALUATION_KEYS if k in r} for r in history if "val_loss" in r]
 
 
 def grid_for(task: Task, optimizer: str, multipliers: Sequence[float]) -> list[float]:
@@ -341,7 +336,7 @@ def compare(spec: CompareSpec, log: Callable[[str], None] = lambda _: None) -> d
     ``tuning``, ``runs``, ``summary``, ``equations``), ``profile`` (``taus`` and ``ρ`` by time and by
     steps), ``summary`` (one row per optimizer across tasks), ``seconds``, ``environment``.
     """
-    started, load_before = time.perf_counter(), _load()
+    started, load_before = time.perf_counter(), _load_average()
     plan = resolve_plan(spec)
     previous = torch.get_num_threads()
     if spec.threads:
@@ -378,8 +373,8 @@ def compare(spec: CompareSpec, log: Callable[[str], None] = lambda _: None) -> d
             "workers": min(spec.workers, len(plan["tasks"]) * len(plan["optimizers"])),
             "cpu_seconds_of_runs": sum(e["cpu_seconds"] for t in tasks.values() for e in t["optimizers"].values()),
             "cpus": os.cpu_count(),
-            "load_average": [load_before, _load()],  # 1-minute load at the start and the end: others' work too
-            "device": str(_device(spec.device)),
+            "load_average": [load_before, _load_average()],  # 1-minute load at the start and the end: others' work too
+            "device": str(resolve_device(spec.device or None)),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         },
     }
@@ -409,7 +404,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def _load() -> float | None:
+def _load_average() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
     except (OSError, AttributeError):  # not on every platform

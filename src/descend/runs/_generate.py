@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from descend.nn import TransformerLM
+from descend.runs._predict import PredictError, load_run_model
 from descend.train._device import autocast
-from descend.train._predict import PredictError, load_run_model
 
 __all__ = ["Generation", "generate_text"]
 

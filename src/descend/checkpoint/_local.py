@@ -23,7 +23,7 @@ instead (every rank its shards, plus DCP's ``.metadata``; rank 0 adds the manife
 Reading (:func:`latest_dir`, :func:`load_checkpoint`) trusts nothing in the directory:
 ``latest.json`` must verify and name a ``step-NNNNNNNN`` directory directly inside the root (no
 path, no link); the step directory must verify against its manifest (see
-:func:`descend._tensorfile.verify_step`), and its kind comes from the manifest, never from which
+:func:`descend.checkpoint._tensorfile.verify_step`), and its kind comes from the manifest, never from which
 files happen to exist. When the newest checkpoint fails, resume falls back to the newest one that
 verifies, warns in one line (:class:`CheckpointWarning`), renames the bad one to
 ``<name>.rejected`` (kept for inspection, never deleted) and points ``latest.json`` at the good one.
@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from descend._io import atomic_path, atomic_write, fsync_dir, umask_mode
-from descend._tensorfile import (
+from descend.checkpoint._tensorfile import (
     FORMAT,
     MANIFEST,
     CheckpointError,

@@ -8,7 +8,7 @@ world needs, so a checkpoint written by 2 FSDP2 ranks loads into 1 process, DDP,
 The small loop state (``extra``: step, sampler, RNG states) is written by rank 0 beside the shards as
 ``extra.json`` + ``extra.safetensors`` (JSON and tensors, no pickle). Rank 0 then writes
 ``manifest.json``: the size and SHA-256 of every file in the directory, itself checksummed (see
-:mod:`descend._tensorfile`). :func:`load_checkpoint` verifies the whole directory against it before
+:mod:`descend.checkpoint._tensorfile`). :func:`load_checkpoint` verifies the whole directory against it before
 reading anything, so a planted or replaced file is refused. DCP's own ``.metadata`` and its
 non-tensor entries are pickles as torch writes them; descend reads them through a restricted
 unpickler that builds only DCP's metadata records, sizes, dtypes and plain values, never an
@@ -42,7 +42,14 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from descend._io import atomic_path, atomic_write
-from descend._tensorfile import CheckpointError, IncompleteCheckpointError, decode, encode, verify_step, write_manifest
+from descend.checkpoint._tensorfile import (
+    CheckpointError,
+    IncompleteCheckpointError,
+    decode,
+    encode,
+    verify_step,
+    write_manifest,
+)
 from descend.distributed._env import barrier, is_distributed, is_main
 
 METADATA = ".metadata"
@@ -175,8 +182,8 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module,
     parameters with the same chain. Returns the ``extra`` dict that was saved.
 
     Nothing is read before the directory verifies against its ``manifest.json``
-    (:func:`descend._tensorfile.verify_step`); a missing, planted, replaced or corrupt file
-    raises :class:`~descend.train.CheckpointError`.
+    (:func:`descend.checkpoint._tensorfile.verify_step`); a missing, planted, replaced or corrupt file
+    raises :class:`~descend.checkpoint.CheckpointError`.
     """
     path = Path(path)
     if not (path / METADATA).exists():
@@ -223,19 +230,3 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in state.items()}
-
-
-def grad_norm(parameters: Any, norm_type: float = 2.0) -> float:
-    """The global gradient norm over all ranks' shards (a plain float, equal on every rank).
-
-    For FSDP2 parameters the gradients are DTensors: their norm is reduced over the shards.
-    Replicated (DDP) gradients are the same on every rank, so no communication is needed.
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type, foreach=False)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    return float(total)
-
