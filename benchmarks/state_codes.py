@@ -16,6 +16,7 @@ divergence, if any).
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import sys
 from pathlib import Path
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"| {fmt} | {statistics.mean(losses):.4f}, {max(losses):.4f} | "
               f"{100 * statistics.mean(accs):.2f}%, {100 * min(accs):.2f}% | {z} | {e} |")
         rows.append(row)
-    result = {"seeds": args.seeds, "steps": args.steps, "rows": rows}
+    result = {"seeds": args.seeds, "steps": args.steps, "machine": platform.machine(), "threads": args.threads,
+              "torch": torch.__version__, "rows": rows}
     if args.out:
         write_json(args.out, result)
     return result

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -353,6 +355,34 @@ def text_streaming(name: str | None) -> str:
     return "\n".join(lines)
 
 
+def state_codes(name: str | None) -> str:
+    """Markdown table of ``benchmarks/state_codes.py``'s result: Adam trained with its state in each format."""
+    name = name or "state_codes.json"
+    d = load_result(name)
+    seeds = d["seeds"]
+    caption = (
+        f"Adam on digits (MLP 64-128-128-10, lr 1e-3, {d['steps']} steps of 64 examples), its state stored in each "
+        f"format after every step; seeds 0 to {seeds - 1}. The second moment `v` against its float32 running mean "
+        f"over the same gradients. Machine: {_machine(d)}. Source: `benchmarks/results/{name}`."
+    )
+    lines = [caption, "", "| state format | train loss (mean, max) | test accuracy (mean, min) | v stored as 0 "
+             "| v median rel. error |", "|---|---:|---:|---:|---:|"]
+    for row in d["rows"]:
+        runs = row["runs"]
+        losses = [r["train_loss"] for r in runs]
+        accuracy = [100 * r["test_accuracy"] for r in runs]
+        if all(math.isfinite(x) for x in losses):
+            loss = f"{statistics.mean(losses):.4f}, {max(losses):.4f}"
+        else:
+            loss = f"NaN on {sum(not math.isfinite(x) for x in losses)} of {seeds} seeds"
+        zeroed = [r["v_zeroed"] for r in runs if "v_zeroed" in r]
+        errors = [e for r in runs if math.isfinite(e := r.get("v_median_relative_error", math.nan))]
+        lines.append(f"| {row['format']} | {loss} | {statistics.mean(accuracy):.2f}%, {min(accuracy):.2f}% | "
+                     f"{f'{100 * statistics.mean(zeroed):.1f}%' if zeroed else '-'} | "
+                     f"{f'{100 * statistics.mean(errors):.1f}%' if errors else '-'} |")
+    return "\n".join(lines)
+
+
 def distributed(name: str | None) -> str:
     """Markdown table of ``benchmarks/distributed.py``'s result: steps per second by process count and strategy."""
     name = name or "distributed.json"
@@ -563,6 +593,7 @@ GENERATORS: dict[str, Callable[[str | None], str]] = {
     "distributed": distributed,
     "generate": generate,
     "text-streaming": text_streaming,
+    "state-codes": state_codes,
     "distributed-equivalence": distributed_equivalence,
 }
 
