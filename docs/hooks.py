@@ -649,7 +649,8 @@ ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj|const):<code>(?P<t
 DOCS_PATH = re.compile(r"<code>docs/(?P<path>[\w/.-]+\.md)(?P<anchor>#[\w-]+)?</code>")
 #: Private modules that docstrings name, and the page of the site that explains them instead.
 PRIVATE_PAGES = {
-    "descend.optim._engines": "guide/engines.md#engines-by-name",
+    "descend.optim.engines": "guide/engines.md#engines-by-name",
+    "descend.optim.engines.store": "guide/engines.md#low-precision-state",
     "descend.optim._flat": "guide/engines.md#why-not-flat-buffers-or-torchcompile-by-default",
     "descend.train._data": "guide/training.md#data-tensors-a-dataset-or-a-dataloader",
 }

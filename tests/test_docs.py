@@ -207,7 +207,7 @@ def test_api_pages_link_docs_paths_and_never_show_private_modules() -> None:
         name, _, anchor = path.partition("#")
         return None if name not in links else links[name] + (f"#{anchor}" if anchor else "")
 
-    html = ("<p>see <code>docs/guide/engines.md</code>. See :mod:<code>descend.optim._engines</code>; "
+    html = ("<p>see <code>docs/guide/engines.md</code>. See :mod:<code>descend.optim.engines</code>; "
             "(see :mod:<code>descend.optim._flat</code>) :func:<code>~descend.train._tuning.tune_lr</code> "
             ":mod:<code>descend.train._data</code> :mod:<code>descend.nn._secret</code></p>")
     shown = hooks.tidy_docstrings(html, link)

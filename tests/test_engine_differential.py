@@ -29,9 +29,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from descend import optim
-from descend.optim import _native as native
 from descend.optim._chain import ENGINES
 from descend.optim._rules import Rule, ScaleByAdam
+from descend.optim.engines import compiled
+from descend.optim.engines.native.emit import PARALLEL_MIN
 
 # -- optimizers ----------------------------------------------------------------------------------------------
 UNIT = st.sampled_from([0.0, 0.5, 0.9, 0.99])
@@ -99,8 +100,8 @@ def optimizers(draw: st.DrawFn) -> tuple[str, Callable[..., torch.optim.Optimize
 
 # -- parameters -----------------------------------------------------------------------------------------------
 #: Around the native loop's vector width and 16-element thread split, and its thread threshold.
-SIZES = [1, 2, 15, 16, 17, 33, 255, native.PARALLEL_MIN // 2 - 1, native.PARALLEL_MIN // 2 + 17,
-         native.PARALLEL_MIN + 1]
+SIZES = [1, 2, 15, 16, 17, 33, 255, PARALLEL_MIN // 2 - 1, PARALLEL_MIN // 2 + 17,
+         PARALLEL_MIN + 1]
 
 
 @dataclass
@@ -302,11 +303,17 @@ def eager(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Calla
     return gm.forward
 
 
+@pytest.fixture(autouse=True, scope="module")
+def eager_compiles() -> Any:
+    """The compiled engine traces its step and runs the traced graph eagerly (inductor's code: test_engines)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compiled, "BACKEND", eager)
+        yield
+
+
 def make(s: Scenario, engine: str, groups: list[list[nn.Parameter]]) -> torch.optim.Optimizer:
     spec = [{"params": ps, "lr": lr} for ps, lr in zip(groups, s.group_lr) if ps]
     opt = s.factory(spec, engine=engine, flat=s.flat)
-    if engine == "compiled":
-        opt._engine.backend = eager
     return opt
 
 
@@ -410,8 +417,6 @@ def test_compiled_0d_float64_parameters_with_bf16_state() -> None:
         gen = torch.Generator().manual_seed(0)
         ps = [nn.Parameter(torch.randn((), generator=gen, dtype=torch.float64)) for _ in range(3)]
         opt = optim.SGD(ps, lr=1e-3, momentum=0.9, state_dtype=torch.bfloat16, engine=engine)
-        if engine == "compiled":
-            opt._engine.backend = eager
         for _ in range(4):
             for p in ps:
                 p.grad = torch.randn((), generator=gen, dtype=torch.float64)
@@ -427,8 +432,6 @@ def test_compiled_adam_with_clipping_on_a_0d_parameter() -> None:
         gen = torch.Generator().manual_seed(266)
         p = nn.Parameter(torch.randn((), generator=gen))
         opt = optim.Adam([p], lr=1e-3, max_grad_norm=0.1, engine=engine)
-        if engine == "compiled":
-            opt._engine.backend = eager
         for step in range(2):
             g = torch.Generator().manual_seed(266 + 7919 * (step + 1))
             p.grad = torch.randn((), generator=g) * 10.0 ** float(torch.randint(-3, 3, (), generator=g))
@@ -459,8 +462,6 @@ def test_compiled_half_precision_adam() -> None:
         gen = torch.Generator().manual_seed(0)
         p = nn.Parameter(torch.randn(15, generator=gen).to(torch.bfloat16))
         opt = optim.Adam([p], lr=1e-3, engine=engine)
-        if engine == "compiled":
-            opt._engine.backend = eager
         for _ in range(3):
             p.grad = torch.randn(15, generator=gen).to(torch.bfloat16) * 30
             opt.step()

@@ -88,7 +88,7 @@ def quantize(x: Tensor, code: str, signed: bool = True, noise: Tensor | None = N
     Each value rounds to one of the two codes around it: stochastically (``stochastic``, up with the
     probability of its distance from the lower one, so that the stored value is unbiased) using
     ``noise``, 16 random bits per element (int32 in ``[0, 65536)`` shaped like ``x``:
-    :func:`descend.optim._rounding.element_noise`; drawn from torch's generator if omitted), or to
+    :func:`descend.optim.engines.store.element_noise`; drawn from torch's generator if omitted), or to
     the nearest.
     """
     if code not in CODES:

@@ -9,14 +9,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from descend.optim._engines import Plan, check_state, make_engine, traced_plans
 from descend.optim._flat import FlatLayout
 from descend.optim._rules import Rule, ScaleByLR, WeightRule, step_dtype
+from descend.optim.engines import ENGINES as ENGINE_CLASSES
+from descend.optim.engines import KernelRun, Plan, make_engine
+from descend.optim.engines.plan import check_state, traced_plans
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 #: The engines that run every chain; ``"fused"`` (torch's kernels) runs only torch's chains.
-ENGINES = ("auto", "reference", "foreach", "compiled", "native")
+ENGINES = tuple(name for name in ENGINE_CLASSES if name != "fused")
 
 
 def _normalise(rules: Sequence[Rule]) -> tuple[list[Rule], list[WeightRule], list[WeightRule]]:
@@ -111,9 +113,7 @@ def momentum_rule(rules: Sequence[Rule]) -> Rule | None:
 
 
 class ChainOptimizer(torch.optim.Optimizer):
-    """An optimizer that runs a chain of rules: ``u <- g``, ``u <- rule_k(u)``, ``w <- keep*w + u``.
-
-    ``keep = 1 - lr*lambda`` for a chain with decoupled decay (1 otherwise); projections follow.
+    """An optimizer that runs a chain of rules (the step: :mod:`descend.optim._rules`).
 
     Speaks the ``torch.optim.Optimizer`` contract: param groups (every rule hyperparameter is a
     group key, so it can differ per group and be scheduled), ``step(closure)``, ``zero_grad``,
@@ -124,20 +124,14 @@ class ChainOptimizer(torch.optim.Optimizer):
         rules: the chain (see :mod:`descend.optim`); ``scale_by_lr`` is appended if absent.
         lr: learning rate (group key ``lr``).
         maximize: ascend instead of descend (``g <- -g``).
-        engine: how steps execute (every engine computes what ``"reference"`` computes):
-            ``"auto"`` (default: per bucket, on the CPU the native loop; elsewhere torch's fused
-            kernel where the chain is exactly torch's Adam, AdamW or SGD, a compiled kernel for large
-            ``flat=True`` buffers, the foreach engine otherwise; see ``docs/guide/engines.md``),
-            ``"reference"`` (readable per-tensor loop, the oracle),
-            ``"foreach"`` (multi-tensor ``torch._foreach_*`` operations), ``"native"`` (the chain
-            traced into one C loop, compiled once per machine; float32 CPU tensors, foreach for the
-            rest), ``"compiled"`` (one fused pass per bucket via ``torch.compile``; warns and falls
-            back to foreach without a compiler) or ``"fused"`` (torch's fused kernels; only for
-            torch's chains). See :mod:`descend.optim._engines`.
+        engine: how steps execute; every engine computes what ``"reference"`` computes: ``"auto"``
+            (default), ``"reference"``, ``"foreach"``, ``"native"``, ``"compiled"`` or ``"fused"`` (torch's
+            kernels; only for torch's chains). What each does and when ``auto`` picks it:
+            ``docs/guide/engines.md`` (:mod:`descend.optim.engines`); which one stepped what in the last
+            step: :attr:`last_step_kernels`.
         state_dtype: dtype of the optimizer state (default: the parameter's dtype), e.g.
-            ``torch.bfloat16`` to halve the state memory (2 bytes per state value). bfloat16 state is
-            updated in float32 and written back with stochastic rounding, so small EMA updates are
-            not lost to rounding.
+            ``torch.bfloat16`` to halve the state memory, updated in float32 and stored with stochastic
+            rounding (:mod:`descend.optim.engines.store`).
         flat: store each param group's parameters (per device and dtype), their gradients and the
             optimizer state as views of one flat buffer each, so the ``foreach`` and ``compiled``
             engines step a group as one tensor (see :mod:`descend.optim._flat`). The parameters'
@@ -192,6 +186,18 @@ class ChainOptimizer(torch.optim.Optimizer):
     def plan(self) -> Plan:
         """What the engine runs: the chain's rules, its weight rules, the state dtype and the flat layout."""
         return Plan(tuple(self.rules), tuple(self.decays), tuple(self.projections), self.state_dtype, self.flat_layout)
+
+    @property
+    def last_step_kernels(self) -> tuple[KernelRun, ...]:
+        """Which kernel stepped each bucket in the last step, in the order they ran (read-only).
+
+        Each entry names the param group (its index), the engine whose kernel ran (``"reference"``,
+        ``"foreach"``, ``"compiled"``, ``"native"`` or ``"fused"``) and how many tensors it stepped (a
+        flat buffer counts as one). A parameter's first step, which creates its state, is always a
+        ``"reference"`` entry. Empty before the first step; a step traced by ``torch.compile`` leaves it
+        as the last eager step left it. See ``docs/guide/engines.md``.
+        """
+        return tuple(self._engine.report)
 
     @property
     def weight_rules(self) -> list[WeightRule]:
@@ -351,7 +357,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         saved_of = {id(p): state_dict["state"].get(i, {}) for i, p in zip(saved_ids, params)}
         try:
             for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-                if self.momentum_rule is not None and "momentum" not in saved:  # saved before descend had the key
+                if self.momentum_rule is not None and "momentum" not in saved:  # a state_dict without the key
                     group["momentum"] = group.get(self.momentum_key, self.defaults[self.momentum_key])
                 for key, value in self.defaults.items():
                     group.setdefault(key, value)
@@ -416,13 +422,12 @@ class ChainOptimizer(torch.optim.Optimizer):
 def chain(params: ParamsT, *rules: Rule, lr: float = 1e-3, maximize: bool = False, engine: str = "auto",
           state_dtype: torch.dtype | None = None, flat: bool = False, foreach: bool | None = None,
           fused: bool | None = None, **hyper: Any) -> ChainOptimizer:
-    """Compose rules into an optimizer, e.g. Signum with decoupled decay::
+    """Compose rules into an optimizer (the step: :mod:`descend.optim`), e.g. Signum with decoupled decay::
 
         opt = chain(model.parameters(), ema(0.9), sign(), decoupled_decay(0.1), lr=1e-3)
 
-    The step is ``u <- g``, then each rule in order, then ``u <- -lr * u`` (unless the chain places
-    ``scale_by_lr`` itself), then ``w <- keep * w + u`` (decoupled decay, wherever it stands in the
-    chain, sets ``keep = 1 - lr*lambda``) and any projections. See :class:`ChainOptimizer`.
+    ``scale_by_lr`` is appended unless the chain places it; decoupled decay acts on the weights wherever
+    it stands. See :class:`ChainOptimizer`.
     """
     return ChainOptimizer(params, rules, lr=lr, maximize=maximize, engine=engine, state_dtype=state_dtype,
                           flat=flat, foreach=foreach, fused=fused, **hyper)

@@ -34,7 +34,7 @@ from torch import Tensor
 ALIGN = 16
 #: The buffers' length is a multiple of this, so the engines can see them as ``[rows, LANES]``
 #: (inside ``torch.compile`` that makes each element's index for the rounding noise one vector add;
-#: see :func:`descend.optim._rounding.element_noise`).
+#: see :func:`descend.optim.engines.store.element_noise`).
 LANES = 1024
 
 

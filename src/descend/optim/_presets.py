@@ -74,11 +74,9 @@ def _options(kw: dict[str, Any]) -> dict[str, Any]:
 
 
 class SGD(_Preset):
-    """Stochastic gradient descent, a drop-in for ``torch.optim.SGD``.
-
-    ``g <- g + lambda*w``; with momentum ``b <- mu*b + (1-dampening)*g`` (``b <- g`` on step 1),
-    ``g <- b`` (Nesterov: ``g <- g + mu*b``); ``w <- w - lr*g``. Full-batch gradient descent is this
-    optimizer fed the gradient of the whole training set.
+    """Stochastic gradient descent, a drop-in for ``torch.optim.SGD``: the chain ``l2, heavy_ball, scale_by_lr``
+    (formulas: :func:`~descend.optim.l2`, :func:`~descend.optim.heavy_ball`). Full-batch gradient descent is
+    this optimizer fed the gradient of the whole training set.
     """
 
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["sgd"], momentum: float = 0.0, dampening: float = 0.0,
@@ -91,9 +89,9 @@ class SGD(_Preset):
 
 
 class Momentum(_Preset):
-    """Momentum as an exponential moving average: ``m <- beta*m + (1-beta)*g``, ``w <- w - lr*m``.
+    """Momentum as an exponential moving average (:func:`~descend.optim.ema`), then ``scale_by_lr``.
 
-    ``m`` starts at zero. Same direction as heavy-ball momentum with ``lr_heavy = lr*(1-beta)``.
+    Same direction as heavy-ball momentum with ``lr_heavy = lr*(1-beta)``.
     """
 
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["momentum"], beta: float = 0.9,
@@ -104,7 +102,7 @@ class Momentum(_Preset):
 
 
 class SignSGD(_Preset):
-    """signSGD: ``w <- w - lr*sign(g)`` (decoupled decay by default: ``||w||_inf <= 1/lambda``)."""
+    """signSGD: the chain ``sign, scale_by_lr`` (decoupled decay by default: ``||w||_inf <= 1/lambda``)."""
 
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["signsgd"], weight_decay: float = 0.0, *,
                  maximize: bool = False, decoupled_weight_decay: bool = True, constraint: str | None = None,
@@ -114,7 +112,7 @@ class SignSGD(_Preset):
 
 
 class Signum(_Preset):
-    """Signum, the sign of EMA momentum: ``m <- beta*m + (1-beta)*g``, ``w <- w - lr*sign(m)``."""
+    """Signum, the sign of EMA momentum: the chain ``ema, sign, scale_by_lr``."""
 
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["signum"], beta: float = 0.9,
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
@@ -124,9 +122,9 @@ class Signum(_Preset):
 
 
 class Softsign(_Preset):
-    """Softsign momentum: ``m <- beta*m + (1-beta)*g``, ``w <- w - lr*m/(|m|+eps)``.
+    """Softsign momentum, the soft version of Signum: the chain ``ema, softsign, scale_by_lr``.
 
-    The soft version of Signum; Adam replaces ``|m|`` by ``sqrt(v)``, the running RMS of ``g``.
+    Adam (:func:`~descend.optim.scale_by_adam`) replaces ``|m|`` by ``sqrt(v)``, the running RMS of ``g``.
     ``eps`` sets the gradient scale below which steps shrink (default ``1e-8``: nearly Signum).
     """
 
@@ -139,7 +137,7 @@ class Softsign(_Preset):
 
 
 class Lion(_Preset):
-    """Lion: ``w <- w - lr*(sign(b1*m + (1-b1)*g) + lambda*w)``, then ``m <- b2*m + (1-b2)*g``."""
+    """Lion: the chain ``lion, scale_by_lr, decoupled_decay`` (formula: :func:`~descend.optim.lion`)."""
 
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["lion"], betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
@@ -150,11 +148,8 @@ class Lion(_Preset):
 
 
 class Adam(_Preset):
-    """Adam, a drop-in for ``torch.optim.Adam`` (weight decay coupled into the gradient by default).
-
-    ``g <- g + lambda*w``; ``m <- b1*m + (1-b1)*g``; ``v <- b2*v + (1-b2)*g^2`` (AMSGrad:
-    ``v <- max(v_max, v)``); ``w <- w - lr * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)``.
-    """
+    """Adam, a drop-in for ``torch.optim.Adam``: the chain ``l2, scale_by_adam, scale_by_lr`` (weight decay
+    coupled into the gradient by default; formula: :func:`~descend.optim.scale_by_adam`)."""
 
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["adam"], betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
@@ -166,7 +161,8 @@ class Adam(_Preset):
 
 
 class AdamW(_Preset):
-    """AdamW, a drop-in for ``torch.optim.AdamW``: Adam with decoupled decay ``w <- w - lr*lambda*w``."""
+    """AdamW, a drop-in for ``torch.optim.AdamW``: :class:`Adam` with decoupled decay
+    (:func:`~descend.optim.decoupled_decay`)."""
 
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["adamw"], betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,

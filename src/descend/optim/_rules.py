@@ -1,8 +1,8 @@
 """Update rules: what one optimizer step computes, one small elementwise transformation at a time.
 
 A step starts from the gradient and passes an *update* ``u`` through a chain of rules; the
-parameter then moves by the result, ``w <- keep * w + u`` (``keep = 1 - lr*lambda`` when the chain
-has decoupled decay, else 1), and projections (if any) are applied to ``w``.
+parameter then moves by the result, ``w <- weight_factor * w + u`` (``weight_factor = 1 - lr*lambda``
+when the chain has decoupled decay, else 1), and projections (if any) are applied to ``w``.
 Every rule here is written once, in plain tensor arithmetic, and is executed unchanged by every
 engine (the readable per-tensor loop, the multi-tensor engine, the ``torch.compile`` engine).
 
@@ -90,8 +90,6 @@ class Rule:
     """
 
     name: ClassVar[str] = "rule"
-    #: A weight rule (:class:`WeightRule`: decay, projection) acts on ``w``; the others transform ``u``.
-    on_weights: ClassVar[bool] = False
     #: Output bounded by 1 per coordinate (sign-like); decoupled decay then implies ``|w| <= 1/lambda``.
     bounded: ClassVar[bool] = False
     #: Keeps a bound of 1 per coordinate on ``u`` if ``u`` had one (averaging, scaling down).
@@ -100,8 +98,6 @@ class Rule:
     lr_step: ClassVar[bool] = False
     #: Reads the global gradient norm (the hyperparameter ``clip_coef``): must come first in a chain.
     global_norm: ClassVar[bool] = False
-    #: Whether :meth:`update` reads the parameter ``w``.
-    reads_param: ClassVar[bool] = False
     #: Hyperparameters that change the computation's structure (flags); engines specialise on them.
     static: ClassVar[tuple[str, ...]] = ()
     #: The hyperparameter that is a momentum coefficient under another name (``ema``'s ``beta``); a chain
@@ -169,22 +165,22 @@ class Rule:
 
 
 class WeightRule(Rule):
-    """A rule that acts on the weights rather than on the update: ``w <- keep * w + u``, then ``project_(w)``.
+    """A rule that acts on the weights rather than on the update: ``w <- weight_factor * w + u``, then
+    ``project_(w)``.
 
-    Subclasses provide :meth:`keep` (the factor the weights are multiplied by before the update is
-    added: decoupled decay) and/or :meth:`project_` (applied to ``w`` after the step: projections),
+    Subclasses provide :meth:`weight_factor` (the factor the weights are multiplied by before the update
+    is added: decoupled decay) and/or :meth:`project_` (applied to ``w`` after the step: projections),
     and :meth:`radius` (the ``||w||_inf`` bound they imply). Engines never call :meth:`update`.
     """
 
-    on_weights = True
-    #: :meth:`keep` is not 1 (decoupled decay): engines fold it into ``w <- keep * w + u``.
+    #: :meth:`weight_factor` is not 1 (decoupled decay): engines fold it into the step.
     scales_weights: ClassVar[bool] = False
     #: :meth:`project_` acts after the step.
     projects: ClassVar[bool] = False
     #: ``project_`` treats every element alone (a box), so it may act on any flat view of ``w``.
     elementwise: ClassVar[bool] = True
 
-    def keep(self, hp: Hyper, lr: Any) -> Any:
+    def weight_factor(self, hp: Hyper, lr: Any) -> Any:
         """The factor the weights are multiplied by on this step, before ``u`` is added."""
         return 1
 
@@ -196,7 +192,7 @@ class WeightRule(Rule):
         return None
 
     def update(self, u: Tensor, w: Tensor, state: State, hp: Hyper, step: Any) -> Tensor:
-        raise TypeError(f"{self.name} acts on the weights: engines apply keep() and project_()")
+        raise TypeError(f"{self.name} acts on the weights: engines apply weight_factor() and project_()")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,7 +229,6 @@ class L2(Rule):
     """
 
     name = "l2"
-    reads_param = True
 
     def __init__(self, weight_decay: float) -> None:
         super().__init__(weight_decay=weight_decay)
@@ -255,7 +250,7 @@ class DecoupledDecay(WeightRule):
     """Decoupled weight decay: ``w <- (1 - lr*lambda) * w`` before the update is added (AdamW, Lion).
 
     It acts on the weights, not on the update, so its place in a chain does not matter; the engines
-    fold it into the final ``w <- keep * w + u``. With ``lr_scaled=False`` the decay is
+    fold it into the final ``w <- weight_factor * w + u``. With ``lr_scaled=False`` the decay is
     ``w <- (1 - lambda) * w``, independent of the learning-rate schedule. After a sign-like rule
     (``|u| <= 1``) it bounds the weights: ``||w||_inf <= 1/lambda`` (``lr/lambda`` if not lr-scaled).
     """
@@ -273,7 +268,7 @@ class DecoupledDecay(WeightRule):
     def active(self, hp: Hyper) -> bool:
         return float(hp["weight_decay"]) != 0.0
 
-    def keep(self, hp: Hyper, lr: Any) -> Any:
+    def weight_factor(self, hp: Hyper, lr: Any) -> Any:
         return 1 - lr * hp["weight_decay"] if self.lr_scaled else 1 - hp["weight_decay"]
 
     def radius(self, hp: Hyper, lr: float, bounded: bool) -> float | None:
@@ -394,13 +389,7 @@ class Softsign(Rule):
 
 
 class ScaleByAdam(Rule):
-    """Adam's scaling, the adaptive variant of softsign momentum.
-
-    ``m <- b1*m + (1-b1)*u``, ``v <- b2*v + (1-b2)*u^2`` (AMSGrad: ``v_max <- max(v_max, v)`` and
-    ``v_max`` replaces ``v``), then ``u <- m_hat / (sqrt(v_hat) + eps)`` with the bias corrections
-    ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``. Softsign momentum divides ``m`` by
-    ``|m|``; Adam divides it by the running root-mean-square of ``u`` instead.
-    """
+    """Adam's scaling, the adaptive variant of softsign momentum (the formula: :func:`scale_by_adam`)."""
 
     name = "adam"
     static = ("amsgrad",)
@@ -578,7 +567,13 @@ def softsign(eps: float = 1e-8) -> Rule:
 
 def scale_by_adam(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                   amsgrad: bool = False) -> Rule:
-    """Adam's bias-corrected ``m_hat / (sqrt(v_hat) + eps)``."""
+    """Adam's scaling of the update.
+
+    ``m <- b1*m + (1-b1)*u``, ``v <- b2*v + (1-b2)*u^2`` (AMSGrad: ``v_max <- max(v_max, v)`` and
+    ``v_max`` replaces ``v``), then ``u <- m_hat / (sqrt(v_hat) + eps)`` with the bias corrections
+    ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``. Softsign momentum divides ``m`` by
+    ``|m|``; Adam divides it by the running root-mean-square of ``u`` instead.
+    """
     return ScaleByAdam(betas, eps, amsgrad)
 
 

@@ -224,10 +224,6 @@ class TensorList:
         return impl(*args, **kwargs)
 
 
-def _sign(x: TensorList) -> TensorList:
-    return x._apply(torch.sign, torch._foreach_sign)
-
-
 def _lerp(start: TensorList, end: TensorList, weight: Any) -> TensorList:
     return start._apply(torch.lerp, torch._foreach_lerp, end.tensors, weight)
 
@@ -244,18 +240,10 @@ def _maximum(a: TensorList, b: TensorList, *, out: TensorList | None = None) -> 
     return out
 
 
-def _abs(x: TensorList) -> TensorList:
-    return x.abs()
-
-
-def _sqrt(x: TensorList) -> TensorList:
-    return x.sqrt()
-
-
 _TORCH_FUNCTIONS: dict[Any, Callable[..., Any]] = {
-    torch.sign: _sign,
+    torch.sign: lambda x: x._apply(torch.sign, torch._foreach_sign),
     torch.lerp: _lerp,
     torch.maximum: _maximum,
-    torch.abs: _abs,
-    torch.sqrt: _sqrt,
+    torch.abs: TensorList.abs,
+    torch.sqrt: TensorList.sqrt,
 }

@@ -1,0 +1,143 @@
+"""The C source of a chain's step: one loop over a bucket's elements, traced from the rules themselves.
+
+    load w, g and the state;  u = g (−g when maximising);  for each rule: u = rule(u, w, state)
+    w = weight_factor·w + u;  store w and the state
+
+The loop runs over every tensor of a bucket in one call (OpenMP threads share the elements), on
+float32 CPU tensors; state is loaded and stored as the optimizer's store says
+(:class:`~descend.optim.engines.store.Store`: its ``c_load`` and ``c_store``), bfloat16 state with
+the stochastic rounding every engine uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from descend.optim.engines.native.tracer import (
+    Code,
+    Element,
+    NotTraceable,
+    Scalar,
+    State,
+    flatten_hyper,
+    symbolic_hyper,
+)
+from descend.optim.engines.plan import ActiveRules, scales_weights, with_scalars
+from descend.optim.engines.store import Store
+
+#: Fewest elements (over a bucket's tensors) for which the loop uses more than the calling thread, as
+#: torch's own ``at::parallel_for`` grain: below it, waking threads costs more than the work (and the
+#: woken threads' spinning shows as CPU time).
+PARALLEL_MIN = 32768
+
+def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shapes: Sequence[tuple[Any, ...]],
+                maximize: bool, decays: bool, store: Store) -> str:
+    """The C source of the chain's step for one bucket layout.
+
+    Args:
+        rules: the active update rules, in order.
+        state_keys: per rule, the names of its state tensors (the order of the pointers per tensor).
+        shapes: per rule, its hyperparameters' shape from :func:`flatten_hyper` (scalars come in that order).
+        maximize: whether the step ascends (``u = -g``).
+        decays: whether the weight factor (decoupled decay) is the last scalar: ``w <- weight_factor*w + u``.
+        store: how state is loaded and stored (its ``c_type``, ``c_load``, ``c_store``); a stochastic store
+            takes ``seeds`` (per tensor and state slot) and ``offsets[t] + i``, the element's flat index.
+    """
+    code = Code()
+    w = Element(code, "w")
+    g = Element(code, "g")
+    u: Any = -g if maximize else g
+    loads, stores, index = [], [], 0
+    slot = 2
+    for rule, names, shape in zip(rules, state_keys, shapes):
+        hp, index = symbolic_hyper(code, shape, index)
+        state = {}
+        for name in names:
+            var = f"m{slot}"
+            loads.append(f"const float {var} = {store.c_load(f'P{slot}[i]')};")
+            state[name] = State(code, var)
+            slot += 1
+        u = rule.update(u, w, state, hp, None)
+        if not isinstance(u, Element):
+            raise NotTraceable(f"{rule.name}.update returned a {type(u).__name__}")
+        stores += [(f"P{slot - len(names) + j}", state[name]) for j, name in enumerate(names)]
+    states = slot - 2
+
+    def store_line(pointer: str, value: Element, k: int) -> str:
+        return store.c_store(f"{pointer}[i]", value.name, "(uint32_t)(offset + i)", f"seeds[t * {states} + {k}]")
+
+    if decays:
+        factor = Scalar(code, f"s{index}")
+        code.prologue.append(f"const double s{index} = s[{index}];")
+        index += 1
+        w_new = code.element(f"{code.as_float(factor)} * w")._binary("+", u)
+    else:
+        w_new = w + u
+    pointers = slot
+    lines = [
+        "#include <math.h>",
+        "#include <stdint.h>",
+        "#include <string.h>",
+        "#ifdef _OPENMP",
+        "#include <omp.h>",
+        "#endif",
+        "",
+        "/* The tensors' elements, end to end, are cut into one contiguous range per thread (at multiples",
+        "   of 16 elements, so no two threads write one cache line); each thread walks its range. A small",
+        "   bucket runs on the calling thread alone: waking others would cost more than its work. */",
+        *store.c_helpers.splitlines(),
+        "void descend_step(int64_t count, void *const *ptrs, const int64_t *sizes, const double *s, int threads,",
+        "                  const int64_t *offsets, const uint32_t *seeds, void *counters, int64_t ncounters,",
+        "                  int counters_double) {",
+        "  /* the bucket's step counters, +1 (float32, or float64 where that is torch's default dtype) */",
+        "  for (int64_t c = 0; c < ncounters; c++) {",
+        "    if (counters_double) ((double *)counters)[c] += 1.0; else ((float *)counters)[c] += 1.0f;",
+        "  }",
+        *(f"  {line}" for line in code.prologue),
+        "  int64_t total = 0;",
+        "  for (int64_t t = 0; t < count; t++) total += sizes[t];",
+        f"  #pragma omp parallel num_threads(threads) if(total >= {PARALLEL_MIN})",
+        "  {",
+        "#ifdef _OPENMP",
+        "    const int64_t id = omp_get_thread_num(), nt = omp_get_num_threads();",
+        "#else",
+        "    const int64_t id = 0, nt = 1;",
+        "#endif",
+        "    const int64_t lo = (total * id / nt) & ~(int64_t)15;",
+        "    const int64_t hi = id == nt - 1 ? total : (total * (id + 1) / nt) & ~(int64_t)15;",
+        "    int64_t base = 0;",
+        "    for (int64_t t = 0; t < count && base < hi; base += sizes[t], t++) {",
+        "      const int64_t n = sizes[t];",
+        "      if (base + n <= lo) continue;",
+        "      const int64_t start = lo > base ? lo - base : 0, stop = hi < base + n ? hi - base : n;",
+        f"      float *restrict P0 = ptrs[t * {pointers}];",
+        f"      const float *restrict P1 = ptrs[t * {pointers} + 1];",
+        *(f"      {store.c_type} *restrict P{k} = ptrs[t * {pointers} + {k}];"
+          for k in range(2, pointers)),
+        *(["      const int64_t offset = offsets[t];"] if store.stochastic else []),
+        "      for (int64_t i = start; i < stop; i++) {",
+        "        const float w = P0[i];",
+        "        const float g = P1[i];",
+        *(f"        {line}" for line in loads),
+        *(f"        {line}" for line in code.body),
+        *(f"        {store_line(ptr, value, k)}" for k, (ptr, value) in enumerate(stores)),
+        f"        P0[i] = {w_new.name};",
+        "      }",
+        "    }",
+        "  }",
+        "}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def step_scalars(active: ActiveRules, factor: Any, step: int) -> tuple[list[float], tuple[Any, ...], bool]:
+    """The native loop's scalars at step number ``step``: the active rules' hyperparameters and per-step
+    scalars in trace order, then the weight factor if the weights decay; the hyperparameters' shapes
+    (which select the kernel); whether the weights decay. Raises ``NotTraceable`` for a value that is
+    no number."""
+    flat = [flatten_hyper(hp, rule.static) for rule, hp in with_scalars(active, step)]
+    decays = scales_weights(factor)
+    scalars = [x for numbers, _ in flat for x in numbers] + ([float(factor)] if decays else [])
+    return scalars, tuple(shape for _, shape in flat), decays

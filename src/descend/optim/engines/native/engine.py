@@ -1,0 +1,189 @@
+"""``engine="native"``: the chain of a bucket as one generated C loop, on float32 CPU tensors."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from descend.optim.engines.bucket import Bucket, BucketEngine, Item, SortedGroup
+from descend.optim.engines.foreach import ForeachEngine
+from descend.optim.engines.native.compiler import Kernel, compile_kernel
+from descend.optim.engines.native.emit import step_scalars, trace_chain
+from descend.optim.engines.native.groups import NativeGroup
+from descend.optim.engines.native.tracer import NotTraceable
+from descend.optim.engines.plan import ActiveRules, KernelRun, Plan, Source, state_layout
+
+logger = logging.getLogger("descend.optim")
+
+
+class NativeEngine(BucketEngine):
+    """The chain as one generated C loop per bucket, on float32 CPU tensors.
+
+    State is loaded and stored as the plan's store says (float32, or bfloat16 with the stochastic
+    rounding every engine uses). A bucket it cannot run (another device or dtype, a non-contiguous
+    tensor, a ``grad_scale``, a rule the tracer cannot express) runs on the foreach engine, as does
+    everything once compiling has failed (logged, or warned with ``engine="native"``). Projections apply
+    after the loop, as the foreach engine applies them.
+
+    A param group whose parameters with a gradient all stepped in one loop is remembered
+    (:class:`~descend.optim.engines.native.groups.NativeGroup`): the next step checks what it found
+    instead of sorting the group into buckets again (:meth:`repeat_group`).
+    """
+
+    name = "native"
+
+    def __init__(self, plan: Plan, source: Source, quiet: bool = False, foreach: ForeachEngine | None = None) -> None:
+        super().__init__(plan, source)
+        self.quiet = quiet
+        self.foreach = foreach or ForeachEngine(plan, source)
+        self.kernels: dict[tuple[Any, ...], Kernel | None] = {}
+        self.broken = False  # compiling failed: no compiler here
+        self.groups: dict[int, NativeGroup] = {}  # by group index
+
+    def reset(self) -> None:
+        super().reset()
+        self.groups.clear()
+        self.foreach.reset()
+
+    # -- the param-group cache ----------------------------------------------------------------------
+    def step_group(self, index: int, group: dict[str, Any], clip_coef: Any,
+                   grad_scale: Tensor | None) -> SortedGroup | None:
+        run = self.repeat_group(index, group, clip_coef, grad_scale)
+        if run is not None:
+            self.report.append(run)
+            return None
+        sorted_group = super().step_group(index, group, clip_coef, grad_scale)
+        if sorted_group is not None:
+            self.remember_group(index, group, sorted_group, grad_scale, self.report)
+        return sorted_group
+
+    def repeat_group(self, index: int, group: dict[str, Any], clip_coef: Any,
+                     grad_scale: Tensor | None) -> KernelRun | None:
+        """Step group ``index`` as its last step did (one loop over all its parameters) if nothing that step
+        relied on has changed; None (nothing done, the group forgotten) otherwise."""
+        remembered = self.groups.get(index)
+        if remembered is None or clip_coef is not None or grad_scale is not None:
+            return None
+        if not remembered.step_again(self.plan, group, self.source.state):
+            del self.groups[index]
+            return None
+        self.project(group, remembered.params)
+        return KernelRun(index, self.name, len(remembered.params))
+
+    def remember_group(self, index: int, group: dict[str, Any], stepped: SortedGroup, grad_scale: Tensor | None,
+                       report: list[KernelRun]) -> None:
+        """Remember group ``index`` if its step was one loop over every parameter with a gradient."""
+        runs = [run for run in report if run.group == index]
+        if (grad_scale is None and not self.plan.store.stochastic
+                and runs == [KernelRun(index, self.name, len(stepped.items))]
+                and len(stepped.items) + len(stepped.without_grad) == len(group["params"])
+                and all(item.param is p or item.param._base is p for item, p in zip(stepped.items, stepped.params))):
+            remembered = NativeGroup(self, group, stepped)
+            if remembered.read_hyper(self.plan, group):
+                self.groups[index] = remembered
+
+    # -- one bucket ---------------------------------------------------------------------------------
+    def supports(self, bucket: Bucket) -> bool:
+        """Whether the loop may step this bucket: float32 CPU parameters and gradients, a store the loop
+        can express, no unscaling (:meth:`split` checks each tensor)."""
+        if self.broken or bucket.grad_scale is not None or self.plan.store.c_type is None:
+            return False
+        p0 = bucket.items[0].param
+        return p0.device.type == "cpu" and p0.dtype == torch.float32 and bucket.items[0].grad.dtype == torch.float32
+
+    def split(self, items: list[Item]) -> tuple[list[Item], list[int], list[int], list[Item]]:
+        """The items the loop can step (every tensor contiguous, the state of the optimizer's state dtype)
+        with the addresses of their ``w``, ``g`` and state and their sizes; and the rest. A bucket shares
+        ``w``'s and ``g``'s dtypes, which :meth:`supports` has checked (float32)."""
+        state_dtype = self.plan.state_dtype or torch.float32
+        ready: list[Item] = []
+        pointers: list[int] = []
+        sizes: list[int] = []
+        rest: list[Item] = []
+        for item in items:
+            w, g = item.param, item.grad
+            ok = w.is_contiguous() and g.is_contiguous()
+            addresses = [w.data_ptr(), g.data_ptr()] if ok else []
+            for t in item.states if ok else ():
+                if t.dtype != state_dtype or not t.is_contiguous():
+                    ok = False
+                    break
+                addresses.append(t.data_ptr())
+            if ok:
+                ready.append(item)
+                pointers += addresses
+                sizes.append(w.numel())
+            else:
+                rest.append(item)
+        return ready, pointers, sizes, rest
+
+    def kernel(self, active: ActiveRules, maximize: bool, decays: bool,
+               shapes: tuple[tuple[Any, ...], ...]) -> Kernel | None:
+        """The compiled loop for this chain and hyperparameter shape (None: the tracer cannot express it)."""
+        rules = tuple(rule for rule, _ in active)
+        store = self.plan.store
+        key = (rules, maximize, decays, shapes, store)
+        if key not in self.kernels:
+            layout = state_layout(active)
+            try:
+                source = trace_chain(rules, layout, shapes, maximize, decays, store)
+            except NotTraceable as err:
+                logger.info("descend: engine=%r runs %s on the foreach engine: %s",
+                            self.name, self.plan.describe(), err)
+                self.kernels[key] = None
+                return None
+            try:
+                self.kernels[key] = compile_kernel(source, 2 + sum(len(names) for names in layout))
+            except (RuntimeError, OSError) as err:
+                message = (f"descend: engine='native' could not compile the optimizer step ({err}); "
+                           "using engine='foreach'")
+                if self.quiet:
+                    logger.info(message)
+                else:
+                    warnings.warn(message, RuntimeWarning, stacklevel=5)
+                self.broken = True
+                return None
+        return self.kernels[key]
+
+    def prepare(self, group: dict[str, Any], active: ActiveRules, factor: Any,
+                step: int) -> tuple[Kernel, list[float]] | None:
+        """The compiled loop for this chain and its scalars at step number ``step`` (see
+        :func:`step_scalars`); None if the chain has no loop."""
+        try:
+            scalars, shapes, decays = step_scalars(active, factor, step)
+        except NotTraceable:
+            return None
+        kernel = self.kernel(active, bool(group["maximize"]), decays, shapes)
+        return None if kernel is None else (kernel, scalars)
+
+    def run_bucket(self, bucket: Bucket) -> list[KernelRun]:
+        if not self.supports(bucket):
+            return self.foreach.run_bucket(bucket)
+        items = bucket.items
+        ready, pointers, sizes, rest = self.split(items)  # e.g. a transposed parameter: the rest
+        if not ready or not self.run_native(bucket, ready, pointers, sizes):
+            return self.foreach.run_bucket(bucket)
+        return bucket.part(ready).ran(self.name) + (self.foreach.run_bucket(bucket.part(rest)) if rest else [])
+
+    def run_native(self, bucket: Bucket, items: list[Item], pointers: Sequence[int], sizes: Sequence[int]) -> bool:
+        """Step ``items`` (at ``pointers``: per item ``w``, ``g``, its state tensors) with the compiled
+        loop; False (nothing done) if the chain has none."""
+        prepared = self.prepare(bucket.group, bucket.active, bucket.weight_factor, int(bucket.step.item()))
+        if prepared is None:
+            return False
+        kernel, scalars = prepared
+        store = self.plan.store
+        if store.stochastic:  # per tensor and state, the seeds of its rounding noise
+            seeds = store.seeds(bucket.step, [item.ordinal for item in items], state_layout(bucket.active),
+                                torch.device("cpu"))
+            columns = [s for per_rule in seeds for s in per_rule]
+            stacked = torch.stack(columns, dim=1).contiguous() if columns else None
+            kernel(pointers, sizes, scalars, [item.offset for item in items], stacked)
+        else:
+            kernel(pointers, sizes, scalars)
+        return True

@@ -1,0 +1,97 @@
+"""``engine="reference"``: the readable loop, one parameter at a time; the oracle every other engine equals."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from descend.optim._rules import step_dtype
+from descend.optim.engines.plan import (
+    ActiveRules,
+    Engine,
+    GroupPlan,
+    KernelRun,
+    Plan,
+    Source,
+    check_grad,
+    check_state,
+    group_plans,
+    rule_state,
+    scales_weights,
+    state_keys,
+    state_layout,
+    traced_scalars,
+    with_scalars,
+)
+from descend.optim.engines.store import NoisePositions
+
+
+class ReferenceEngine(Engine):
+    """Per parameter: ``u <- g`` (``-g`` when maximising, divided by ``grad_scale`` if given), each active
+    rule in turn on its state (loaded and stored by the plan's store), ``w <- weight_factor*w + u``, then
+    the projections. Hyperparameters are Python numbers (or the tensors the user set)."""
+
+    name = "reference"
+
+    def __init__(self, plan: Plan, source: Source) -> None:
+        super().__init__(plan, source)
+        self.noise_position = NoisePositions(source, plan.layout)
+
+    def step(self, grad_scale: Tensor | None = None) -> None:
+        self.report = []
+        for index, (group, active, factor) in enumerate(group_plans(self.plan, self.source.param_groups, grad_scale)):
+            count = self.step_groups([(group, active, factor)], grad_scale)
+            if count:
+                self.report.append(KernelRun(index, "reference", count))
+
+    def step_groups(self, plans: Iterable[GroupPlan], grad_scale: Tensor | None = None) -> int:
+        """Step every parameter with a gradient, per group as ``plans`` (:func:`group_plans`) give it; returns
+        how many it stepped."""
+        count = 0
+        for group, active, factor in plans:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.step_param(p, group, active, factor, grad_scale)
+                    count += 1
+        return count
+
+    def step_param(self, p: Tensor, group: dict[str, Any], active: ActiveRules, factor: Any = 1,
+                   grad_scale: Tensor | None = None) -> None:
+        """One step of one parameter (also the first step of every parameter under the other engines)."""
+        plan = self.plan
+        store = plan.store
+        g = check_grad(p)
+        # a 0-d parameter steps as a 1-element tensor: torch computes two 0-d operands (the parameter and a
+        # 0-d tensor hyperparameter or grad scale) in the wider dtype, a 1-element tensor in its own
+        w = p.view(1) if p.dim() == 0 else p
+        g = g.view(1) if p.dim() == 0 else g
+        u = g / grad_scale.to(g.device) if grad_scale is not None else g
+        u = -u if group["maximize"] else u
+        state = self.source.state[p]
+        check_state(p, state, state_keys(active), plan.state_dtype)
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=step_dtype())
+        state["step"] += 1
+        # traced by torch.compile the count stays a tensor (float64: as exact as the number), which the graph
+        # reads instead of specialising on each value
+        step = state["step"].double() if torch.compiler.is_compiling() else int(state["step"].item())
+        ordinal, offset = self.noise_position(p) if store.stochastic else (0, 0)
+        seeds = store.seeds(state["step"], [ordinal], state_layout(active), p.device)
+        scaled = with_scalars(active, step) if isinstance(step, int) else traced_scalars(active, step)
+        for r, (rule, hp) in enumerate(scaled):
+            stored, fresh = rule_state(rule, state, p, hp, plan.state_dtype)
+            if w is not p:
+                stored = {k: v.view(1) for k, v in stored.items()}
+            work = {k: store.load(v) for k, v in stored.items()}
+            u = (rule.first_update if fresh else rule.update)(u, w, work, hp, step)
+            for j, (k, v) in enumerate(stored.items()):
+                if work[k] is not v:
+                    store.store_(v, work[k], seeds[r][j][0] if seeds else 0, offset)
+        if scales_weights(factor):  # decoupled decay: w <- factor*w + u
+            w.mul_(factor)
+        w.add_(u)
+        for projection in plan.projections:
+            projection.project_(w, projection.read(group))
