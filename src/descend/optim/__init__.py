@@ -29,7 +29,7 @@ from descend.optim._presets import (
     Softsign,
     create,
 )
-from descend.optim._rules import (
+from descend.optim.rules.base import (
     Rule,
     clip_by_global_norm,
     decoupled_decay,

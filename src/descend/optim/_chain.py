@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from descend.optim._flat import FlatLayout
-from descend.optim._rules import Rule, ScaleByLR, WeightRule, step_dtype
 from descend.optim.engines import ENGINES as ENGINE_CLASSES
 from descend.optim.engines import KernelRun, Plan, make_engine
 from descend.optim.engines.plan import check_state, traced_plans
+from descend.optim.rules.base import Rule, ScaleByLR, WeightRule, step_dtype
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -104,7 +104,7 @@ def momentum_rule(rules: Sequence[Rule]) -> Rule | None:
 
     torch's schedulers that cycle momentum (``OneCycleLR``, ``CyclicLR``) write ``momentum``, or
     ``betas[0]`` where a group has ``betas``. A chain with neither key of its own whose rules include a
-    momentum coefficient under another name (:attr:`Rule.momentum_name <descend.optim._rules.Rule.momentum_name>`,
+    momentum coefficient under another name (:attr:`Rule.momentum_name <descend.optim.rules.base.Rule.momentum_name>`,
     ``ema``'s ``beta``) gets a group key ``momentum`` that stands for the first such one.
     """
     if any(key in ("momentum", "betas") for rule in rules for key in rule.keys.values()):
@@ -113,7 +113,7 @@ def momentum_rule(rules: Sequence[Rule]) -> Rule | None:
 
 
 class ChainOptimizer(torch.optim.Optimizer):
-    """An optimizer that runs a chain of rules (the step: :mod:`descend.optim._rules`).
+    """An optimizer that runs a chain of rules (the step: :mod:`descend.optim.rules.base`).
 
     Speaks the ``torch.optim.Optimizer`` contract: param groups (every rule hyperparameter is a
     group key, so it can differ per group and be scheduled), ``step(closure)``, ``zero_grad``,
@@ -481,7 +481,7 @@ def implied_radius(opt: ChainOptimizer, group: dict[str, Any]) -> float | None:
     A projection onto a box of radius ``r`` gives ``r``. Decoupled decay ``lambda`` after a rule whose
     output is bounded by 1 per coordinate (sign, softsign, Lion) gives ``1/lambda``: at
     ``|w| > 1/lambda`` the decay term ``lambda*|w|`` outweighs any update, so ``|w|`` shrinks.
-    Each weight rule answers through :meth:`WeightRule.radius <descend.optim._rules.WeightRule.radius>`.
+    Each weight rule answers through :meth:`WeightRule.radius <descend.optim.rules.base.WeightRule.radius>`.
     """
     bounded = False  # is the update direction bounded by 1 per coordinate?
     for rule in opt.rules:

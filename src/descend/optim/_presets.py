@@ -23,7 +23,7 @@ import torch
 
 from descend._options import DEFAULT_LR, PRESET_NAMES
 from descend.optim._chain import ChainOptimizer, ParamsT
-from descend.optim._rules import (
+from descend.optim.rules.base import (
     Projection,
     Rule,
     clip_by_global_norm,

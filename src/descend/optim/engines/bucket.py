@@ -27,7 +27,6 @@ except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment,misc]
 
 from descend.optim._flat import FlatBuffer
-from descend.optim._rules import WeightRule
 from descend.optim.engines.plan import (
     ActiveRules,
     Engine,
@@ -44,6 +43,7 @@ from descend.optim.engines.plan import (
 from descend.optim.engines.reference import ReferenceEngine
 from descend.optim.engines.store import NoisePositions
 from descend.optim.engines.tensorlist import TensorList
+from descend.optim.rules.base import WeightRule
 
 
 class Item:

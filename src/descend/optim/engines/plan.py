@@ -21,8 +21,8 @@ except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment,misc]
 
 from descend.optim._flat import FlatLayout
-from descend.optim._rules import Rule, WeightRule
 from descend.optim.engines.store import Store, store_for
+from descend.optim.rules.base import Rule, WeightRule
 
 #: A param group's active rules, each with its hyperparameters (by the rule's own names) this step.
 ActiveRules = list[tuple[Rule, dict[str, Any]]]

@@ -1,6 +1,6 @@
 """How optimizer state is kept in memory: loaded to float32 for the rules, stored back after.
 
-Every engine runs a rule's :meth:`update <descend.optim._rules.Rule.update>` on *working* state and
+Every engine runs a rule's :meth:`update <descend.optim.rules.base.Rule.update>` on *working* state and
 then stores it: ``work = store.load(stored)``, the rule updates ``work`` in place, then
 ``store.store_(stored, work, seed, offset)``. The store is chosen once per optimizer from its
 ``state_dtype`` (:func:`store_for`) and is the one place that says how state is kept; the native

@@ -1,6 +1,6 @@
 """``TensorList``: many same-dtype tensors that do arithmetic together, through ``torch._foreach_*``.
 
-The update rules (:mod:`descend.optim._rules`) are written for one tensor. A ``TensorList`` answers
+The update rules (:mod:`descend.optim.rules.base`) are written for one tensor. A ``TensorList`` answers
 every operator, method and ``torch`` function those rules use (``+ - * /``, unary minus, ``abs``,
 ``sqrt``, ``lerp_``, ``mul_``, ``add_``, ``copy_``, ``clamp_``, ``to``, ``torch.sign``,
 ``torch.lerp``, ``torch.maximum(out=)``) with one multi-tensor kernel launch for the whole list, so

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from descend.optim._rules import Rule
 from descend.optim.engines.bucket import SortedGroup, tensor_version
 from descend.optim.engines.native.compiler import Kernel
 from descend.optim.engines.native.emit import step_scalars
 from descend.optim.engines.plan import ActiveRules, Plan, active_rules, state_keys, weight_factor
+from descend.optim.rules.base import Rule
 
 if TYPE_CHECKING:
     from descend.optim.engines.native.engine import NativeEngine

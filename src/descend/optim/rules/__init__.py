@@ -1,0 +1,1 @@
+"""The update rules: what one optimizer step computes."""
