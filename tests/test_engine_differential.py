@@ -32,7 +32,8 @@ from descend import optim
 from descend.optim._chain import ENGINES
 from descend.optim.engines import compiled
 from descend.optim.engines.native.emit import PARALLEL_MIN
-from descend.optim.rules.base import Rule, ScaleByAdam
+from descend.optim.rules.base import Rule
+from descend.optim.rules.normalised import ScaleByAdam
 
 # -- optimizers ----------------------------------------------------------------------------------------------
 UNIT = st.sampled_from([0.0, 0.5, 0.9, 0.99])

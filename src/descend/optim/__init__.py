@@ -29,21 +29,17 @@ from descend.optim._presets import (
     Softsign,
     create,
 )
-from descend.optim.rules.base import (
-    Rule,
+from descend.optim.rules.base import Rule
+from descend.optim.rules.descent import (
     clip_by_global_norm,
     decoupled_decay,
-    ema,
-    heavy_ball,
     l2,
-    lion,
     project_ball,
     project_box,
-    scale_by_adam,
     scale_by_lr,
-    sign,
-    softsign,
 )
+from descend.optim.rules.momentum import ema, heavy_ball
+from descend.optim.rules.normalised import lion, scale_by_adam, sign, softsign
 
 __all__ = [
     "OPTIMIZERS",

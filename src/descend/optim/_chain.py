@@ -13,7 +13,8 @@ from descend.optim._flat import FlatLayout
 from descend.optim.engines import ENGINES as ENGINE_CLASSES
 from descend.optim.engines import KernelRun, Plan, make_engine
 from descend.optim.engines.plan import check_state, traced_plans
-from descend.optim.rules.base import Rule, ScaleByLR, WeightRule, step_dtype
+from descend.optim.rules.base import Rule, WeightRule, step_dtype
+from descend.optim.rules.descent import ScaleByLR
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 

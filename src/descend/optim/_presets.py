@@ -23,19 +23,10 @@ import torch
 
 from descend._options import DEFAULT_LR, PRESET_NAMES
 from descend.optim._chain import ChainOptimizer, ParamsT
-from descend.optim.rules.base import (
-    Projection,
-    Rule,
-    clip_by_global_norm,
-    decoupled_decay,
-    ema,
-    heavy_ball,
-    l2,
-    lion,
-    scale_by_adam,
-    sign,
-    softsign,
-)
+from descend.optim.rules.base import Rule
+from descend.optim.rules.descent import Projection, clip_by_global_norm, decoupled_decay, l2
+from descend.optim.rules.momentum import ema, heavy_ball
+from descend.optim.rules.normalised import lion, scale_by_adam, sign, softsign
 
 
 class _Preset(ChainOptimizer):
