@@ -15,7 +15,8 @@ Named optimizers are presets of the same chain; :func:`chain` composes your own:
 at most one parameter's gradient is alive.
 """
 
-from descend.optim._chain import ChainOptimizer, chain, constraint_state, explain, implied_radius
+from descend.optim._chain import ChainOptimizer, chain
+from descend.optim._explain import constraint_state, explain, implied_radius
 from descend.optim._in_backward import StepInBackward, step_in_backward
 from descend.optim._presets import (
     OPTIMIZERS,
