@@ -27,9 +27,7 @@ from descend.data._base import DataBundle, InputKind, Split, Task, seeded_split
 SHAPES = ("sphere", "cube", "cylinder", "cone", "torus")
 
 
-def split_indices(
-    n: int, val_fraction: float, test_fraction: float, seed: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     """A seeded random partition of ``range(n)`` into (train, val, test) index tensors.
 
     The validation and test splits get ``round(fraction * n)`` examples each (at least one when the

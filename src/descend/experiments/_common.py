@@ -153,8 +153,7 @@ def digits(seed: int = 0) -> Digits:
     from descend.data.tabular import load_digits
 
     b = load_digits(seed=seed)
-    return Digits(b.train.inputs[0], b.train.targets, b.val.inputs[0], b.val.targets,
-                  b.test.inputs[0], b.test.targets)
+    return Digits(b.train.inputs[0], b.train.targets, b.val.inputs[0], b.val.targets, b.test.inputs[0], b.test.targets)
 
 
 def flat(tensors: Sequence[Tensor]) -> Tensor:

@@ -92,9 +92,7 @@ class Linear(nn.Linear):
     :func:`init_linear`), ``"default"`` being PyTorch's.
     """
 
-    def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, init: InitSpec = "default"
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init: InitSpec = "default") -> None:
         _check_init(init)
         super().__init__(in_features, out_features, bias=bias)
         init_linear(self, init, activation="relu")
@@ -169,9 +167,7 @@ class ResidualBlock(nn.Module):
     the same parameters as the residual one.
     """
 
-    def __init__(
-        self, width: int, activation: str, norm: str | None, residual: bool, branch_scale: float
-    ) -> None:
+    def __init__(self, width: int, activation: str, norm: str | None, residual: bool, branch_scale: float) -> None:
         super().__init__()
         self.norm = make_norm(norm, width)
         self.linear = nn.Linear(width, width)

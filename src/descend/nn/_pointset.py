@@ -19,9 +19,7 @@ from ._attention import (
 )
 
 
-def _check_set(
-    locations: Tensor, values: Tensor, mask: Tensor | None, d_loc: int, d_val: int
-) -> Tensor | None:
+def _check_set(locations: Tensor, values: Tensor, mask: Tensor | None, d_loc: int, d_val: int) -> Tensor | None:
     if locations.dim() != 3 or locations.shape[-1] != d_loc:
         raise ValueError(f"locations must be [B, N, {d_loc}], got {tuple(locations.shape)}")
     if values.dim() != 3 or values.shape[:2] != locations.shape[:2] or values.shape[-1] != d_val:
@@ -59,18 +57,14 @@ class PointSetEncoder(nn.Module):
         if depth < 0:
             raise ValueError(f"depth={depth!r}: expected an integer >= 0")
         self.location_dim, self.value_dim = location_dim, value_dim
-        self.embed = PointEmbedding(
-            location_dim, value_dim, width, location_embedding, fourier_features, fourier_scale
-        )
+        self.embed = PointEmbedding(location_dim, value_dim, width, location_embedding, fourier_features, fourier_scale)
         self.blocks = nn.ModuleList(
             SelfAttentionBlock(width, heads) if inducing_points is None
             else InducedAttentionBlock(width, heads, inducing_points)
             for _ in range(depth)
         )
 
-    def forward(
-        self, locations: Tensor, values: Tensor, mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
+    def forward(self, locations: Tensor, values: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Returns ``(tokens [B, N, width], mask [B, N] as bool or None)``."""
         mask = _check_set(locations, values, mask, self.location_dim, self.value_dim)
         # zero the raw padding too, so non-finite padding cannot reach even a gradient
@@ -151,9 +145,7 @@ class PointSetDecoder(nn.Module):
             location_dim, value_dim, width, depth, heads, inducing_points,
             location_embedding, fourier_features, fourier_scale,
         )
-        self.query_embed = PointEmbedding(
-            location_dim, 0, width, location_embedding, fourier_features, fourier_scale
-        )
+        self.query_embed = PointEmbedding(location_dim, 0, width, location_embedding, fourier_features, fourier_scale)
         self.blocks = nn.ModuleList(CrossAttentionBlock(width, heads) for _ in range(max(depth, 1)))
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out_features))
 

@@ -153,8 +153,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                                             and state_dtype.is_floating_point):
             raise ValueError(f"state_dtype must be a floating torch.dtype or None, got {state_dtype!r}")
         self.rules, self.decays, self.projections = _normalise(rules)
-        defaults = {"lr": lr, "maximize": maximize,
-                    **_assign_keys(self.all_rules)}
+        defaults = {"lr": lr, "maximize": maximize, **_assign_keys(self.all_rules)}
         unknown = sorted(set(hyper) - set(defaults))
         if unknown:
             raise ValueError(f"unknown hyperparameter(s) {unknown} for this chain; "

@@ -3,10 +3,7 @@
 A bucket (:class:`Bucket`) holds the parameters of one group with the same device, dtype and step
 count whose state already exists; everything else (a parameter's first step, which creates its state
 and runs ``Rule.first_update``; zero-size tensors; the parameters of a group where two share memory,
-:func:`tensors_overlap`) takes the reference path. The step counters of a bucket are the elements of
-one tensor, advanced by one operation (:class:`StepCounters`). With ``flat=True`` a flat buffer
-(:mod:`descend.optim._flat`) steps as one tensor whenever that computes what stepping its parameters
-one by one would (:meth:`BucketEngine.step_flat`).
+:func:`tensors_overlap`) takes the reference path.
 """
 
 from __future__ import annotations

@@ -100,8 +100,6 @@ class CompiledEngine(BucketEngine):
     """One ``torch.compile``-fused pass per bucket; falls back to :class:`ForeachEngine` if compiling fails.
 
     Args:
-        plan: what to run.
-        source: the optimizer (param groups and state).
         backend: the ``torch.compile`` backend (default: :data:`BACKEND` when the step is first compiled).
         quiet: report a compile failure in the ``descend.optim`` log instead of a ``RuntimeWarning``
             (``engine="auto"``, where the user asked for no engine in particular).

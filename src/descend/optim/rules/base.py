@@ -119,8 +119,7 @@ class Rule:
 
     def init_state(self, w: Tensor, hp: Hyper, dtype: torch.dtype | None = None) -> State:
         """Fresh state: zeros shaped like ``w`` (in ``dtype`` if given) for every state key."""
-        return {k: torch.zeros_like(w, dtype=dtype, memory_format=torch.preserve_format)
-                for k in self.state_keys(hp)}
+        return {k: torch.zeros_like(w, dtype=dtype, memory_format=torch.preserve_format) for k in self.state_keys(hp)}
 
     def active(self, hp: Hyper) -> bool:
         """False when these hyperparameters make the rule the identity (it is then skipped, stateless)."""

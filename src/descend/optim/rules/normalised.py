@@ -45,8 +45,7 @@ class ScaleByAdam(Rule):
     name = "adam"
     static = ("amsgrad",)
 
-    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 amsgrad: bool = False) -> None:
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, amsgrad: bool = False) -> None:
         super().__init__(betas=betas, eps=eps, amsgrad=amsgrad)
 
     def state_keys(self, hp: Hyper) -> tuple[str, ...]:
@@ -79,8 +78,7 @@ class ScaleByAdam(Rule):
 
     def equation(self) -> str:
         amsgrad = "  (AMSGrad: v ← max(v_max, v))" if self.hyper.get("amsgrad") else ""
-        return ("m ← β1·m + (1−β1)·u;  v ← β2·v + (1−β2)·u²" + amsgrad
-                + ";  u ← (m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + ε)")
+        return ("m ← β1·m + (1−β1)·u;  v ← β2·v + (1−β2)·u²" + amsgrad + ";  u ← (m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + ε)")
 
 
 class Lion(Rule):
@@ -118,8 +116,7 @@ def softsign(eps: float = 1e-8) -> Rule:
     return Softsign(eps)
 
 
-def scale_by_adam(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                  amsgrad: bool = False) -> Rule:
+def scale_by_adam(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, amsgrad: bool = False) -> Rule:
     """Adam's scaling of the update, the adaptive variant of softsign momentum.
 
     ``m <- b1*m + (1-b1)*u``, ``v <- b2*v + (1-b2)*u^2`` (AMSGrad: ``v_max <- max(v_max, v)`` and

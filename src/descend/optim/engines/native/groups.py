@@ -32,9 +32,7 @@ _nbytes_of = attrgetter("nbytes")
 
 
 class NativeGroup:
-    """A param group whose last step was one native loop over all its parameters, kept so that the next
-    step checks what it found instead of sorting the group into buckets again
-    (:meth:`~descend.optim.engines.native.engine.NativeEngine.repeat_group`).
+    """A param group whose last step was one native loop over all its parameters.
 
     Holds the group's parameters, their state dicts and state tensors, the parameters' addresses and
     sizes, the loop's address table (gradients left to fill in), the packed step counter, and the
