@@ -121,18 +121,8 @@ class MLP(nn.Module):
     :class:`ResidualMLP` and ``--width`` too; ``hidden=`` is its deprecated alias.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        width: int = 64,
-        depth: int = 2,
-        activation: str = "relu",
-        init: InitSpec = "default",
-        norm: str | None = None,
-        *,
-        hidden: int | None = None,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, width: int = 64, depth: int = 2, activation: str = "relu",
+                 init: InitSpec = "default", norm: str | None = None, *, hidden: int | None = None) -> None:
         super().__init__()
         if hidden is not None:
             warnings.warn("MLP(hidden=) is deprecated; use MLP(width=)", DeprecationWarning, stacklevel=2)
@@ -197,19 +187,9 @@ class ResidualMLP(nn.Module):
     (:mod:`descend.nn._checkpoint`; not with ``norm="batch"``, whose running statistics would be updated twice).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        width: int = 64,
-        depth: int = 8,
-        activation: str = "relu",
-        residual: bool = True,
-        norm: str | None = "layer",
-        branch_scale: float = 1.0,
-        init: InitSpec = "he",
-        checkpoint: bool = False,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, width: int = 64, depth: int = 8, activation: str = "relu",
+                 residual: bool = True, norm: str | None = "layer", branch_scale: float = 1.0, init: InitSpec = "he",
+                 checkpoint: bool = False) -> None:
         super().__init__()
         _check_positive("in_features", in_features)
         _check_positive("out_features", out_features)

@@ -38,18 +38,9 @@ class PointSetEncoder(nn.Module):
     attention (``O(m N)``). Permutation-equivariant; padded rows of the output are exactly zero.
     """
 
-    def __init__(
-        self,
-        location_dim: int,
-        value_dim: int,
-        width: int = 64,
-        depth: int = 2,
-        heads: int = 4,
-        inducing_points: int | None = None,
-        location_embedding: str = "fourier",
-        fourier_features: int = 32,
-        fourier_scale: float = 1.0,
-    ) -> None:
+    def __init__(self, location_dim: int, value_dim: int, width: int = 64, depth: int = 2, heads: int = 4,
+                 inducing_points: int | None = None, location_embedding: str = "fourier", fourier_features: int = 32,
+                 fourier_scale: float = 1.0) -> None:
         super().__init__()
         for name, value in (("location_dim", location_dim), ("value_dim", value_dim), ("width", width)):
             if value < 1:
@@ -85,19 +76,9 @@ class PointSetTransformer(nn.Module):
     :meth:`encode` gives the permutation-equivariant per-point features ``[B, N, width]``.
     """
 
-    def __init__(
-        self,
-        location_dim: int,
-        value_dim: int,
-        out_features: int,
-        width: int = 64,
-        depth: int = 2,
-        heads: int = 4,
-        inducing_points: int | None = None,
-        location_embedding: str = "fourier",
-        fourier_features: int = 32,
-        fourier_scale: float = 1.0,
-    ) -> None:
+    def __init__(self, location_dim: int, value_dim: int, out_features: int, width: int = 64, depth: int = 2,
+                 heads: int = 4, inducing_points: int | None = None, location_embedding: str = "fourier",
+                 fourier_features: int = 32, fourier_scale: float = 1.0) -> None:
         super().__init__()
         self.encoder = PointSetEncoder(
             location_dim, value_dim, width, depth, heads, inducing_points,
@@ -127,19 +108,9 @@ class PointSetDecoder(nn.Module):
     a query's prediction does not depend on the other queries.
     """
 
-    def __init__(
-        self,
-        location_dim: int,
-        value_dim: int,
-        out_features: int,
-        width: int = 64,
-        depth: int = 2,
-        heads: int = 4,
-        inducing_points: int | None = None,
-        location_embedding: str = "fourier",
-        fourier_features: int = 32,
-        fourier_scale: float = 1.0,
-    ) -> None:
+    def __init__(self, location_dim: int, value_dim: int, out_features: int, width: int = 64, depth: int = 2,
+                 heads: int = 4, inducing_points: int | None = None, location_embedding: str = "fourier",
+                 fourier_features: int = 32, fourier_scale: float = 1.0) -> None:
         super().__init__()
         self.encoder = PointSetEncoder(
             location_dim, value_dim, width, depth, heads, inducing_points,
@@ -149,13 +120,8 @@ class PointSetDecoder(nn.Module):
         self.blocks = nn.ModuleList(CrossAttentionBlock(width, heads) for _ in range(max(depth, 1)))
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out_features))
 
-    def forward(
-        self,
-        context_locations: Tensor,
-        context_values: Tensor,
-        context_mask: Tensor | None,
-        query_locations: Tensor,
-    ) -> Tensor:
+    def forward(self, context_locations: Tensor, context_values: Tensor, context_mask: Tensor | None,
+                query_locations: Tensor) -> Tensor:
         context, mask = self.encoder(context_locations, context_values, context_mask)
         if query_locations.dim() != 3 or query_locations.shape[0] != context.shape[0] or (
             query_locations.shape[-1] != self.encoder.location_dim

@@ -121,9 +121,8 @@ class Softsign(_Preset):
 
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["softsign"], beta: float = 0.9, eps: float = 1e-8,
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
-                 constraint: str | None = None, radius: float | None = None,
-                 max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
+                 constraint: str | None = None, radius: float | None = None, max_grad_norm: float | None = None,
+                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
         super().__init__(params, [ema(beta), softsign(eps)], **_options(locals()))
 
 
@@ -132,9 +131,8 @@ class Lion(_Preset):
 
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["lion"], betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
-                 constraint: str | None = None, radius: float | None = None,
-                 max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
+                 constraint: str | None = None, radius: float | None = None, max_grad_norm: float | None = None,
+                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
         super().__init__(params, [lion(betas)], **_options(locals()))
 
 
