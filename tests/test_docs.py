@@ -192,7 +192,7 @@ def test_every_example_is_documented() -> None:
 def test_api_pages_show_sphinx_markup_as_what_it_means() -> None:
     hooks = _hooks()
     html = ("<p>See :func:<code>descend.optim.chain</code>, :class:<code>~descend.data.Split</code> and "
-            ":meth:<code>radius &lt;descend.optim.rules.base.WeightRule.radius&gt;</code>; keep <code>x:y</code>.</p>")
+            ":meth:<code>radius &lt;descend.optim._rules.WeightRule.radius&gt;</code>; keep <code>x:y</code>.</p>")
     assert hooks.tidy_docstrings(html) == ("<p>See <code>descend.optim.chain</code>, <code>Split</code> and "
                                        "<code>radius</code>; keep <code>x:y</code>.</p>")
 
