@@ -30,9 +30,10 @@ from torch import nn
 
 from descend import optim
 from descend.optim._chain import ENGINES
-from descend.optim._rules import Rule, ScaleByAdam
 from descend.optim.engines import compiled
 from descend.optim.engines.native.emit import PARALLEL_MIN
+from descend.optim.rules.base import Rule
+from descend.optim.rules.normalised import ScaleByAdam
 
 # -- optimizers ----------------------------------------------------------------------------------------------
 UNIT = st.sampled_from([0.0, 0.5, 0.9, 0.99])

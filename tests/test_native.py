@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from descend import optim
-from descend.optim._rules import Rule
 from descend.optim.engines import KernelRun
+from descend.optim.rules.base import Rule
 from test_engines import PRESETS, assert_close, kernels, run
 
 pytestmark = pytest.mark.skipif(not any(map(shutil.which, ("cc", "gcc", "clang"))), reason="needs a C compiler")

@@ -92,15 +92,8 @@ class Checkpoint:
     state: dict[str, Any]
 
 
-def save_checkpoint(
-    root: str | Path,
-    step: int,
-    model_state: dict[str, Tensor],
-    state: dict[str, Any],
-    *,
-    keep: int = 2,
-    healthy: bool = True,
-) -> Path:
+def save_checkpoint(root: str | Path, step: int, model_state: dict[str, Tensor], state: dict[str, Any], *,
+                    keep: int = 2, healthy: bool = True) -> Path:
     """Write a checkpoint for ``step`` under ``root`` atomically; return its directory.
 
     ``state`` may nest dicts, lists, tuples, numbers, strings and tensors (e.g. an optimizer's
@@ -135,9 +128,8 @@ def save_checkpoint(
     return final
 
 
-def commit_checkpoint(
-    root: str | Path, step: int, name: str, *, keep: int = 2, kind: str | None = None, healthy: bool = True
-) -> None:
+def commit_checkpoint(root: str | Path, step: int, name: str, *, keep: int = 2, kind: str | None = None,
+                      healthy: bool = True) -> None:
     """Point ``root/latest.json`` at the complete step directory ``name``, then drop older ones.
 
     Kept: the newest ``keep`` step directories up to ``step``, and the newest committed with

@@ -112,16 +112,8 @@ def time_to_target(history: list[dict[str, Any]], task: Task) -> tuple[int | Non
     return (int(hit["step"]), float(hit["seconds"])) if hit is not None else (None, None)
 
 
-def run_once(
-    task: Task,
-    optimizer: str,
-    lr: float,
-    seed: int,
-    *,
-    steps: int | None = None,
-    device: str | None = None,
-    bundle: DataBundle | None = None,
-) -> dict[str, Any]:
+def run_once(task: Task, optimizer: str, lr: float, seed: int, *, steps: int | None = None, device: str | None = None,
+             bundle: DataBundle | None = None) -> dict[str, Any]:
     """Train ``task``'s model with ``optimizer`` at ``lr`` from ``seed``; one JSON-able record.
 
     Keys: ``seed``, ``lr``, ``diverged``, ``val``/``test`` (final metrics; absent when diverged),
@@ -208,13 +200,8 @@ def grid_for(task: Task, optimizer: str, multipliers: Sequence[float]) -> list[f
     return sorted({float(f"{centre * m:.3g}") for m in multipliers})
 
 
-def run_task_optimizer(
-    task_name: str,
-    optimizer: str,
-    plan: dict[str, Any],
-    device: str | None = None,
-    threads: int | None = None,
-) -> dict[str, Any]:
+def run_task_optimizer(task_name: str, optimizer: str, plan: dict[str, Any], device: str | None = None,
+                       threads: int | None = None) -> dict[str, Any]:
     """Tune ``optimizer`` on ``task_name`` and run its seeds (one unit of work; runs in a worker process).
 
     Returns the ``tuning`` (:meth:`TuneResult.to_dict` plus the runs' count and seconds), the
@@ -299,9 +286,8 @@ def _profile_time(summary: dict[str, Any], key: str) -> float:
 PROFILE_TAUS = tuple(round(1 + 0.05 * i, 2) for i in range(20)) + tuple(round(2 + 0.25 * i, 2) for i in range(33))
 
 
-def _execute(
-    jobs: list[tuple[str, str]], plan: dict[str, Any], spec: CompareSpec, log: Callable[[str], None]
-) -> dict[tuple[str, str], dict[str, Any]]:
+def _execute(jobs: list[tuple[str, str]], plan: dict[str, Any], spec: CompareSpec,
+             log: Callable[[str], None]) -> dict[tuple[str, str], dict[str, Any]]:
     done: dict[tuple[str, str], dict[str, Any]] = {}
 
     def note(key: tuple[str, str], result: dict[str, Any]) -> None:

@@ -67,9 +67,8 @@ class Task:
         )
 
 
-def make_badly_scaled(
-    seed: int = 0, *, features: int = 32, n_train: int = 512, n_val: int = 256, n_test: int = 256, noise: float = 0.1
-) -> DataBundle:
+def make_badly_scaled(seed: int = 0, *, features: int = 32, n_train: int = 512, n_val: int = 256, n_test: int = 256,
+                      noise: float = 0.1) -> DataBundle:
     """Least squares with features scaled from ``1e-2`` to ``1e2`` (see the module docstring)."""
     g = generator(seed)
     n = n_train + n_val + n_test

@@ -126,14 +126,8 @@ def _score(result: Any) -> tuple[float, Any]:
     return (loss if math.isfinite(loss) else math.inf), detail
 
 
-def tune_lr(
-    run: Callable[[float, int], Any],
-    grid: Sequence[float],
-    seeds: Sequence[int] = (0,),
-    *,
-    max_extensions: int = 3,
-    step_factor: float | None = None,
-) -> TuneResult:
+def tune_lr(run: Callable[[float, int], Any], grid: Sequence[float], seeds: Sequence[int] = (0,), *,
+            max_extensions: int = 3, step_factor: float | None = None) -> TuneResult:
     """Pick the learning rate minimising the mean over ``seeds`` of ``run(lr, seed)``'s validation loss.
 
     ``run(lr, seed)`` trains one model and returns its final validation loss (or ``(loss, detail)``;
@@ -190,9 +184,8 @@ def tune_lr(
     )
 
 
-def tie_groups(
-    intervals: dict[str, tuple[float, float, float] | None], *, higher_is_better: bool
-) -> list[dict[str, Any]]:
+def tie_groups(intervals: dict[str, tuple[float, float, float] | None], *,
+               higher_is_better: bool) -> list[dict[str, Any]]:
     """Rank ``name -> (mean, low, high)`` by mean, grouping names whose intervals overlap the leader's.
 
     Sorted best first, the best name not yet grouped leads a group; every later name whose

@@ -27,9 +27,7 @@ from descend.data._base import DataBundle, InputKind, Split, Task, seeded_split
 SHAPES = ("sphere", "cube", "cylinder", "cone", "torus")
 
 
-def split_indices(
-    n: int, val_fraction: float, test_fraction: float, seed: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     """A seeded random partition of ``range(n)`` into (train, val, test) index tensors.
 
     The validation and test splits get ``round(fraction * n)`` examples each (at least one when the
@@ -48,20 +46,9 @@ def split_indices(
     return train, val, test
 
 
-def _bundle(
-    name: str,
-    task: Task,
-    input_kind: InputKind,
-    inputs: tuple[Tensor, ...],
-    targets: Tensor,
-    out_features: int,
-    location_dim: int,
-    value_dim: int,
-    seed: int,
-    val_fraction: float,
-    test_fraction: float,
-    info: dict[str, object],
-) -> DataBundle:
+def _bundle(name: str, task: Task, input_kind: InputKind, inputs: tuple[Tensor, ...], targets: Tensor,
+            out_features: int, location_dim: int, value_dim: int, seed: int, val_fraction: float, test_fraction: float,
+            info: dict[str, object]) -> DataBundle:
     everything = Split(inputs, targets)
     train, val, test = split_indices(len(everything), val_fraction, test_fraction, seed)
     return DataBundle(
@@ -89,12 +76,8 @@ def _pad(sets: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(out), torch.from_numpy(mask)
 
 
-def load_digits_points(
-    seed: int = 0,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
-    order: str = "random",
-) -> DataBundle:
+def load_digits_points(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
+                       order: str = "random") -> DataBundle:
     """scikit-learn's 1,797 8x8 digit images as point sets, 10 classes.
 
     Pixel ``(r, c)`` of intensity ``v in {0..16}`` becomes the point with location
@@ -189,18 +172,9 @@ def _principal_frame(p: np.ndarray) -> np.ndarray:
     return q * np.where((q**3).sum(axis=0) >= 0, 1.0, -1.0)
 
 
-def make_shapes(
-    n_per_class: int = 200,
-    points: tuple[int, int] = (64, 160),
-    seed: int = 0,
-    noise: float = 0.02,
-    scale: tuple[float, float] = (0.75, 1.25),
-    value: str = "distance",
-    pose: str = "random",
-    normalise: bool = False,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
-) -> DataBundle:
+def make_shapes(n_per_class: int = 200, points: tuple[int, int] = (64, 160), seed: int = 0, noise: float = 0.02,
+                scale: tuple[float, float] = (0.75, 1.25), value: str = "distance", pose: str = "random",
+                normalise: bool = False, val_fraction: float = 0.15, test_fraction: float = 0.15) -> DataBundle:
     """3-D point clouds of 5 shapes (sphere, cube, cylinder, cone, torus), one class each.
 
     Each cloud: ``n ~ U{points[0]..points[1]}`` points uniform on the shape's surface, scaled by
@@ -252,17 +226,10 @@ def make_shapes(
     )
 
 
-def make_gp1d(
-    n_functions: int = 2000,
-    context: tuple[int, int] = (3, 20),
-    queries: int = 16,
-    seed: int = 0,
-    length_scale: tuple[float, float] = (0.25, 1.0),
-    noise: float = 0.05,
-    x_range: tuple[float, float] = (-2.0, 2.0),
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
-) -> DataBundle:
+def make_gp1d(n_functions: int = 2000, context: tuple[int, int] = (3, 20), queries: int = 16, seed: int = 0,
+              length_scale: tuple[float, float] = (0.25, 1.0), noise: float = 0.05,
+              x_range: tuple[float, float] = (-2.0, 2.0), val_fraction: float = 0.15,
+              test_fraction: float = 0.15) -> DataBundle:
     """1-D regression sets: Gaussian-process draws seen at context points, predicted at query points.
 
     Per function: ``l ~ logU(length_scale)``; ``x_1..x_{C+Q} ~ U(x_range)`` with ``C = context[1]``;
@@ -301,9 +268,8 @@ def make_gp1d(
     )
 
 
-def nearest_context_value(
-    context_locations: Tensor, context_values: Tensor, context_mask: Tensor | None, query_locations: Tensor
-) -> Tensor:
+def nearest_context_value(context_locations: Tensor, context_values: Tensor, context_mask: Tensor | None,
+                          query_locations: Tensor) -> Tensor:
     """The nearest-neighbour baseline: each query gets the value of its nearest real context point.
 
     ``[B, N, d], [B, N, v], [B, N], [B, Q, d] -> [B, Q, v]`` (Euclidean distance; padded points are
@@ -384,15 +350,8 @@ def point_arrays(archive: dict[str, np.ndarray], name: str, *, need_y: bool = Tr
     return out
 
 
-def load_point_npz(
-    path: str | Path,
-    *,
-    task: Task | None = None,
-    seed: int = 0,
-    normalize: bool = True,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
-) -> DataBundle:
+def load_point_npz(path: str | Path, *, task: Task | None = None, seed: int = 0, normalize: bool = True,
+                   val_fraction: float = 0.15, test_fraction: float = 0.15) -> DataBundle:
     """Point sets from an ``.npz`` archive (read without pickle): see :func:`point_arrays` for the arrays.
 
     Each set is centred and scaled by :func:`normalize_point_sets` unless ``normalize=False``

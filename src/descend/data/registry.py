@@ -60,18 +60,9 @@ def _is_point_archive(path: Path) -> bool:
         return False
 
 
-def load_data(
-    name_or_path: str,
-    *,
-    target: str | None = None,
-    task: Task | None = None,
-    seed: int = 0,
-    normalize_points: bool = True,
-    encoding: str | None = None,
-    delimiter: str | None = None,
-    context: int = 64,
-    missing: str = "error",
-) -> DataBundle:
+def load_data(name_or_path: str, *, target: str | None = None, task: Task | None = None, seed: int = 0,
+              normalize_points: bool = True, encoding: str | None = None, delimiter: str | None = None,
+              context: int = 64, missing: str = "error") -> DataBundle:
     """The dataset ``name_or_path``: a built-in name (see :data:`DATASETS`), a ``.csv`` or an ``.npz``.
 
     ``target`` names a CSV's label column (``encoding`` and ``delimiter`` how to read it; default:

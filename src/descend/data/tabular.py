@@ -128,19 +128,9 @@ def _split_index(m: int, fractions: Sequence[float], seed: int) -> tuple[np.ndar
     return train.numpy(), val.numpy(), test.numpy()
 
 
-def from_arrays(
-    X: np.ndarray,
-    y: np.ndarray,
-    *,
-    name: str,
-    task: Task | None = None,
-    seed: int = 0,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    feature_names: Sequence[str] | None = None,
-    standardize: bool = True,
-    missing: str = "error",
-    rows_dropped: int = 0,
-) -> DataBundle:
+def from_arrays(X: np.ndarray, y: np.ndarray, *, name: str, task: Task | None = None, seed: int = 0,
+                fractions: Sequence[float] = DEFAULT_FRACTIONS, feature_names: Sequence[str] | None = None,
+                standardize: bool = True, missing: str = "error", rows_dropped: int = 0) -> DataBundle:
     """Validate ``X [M, F]`` and ``y [M]`` (or ``[M, K]``), split, standardise and bundle them.
 
     NaN features are missing values, handled as ``missing`` says (see the module docstring);
@@ -318,17 +308,9 @@ def _sniff_delimiter(text: str) -> str:
     return best or fallback
 
 
-def load_csv(
-    path: str | Path,
-    target: str | None,
-    *,
-    task: Task | None = None,
-    seed: int = 0,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    encoding: str | None = None,
-    delimiter: str | None = None,
-    missing: str = "error",
-) -> DataBundle:
+def load_csv(path: str | Path, target: str | None, *, task: Task | None = None, seed: int = 0,
+             fractions: Sequence[float] = DEFAULT_FRACTIONS, encoding: str | None = None, delimiter: str | None = None,
+             missing: str = "error") -> DataBundle:
     """A CSV file with a header row; ``target`` names the label column, all other columns are features.
 
     The file is read as UTF-8 (with or without a byte-order mark) unless ``encoding`` names another
@@ -432,14 +414,8 @@ def load_csv(
     return bundle
 
 
-def load_npz(
-    path: str | Path,
-    *,
-    task: Task | None = None,
-    seed: int = 0,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    missing: str = "error",
-) -> DataBundle:
+def load_npz(path: str | Path, *, task: Task | None = None, seed: int = 0,
+             fractions: Sequence[float] = DEFAULT_FRACTIONS, missing: str = "error") -> DataBundle:
     """An ``.npz`` archive holding ``X [M, F]`` and ``y [M]`` (no pickled objects are loaded); NaN
     features are missing values, handled as ``missing`` says."""
     path = Path(path)

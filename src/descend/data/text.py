@@ -73,16 +73,8 @@ def _windows(data: bytes, context: int) -> tuple[torch.Tensor, torch.Tensor]:
     return chunks[:, :-1].contiguous(), chunks[:, 1:].contiguous()
 
 
-def load_stdlib_text(
-    seed: int = 0,
-    *,
-    context: int = 64,
-    train_bytes: int = 1_000_000,
-    val_bytes: int = 24_000,
-    test_bytes: int = 24_000,
-    max_file_bytes: int = 60_000,
-    root: str | None = None,
-) -> DataBundle:
+def load_stdlib_text(seed: int = 0, *, context: int = 64, train_bytes: int = 1_000_000, val_bytes: int = 24_000,
+                     test_bytes: int = 24_000, max_file_bytes: int = 60_000, root: str | None = None) -> DataBundle:
     """The byte-level language-modelling set described in the module docstring.
 
     ``max_file_bytes`` skips files larger than that (a few generated tables), so one file cannot fill

@@ -36,12 +36,8 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return layers
 
 
-def gradient_flow(
-    model: nn.Module,
-    inputs: Tensor | tuple[Tensor, ...],
-    targets: Tensor,
-    loss_fn: LossFn,
-) -> dict[str, float]:
+def gradient_flow(model: nn.Module, inputs: Tensor | tuple[Tensor, ...], targets: Tensor,
+                  loss_fn: LossFn) -> dict[str, float]:
     """``{layer name: ||dL/dW_layer||_2}`` for ``L = loss_fn(model(*inputs), targets)``, input side first.
 
     ``W_layer`` is the weight matrix of each layer (see :func:`weight_layers`); the norm is the
@@ -59,13 +55,8 @@ def gradient_flow(
     }
 
 
-def activation_gradients(
-    model: nn.Module,
-    inputs: Tensor | tuple[Tensor, ...],
-    targets: Tensor,
-    loss_fn: LossFn,
-    blocks: Iterable[tuple[str, nn.Module]] | None = None,
-) -> dict[str, float]:
+def activation_gradients(model: nn.Module, inputs: Tensor | tuple[Tensor, ...], targets: Tensor, loss_fn: LossFn,
+                         blocks: Iterable[tuple[str, nn.Module]] | None = None) -> dict[str, float]:
     """The backward signal: ``{block name: ||dL/dz_b||_2}`` for each block's output ``z_b``, input side first.
 
     ``L = loss_fn(model(*inputs), targets)``; ``blocks`` as in :func:`layer_gains` (``model.blocks``
@@ -100,12 +91,8 @@ def _default_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def layer_gains(
-    model: nn.Module,
-    inputs: Tensor | tuple[Tensor, ...],
-    blocks: Iterable[tuple[str, nn.Module]] | None = None,
-    seed: int = 0,
-) -> dict[str, float]:
+def layer_gains(model: nn.Module, inputs: Tensor | tuple[Tensor, ...],
+                blocks: Iterable[tuple[str, nn.Module]] | None = None, seed: int = 0) -> dict[str, float]:
     """Backward Jacobian gain of each block: ``{name: ||J_b^T g_out|| / ||g_out||}``, input side first.
 
     The network output ``y`` is contracted with a fixed random direction ``v ~ N(0, I)`` (seeded),
@@ -146,11 +133,8 @@ def layer_gains(
     return gains
 
 
-def plot_gradient_flow(
-    results: Mapping[str, Mapping[str, float]],
-    path: str | os.PathLike[str],
-    title: str = "Gradient norm per layer",
-) -> Path:
+def plot_gradient_flow(results: Mapping[str, Mapping[str, float]], path: str | os.PathLike[str],
+                       title: str = "Gradient norm per layer") -> Path:
     """Plot several models' :func:`gradient_flow` results on one log-scale figure; write a PNG.
 
     ``results`` maps a model label to ``{layer name: gradient norm}`` (input side first); the x axis is

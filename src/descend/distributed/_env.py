@@ -299,8 +299,7 @@ def torchrun_command(nproc: int, argv: Sequence[str], *, master_port: int | None
         raise ValueError("argv is empty; pass the script (or -m module) and its arguments")
     rendezvous = ["--standalone"] if master_port is None else ["--master_addr=127.0.0.1",
                                                                  f"--master_port={master_port}"]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *rendezvous,
-            *extra, *argv]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *rendezvous, *extra, *argv]
 
 
 def launch(nproc: int, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
@@ -327,8 +326,7 @@ def launch(nproc: int, argv: Sequence[str], *, env: Mapping[str, str] | None = N
     # If this process dies (even by SIGKILL), torchrun gets SIGTERM and stops its ranks; each rank
     # also dies with torchrun (setup()), so no process of the job outlives the one that launched it.
     preexec = (lambda: die_with_parent(signal.SIGTERM, me)) if sys.platform.startswith("linux") else None
-    proc = subprocess.Popen(torchrun_command(nproc, argv, master_port=master_port), env=full_env,
-                            preexec_fn=preexec)
+    proc = subprocess.Popen(torchrun_command(nproc, argv, master_port=master_port), env=full_env, preexec_fn=preexec)
     try:
         return proc.wait(timeout=timeout_s)
     except BaseException:  # timeout or Ctrl-C: SIGTERM lets torchrun stop its workers before it exits

@@ -133,11 +133,6 @@ def band(ax: Any, x: Sequence[float], curves: Sequence[Sequence[float]], color: 
     ax.fill_between(xs, lo.tolist(), hi.tolist(), color=color, alpha=0.2, linewidth=0)
 
 
-def outside_legend(ax: Any, **kwargs: Any) -> None:
-    """A legend below the axes, so it never covers data."""
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=7, frameon=False, **kwargs)
-
-
 # --- data and small loops --------------------------------------------------------------------------
 
 
@@ -158,8 +153,7 @@ def digits(seed: int = 0) -> Digits:
     from descend.data.tabular import load_digits
 
     b = load_digits(seed=seed)
-    return Digits(b.train.inputs[0], b.train.targets, b.val.inputs[0], b.val.targets,
-                  b.test.inputs[0], b.test.targets)
+    return Digits(b.train.inputs[0], b.train.targets, b.val.inputs[0], b.val.targets, b.test.inputs[0], b.test.targets)
 
 
 def flat(tensors: Sequence[Tensor]) -> Tensor:

@@ -34,8 +34,7 @@ NETS = (("plain", "relu"), ("residual", "relu"), ("plain", "sigmoid"), ("residua
 
 def _net(kind: str, activation: str, depth: int, norm: str | None = "layer") -> nn.Module:
     """``ResidualMLP`` (He init, pre-LayerNorm) with or without the skip: the same parameters either way."""
-    return ResidualMLP(64, 10, width=WIDTH, depth=depth, activation=activation, residual=kind == "residual",
-                       norm=norm)
+    return ResidualMLP(64, 10, width=WIDTH, depth=depth, activation=activation, residual=kind == "residual", norm=norm)
 
 
 def _train(kind: str, activation: str, depth: int, lr: float, seed: int, steps: int) -> tuple[float, dict[str, Any]]:

@@ -192,8 +192,7 @@ def momentum(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outcome:
         counts = heavy_ball(h, w0, alphas, betas, gd_cap)
         gd[kappa], mom[kappa] = counts[0].tolist(), counts[1].tolist()
         tuned_beta[kappa] = m["best_beta"]
-        tuning[str(kappa)] = {"gd": tuned_dict(g), "momentum_beta": m["best_beta"],
-                              "momentum": tuned_dict(best)}
+        tuning[str(kappa)] = {"gd": tuned_dict(g), "momentum_beta": m["best_beta"], "momentum": tuned_dict(best)}
     n = len(seeds)
     logk = torch.tensor([math.log(k) for k in kappas])
 

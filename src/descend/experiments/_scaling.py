@@ -203,8 +203,7 @@ def badly_scaled(*, quick: bool = False, seeds: Sequence[int] = (0, 1)) -> Outco
              f"{m} (lr {nr.best_lr:.2g})")
     ax1.set(yscale="log", xlabel="step", ylabel="‖w_t‖ / ‖w₀‖ (minimum at 0)",
             title="axis-aligned quadratic, h 1e-4..1")
-    ax1r.set(yscale="log", xlabel="step", ylabel="‖w_t‖ / ‖w₀‖ (minimum at 0)",
-             title="the same quadratic, rotated")
+    ax1r.set(yscale="log", xlabel="step", ylabel="‖w_t‖ / ‖w₀‖ (minimum at 0)", title="the same quadratic, rotated")
     ax1r.set_ylim(ax1.get_ylim())
     ax2.set(xscale="log", yscale="log", xlabel="curvature h_i", ylabel=f"|u_i| / |u₀_i| after {steps_q} steps",
             title="left per eigen-direction (mean)\nsolid: axis-aligned, dotted: rotated\n"

@@ -163,15 +163,8 @@ class PointEmbedding(nn.Module):
     locations (decoder queries).
     """
 
-    def __init__(
-        self,
-        location_dim: int,
-        value_dim: int,
-        width: int,
-        location_embedding: str = "fourier",
-        fourier_features: int = 32,
-        fourier_scale: float = 1.0,
-    ) -> None:
+    def __init__(self, location_dim: int, value_dim: int, width: int, location_embedding: str = "fourier",
+                 fourier_features: int = 32, fourier_scale: float = 1.0) -> None:
         super().__init__()
         if location_embedding not in ("fourier", "learned"):
             raise ValueError(

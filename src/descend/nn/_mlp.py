@@ -92,9 +92,7 @@ class Linear(nn.Linear):
     :func:`init_linear`), ``"default"`` being PyTorch's.
     """
 
-    def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, init: InitSpec = "default"
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init: InitSpec = "default") -> None:
         _check_init(init)
         super().__init__(in_features, out_features, bias=bias)
         init_linear(self, init, activation="relu")
@@ -123,18 +121,8 @@ class MLP(nn.Module):
     :class:`ResidualMLP` and ``--width`` too; ``hidden=`` is its deprecated alias.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        width: int = 64,
-        depth: int = 2,
-        activation: str = "relu",
-        init: InitSpec = "default",
-        norm: str | None = None,
-        *,
-        hidden: int | None = None,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, width: int = 64, depth: int = 2, activation: str = "relu",
+                 init: InitSpec = "default", norm: str | None = None, *, hidden: int | None = None) -> None:
         super().__init__()
         if hidden is not None:
             warnings.warn("MLP(hidden=) is deprecated; use MLP(width=)", DeprecationWarning, stacklevel=2)
@@ -169,9 +157,7 @@ class ResidualBlock(nn.Module):
     the same parameters as the residual one.
     """
 
-    def __init__(
-        self, width: int, activation: str, norm: str | None, residual: bool, branch_scale: float
-    ) -> None:
+    def __init__(self, width: int, activation: str, norm: str | None, residual: bool, branch_scale: float) -> None:
         super().__init__()
         self.norm = make_norm(norm, width)
         self.linear = nn.Linear(width, width)
@@ -201,19 +187,9 @@ class ResidualMLP(nn.Module):
     (:mod:`descend.nn._checkpoint`; not with ``norm="batch"``, whose running statistics would be updated twice).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        width: int = 64,
-        depth: int = 8,
-        activation: str = "relu",
-        residual: bool = True,
-        norm: str | None = "layer",
-        branch_scale: float = 1.0,
-        init: InitSpec = "he",
-        checkpoint: bool = False,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, width: int = 64, depth: int = 8, activation: str = "relu",
+                 residual: bool = True, norm: str | None = "layer", branch_scale: float = 1.0, init: InitSpec = "he",
+                 checkpoint: bool = False) -> None:
         super().__init__()
         _check_positive("in_features", in_features)
         _check_positive("out_features", out_features)

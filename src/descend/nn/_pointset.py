@@ -19,9 +19,7 @@ from ._attention import (
 )
 
 
-def _check_set(
-    locations: Tensor, values: Tensor, mask: Tensor | None, d_loc: int, d_val: int
-) -> Tensor | None:
+def _check_set(locations: Tensor, values: Tensor, mask: Tensor | None, d_loc: int, d_val: int) -> Tensor | None:
     if locations.dim() != 3 or locations.shape[-1] != d_loc:
         raise ValueError(f"locations must be [B, N, {d_loc}], got {tuple(locations.shape)}")
     if values.dim() != 3 or values.shape[:2] != locations.shape[:2] or values.shape[-1] != d_val:
@@ -40,18 +38,9 @@ class PointSetEncoder(nn.Module):
     attention (``O(m N)``). Permutation-equivariant; padded rows of the output are exactly zero.
     """
 
-    def __init__(
-        self,
-        location_dim: int,
-        value_dim: int,
-        width: int = 64,
-        depth: int = 2,
-        heads: int = 4,
-        inducing_points: int | None = None,
-        location_embedding: str = "fourier",
-        fourier_features: int = 32,
-        fourier_scale: float = 1.0,
-    ) -> None:
+    def __init__(self, location_dim: int, value_dim: int, width: int = 64, depth: int = 2, heads: int = 4,
+                 inducing_points: int | None = None, location_embedding: str = "fourier", fourier_features: int = 32,
+                 fourier_scale: float = 1.0) -> None:
         super().__init__()
         for name, value in (("location_dim", location_dim), ("value_dim", value_dim), ("width", width)):
             if value < 1:
@@ -59,18 +48,14 @@ class PointSetEncoder(nn.Module):
         if depth < 0:
             raise ValueError(f"depth={depth!r}: expected an integer >= 0")
         self.location_dim, self.value_dim = location_dim, value_dim
-        self.embed = PointEmbedding(
-            location_dim, value_dim, width, location_embedding, fourier_features, fourier_scale
-        )
+        self.embed = PointEmbedding(location_dim, value_dim, width, location_embedding, fourier_features, fourier_scale)
         self.blocks = nn.ModuleList(
             SelfAttentionBlock(width, heads) if inducing_points is None
             else InducedAttentionBlock(width, heads, inducing_points)
             for _ in range(depth)
         )
 
-    def forward(
-        self, locations: Tensor, values: Tensor, mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
+    def forward(self, locations: Tensor, values: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Returns ``(tokens [B, N, width], mask [B, N] as bool or None)``."""
         mask = _check_set(locations, values, mask, self.location_dim, self.value_dim)
         # zero the raw padding too, so non-finite padding cannot reach even a gradient
@@ -91,19 +76,9 @@ class PointSetTransformer(nn.Module):
     :meth:`encode` gives the permutation-equivariant per-point features ``[B, N, width]``.
     """
 
-    def __init__(
-        self,
-        location_dim: int,
-        value_dim: int,
-        out_features: int,
-        width: int = 64,
-        depth: int = 2,
-        heads: int = 4,
-        inducing_points: int | None = None,
-        location_embedding: str = "fourier",
-        fourier_features: int = 32,
-        fourier_scale: float = 1.0,
-    ) -> None:
+    def __init__(self, location_dim: int, value_dim: int, out_features: int, width: int = 64, depth: int = 2,
+                 heads: int = 4, inducing_points: int | None = None, location_embedding: str = "fourier",
+                 fourier_features: int = 32, fourier_scale: float = 1.0) -> None:
         super().__init__()
         self.encoder = PointSetEncoder(
             location_dim, value_dim, width, depth, heads, inducing_points,
@@ -133,37 +108,20 @@ class PointSetDecoder(nn.Module):
     a query's prediction does not depend on the other queries.
     """
 
-    def __init__(
-        self,
-        location_dim: int,
-        value_dim: int,
-        out_features: int,
-        width: int = 64,
-        depth: int = 2,
-        heads: int = 4,
-        inducing_points: int | None = None,
-        location_embedding: str = "fourier",
-        fourier_features: int = 32,
-        fourier_scale: float = 1.0,
-    ) -> None:
+    def __init__(self, location_dim: int, value_dim: int, out_features: int, width: int = 64, depth: int = 2,
+                 heads: int = 4, inducing_points: int | None = None, location_embedding: str = "fourier",
+                 fourier_features: int = 32, fourier_scale: float = 1.0) -> None:
         super().__init__()
         self.encoder = PointSetEncoder(
             location_dim, value_dim, width, depth, heads, inducing_points,
             location_embedding, fourier_features, fourier_scale,
         )
-        self.query_embed = PointEmbedding(
-            location_dim, 0, width, location_embedding, fourier_features, fourier_scale
-        )
+        self.query_embed = PointEmbedding(location_dim, 0, width, location_embedding, fourier_features, fourier_scale)
         self.blocks = nn.ModuleList(CrossAttentionBlock(width, heads) for _ in range(max(depth, 1)))
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out_features))
 
-    def forward(
-        self,
-        context_locations: Tensor,
-        context_values: Tensor,
-        context_mask: Tensor | None,
-        query_locations: Tensor,
-    ) -> Tensor:
+    def forward(self, context_locations: Tensor, context_values: Tensor, context_mask: Tensor | None,
+                query_locations: Tensor) -> Tensor:
         context, mask = self.encoder(context_locations, context_values, context_mask)
         if query_locations.dim() != 3 or query_locations.shape[0] != context.shape[0] or (
             query_locations.shape[-1] != self.encoder.location_dim

@@ -102,17 +102,8 @@ class TransformerLM(nn.Module):
     them (:mod:`descend.nn._checkpoint`): the same gradients for less activation memory.
     """
 
-    def __init__(
-        self,
-        vocab: int = 256,
-        context: int = 128,
-        *,
-        width: int = 64,
-        depth: int = 2,
-        heads: int = 4,
-        mlp_ratio: int = 4,
-        checkpoint: bool = False,
-    ) -> None:
+    def __init__(self, vocab: int = 256, context: int = 128, *, width: int = 64, depth: int = 2, heads: int = 4,
+                 mlp_ratio: int = 4, checkpoint: bool = False) -> None:
         super().__init__()
         self.checkpoint = checkpoint
         if vocab < 2 or context < 1 or depth < 1 or width < 1:
@@ -151,17 +142,9 @@ class TransformerLM(nn.Module):
         return self.norm(h) @ self.embed.weight.T  # (B, T, vocab): tied output projection
 
     @torch.no_grad()
-    def generate(
-        self,
-        idx: Tensor,
-        tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-    ) -> Tensor:
+    def generate(self, idx: Tensor, tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> Tensor:
         """Sample ``tokens`` new tokens after the prompt ``idx [B, T]``; returns ``[B, T + tokens]``.
 
         Each new token is drawn by :func:`sample_next` from the logits at the last position, given at most
@@ -176,17 +159,9 @@ class TransformerLM(nn.Module):
                                              generator=generator, use_cache=use_cache)], dim=1)
 
     @torch.no_grad()
-    def stream(
-        self,
-        idx: Tensor,
-        tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-    ) -> Iterator[Tensor]:
+    def stream(self, idx: Tensor, tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None,
+               use_cache: bool = True) -> Iterator[Tensor]:
         """:meth:`generate` one token at a time: yields each new token as ``[B, 1]`` as soon as it is drawn."""
         if idx.dim() != 2 or idx.shape[1] < 1:
             raise ValueError(f"the prompt must be token ids [B, T] with T >= 1, got shape {tuple(idx.shape)}")
@@ -212,14 +187,8 @@ class TransformerLM(nn.Module):
             self.train(was_training)
 
 
-def sample_next(
-    logits: Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
     """One token per row from ``logits [B, vocab]``: ``[B, 1]`` int64.
 
     ``temperature`` 0 takes the most likely token; otherwise the distribution is

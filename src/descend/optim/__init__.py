@@ -15,35 +15,14 @@ Named optimizers are presets of the same chain; :func:`chain` composes your own:
 at most one parameter's gradient is alive.
 """
 
-from descend.optim._chain import ChainOptimizer, chain, constraint_state, explain, implied_radius
+from descend.optim._chain import ChainOptimizer, chain
+from descend.optim._explain import constraint_state, explain, implied_radius
 from descend.optim._in_backward import StepInBackward, step_in_backward
-from descend.optim._presets import (
-    OPTIMIZERS,
-    SGD,
-    Adam,
-    AdamW,
-    Lion,
-    Momentum,
-    SignSGD,
-    Signum,
-    Softsign,
-    create,
-)
-from descend.optim._rules import (
-    Rule,
-    clip_by_global_norm,
-    decoupled_decay,
-    ema,
-    heavy_ball,
-    l2,
-    lion,
-    project_ball,
-    project_box,
-    scale_by_adam,
-    scale_by_lr,
-    sign,
-    softsign,
-)
+from descend.optim._presets import OPTIMIZERS, SGD, Adam, AdamW, Lion, Momentum, SignSGD, Signum, Softsign, create
+from descend.optim.rules.base import Rule
+from descend.optim.rules.descent import clip_by_global_norm, decoupled_decay, l2, project_ball, project_box, scale_by_lr
+from descend.optim.rules.momentum import ema, heavy_ball
+from descend.optim.rules.normalised import lion, scale_by_adam, sign, softsign
 
 __all__ = [
     "OPTIMIZERS",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -10,10 +9,11 @@ import torch
 from torch import Tensor
 
 from descend.optim._flat import FlatLayout
-from descend.optim._rules import Rule, ScaleByLR, WeightRule, step_dtype
 from descend.optim.engines import ENGINES as ENGINE_CLASSES
 from descend.optim.engines import KernelRun, Plan, make_engine
 from descend.optim.engines.plan import check_state, traced_plans
+from descend.optim.rules.base import Rule, WeightRule, step_dtype
+from descend.optim.rules.descent import ScaleByLR
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -49,11 +49,8 @@ def _normalise(rules: Sequence[Rule]) -> tuple[list[Rule], list[WeightRule], lis
 
 def torch_engine_flags(engine: str, foreach: bool | None, fused: bool | None, capturable: bool,
                        differentiable: bool) -> str:
-    """The engine that honours torch's ``foreach``/``fused``/``capturable``/``differentiable`` arguments.
-
-    ``None`` and ``False`` leave ``engine`` as it is, except ``foreach=False`` (torch's single-tensor
-    loop: the reference engine) and ``fused=False`` (no fused kernel: the foreach engine).
-    """
+    """The engine that honours torch's ``foreach``/``fused``/``capturable``/``differentiable`` arguments
+    (their meaning: :class:`ChainOptimizer`)."""
     if capturable:
         raise ValueError("capturable=True (CUDA graph capture) is not supported: descend reads each step count "
                          "on the host. Use torch.optim with capturable=True, or leave capturable at False")
@@ -103,9 +100,8 @@ def momentum_rule(rules: Sequence[Rule]) -> Rule | None:
     """The rule whose momentum coefficient the group key ``momentum`` stands for, or None.
 
     torch's schedulers that cycle momentum (``OneCycleLR``, ``CyclicLR``) write ``momentum``, or
-    ``betas[0]`` where a group has ``betas``. A chain with neither key of its own whose rules include a
-    momentum coefficient under another name (:attr:`Rule.momentum_name <descend.optim._rules.Rule.momentum_name>`,
-    ``ema``'s ``beta``) gets a group key ``momentum`` that stands for the first such one.
+    ``betas[0]`` where a group has ``betas``. A chain with neither key of its own gets a key ``momentum``
+    for its first rule with a :attr:`~descend.optim.rules.base.Rule.momentum_name` (``ema``'s ``beta``).
     """
     if any(key in ("momentum", "betas") for rule in rules for key in rule.keys.values()):
         return None
@@ -113,7 +109,7 @@ def momentum_rule(rules: Sequence[Rule]) -> Rule | None:
 
 
 class ChainOptimizer(torch.optim.Optimizer):
-    """An optimizer that runs a chain of rules (the step: :mod:`descend.optim._rules`).
+    """An optimizer that runs a chain of rules (the step: :mod:`descend.optim.rules`).
 
     Speaks the ``torch.optim.Optimizer`` contract: param groups (every rule hyperparameter is a
     group key, so it can differ per group and be scheduled), ``step(closure)``, ``zero_grad``,
@@ -132,23 +128,18 @@ class ChainOptimizer(torch.optim.Optimizer):
         state_dtype: dtype of the optimizer state (default: the parameter's dtype), e.g.
             ``torch.bfloat16`` to halve the state memory, updated in float32 and stored with stochastic
             rounding (:mod:`descend.optim.engines.store`).
-        flat: store each param group's parameters (per device and dtype), their gradients and the
-            optimizer state as views of one flat buffer each, so the ``foreach`` and ``compiled``
-            engines step a group as one tensor (see :mod:`descend.optim._flat`). The parameters'
-            ``.data`` and ``.grad`` become views; ``zero_grad`` zeroes the gradient buffer and keeps
-            the views, so every parameter that requires grad steps every step, as with
-            ``zero_grad(set_to_none=False)`` in torch. Create the optimizer after moving the model
-            to its device. Sharded (DTensor), non-contiguous and frozen parameters stay as they are.
+        flat: keep each param group's parameters, gradients and state as views of one flat buffer each
+            (per device and dtype), stepped as one tensor (:mod:`descend.optim._flat`). ``zero_grad``
+            keeps the gradient views, as ``zero_grad(set_to_none=False)``. Create the optimizer after
+            moving the model to its device. Sharded, non-contiguous and frozen parameters stay as they are.
         foreach, fused, capturable, differentiable: torch's arguments, so torch-style code runs
             unchanged: ``foreach=True`` is ``engine="foreach"``, ``foreach=False`` the reference
             engine, ``fused=True`` ``engine="fused"``, ``fused=False`` the foreach engine; ``None``
             keeps ``engine``. ``capturable=True`` and ``differentiable=True`` raise (not supported).
         **hyper: overrides of rule hyperparameters by group key (e.g. ``beta=0.95``).
 
-    A chain whose momentum is an ``ema`` (Momentum, Signum, Softsign) and that has no ``momentum`` or
-    ``betas`` key of its own also has the group key ``momentum``, which stands for the ``ema``'s ``beta``
-    (:func:`momentum_rule`), so torch's ``OneCycleLR`` and ``CyclicLR`` cycle it: a value written to
-    either key is the one the next step uses (if both were written since the last step, ``beta``'s).
+    A chain whose momentum is an ``ema`` also has the group key ``momentum`` for its ``beta``
+    (:func:`momentum_rule`), so torch's ``OneCycleLR`` and ``CyclicLR`` cycle it (:meth:`follow_momentum`).
     """
 
     def __init__(self, params: ParamsT, rules: Sequence[Rule], *, lr: float = 1e-3, maximize: bool = False,
@@ -162,8 +153,7 @@ class ChainOptimizer(torch.optim.Optimizer):
                                             and state_dtype.is_floating_point):
             raise ValueError(f"state_dtype must be a floating torch.dtype or None, got {state_dtype!r}")
         self.rules, self.decays, self.projections = _normalise(rules)
-        defaults = {"lr": lr, "maximize": maximize,
-                    **_assign_keys(self.all_rules)}
+        defaults = {"lr": lr, "maximize": maximize, **_assign_keys(self.all_rules)}
         unknown = sorted(set(hyper) - set(defaults))
         if unknown:
             raise ValueError(f"unknown hyperparameter(s) {unknown} for this chain; "
@@ -225,9 +215,8 @@ class ChainOptimizer(torch.optim.Optimizer):
         """Make ``momentum`` and the key it stands for agree, taking the one written since the last step.
 
         A value written to ``momentum`` (a scheduler) moves into the rule's key and is validated; a value
-        written to the rule's key (or to both) is copied to ``momentum``. The value last synced is held per
-        group; a group without one counts its rule key as unchanged. Numbers compare by value, tensors by
-        identity (a tensor changed in place is the same hyperparameter).
+        written to the rule's key (or to both: the rule key wins) is copied to ``momentum``. Numbers
+        compare by value, tensors by identity (a tensor changed in place is the same hyperparameter).
         """
         key = self.momentum_key
         seen = self._momentum_seen
@@ -431,88 +420,3 @@ def chain(params: ParamsT, *rules: Rule, lr: float = 1e-3, maximize: bool = Fals
     """
     return ChainOptimizer(params, rules, lr=lr, maximize=maximize, engine=engine, state_dtype=state_dtype,
                           flat=flat, foreach=foreach, fused=fused, **hyper)
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, tuple):
-        return "(" + ", ".join(_format_value(v) for v in value) + ")"
-    return repr(value)
-
-
-def explain(opt: torch.optim.Optimizer) -> str:
-    """The update equations a descend optimizer runs, step by step, with the values of group 0.
-
-    Groups whose hyperparameters differ from group 0 are listed after the equations.
-    """
-    if not isinstance(opt, ChainOptimizer):
-        raise TypeError(f"explain takes a descend optimizer, got {type(opt).__name__}")
-    group0 = opt.param_groups[0]
-    lines = [f"{type(opt).__name__}  (engine: {opt.engine}; {len(opt.param_groups)} param group(s))"]
-    lines.append("  g ← −∇L(w)  (maximize)" if group0["maximize"] else "  g ← ∇L(w)")
-    lines.append("  u ← g")
-    for i, rule in enumerate(opt.rules, start=1):
-        hp = ", ".join(f"{key}={_format_value(group0[key])}" for key in rule.keys.values())
-        off = "" if rule.active(rule.read(group0)) else "    (off at these values: skipped)"
-        lines.append(f"  {i}. {rule.name:<20} {rule.equation()}" + (f"    [{hp}]" if hp else "") + off)
-    for rule in opt.decays:
-        hp = ", ".join(f"{key}={_format_value(group0[key])}" for key in rule.keys.values())
-        off = "" if rule.active(rule.read(group0)) else "    (off at these values: skipped)"
-        lines.append(f"  then {rule.name:<17} {rule.equation()}    [{hp}]" + off)
-    lines.append("  w ← w + u")
-    for rule in opt.projections:
-        hp = ", ".join(f"{key}={_format_value(group0[key])}" for key in rule.keys.values())
-        lines.append(f"  then {rule.name:<17} {rule.equation()}    [{hp}]")
-    state = [rule.state_names.get(key, key) for rule in opt.rules if rule.active(rule.read(group0))
-             for key in rule.state_keys(rule.read(group0))]
-    lines.append(f"  state per parameter: step{''.join(', ' + k for k in state)}")
-    keys = [k for k in opt.defaults if k in group0]
-    for j, group in enumerate(opt.param_groups[1:], start=1):
-        diff = {k: group[k] for k in keys if group[k] != group0[k]}
-        if diff:
-            lines.append(f"  group {j}: " + ", ".join(f"{k}={_format_value(v)}" for k, v in diff.items()))
-    return "\n".join(lines)
-
-
-def implied_radius(opt: ChainOptimizer, group: dict[str, Any]) -> float | None:
-    """The ``||w||_inf`` bound a group's chain implies, or ``None``.
-
-    A projection onto a box of radius ``r`` gives ``r``. Decoupled decay ``lambda`` after a rule whose
-    output is bounded by 1 per coordinate (sign, softsign, Lion) gives ``1/lambda``: at
-    ``|w| > 1/lambda`` the decay term ``lambda*|w|`` outweighs any update, so ``|w|`` shrinks.
-    Each weight rule answers through :meth:`WeightRule.radius <descend.optim._rules.WeightRule.radius>`.
-    """
-    bounded = False  # is the update direction bounded by 1 per coordinate?
-    for rule in opt.rules:
-        bounded = rule.bounded or (bounded and rule.keeps_bound)
-    lr = float(group["lr"])
-    radii = [r for rule in opt.weight_rules if (r := rule.radius(rule.read(group), lr, bounded)) is not None]
-    return min(radii) if radii else None
-
-
-def constraint_state(opt: torch.optim.Optimizer) -> list[dict[str, float | None]]:
-    """Per param group: the constraint radius and where the weights stand against it.
-
-    Keys: ``radius`` (``1/lambda`` for decoupled decay on sign methods, or the box radius; ``None``
-    when the chain implies no bound), ``max_abs_weight`` (``max|w|``), ``max_abs_weight_over_radius``
-    (``max|w| / radius``, which equals ``max|w| * lambda`` for decoupled decay) and
-    ``fraction_at_bound`` (share of weights with ``|w| >= radius - lr``).
-    """
-    if not isinstance(opt, ChainOptimizer):
-        raise TypeError(f"constraint_state takes a descend optimizer, got {type(opt).__name__}")
-    out: list[dict[str, float | None]] = []
-    for group in opt.param_groups:
-        params = [p.detach() for p in group["params"] if p.numel()]
-        max_abs = max((float(p.abs().max()) for p in params), default=0.0)
-        radius = implied_radius(opt, group)
-        entry: dict[str, float | None] = {"radius": radius, "max_abs_weight": max_abs,
-                                          "max_abs_weight_over_radius": None, "fraction_at_bound": None}
-        if radius is not None and math.isfinite(radius):
-            total = sum(p.numel() for p in params)
-            tol = float(group["lr"])
-            at = sum(int((p.abs() >= radius - tol).sum()) for p in params)
-            entry["max_abs_weight_over_radius"] = max_abs / radius
-            entry["fraction_at_bound"] = at / total if total else 0.0
-        out.append(entry)
-    return out

@@ -23,19 +23,10 @@ import torch
 
 from descend._options import DEFAULT_LR, PRESET_NAMES
 from descend.optim._chain import ChainOptimizer, ParamsT
-from descend.optim._rules import (
-    Projection,
-    Rule,
-    clip_by_global_norm,
-    decoupled_decay,
-    ema,
-    heavy_ball,
-    l2,
-    lion,
-    scale_by_adam,
-    sign,
-    softsign,
-)
+from descend.optim.rules.base import Rule
+from descend.optim.rules.descent import Projection, clip_by_global_norm, decoupled_decay, l2
+from descend.optim.rules.momentum import ema, heavy_ball
+from descend.optim.rules.normalised import lion, scale_by_adam, sign, softsign
 
 
 class _Preset(ChainOptimizer):
@@ -130,9 +121,8 @@ class Softsign(_Preset):
 
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["softsign"], beta: float = 0.9, eps: float = 1e-8,
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
-                 constraint: str | None = None, radius: float | None = None,
-                 max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
+                 constraint: str | None = None, radius: float | None = None, max_grad_norm: float | None = None,
+                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
         super().__init__(params, [ema(beta), softsign(eps)], **_options(locals()))
 
 
@@ -141,9 +131,8 @@ class Lion(_Preset):
 
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["lion"], betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
-                 constraint: str | None = None, radius: float | None = None,
-                 max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
+                 constraint: str | None = None, radius: float | None = None, max_grad_norm: float | None = None,
+                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
         super().__init__(params, [lion(betas)], **_options(locals()))
 
 

@@ -36,18 +36,9 @@ class Generation:
         return self.prompt_bytes > self.context
 
 
-def generate_text(
-    run_dir: str | Path,
-    prompt: str,
-    tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    bf16: bool | None = None,
-) -> Generation:
+def generate_text(run_dir: str | Path, prompt: str, tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, seed: int = 0, device: str = "auto",
+                  bf16: bool | None = None) -> Generation:
     """Sample ``tokens`` bytes after ``prompt`` from the language model of ``run_dir``.
 
     Returns a :class:`Generation` whose ``pieces`` yield the decoded text as it is sampled. A run that

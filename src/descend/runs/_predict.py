@@ -297,9 +297,8 @@ def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[torch.nn.
     return model.to(dev).eval(), dev
 
 
-def predict(
-    run_dir: str | Path, data: str | Path, out: str | Path, *, device: str = "auto", batch_size: int = 1024
-) -> dict[str, Any]:
+def predict(run_dir: str | Path, data: str | Path, out: str | Path, *, device: str = "auto",
+            batch_size: int = 1024) -> dict[str, Any]:
     """Predict every row of ``data`` with the model of ``run_dir``; write ``out`` (CSV) atomically.
 
     Columns: ``row``, then ``prediction`` and ``p_<class>`` per class (classification), or the target

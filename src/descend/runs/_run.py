@@ -203,10 +203,8 @@ def _check_tensorboard(spec: RunSpec) -> None:
         raise RunError("--tensorboard needs TensorBoard, which is not installed: pip install tensorboard")
 
 
-def prepare(
-    spec: RunSpec, out_dir: Path | None = None, *, bundle: DataBundle | None = None,
-    log: Callable[[str], None] | None = None,
-) -> Trainer:
+def prepare(spec: RunSpec, out_dir: Path | None = None, *, bundle: DataBundle | None = None,
+            log: Callable[[str], None] | None = None) -> Trainer:
     """Data, model, optimizer and trainer for ``spec``; every bad choice is a :class:`RunError`.
 
     The device is checked first (``--device cuda`` without CUDA is an error before any data is read),
@@ -278,9 +276,8 @@ def load_bundle(spec: RunSpec) -> DataBundle:
     )
 
 
-def resolved_config(
-    spec: RunSpec, bundle: DataBundle, model: nn.Module, trainer: Trainer | None = None
-) -> dict[str, Any]:
+def resolved_config(spec: RunSpec, bundle: DataBundle, model: nn.Module,
+                    trainer: Trainer | None = None) -> dict[str, Any]:
     """``config.json``: every option as used, plus what was resolved from the data (and the trainer).
 
     ``lr``, ``weight_decay`` and ``task`` are the values used, not ``null``; the run's length is one
@@ -318,14 +315,8 @@ def resolved_config(
     return {"descend_version": __version__, **values, "resolved": resolved}
 
 
-def run_training(
-    spec: RunSpec,
-    out_dir: str | Path,
-    *,
-    overwrite: bool = False,
-    resume: bool = False,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+def run_training(spec: RunSpec, out_dir: str | Path, *, overwrite: bool = False, resume: bool = False,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train as ``spec`` says, writing the run's files to ``out_dir``; return the summary.
 
     ``resume=True`` continues the run already in ``out_dir`` from its latest checkpoint (``spec``

@@ -28,11 +28,10 @@ __all__ = [
 ]
 
 
-def build_model(
-    name: str, data: DataBundle, *, depth: int = OPTIONS["depth"].default, width: int = OPTIONS["width"].default,
-    activation: str = OPTIONS["activation"].default, heads: int = OPTIONS["heads"].default,
-    checkpoint_activations: bool = False, bytes_per_parameter: int = 16,
-) -> nn.Module:
+def build_model(name: str, data: DataBundle, *, depth: int = OPTIONS["depth"].default,
+                width: int = OPTIONS["width"].default, activation: str = OPTIONS["activation"].default,
+                heads: int = OPTIONS["heads"].default, checkpoint_activations: bool = False,
+                bytes_per_parameter: int = 16) -> nn.Module:
     """The model ``name`` shaped for ``data`` (inputs, outputs); ``ValueError`` if it cannot fit it.
 
     The model's size is checked before anything is allocated (see
@@ -99,9 +98,8 @@ def resolved_weight_decay(name: str, weight_decay: float | None) -> float:
     return float(inspect.signature(optimizer_class(name)).parameters["weight_decay"].default)
 
 
-def make_optimizer(
-    name: str, params: Any, *, lr: float | None = None, weight_decay: float | None = None, **kwargs: Any
-) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: Any, *, lr: float | None = None, weight_decay: float | None = None,
+                   **kwargs: Any) -> torch.optim.Optimizer:
     """``optimizer_class(name)(params, lr=..., weight_decay=..., **kwargs)``.
 
     ``lr=None`` takes :data:`~descend._options.DEFAULT_LR` (the one table of per-optimizer defaults);

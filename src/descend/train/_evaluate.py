@@ -39,19 +39,9 @@ def _add(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loss_fn: LossFn,
-    source: Source,
-    *,
-    task: str,
-    metrics: Mapping[str, Metric] | None = None,
-    chunk_size: int = 4096,
-    limit: int | None = None,
-    bf16: bool = False,
-    device: torch.device,
-    target_std: Tensor | None = None,
-) -> dict[str, float]:
+def evaluate(model: nn.Module, loss_fn: LossFn, source: Source, *, task: str,
+             metrics: Mapping[str, Metric] | None = None, chunk_size: int = 4096, limit: int | None = None,
+             bf16: bool = False, device: torch.device, target_std: Tensor | None = None) -> dict[str, float]:
     """The metrics of the module docstring for ``model`` on ``source``; every rank gets the same dict.
 
     ``chunk_size`` examples go through the model at once; with ``limit``, only that many examples of

@@ -124,9 +124,8 @@ class Minibatch(Sampler):
     seeded with ``seed``, so the global RNG is untouched and the stream resumes exactly.
     """
 
-    def __init__(
-        self, n: int, batch_size: int, *, seed: int = 0, replacement: bool = False, accumulation: int = 1
-    ) -> None:
+    def __init__(self, n: int, batch_size: int, *, seed: int = 0, replacement: bool = False,
+                 accumulation: int = 1) -> None:
         if n < 1:
             raise ValueError(f"the training split is empty (n={n})")
         if batch_size < 1:

@@ -39,18 +39,9 @@ def _accumulator(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
-def accumulate_gradient(
-    model: nn.Module,
-    loss_fn: LossFn,
-    data: Source | Split,
-    batches: list[Any],
-    *,
-    l2: float = 0.0,
-    bf16: bool = False,
-    count_correct: bool = False,
-    device: torch.device | None = None,
-    in_backward: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+def accumulate_gradient(model: nn.Module, loss_fn: LossFn, data: Source | Split, batches: list[Any], *, l2: float = 0.0,
+                        bf16: bool = False, count_correct: bool = False, device: torch.device | None = None,
+                        in_backward: bool = False) -> tuple[Tensor, Tensor | None]:
     """Add this rank's part of ``∇L(w)`` to each ``p.grad`` (``L`` as in the module docstring).
 
     ``batches`` are the step's global micro-batches (index tensors or slices of ``data``, or a
@@ -170,22 +161,10 @@ def constraint_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return out
 
 
-def optimizer_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    loss_fn: LossFn,
-    source: Source,
-    batches: list[Any],
-    *,
-    l2: float = 0.0,
-    clip_grad_norm: float | None = None,
-    bf16: bool = False,
-    device: torch.device,
-    measure: bool = False,
-    classify: bool = False,
-    in_backward: bool = False,
-) -> dict[str, Any]:
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: LossFn, source: Source,
+                   batches: list[Any], *, l2: float = 0.0, clip_grad_norm: float | None = None, bf16: bool = False,
+                   device: torch.device, measure: bool = False, classify: bool = False,
+                   in_backward: bool = False) -> dict[str, Any]:
     """Zero the gradients, accumulate ``∇L``, check ``L`` is finite, clip, step the optimizer and schedule.
 
     ``in_backward``: the optimizer steps inside the backward pass (:func:`descend.optim.step_in_backward`

@@ -118,22 +118,10 @@ class Trainer:
         is_main: whether this process writes files (default: rank 0).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        data: Any,
-        config: TrainConfig | None = None,
-        *,
-        loss_fn: LossFn | None = None,
-        scheduler: Any = None,
-        out_dir: str | Path | None = None,
-        is_main: bool | None = None,
-        device: str | torch.device | None = None,
-        task: str | None = None,
-        metrics: Mapping[str, Metric] | None = None,
-        callbacks: Iterable[Any] = (),
-    ) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: Any, config: TrainConfig | None = None,
+                 *, loss_fn: LossFn | None = None, scheduler: Any = None, out_dir: str | Path | None = None,
+                 is_main: bool | None = None, device: str | torch.device | None = None, task: str | None = None,
+                 metrics: Mapping[str, Metric] | None = None, callbacks: Iterable[Any] = ()) -> None:
         self.config = cfg = config or TrainConfig()
         self.world = dd.world_size()
         if self.world > 1:

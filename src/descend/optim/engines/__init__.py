@@ -8,11 +8,8 @@
 - :mod:`~descend.optim.engines.fused` (``engine="fused"``): torch's fused Adam, AdamW and SGD kernels.
 - :mod:`~descend.optim.engines.auto` (``engine="auto"``, the default): picks one of those per bucket.
 
-What they share: :mod:`~descend.optim.engines.plan` (the plan of a chain, each group's active rules
-and hyperparameters, the checks of gradients and state), :mod:`~descend.optim.engines.bucket`
-(parameters sorted into buckets, step counters, overlap detection) and
-:mod:`~descend.optim.engines.store` (how state is loaded to float32 and stored back, stochastic
-rounding for bfloat16 state). Why each engine exists and when ``auto`` picks it:
+What they share: :mod:`~descend.optim.engines.plan`, :mod:`~descend.optim.engines.bucket` and
+:mod:`~descend.optim.engines.store`. Why each engine exists and when ``auto`` picks it:
 ``docs/guide/engines.md``; how they are built: ``docs/design/engines.md``.
 """
 

@@ -3,10 +3,7 @@
 A bucket (:class:`Bucket`) holds the parameters of one group with the same device, dtype and step
 count whose state already exists; everything else (a parameter's first step, which creates its state
 and runs ``Rule.first_update``; zero-size tensors; the parameters of a group where two share memory,
-:func:`tensors_overlap`) takes the reference path. The step counters of a bucket are the elements of
-one tensor, advanced by one operation (:class:`StepCounters`). With ``flat=True`` a flat buffer
-(:mod:`descend.optim._flat`) steps as one tensor whenever that computes what stepping its parameters
-one by one would (:meth:`BucketEngine.step_flat`).
+:func:`tensors_overlap`) takes the reference path.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment,misc]
 
 from descend.optim._flat import FlatBuffer
-from descend.optim._rules import WeightRule
 from descend.optim.engines.plan import (
     ActiveRules,
     Engine,
@@ -44,6 +40,7 @@ from descend.optim.engines.plan import (
 from descend.optim.engines.reference import ReferenceEngine
 from descend.optim.engines.store import NoisePositions
 from descend.optim.engines.tensorlist import TensorList
+from descend.optim.rules.base import WeightRule
 
 
 class Item:

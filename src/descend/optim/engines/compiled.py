@@ -2,7 +2,7 @@
 
 Gradient unscaling, ``maximize``, the state's store (stochastic rounding included) and projections
 are inside the pass. Hyperparameters and the per-step scalars of :meth:`Rule.scalars
-<descend.optim._rules.Rule.scalars>` enter as 0-d float64 tensors, so a scheduler triggers no
+<descend.optim.rules.base.Rule.scalars>` enter as 0-d float64 tensors, so a scheduler triggers no
 recompile; scalar expressions are evaluated in double precision and converted to the parameter's
 dtype before they meet the elements. If compiling fails the engine runs the foreach engine instead.
 """
@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 
 from descend.optim._flat import LANES
-from descend.optim._rules import Rule, WeightRule
 from descend.optim.engines.bucket import Bucket, BucketEngine, apply_projections
 from descend.optim.engines.foreach import ForeachEngine
 from descend.optim.engines.plan import KernelRun, Plan, Source, as_tensors, scales_weights, state_layout, with_scalars
 from descend.optim.engines.store import Store
+from descend.optim.rules.base import Rule, WeightRule
 
 logger = logging.getLogger("descend.optim")
 
@@ -100,8 +100,6 @@ class CompiledEngine(BucketEngine):
     """One ``torch.compile``-fused pass per bucket; falls back to :class:`ForeachEngine` if compiling fails.
 
     Args:
-        plan: what to run.
-        source: the optimizer (param groups and state).
         backend: the ``torch.compile`` backend (default: :data:`BACKEND` when the step is first compiled).
         quiet: report a compile failure in the ``descend.optim`` log instead of a ``RuntimeWarning``
             (``engine="auto"``, where the user asked for no engine in particular).

@@ -1,7 +1,7 @@
 """``engine="fused"``: torch's own fused kernels for the chains that are exactly torch's Adam, AdamW or SGD.
 
 ``torch._fused_adam_``, ``torch._fused_adamw_`` and ``torch._fused_sgd_`` compute the same equations as
-the rules (:class:`~descend.optim._rules.ScaleByAdam`, :class:`~descend.optim._rules.HeavyBall`),
+the rules (:func:`~descend.optim.scale_by_adam`, :func:`~descend.optim.heavy_ball`),
 evaluated in another order, so their results are close to the reference engine's, not equal.
 """
 
@@ -12,10 +12,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-from descend.optim._rules import L2, DecoupledDecay, HeavyBall, Rule, ScaleByAdam, ScaleByLR
 from descend.optim.engines.bucket import Bucket, BucketEngine
 from descend.optim.engines.foreach import ForeachEngine
 from descend.optim.engines.plan import KernelRun, Plan, Source
+from descend.optim.rules.base import Rule
+from descend.optim.rules.descent import L2, DecoupledDecay, ScaleByLR
+from descend.optim.rules.momentum import HeavyBall
+from descend.optim.rules.normalised import ScaleByAdam
 
 #: Device types torch has fused Adam, AdamW and SGD kernels for.
 FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())

@@ -1,9 +1,5 @@
-"""What an engine runs: the :class:`Plan` of a chain, and each param group's rules and hyperparameters this step.
-
-Per param group and step an engine resolves the group's *active rules* (:data:`ActiveRules`: the
-rules its hyperparameters do not switch off, each with its hyperparameters read from the group), the
-*weight factor* of decoupled decay (``w <- weight_factor * w + u``, 1 without decay) and, for a chain
-that clips by the global norm, the clipping factor. :func:`group_plans` yields the three per group.
+"""What an engine runs: the :class:`Plan` of a chain, and per param group and step (:func:`group_plans`) the
+rules its hyperparameters do not switch off (:data:`ActiveRules`), the weight factor and the clipping factor.
 """
 
 from __future__ import annotations
@@ -21,8 +17,8 @@ except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment,misc]
 
 from descend.optim._flat import FlatLayout
-from descend.optim._rules import Rule, WeightRule
 from descend.optim.engines.store import Store, store_for
+from descend.optim.rules.base import Rule, WeightRule
 
 #: A param group's active rules, each with its hyperparameters (by the rule's own names) this step.
 ActiveRules = list[tuple[Rule, dict[str, Any]]]

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from descend.optim._rules import step_dtype
 from descend.optim.engines.plan import (
     ActiveRules,
     Engine,
@@ -27,6 +26,7 @@ from descend.optim.engines.plan import (
     with_scalars,
 )
 from descend.optim.engines.store import NoisePositions
+from descend.optim.rules.base import step_dtype
 
 
 class ReferenceEngine(Engine):

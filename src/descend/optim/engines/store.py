@@ -1,6 +1,6 @@
 """How optimizer state is kept in memory: loaded to float32 for the rules, stored back after.
 
-Every engine runs a rule's :meth:`update <descend.optim._rules.Rule.update>` on *working* state and
+Every engine runs a rule's :meth:`update <descend.optim.rules.base.Rule.update>` on *working* state and
 then stores it: ``work = store.load(stored)``, the rule updates ``work`` in place, then
 ``store.store_(stored, work, seed, offset)``. The store is chosen once per optimizer from its
 ``state_dtype`` (:func:`store_for`) and is the one place that says how state is kept; the native
@@ -30,20 +30,8 @@ re-expands such expressions rather than keeping a temporary. A hash is elementwi
 CPU loop scalar), every engine draws the same bits for the same element, and a resumed run draws what
 an uninterrupted one draws, with no generator state to checkpoint.
 
-A new storage format is one more subclass of :class:`Store` and one more case in :func:`store_for`;
-the engines do not change. It provides:
-
-- ``dtype``: what its state tensors are created in (``Rule.init_state`` zeros of that dtype);
-- ``as_is``: whether :meth:`Store.load` returns the stored tensor itself (torch's fused kernels then
-  may update it; the engines call :meth:`Store.store_` only for a working copy that is not it);
-- ``stochastic``: whether :meth:`Store.store_` takes noise (the engines then compute :meth:`Store.seeds`
-  per tensor and state slot, and each piece's ``offset``, its first element's flat index);
-- :meth:`Store.load` and :meth:`Store.store_` on tensors (``load`` also on a
-  :class:`~descend.optim.engines.tensorlist.TensorList`); ``store_`` on a tensor piece, optionally
-  with caller-owned ``buffers`` (:meth:`Store.scratch_dtypes`) so that nothing is allocated;
-- for the native loop, ``c_type`` (the C element type, or None: the native engine leaves such state
-  to the foreach engine), ``c_helpers`` (C functions the two expressions call), :meth:`Store.c_load`
-  and :meth:`Store.c_store`.
+A new storage format is one more subclass of :class:`Store` (its attributes and methods are what
+the engines use) and one more case in :func:`store_for`; the engines do not change.
 """
 
 from __future__ import annotations
@@ -134,14 +122,16 @@ def stochastic_round(x: Tensor, dtype: torch.dtype = torch.bfloat16, noise: Tens
 
 
 class Store:
-    """State kept in its own dtype: the rules update the stored tensor itself; storing does nothing.
+    """State kept in its own dtype (``dtype``; None: each parameter's own): the rules update the stored
+    tensor itself; storing does nothing."""
 
-    Args:
-        dtype: the state's dtype (None: each parameter's own).
-    """
-
+    #: :meth:`load` returns the stored tensor itself (torch's fused kernels may then update it); engines
+    #: call :meth:`store_` only for a working copy that is not it.
     as_is = True
+    #: :meth:`store_` takes noise: engines compute :meth:`seeds` per tensor and state slot, and offsets.
     stochastic = False
+    #: C functions that :meth:`c_load` and :meth:`c_store` call; ``c_type`` is the C element type
+    #: (None: the native engine leaves such state to the foreach engine).
     c_helpers = ""
 
     def __init__(self, dtype: torch.dtype | None) -> None:

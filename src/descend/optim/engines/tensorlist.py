@@ -1,6 +1,6 @@
 """``TensorList``: many same-dtype tensors that do arithmetic together, through ``torch._foreach_*``.
 
-The update rules (:mod:`descend.optim._rules`) are written for one tensor. A ``TensorList`` answers
+The update rules (:mod:`descend.optim.rules.base`) are written for one tensor. A ``TensorList`` answers
 every operator, method and ``torch`` function those rules use (``+ - * /``, unary minus, ``abs``,
 ``sqrt``, ``lerp_``, ``mul_``, ``add_``, ``copy_``, ``clamp_``, ``to``, ``torch.sign``,
 ``torch.lerp``, ``torch.maximum(out=)``) with one multi-tensor kernel launch for the whole list, so
@@ -9,12 +9,7 @@ the *same* ``Rule.update`` runs over every parameter of a bucket at once.
 ``torch`` functions reach the class through ``__torch_function__`` (torch's protocol for
 tensor-like objects), so ``torch.sign(u)`` in a rule becomes ``torch._foreach_sign(u.tensors)``.
 Scalars may be Python numbers or 0-d tensors (one value for the whole list).
-
-Out-of-place results normally come from ``torch._foreach_*`` (fresh tensors). A list given a
-:class:`Scratch` instead writes them into buffers the scratch keeps between steps (``torch.<op>(...,
-out=)`` per tensor): on CPU a fresh temporary of a few MiB is a fresh ``mmap`` whose pages fault in
-on first write, which cost more than the arithmetic itself; a reused buffer is already mapped and
-often still in cache.
+Out-of-place results come from ``torch._foreach_*`` (fresh tensors), or from a :class:`Scratch`'s buffers.
 """
 
 from __future__ import annotations

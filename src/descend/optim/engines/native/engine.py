@@ -22,17 +22,12 @@ logger = logging.getLogger("descend.optim")
 
 
 class NativeEngine(BucketEngine):
-    """The chain as one generated C loop per bucket, on float32 CPU tensors.
+    """The chain as one generated C loop per bucket (the loop: :mod:`~descend.optim.engines.native.emit`).
 
-    State is loaded and stored as the plan's store says (float32, or bfloat16 with the stochastic
-    rounding every engine uses). A bucket it cannot run (another device or dtype, a non-contiguous
-    tensor, a ``grad_scale``, a rule the tracer cannot express) runs on the foreach engine, as does
-    everything once compiling has failed (logged, or warned with ``engine="native"``). Projections apply
-    after the loop, as the foreach engine applies them.
-
-    A param group whose parameters with a gradient all stepped in one loop is remembered
-    (:class:`~descend.optim.engines.native.groups.NativeGroup`): the next step checks what it found
-    instead of sorting the group into buckets again (:meth:`repeat_group`).
+    A bucket it cannot run (another device or dtype, a non-contiguous tensor, a ``grad_scale``, a rule
+    the tracer cannot express) runs on the foreach engine, as does everything once compiling has failed
+    (logged, or warned with ``engine="native"``). Projections apply after the loop, as the foreach
+    engine applies them. A group stepped by one loop is remembered (:class:`NativeGroup`, :meth:`repeat_group`).
     """
 
     name = "native"

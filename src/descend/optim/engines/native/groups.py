@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from descend.optim._rules import Rule
 from descend.optim.engines.bucket import SortedGroup, tensor_version
 from descend.optim.engines.native.compiler import Kernel
 from descend.optim.engines.native.emit import step_scalars
 from descend.optim.engines.plan import ActiveRules, Plan, active_rules, state_keys, weight_factor
+from descend.optim.rules.base import Rule
 
 if TYPE_CHECKING:
     from descend.optim.engines.native.engine import NativeEngine
@@ -32,9 +32,7 @@ _nbytes_of = attrgetter("nbytes")
 
 
 class NativeGroup:
-    """A param group whose last step was one native loop over all its parameters, kept so that the next
-    step checks what it found instead of sorting the group into buckets again
-    (:meth:`~descend.optim.engines.native.engine.NativeEngine.repeat_group`).
+    """A param group whose last step was one native loop over all its parameters.
 
     Holds the group's parameters, their state dicts and state tensors, the parameters' addresses and
     sizes, the loop's address table (gradients left to fill in), the packed step counter, and the

@@ -1,6 +1,6 @@
 """Symbols a rule's tensor code runs on to write one C loop: :class:`Element`, :class:`State`, :class:`Scalar`.
 
-The rules are written once, as tensor code (:meth:`Rule.update <descend.optim._rules.Rule.update>`).
+The rules are written once, as tensor code (:meth:`Rule.update <descend.optim.rules.base.Rule.update>`).
 To run a chain natively, :func:`~descend.optim.engines.native.emit.trace_chain` calls those same
 methods on *symbols* instead of tensors: every arithmetic operation, ``torch.sign``, ``torch.lerp``,
 ``lerp_``, ``mul_``, ``add_``, ``sqrt``, ``abs``, ``torch.maximum(..., out=)`` records one line of C,
