@@ -290,10 +290,8 @@ class BucketEngine(Engine):
             self.check_fits(p, state, keys, states)
             if isinstance(p, DTensor):  # the rules are elementwise: a sharded parameter steps on its shard
                 item = Item(local(p), local(g), [local(t) for t in states])
-            elif p.dim() == 0:  # as a 1-element tensor, like the reference engine (step_param)
-                item = Item(p.view(1), g.view(1), [t.view(1) for t in states])
-            else:
-                item = Item(p, g, states)
+            else:  # a 0-d parameter as a 1-element view, like the reference engine (step_param)
+                item = Item(torch.atleast_1d(p), torch.atleast_1d(g), [torch.atleast_1d(t) for t in states])
             if stochastic:
                 item.ordinal, item.offset = self.noise_position(p)
             bucket = buckets.setdefault((p.device, p.dtype, g.dtype), ([], [], []))

@@ -66,8 +66,7 @@ class ReferenceEngine(Engine):
         g = check_grad(p)
         # a 0-d parameter steps as a 1-element tensor: torch computes two 0-d operands (the parameter and a
         # 0-d tensor hyperparameter or grad scale) in the wider dtype, a 1-element tensor in its own
-        w = p.view(1) if p.dim() == 0 else p
-        g = g.view(1) if p.dim() == 0 else g
+        w, g = torch.atleast_1d(p), torch.atleast_1d(g)
         u = g / grad_scale.to(g.device) if grad_scale is not None else g
         u = -u if group["maximize"] else u
         state = self.source.state[p]
@@ -84,7 +83,7 @@ class ReferenceEngine(Engine):
         for r, (rule, hp) in enumerate(scaled):
             stored, fresh = rule_state(rule, state, p, hp, plan.state_dtype)
             if w is not p:
-                stored = {k: v.view(1) for k, v in stored.items()}
+                stored = {k: torch.atleast_1d(v) for k, v in stored.items()}
             work = {k: store.load(v) for k, v in stored.items()}
             u = (rule.first_update if fresh else rule.update)(u, w, work, hp, step)
             for j, (k, v) in enumerate(stored.items()):
