@@ -121,9 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--out", metavar="PATH", default="predictions.csv", help="the CSV file to write (default: predictions.csv)"
     )
-    predict.add_argument(
-        "--device", metavar="DEVICE", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)"
-    )
+    _add_device(predict)
     predict.add_argument(
         "--batch-size", metavar="N", type=int, default=1024, help="rows per forward pass (default: 1024)"
     )
@@ -154,9 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bf16", action=argparse.BooleanOptionalAction, default=None,
         help="bfloat16 autocast (default: as the run was trained, on CUDA only)",
     )
-    generate.add_argument(
-        "--device", metavar="DEVICE", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)"
-    )
+    _add_device(generate)
 
     compare = sub.add_parser(
         "compare",
@@ -230,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, metavar="N", default=0, help="seed of initialisation and data order (default: 0)"
     )
     return parser
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    """``--device`` of a command that loads a trained run (train takes it from the options table)."""
+    parser.add_argument("--device", metavar="DEVICE", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default: auto)")
 
 
 def _add_run_args(parser: argparse.ArgumentParser, with_resume: bool) -> None:
