@@ -29,6 +29,8 @@ The functions are pure tensor code: quantise a float32 tensor to ``(codes, scale
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -38,8 +40,10 @@ BLOCK = 256
 CODES = ("linear", "dynamic")
 
 
+@functools.cache
 def dynamic_code(signed: bool) -> Tensor:
-    """The 256 values (float32, ascending) of the dynamic code in ``[-1, 1]`` (``[0, 1]`` if not ``signed``).
+    """The 256 values (float32, ascending) of the dynamic code in ``[-1, 1]`` (``[0, 1]`` if not ``signed``),
+    built once and shared: read it, never write to it.
 
     Exponent bits ``e`` (4 signed, 5 unsigned; ``E`` their largest value) and 3 mantissa bits ``m``:
     ``2^(e - E) * (1 + m/8)`` for ``e > 0`` and the subnormals ``2^(1 - E) * m/8`` (0 among them) for
@@ -61,8 +65,10 @@ def dynamic_code(signed: bool) -> Tensor:
     return torch.cat([-magnitudes.flip(0), magnitudes]).float()  # -0 and +0 both present: 256 entries
 
 
+@functools.cache
 def linear_code() -> Tensor:
-    """The 256 values of the linear code: ``(q - 128) / 127``, clamped to ``[-1, 1]`` (q = 0 repeats -1)."""
+    """The 256 values of the linear code: ``(q - 128) / 127``, clamped to ``[-1, 1]`` (q = 0 repeats -1); shared, as
+    :func:`dynamic_code`."""
     return ((torch.arange(256, dtype=torch.float32) - 128) / 127).clamp(-1, 1)
 
 
