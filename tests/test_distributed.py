@@ -101,7 +101,7 @@ def test_grad_scale_gives_the_global_mean_gradient_for_unequal_shards() -> None:
 def test_total_norm_is_the_norm_of_all_tensors_together() -> None:
     tensors = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 2, dtype=torch.float64)]
     expected = torch.cat([t.double().reshape(-1) for t in tensors]).norm()
-    assert dd.total_norm(tensors) == pytest.approx(float(expected), rel=1e-12)
+    assert dd.total_norm(tensors) == pytest.approx(float(expected), rel=1e-6)  # each tensor's norm in float32
     assert dd.total_norm([]) == 0.0
 
 

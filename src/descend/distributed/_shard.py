@@ -77,26 +77,29 @@ def local_tensor(t: Tensor) -> Tensor:
 
 
 def total_norm(tensors: Iterable[Tensor]) -> float:
-    """``sqrt(Σ_t ||t||²)`` over whole tensors, equal on every rank, in float64 where the device has it.
+    """``sqrt(Σ_t ||t||²)`` over whole tensors, equal on every rank.
 
-    FSDP2 DTensors hold a shard per rank: their squares are summed over ranks (one all-reduce).
-    Plain tensors are replicas (DDP) or the only copy (one process) and are counted once.
+    Each tensor's norm is taken in float32 (float64 for a float64 tensor), one ``_foreach_norm`` per
+    device and dtype, and the squares are summed in float64 where the device has it. FSDP2 DTensors
+    hold a shard per rank: their squares are summed over ranks (one all-reduce). Plain tensors are
+    replicas (DDP) or the only copy (one process) and are counted once.
     """
-    sharded = replicated = None
+    groups: dict[tuple[bool, torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
         local = local_tensor(t).detach()
-        dtype = torch.float32 if local.device.type == "mps" else torch.float64
-        square = torch.linalg.vector_norm(local, dtype=dtype).square()  # upcast inside the reduction: no copy
-        if isinstance(t, DTensor):
-            sharded = square if sharded is None else sharded + square
+        groups.setdefault((isinstance(t, DTensor), local.device, local.dtype), []).append(local)
+    sharded = replicated = 0.0
+    for (is_shard, device, dtype), locals_ in groups.items():
+        wide = torch.float32 if device.type == "mps" else torch.float64
+        norms = torch._foreach_norm(locals_, 2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        square = float(torch.stack(norms).to(wide).square().sum())
+        if is_shard:
+            sharded += square
         else:
-            replicated = square if replicated is None else replicated + square
-    total = 0.0 if replicated is None else float(replicated)
-    if world_size() > 1 and sharded is not None:
-        total += all_reduce_sum([float(sharded)])[0]
-    elif sharded is not None:
-        total += float(sharded)
-    return math.sqrt(total)
+            replicated += square
+    if world_size() > 1 and any(is_shard for is_shard, _, _ in groups):
+        sharded = all_reduce_sum([sharded])[0]
+    return math.sqrt(replicated + sharded)
 
 
 def grad_norm(parameters: Any, norm_type: float = 2.0) -> float:

@@ -85,19 +85,28 @@ def _sharded(trainer: TrainerState) -> bool:
     return any(isinstance(p, DTensor) for p in trainer.model.parameters())
 
 
-def save(trainer: TrainerState, root: Path, *, keep: int, sharded: bool | None = None) -> Path:
+def _weights_state(trainer: TrainerState) -> dict[str, Any]:
+    """What a weights-only checkpoint (the best weights) records besides the model's tensors."""
+    es = trainer.early_stopping
+    return {"step": trainer.step, "best_val_loss": es.best, "best_step": es.best_step,
+            "config": trainer.config.to_dict()}
+
+
+def save(trainer: TrainerState, root: Path, *, keep: int, sharded: bool | None = None,
+         weights_only: bool = False) -> Path:
     """Write a checkpoint of ``trainer`` under ``root`` (``root/step-N``, ``root/latest.json``); every rank calls it.
 
     ``sharded`` forces the format (default: DCP exactly when the parameters are FSDP2 DTensors).
-    Returns once every rank is done, so a rank that fails afterwards cannot cut it short.
+    ``weights_only``: the model's tensors and the step, no optimizer, sampler or RNG state (enough
+    for :func:`load_best`, not for :func:`resume`). Returns once every rank is done, so a rank that
+    fails afterwards cannot cut it short.
     """
     sharded = _sharded(trainer) if sharded is None else sharded
+    state = _weights_state(trainer) if weights_only else trainer_state(trainer)
     if not sharded:
         path = root / f"step-{trainer.step:08d}"
         if trainer.is_main:
-            path = save_checkpoint(
-                root, trainer.step, dd.unwrap(trainer.model).state_dict(), trainer_state(trainer), keep=keep
-            )
+            path = save_checkpoint(root, trainer.step, dd.unwrap(trainer.model).state_dict(), state, keep=keep)
         dd.barrier()
         return path
     name = f"step-{trainer.step:08d}"
@@ -107,9 +116,8 @@ def save(trainer: TrainerState, root: Path, *, keep: int, sharded: bool | None =
         if path.exists():  # left by a run that died while writing it
             shutil.rmtree(path)
     dd.barrier()
-    state = trainer_state(trainer)
-    del state["optimizer"]  # DCP writes the (sharded) optimizer state itself
-    save_sharded(path, trainer.model, trainer.optimizer, extra=state)  # ends with a barrier
+    state.pop("optimizer", None)  # DCP writes the (sharded) optimizer state itself
+    save_sharded(path, trainer.model, None if weights_only else trainer.optimizer, extra=state)  # ends with a barrier
     if trainer.is_main:
         commit_checkpoint(root, trainer.step, name, keep=keep, kind="dcp")
     return path

@@ -144,10 +144,23 @@ def clear_grads(optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
+def _subtract_from(before: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+    """``before - p`` for each pair, written into ``before`` (its copies of the weights): no new memory."""
+    by_dtype: dict[tuple[torch.device, torch.dtype, type], list[int]] = {}
+    for i, b in enumerate(before):
+        by_dtype.setdefault((b.device, b.dtype, type(b)), []).append(i)
+    for indices in by_dtype.values():
+        torch._foreach_sub_([before[i] for i in indices], [params[i].detach() for i in indices])
+    return before
+
+
 def constraint_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """``max|w|`` against the radius ``1/λ`` of decoupled-decay sign methods (from ``optim.constraint_state``)."""
     try:
-        groups = importlib.import_module("descend.optim").constraint_state(optimizer)
+        optim = importlib.import_module("descend.optim")
+        if not any(optim.implied_radius(optimizer, group) is not None for group in optimizer.param_groups):
+            return {}  # no bound: nothing to report, and no pass over the weights
+        groups = optim.constraint_state(optimizer)
     except (ImportError, AttributeError, TypeError, ValueError):
         return {}
     constrained = [g for g in groups if g.get("radius") is not None]
@@ -211,7 +224,7 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
         grad_norm = dd.total_norm(p.grad for p in params if p.grad is not None)
     if grad_norm is not None:
         row["grad_norm"] = grad_norm
-    row["update_norm"] = dd.total_norm(p.detach() - b for p, b in zip(params, before))
+    row["update_norm"] = dd.total_norm(_subtract_from(before, params))
     row["weight_norm"] = dd.total_norm(p.detach() for p in params)
     if not any(isinstance(p, DTensor) for p in params):  # max|w| of a shard is not the model's
         row.update(constraint_metrics(optimizer))

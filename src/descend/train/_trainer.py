@@ -278,7 +278,7 @@ class Trainer:
         if self.early_stopping.update(loss, self.step) and self.keeps_best:
             self._best = best_weights(self)
             if self.out_dir is not None:
-                save(self, self.out_dir / "best", keep=1)
+                save(self, self.out_dir / "best", keep=1, weights_only=True)
         if self.early_stopping.stopped:
             self.should_stop = True
         if diverged(self.val_loss_start, loss):
