@@ -78,3 +78,62 @@ def test_mismatched_model_or_optimizer_is_refused(tmp_path) -> None:
     same = nn.Linear(4, 2)
     with pytest.raises(CheckpointError, match="optimizer SGD"):
         Trainer(same, torch.optim.Adam(same.parameters()), _bundle(), TrainConfig(steps=2), out_dir=tmp_path).resume()
+
+
+def test_a_background_save_writes_the_state_as_it_was_when_submitted(tmp_path, monkeypatch) -> None:
+    import threading
+
+    from descend.checkpoint import _local
+
+    release, write = threading.Event(), _local.save_checkpoint
+
+    def held(*args, **kwargs):  # the write starts only after training has moved the tensors on
+        release.wait(timeout=30)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(_local, "save_checkpoint", held)
+    weights, moment = torch.randn(64, 64), torch.randn(64, 64)
+    want_w, want_m = weights.clone(), moment.clone()
+    saver = _local.BackgroundSaver()
+    saver.submit(tmp_path / "ckpt", 3, {"w": weights}, {"optimizer": {"m": moment}, "step": 3})
+    weights.add_(1.0)
+    moment.mul_(2.0)
+    release.set()
+    saver.wait()
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    assert ckpt.step == 3
+    assert torch.equal(ckpt.model["w"], want_w)
+    assert torch.equal(ckpt.state["optimizer"]["m"], want_m)
+
+
+def test_a_background_save_that_fails_raises_at_the_next_wait(tmp_path) -> None:
+    from descend.checkpoint._local import BackgroundSaver
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the checkpoint root should be")
+    saver = BackgroundSaver()
+    saver.submit(blocker, 1, {"w": torch.zeros(2)}, {"step": 1})
+    with pytest.raises(OSError):
+        saver.wait()
+    saver.wait()  # the error is raised once
+
+
+def test_the_best_weights_are_saved_without_optimizer_state_and_restored_after_a_resume(tmp_path) -> None:
+    def trainer() -> Trainer:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        config = TrainConfig(steps=8, batch_size=5, eval_every=2, restore_best=True, progress=False, tensorboard=False)
+        return Trainer(model, torch.optim.SGD(model.parameters(), 0.5), _bundle(), config, out_dir=tmp_path)
+
+    torch.manual_seed(1)
+    first = trainer()
+    first.fit(max_steps=4)
+    best = load_checkpoint(tmp_path / "best")
+    assert "optimizer" not in best.state and best.step == first.early_stopping.best_step
+    resumed = trainer()
+    resumed.resume()
+    resumed.fit()
+    best = load_checkpoint(tmp_path / "best")
+    assert best.step == resumed.early_stopping.best_step
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, best.model[k])

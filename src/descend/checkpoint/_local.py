@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,7 @@ from descend.checkpoint._tensorfile import (
 
 __all__ = [
     "FORMAT",
+    "BackgroundSaver",
     "Checkpoint",
     "CheckpointError",
     "CheckpointWarning",
@@ -149,6 +151,57 @@ def commit_checkpoint(root: str | Path, step: int, name: str, *, keep: int = 2, 
     for old in steps[: max(0, len(steps) - keep)]:
         if old.name not in (name, good):
             shutil.rmtree(old, ignore_errors=True)
+
+
+def snapshot(value: Any) -> Any:
+    """``value`` with every tensor replaced by a copy in CPU memory and every container rebuilt: what a
+    background write reads while training goes on mutating the originals."""
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return type(value)((k, snapshot(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(v) for v in value)
+    return value
+
+
+class BackgroundSaver:
+    """Writes checkpoints with :func:`save_checkpoint` in a background thread, one at a time.
+
+    :meth:`submit` copies the state (:func:`snapshot`), first waiting for the write before it, so at
+    most one copy is held and checkpoints commit in step order; the write's error, if any, is raised by
+    the next :meth:`submit` or :meth:`wait`. A process that dies mid-write loses that checkpoint only:
+    ``latest.json`` still names the one before, as after a synchronous save that was cut short.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, root: str | Path, step: int, model_state: dict[str, Tensor], state: dict[str, Any], *,
+               keep: int = 2) -> Path:
+        """Start writing a checkpoint of copies of ``model_state`` and ``state``; return its directory's path."""
+        self.wait()
+        model_copy, state_copy = snapshot(model_state), snapshot(state)
+
+        def write() -> None:
+            try:
+                save_checkpoint(root, step, model_copy, state_copy, keep=keep)
+            except BaseException as e:  # handed to the thread that waits
+                self._error = e
+
+        self._thread = threading.Thread(target=write, name="descend-checkpoint")
+        self._thread.start()
+        return Path(root) / f"step-{step:08d}"
+
+    def wait(self) -> None:
+        """Return once nothing is being written; raise the last write's error."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def remove_temporaries(root: str | Path) -> list[Path]:

@@ -26,6 +26,7 @@ from descend import distributed as dd
 from descend.checkpoint._distributed import load_checkpoint as load_sharded
 from descend.checkpoint._distributed import save_checkpoint as save_sharded
 from descend.checkpoint._local import (
+    BackgroundSaver,
     CheckpointError,
     commit_checkpoint,
     is_sharded,
@@ -93,22 +94,31 @@ def _weights_state(trainer: TrainerState) -> dict[str, Any]:
 
 
 def save(trainer: TrainerState, root: Path, *, keep: int, sharded: bool | None = None,
-         weights_only: bool = False) -> Path:
+         weights_only: bool = False, background: BackgroundSaver | None = None) -> Path:
     """Write a checkpoint of ``trainer`` under ``root`` (``root/step-N``, ``root/latest.json``); every rank calls it.
 
     ``sharded`` forces the format (default: DCP exactly when the parameters are FSDP2 DTensors).
     ``weights_only``: the model's tensors and the step, no optimizer, sampler or RNG state (enough
-    for :func:`load_best`, not for :func:`resume`). Returns once every rank is done, so a rank that
-    fails afterwards cannot cut it short.
+    for :func:`load_best`, not for :func:`resume`). ``background``: a one-process, unsharded
+    checkpoint is copied now and written by that saver while training goes on (call its ``wait``
+    before reading it). Otherwise returns once every rank is done, so a rank that fails afterwards
+    cannot cut it short.
     """
     sharded = _sharded(trainer) if sharded is None else sharded
     state = _weights_state(trainer) if weights_only else trainer_state(trainer)
     if not sharded:
         path = root / f"step-{trainer.step:08d}"
+        model_state = dd.unwrap(trainer.model).state_dict()
+        if background is not None and dd.world_size() == 1:
+            return background.submit(root, trainer.step, model_state, state, keep=keep)
+        if background is not None:
+            background.wait()
         if trainer.is_main:
-            path = save_checkpoint(root, trainer.step, dd.unwrap(trainer.model).state_dict(), state, keep=keep)
+            path = save_checkpoint(root, trainer.step, model_state, state, keep=keep)
         dd.barrier()
         return path
+    if background is not None:
+        background.wait()
     name = f"step-{trainer.step:08d}"
     path = root / name
     if trainer.is_main:

@@ -36,6 +36,8 @@ from torch import Tensor, nn
 from descend import distributed as dd
 from descend._options import TrainConfig
 from descend._random import seed_everything
+from descend.checkpoint._local import BackgroundSaver
+from descend.nn._size import physical_memory
 from descend.train._callbacks import check_callbacks, run_callbacks
 from descend.train._data import LoaderSource, Source, as_sources, first_targets, infer_task
 from descend.train._device import place_model, resolve_device
@@ -170,6 +172,9 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.resumed = False
         self._best: dict[str, Tensor] | None = None
+        # one process writes its checkpoints in the background (one saver per directory), when a copy of
+        # the training state takes at most an eighth of the machine's memory
+        self._savers: dict[str, BackgroundSaver] | None = None
         self._writer: MetricsWriter | None = None
         self._progress: Progress | None = None
         self._fail_at = _fail_hook()
@@ -278,7 +283,7 @@ class Trainer:
         if self.early_stopping.update(loss, self.step) and self.keeps_best:
             self._best = best_weights(self)
             if self.out_dir is not None:
-                save(self, self.out_dir / "best", keep=1, weights_only=True)
+                save(self, self.out_dir / "best", keep=1, weights_only=True, background=self._saver("best"))
         if self.early_stopping.stopped:
             self.should_stop = True
         if diverged(self.val_loss_start, loss):
@@ -347,6 +352,15 @@ class Trainer:
             print(f"descend: warning: {message}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """End what :meth:`fit` started: remove the in-backward hooks, finish the checkpoints being written
+        and close the metrics file and progress bar."""
+        try:
+            for saver in (self._savers or {}).values():
+                saver.wait()
+        finally:
+            self._close_outputs()
+
+    def _close_outputs(self) -> None:
         if self._in_backward is not None:
             self._in_backward.remove()
             self._in_backward = None
@@ -363,9 +377,22 @@ class Trainer:
         if self.out_dir is None:
             return None
         self.last_checkpoint = save(
-            self, self.out_dir / "checkpoint", keep=self.config.keep_checkpoints, sharded=sharded
+            self, self.out_dir / "checkpoint", keep=self.config.keep_checkpoints, sharded=sharded,
+            background=self._saver("checkpoint"),
         )
         return self.last_checkpoint
+
+    def _saver(self, name: str) -> BackgroundSaver | None:
+        """The background saver of ``out_dir/name``, or None where checkpoints are written in the foreground:
+        several processes, or a training state whose copy would take over an eighth of the memory."""
+        if self._savers is None:
+            state = [*self.model.parameters(), *self.model.buffers()]
+            state += [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
+            size = sum(t.numel() * t.element_size() for t in state)
+            memory = physical_memory()
+            fits = self.world == 1 and memory is not None and size <= memory // 8
+            self._savers = {"checkpoint": BackgroundSaver(), "best": BackgroundSaver()} if fits else {}
+        return self._savers.get(name)
 
     def resume(self, path: str | Path | None = None) -> int:
         """Load the latest checkpoint (``path`` or ``out_dir/checkpoint``); return the step it resumes at.
@@ -373,4 +400,6 @@ class Trainer:
         Raises :class:`~descend.train.CheckpointError` if it is corrupt or was written for another
         model, optimizer or sampling scheme.
         """
+        for saver in (self._savers or {}).values():
+            saver.wait()
         return resume(self, path)
