@@ -49,7 +49,7 @@ class Item:
     ``states`` lists every active rule's state tensors one after the other, in the order of
     :func:`~descend.optim.engines.plan.state_layout`. ``ordinal`` and ``offset`` say where the rounding
     noise of its elements comes from (:class:`~descend.optim.engines.store.NoisePositions`); they are
-    read only where the store rounds stochastically.
+    read only where the store, or the parameter's own store (a bfloat16 parameter), rounds stochastically.
     """
 
     __slots__ = ("grad", "offset", "ordinal", "param", "states", "whole_param")

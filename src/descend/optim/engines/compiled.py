@@ -1,9 +1,9 @@
 """``engine="compiled"``: the whole chain of a bucket traced by ``torch.compile`` into one fused pass.
 
-Gradient unscaling, ``maximize``, the state's store (stochastic rounding included) and projections
-are inside the pass. Hyperparameters and the per-step scalars of :meth:`Rule.scalars
-<descend.optim.rules.base.Rule.scalars>` enter as 0-d float64 tensors, so a scheduler triggers no
-recompile; scalar expressions are evaluated in double precision and converted to the parameter's
+Gradient unscaling, ``maximize``, the state's store (stochastic rounding included), the stochastic
+rounding of bfloat16 parameters and projections are inside the pass. Hyperparameters and the per-step
+scalars of :meth:`Rule.scalars <descend.optim.rules.base.Rule.scalars>` enter as 0-d float64 tensors, so
+a scheduler triggers no recompile; scalar expressions are evaluated in double precision and converted to the parameter's
 dtype before they meet the elements. If compiling fails the engine runs the foreach engine instead.
 """
 
