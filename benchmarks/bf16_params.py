@@ -15,6 +15,7 @@ processes hits all alike, and the table reports each row's median step time and 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -36,6 +37,14 @@ MODES = [
     ("bf16 params (stochastic), bf16 state", torch.bfloat16, torch.bfloat16, "stochastic"),
     ("bf16 params (nearest), bf16 state", torch.bfloat16, None, "nearest"),
 ]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 def parse_count(text: str) -> int:
@@ -88,6 +97,7 @@ def main() -> None:
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     rows = []
     print(f"{'optimizer':9} {'engine':8} {'params':>7}  {'mode':42} {'kernels':10} {'ms':>8} {'ratio':>6}")
     for n in map(parse_count, args.params.split(",")):
@@ -99,7 +109,9 @@ def main() -> None:
                           f"{','.join(row['kernels']):10} {row['median_ms']:8.2f} {row['ratio']:6.2f}")
     if args.out:
         write_json(Path(args.out), {"threads": args.threads, "tensors": args.tensors, "steps": args.steps,
-                                    "torch": torch.__version__, "machine": platform.machine(), "rows": rows})
+                                    "torch": torch.__version__, "machine": platform.machine(), "cpu": cpu_name(),
+                                    "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                                    "rows": rows})
 
 
 if __name__ == "__main__":
