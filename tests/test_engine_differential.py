@@ -419,7 +419,7 @@ def test_the_compiled_engine_equals_the_reference(s: Scenario) -> None:
     check(s, ["compiled"])
 
 
-@settings(max_examples=20, **SETTINGS)
+@settings(max_examples=30, **SETTINGS)
 @given(scenarios(dtype=torch.bfloat16))
 def test_every_engine_equals_the_reference_on_bfloat16_parameters(s: Scenario) -> None:
     """bfloat16 parameters, mostly rounded stochastically: every engine draws the reference's noise."""
