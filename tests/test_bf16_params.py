@@ -175,3 +175,25 @@ def test_param_rounding_is_checked_and_kept_by_copies() -> None:
     opt = optim.Lion([p], param_rounding="nearest")
     assert pickle.loads(pickle.dumps(opt)).param_rounding == "nearest"
     assert copy.deepcopy(optim.Lion([p])).param_rounding == "stochastic"
+
+
+@pytest.mark.parametrize("rounding,picked", [("stochastic", "foreach"), ("nearest", "fused")])
+def test_auto_off_the_cpu_never_picks_torchs_kernel_for_stochastic_rounding(monkeypatch: pytest.MonkeyPatch,
+                                                                            rounding: str, picked: str) -> None:
+    """The device logic of ``--param-dtype bfloat16 --device cuda``, on the CPU: a bucket of bf16 parameters on
+    a device with torch's fused kernels (here ``meta`` stands in for CUDA) goes to the foreach engine under
+    stochastic rounding, to torch's fused AdamW under nearest rounding."""
+    from descend.optim.engines import fused
+    from descend.optim.engines.auto import AutoEngine
+    from descend.optim.engines.bucket import Bucket, Item
+    from descend.optim.engines.plan import active_rules, weight_factor
+
+    monkeypatch.setattr(fused, "FUSED_DEVICES", (*fused.FUSED_DEVICES, "meta"))
+    p = nn.Parameter(torch.empty(8, dtype=torch.bfloat16, device="meta"))
+    opt = optim.AdamW([p], lr=1e-3, weight_decay=0.1, param_rounding=rounding)
+    plan, group = opt.plan(), opt.param_groups[0]
+    engine = AutoEngine(plan, opt)
+    states = [torch.empty_like(p) for _ in range(2)]
+    bucket = Bucket(0, group, active_rules(plan, group, None), weight_factor(plan, group),
+                    [Item(p, torch.empty_like(p), states)], [p], torch.tensor(1.0), None)
+    assert engine.engine_for(bucket).name == picked
