@@ -98,7 +98,7 @@ class ReferenceEngine(Engine):
             for j, (k, v) in enumerate(stored.items()):
                 if work[k] is not v:
                     store.store_(v, work[k], seeds[r][j][0] if seeds else 0, offset)
-        new = w.float() if rounded and w.dtype != torch.float32 else w  # w itself is a float32 copy if rounded
+        new = w.float() if rounded and w.dtype != torch.float32 else w  # a float32 w of a rounded p is a copy
         if scales_weights(factor):  # decoupled decay: w <- factor*w + u
             new.mul_(factor)
         new.add_(u)

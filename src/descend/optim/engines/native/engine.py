@@ -77,7 +77,7 @@ class NativeEngine(BucketEngine):
         """Remember group ``index`` if its step was one loop over every parameter with a gradient."""
         runs = [run for run in report if run.group == index]
         if (grad_scale is None and not self.plan.store.stochastic
-                and not any(self.plan.rounds_params(p.dtype) for p in stepped.params[:1])
+                and not (stepped.params and self.plan.rounds_params(stepped.params[0].dtype))
                 and runs == [KernelRun(index, self.name, len(stepped.items))]
                 and len(stepped.items) + len(stepped.without_grad) == len(group["params"])
                 and all(item.param is p or item.param._base is p for item, p in zip(stepped.items, stepped.params))):
