@@ -408,6 +408,20 @@ def state_codes(name: str | None) -> str:
     return "\n".join(lines)
 
 
+def bf16_params(name: str | None) -> str:
+    """Markdown table of ``benchmarks/bf16_params.py``'s result: step time of bfloat16 parameters per engine."""
+    name = name or "bf16_params.json"
+    d = load_result(name)
+    caption = (f"Median step time over {d['steps']} steps, {d['tensors']} tensors; the ratio is to float32 "
+               f"parameters and state on the same engine and size, measured in the same run. Machine: "
+               f"{_machine(d)}.{_load(d)} Source: `benchmarks/results/{name}`.")
+    lines = [caption, "", "| optimizer | engine | parameters | mode | ms | ratio |", "|---|---|---:|---|---:|---:|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['optimizer']} | {r['engine']} | {_count(r['params'])} | {r['mode']} | "
+                     f"{r['median_ms']:.1f} | {r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def distributed(name: str | None) -> str:
     """Markdown table of ``benchmarks/distributed.py``'s result: steps per second by process count and strategy."""
     name = name or "distributed.json"
@@ -619,6 +633,7 @@ GENERATORS: dict[str, Callable[[str | None], str]] = {
     "generate": generate,
     "text-streaming": text_streaming,
     "state-codes": state_codes,
+    "bf16-params": bf16_params,
     "lm-hand-loop": lm_hand_loop,
     "distributed-equivalence": distributed_equivalence,
 }

@@ -115,3 +115,36 @@ def test_a_language_model_trains_and_samples_on_cuda_in_bf16(tmp_path: Path) -> 
     cached = "".join(generate_text(run, "the ", 40, seed=1, device="cuda").pieces)
     assert len(cached) >= 1
     assert "".join(generate_text(run, "the ", 40, seed=1, device="cuda").pieces) == cached  # seeded on the GPU too
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Lion"])
+def test_bfloat16_parameters_on_cuda_round_stochastically_as_the_reference(name: str) -> None:
+    """bf16 parameters on CUDA (foreach, compiled, auto: never torch's fused kernels, which round to nearest)
+    draw the reference engine's noise; an update far below half an ulp moves the weights on average."""
+    outs = {}
+    for engine in ("reference", "foreach", "compiled", "auto"):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, generator=gen, device="cuda").to(torch.bfloat16))
+                  for s in [(64, 32), (1000,)]]
+        opt = getattr(optim, name)(params, lr=1e-3, engine=engine, state_dtype=torch.bfloat16)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, device="cuda").to(torch.bfloat16)
+            opt.step()
+        assert "fused" not in [r.kernel for r in opt.last_step_kernels]
+        outs[engine] = [p.detach().float().cpu() for p in params]
+    for engine in ("foreach", "compiled", "auto"):  # Adam's division: within one bf16 ulp, else equal
+        for a, b in zip(outs[engine], outs["reference"]):
+            torch.testing.assert_close(a, b, rtol=2**-7, atol=0)
+    w = nn.Parameter(torch.ones(100_000, dtype=torch.bfloat16, device="cuda"))
+    opt = optim.SGD([w], lr=1e-4, engine="foreach")
+    w.grad = torch.ones_like(w)
+    opt.step()
+    assert float(w.double().mean() - 1.0) == pytest.approx(-1e-4, rel=0.1)
+
+
+def test_the_trainer_keeps_bfloat16_parameters_on_cuda() -> None:
+    trainer = _trainer("cuda", steps=6, param_dtype="bfloat16")
+    summary = trainer.fit()
+    assert all(p.device.type == "cuda" and p.dtype == torch.bfloat16 for p in trainer.model.parameters())
+    assert math.isfinite(summary["train"]["loss"])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -132,3 +134,109 @@ def test_a_run_that_does_not_fit_is_refused_before_allocation(tmp_path) -> None:
                              "--depth", "1024", "--steps", "1", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "choose a smaller" in result.stderr and result.stderr.count("\n") == 1
+
+
+# -- bfloat16 parameters (--param-dtype bfloat16) ---------------------------------------------------------------
+def _bf16_trainer(out=None, **config) -> Trainer:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = optim.Lion(model.parameters(), lr=1e-3, weight_decay=0.1, state_dtype=torch.bfloat16)
+    cfg = TrainConfig(steps=12, batch_size=16, progress=False, log_every=1, checkpoint_every=4,
+                      param_dtype="bfloat16", **config)
+    return Trainer(model, opt, _bundle(), cfg, out_dir=out)
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_bfloat16_parameters_train_without_a_float32_copy_and_resume_bit_for_bit(tmp_path, in_backward) -> None:
+    whole = _bf16_trainer(tmp_path / "whole", step_in_backward=in_backward)
+    before = [p.detach().clone() for p in whole.model.parameters()]
+    whole.fit()
+    params = list(whole.model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in params)
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in whole.optimizer.state.values())
+    assert any(not torch.equal(p, q) for p, q in zip(params, before))
+    first = _bf16_trainer(tmp_path / "split", step_in_backward=in_backward)
+    first.fit(max_steps=8)
+    second = _bf16_trainer(tmp_path / "split", step_in_backward=in_backward)
+    assert second.resume() == 8
+    second.fit()
+    for a, b in zip(params, second.model.parameters()):
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+def test_bfloat16_parameters_with_float32_state_from_the_options() -> None:
+    """--param-dtype bfloat16 --state-dtype float32: the state stays float32 (not the parameters' dtype)."""
+    trainer = prepare(RunSpec(optimizer="adamw", param_dtype="bfloat16", steps=2, width=8, progress=False))
+    trainer.fit()
+    assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters())
+    assert all(p.grad is None or p.grad.dtype == torch.bfloat16 for p in trainer.model.parameters())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.optimizer.state.values())
+
+
+def test_the_memory_plan_counts_bfloat16_parameters_and_gradients_at_two_bytes() -> None:
+    from descend.data.registry import load_data
+    from descend.train import memory_plan
+
+    data = load_data("digits")
+    plain = memory_plan(RunSpec(optimizer="lion", steps=1, width=256, depth=8), data)
+    half = memory_plan(RunSpec(optimizer="lion", steps=1, width=256, depth=8, param_dtype="bfloat16",
+                               state_dtype="bfloat16"), data)
+    assert plain.bytes_per_parameter == 4 + 4 + 4 and half.bytes_per_parameter == 2 + 2 + 2
+    assert half.weights == plain.weights // 2 and half.gradients == plain.gradients // 2
+
+
+def test_a_run_with_bfloat16_parameters_survives_kill_9_and_predicts(tmp_path) -> None:
+    """kill -9 mid-run, resume to step N: the weights are those of an uninterrupted N-step run, bit for bit;
+    `descend predict` loads the bfloat16 weights."""
+    from safetensors.torch import load_file
+
+    common = ["--width", "8", "--threads", "1", "--no-progress", "--param-dtype", "bfloat16", "--optimizer", "lion",
+              "--state-dtype", "bfloat16", "--checkpoint-every", "20", "--eval-every", "20", "--log-every", "20",
+              "--no-restore-best"]
+    killed = tmp_path / "killed"
+    first = subprocess.Popen([sys.executable, "-m", "descend", "train", "--steps", "100000", *common, "--out",
+                              str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (killed / "checkpoint" / "latest.json").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.2)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    reached = json.loads((killed / "checkpoint" / "latest.json").read_text())["step"]
+
+    def descend(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "descend", *args], capture_output=True, text=True, timeout=300)
+
+    resumed = descend("train", "--resume", str(killed), "--steps", str(reached + 7))
+    assert resumed.returncode == 0, resumed.stderr
+    straight = descend("train", "--steps", str(reached + 7), *common, "--out", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    a, b = load_file(killed / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((killed / "config.json").read_text())["param_dtype"] == "bfloat16"
+    from descend.runs._predict import load_run_model  # what `descend predict` and `descend generate` load
+
+    model, _ = load_run_model(killed, device="cpu")
+    assert all(torch.equal(t, a[k].to(t.dtype)) for k, t in model.state_dict().items())
+    features = next(t for t in model.state_dict().values() if t.dim() == 2).shape[1]  # the first layer's inputs
+    assert bool(torch.isfinite(model(torch.zeros(2, features))).all())
+
+
+def test_a_bfloat16_language_model_trains_in_backward_and_generates(tmp_path) -> None:
+    """--param-dtype bfloat16 with bfloat16 state and the step in the backward pass (the leanest mode) on a
+    transformer; `descend generate` samples from its bfloat16 weights, seeded."""
+    from descend.cli import main
+    from descend.runs._generate import generate_text
+
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat. " * 200, encoding="utf-8")
+    run = tmp_path / "lm"
+    assert main(["train", "--data", str(text), "--model", "transformer", "--width", "16", "--depth", "1", "--steps",
+                 "4", "--batch-size", "4", "--threads", "1", "--param-dtype", "bfloat16", "--state-dtype", "bfloat16",
+                 "--optimizer", "lion", "--step-in-backward", "--no-progress", "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["param_dtype"] == "bfloat16" and config["step_in_backward"] is True
+    first = "".join(generate_text(run, "the ", 10, seed=1, device="cpu").pieces)
+    assert first and "".join(generate_text(run, "the ", 10, seed=1, device="cpu").pieces) == first

@@ -257,6 +257,7 @@ OPTIONS: dict[str, Option] = _table(
     Option("chunk_size", int, None, "examples per forward pass in full-batch mode (bounds memory)", "N", none_means="the whole set", within="[1, inf)"),
     Option("loss", str, "auto", "loss function", "NAME", choices=("auto", "cross_entropy", "mse")),
     Option("bf16", bool, False, "bfloat16 autocast for forward passes"),
+    Option("param_dtype", str, "float32", "the parameters' and gradients' precision; bfloat16: 2 + 2 bytes a parameter instead of 4 + 4, no float32 copy (each step computed in float32, stored rounded stochastically), forward passes under bfloat16 autocast", "DTYPE", choices=("float32", "bfloat16")),
     Option("step_in_backward", bool, False, "step each parameter inside the backward pass as soon as its gradient is ready, then free it: one gradient alive at a time (no --clip-grad-norm or --accumulation)"),
     Option("seed", int, 0, "seed of the data split, initialisation and sampling", "N", within="[0, inf)"),
     Option("device", str, "auto", "where to train: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps", "DEVICE", pattern=DEVICE_PATTERN),
@@ -375,7 +376,10 @@ class TrainConfig:
     for token sequences; ``None``: all): the same evenly spaced subset every time. ``patience``: stop
     after that many evaluations without a lower validation loss. ``restore_best``: end with the weights
     of the evaluation with the lowest validation loss (the summary's ``weights_step``), not the last
-    step's. Each field's default, range and meaning are those of :data:`OPTIONS` (the command line's
+    step's. ``param_dtype="bfloat16"``: the trainer casts the model's floating parameters and buffers to
+    bfloat16 (no float32 copy; gradients are bfloat16 too) and runs forward passes under bfloat16
+    autocast; descend's optimizers step such parameters in float32 and round them stochastically.
+    Each field's default, range and meaning are those of :data:`OPTIONS` (the command line's
     ``--flag`` of the same name); constructing one validates every field.
     """
 
@@ -394,6 +398,7 @@ class TrainConfig:
     gamma: float = opt("gamma")
     clip_grad_norm: float | None = opt("clip_grad_norm")
     bf16: bool = opt("bf16")
+    param_dtype: str = opt("param_dtype")
     step_in_backward: bool = opt("step_in_backward")
     eval_every: int | None = opt("eval_every")
     eval_size: int | None = opt("eval_size")

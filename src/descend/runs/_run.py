@@ -242,9 +242,13 @@ def prepare(spec: RunSpec, out_dir: Path | None = None, *, bundle: DataBundle | 
             spec.model, bundle, depth=spec.depth, width=spec.width, activation=spec.activation, heads=spec.heads,
             checkpoint_activations=spec.checkpoint_activations, bytes_per_parameter=plan.bytes_per_parameter,
         )
+        if spec.param_dtype == "bfloat16":  # before a DDP/FSDP wrapper, which keeps the dtypes it finds
+            model.to(torch.bfloat16)
         if dd.world_size() > 1:  # every rank built the same model from the same seed
             model = dd.wrap(model, spec.strategy)
         extra = {"state_dtype": torch.bfloat16} if spec.state_dtype == "bfloat16" else {}
+        if spec.param_dtype == "bfloat16" and not extra:  # float32 state, not the parameters' bfloat16
+            extra = {"state_dtype": torch.float32}
         optimizer = make_optimizer(
             spec.optimizer, model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, **extra
         )

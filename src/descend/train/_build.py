@@ -132,10 +132,10 @@ def state_bytes_per_parameter(name: str, **options: Any) -> int:
 class MemoryPlan:
     """What a training run holds in memory beside the data, worked out before anything is allocated (bytes).
 
-    ``weights``: 4 per parameter (float32); ``gradients``: 4 per parameter, or the largest tensor's when
-    the step runs inside the backward pass; ``optimizer_state``: per parameter, what the optimizer keeps
-    (:func:`state_bytes_per_parameter`); ``activations``: an estimate of what one step's forward pass
-    stores for backward.
+    ``weights``: 4 per parameter (float32), 2 with ``param_dtype="bfloat16"``; ``gradients``: as many per
+    parameter, or the largest tensor's when the step runs inside the backward pass; ``optimizer_state``:
+    per parameter, what the optimizer keeps (:func:`state_bytes_per_parameter`); ``activations``: an
+    estimate of what one step's forward pass stores for backward.
     """
 
     parameters: int
@@ -172,11 +172,12 @@ def memory_plan(spec: Any, data: DataBundle) -> MemoryPlan:
     inputs = (data.in_features if vector else (data.location_dim or 0) + (data.value_dim or 0)) or 0
     n = parameter_estimate(spec.model, spec.depth, spec.width, inputs, data.out_features)
     width, depth = spec.width, max(1, spec.depth)
+    size = 2 if spec.param_dtype == "bfloat16" else 4  # bytes of a parameter, and of its gradient
     if spec.step_in_backward:  # one gradient at a time: the largest tensor's
         block = (4 if spec.model in ("transformer", "pointset") else 1) * (width + 1) * width
-        gradients = 4 * max(block, (inputs + 1) * width, (width + 1) * data.out_features)
+        gradients = size * max(block, (inputs + 1) * width, (width + 1) * data.out_features)
     else:
-        gradients = 4 * n
+        gradients = size * n
     extra = {"state_dtype": torch.bfloat16} if spec.state_dtype == "bfloat16" else {}
     state = n * state_bytes_per_parameter(spec.optimizer, lr=spec.lr, weight_decay=spec.weight_decay, **extra)
     rows = spec.batch_size or spec.chunk_size or len(data.train)  # type: ignore[arg-type]
@@ -186,4 +187,4 @@ def memory_plan(spec: Any, data: DataBundle) -> MemoryPlan:
     else:
         per_row = depth * 3 * width + width + data.out_features
     activations = 4 * rows * per_row // (depth if spec.checkpoint_activations else 1)
-    return MemoryPlan(n, 4 * n, gradients, state, activations)
+    return MemoryPlan(n, size * n, gradients, state, activations)

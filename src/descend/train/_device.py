@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from descend import distributed as dd
 
-__all__ = ["autocast", "move", "place_model", "resolve_device"]
+__all__ = ["autocast", "cast_model", "move", "place_model", "resolve_device"]
 
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
@@ -77,6 +77,18 @@ def place_model(model: nn.Module, optimizer: torch.optim.Optimizer, device: torc
         for key, value in state.items():
             if isinstance(value, Tensor) and value.dim() > 0:  # 0-d ``step`` counters stay where torch keeps them
                 state[key] = value.to(device)
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating parameters and buffers to ``dtype``, in place (the parameter objects stay, so
+    an optimizer built on them still holds them). A DDP/FSDP-wrapped model must be cast before it is wrapped."""
+    floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if all(t.dtype == dtype for t in floating):
+        return
+    if dd.is_data_parallel(model):
+        raise ValueError(f"the wrapped model's parameters are not {dtype}: cast the model (model.to({dtype})) "
+                         "before wrapping it in DDP/FSDP")
+    model.to(dtype)
 
 
 def move(inputs: Sequence[Tensor], targets: Tensor, device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]:

@@ -40,7 +40,7 @@ from descend.checkpoint._local import BackgroundSaver
 from descend.nn._size import physical_memory
 from descend.train._callbacks import check_callbacks, run_callbacks
 from descend.train._data import LoaderSource, Source, as_sources, first_targets, infer_task
-from descend.train._device import place_model, resolve_device
+from descend.train._device import cast_model, place_model, resolve_device
 from descend.train._evaluate import EarlyStopping, Metric, diverged, evaluate
 from descend.train._losses import LossFn, get_loss
 from descend.train._output import MetricsWriter, Progress
@@ -130,6 +130,9 @@ class Trainer:
             dd.check_wrapped(model)
         self.device = resolve_device(device)
         place_model(model, optimizer, self.device)
+        if cfg.param_dtype == "bfloat16":  # no float32 copy: the forward passes run under bf16 autocast
+            cast_model(model, torch.bfloat16)
+        self.bf16_autocast = cfg.bf16 or cfg.param_dtype == "bfloat16"
         self.model, self.optimizer, self.data = model, optimizer, data
         self.sources = as_sources(data)
         self.task = task or infer_task(data, self.sources)
@@ -245,7 +248,7 @@ class Trainer:
         try:
             row = optimizer_step(
                 self.model, self.optimizer, self.scheduler, self.loss_fn, self.sources["train"],
-                self.sampler.next_step(), l2=cfg.l2, clip_grad_norm=cfg.clip_grad_norm, bf16=cfg.bf16,
+                self.sampler.next_step(), l2=cfg.l2, clip_grad_norm=cfg.clip_grad_norm, bf16=self.bf16_autocast,
                 device=self.device, measure=measure, classify=self.task == "classification",
                 in_backward=self._in_backward is not None,
             )  # fmt: skip
@@ -273,7 +276,7 @@ class Trainer:
             self.model, self.loss_fn, source, task=self.task, metrics=self.metrics,
             chunk_size=chunk_size or max(1, EVAL_CHUNK_TOKENS // tokens),
             limit=None if size is None else max(1, math.ceil(size / tokens)),
-            bf16=self.config.bf16, device=self.device, target_std=self.target_std,
+            bf16=self.bf16_autocast, device=self.device, target_std=self.target_std,
         )  # fmt: skip
 
     def validate(self) -> dict[str, float]:

@@ -49,7 +49,7 @@ class Item:
     ``states`` lists every active rule's state tensors one after the other, in the order of
     :func:`~descend.optim.engines.plan.state_layout`. ``ordinal`` and ``offset`` say where the rounding
     noise of its elements comes from (:class:`~descend.optim.engines.store.NoisePositions`); they are
-    read only where the store rounds stochastically.
+    read only where the store, or the parameter's own store (a bfloat16 parameter), rounds stochastically.
     """
 
     __slots__ = ("grad", "offset", "ordinal", "param", "states", "whole_param")
@@ -292,7 +292,7 @@ class BucketEngine(Engine):
                 item = Item(local(p), local(g), [local(t) for t in states])
             else:  # a 0-d parameter as a 1-element view, like the reference engine (step_param)
                 item = Item(torch.atleast_1d(p), torch.atleast_1d(g), [torch.atleast_1d(t) for t in states])
-            if stochastic:
+            if stochastic or plan.rounds_params(p.dtype):
                 item.ordinal, item.offset = self.noise_position(p)
             bucket = buckets.setdefault((p.device, p.dtype, g.dtype), ([], [], []))
             bucket[0].append(item)
