@@ -7,6 +7,8 @@ of large tensors go to reused scratch buffers (:class:`~descend.optim.engines.te
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from descend.optim.engines.bucket import Bucket, BucketEngine, Item, chunks
@@ -46,7 +48,7 @@ class ForeachEngine(BucketEngine):
         # per rule, per state tensor: {ordinal: seed}
         seeds = [[dict(zip(ordinals, s.tolist())) for s in per_rule]
                  for per_rule in store.seeds(bucket.step, ordinals, layout, torch.device("cpu"))]
-        for piece in chunks(items, self.chunk):
+        for piece in chunks(items, self.chunk, store):
             scratch.reset()  # every temporary of the previous chunk is dead
             w = TensorList([item.param for item in piece], scratch)
             u = TensorList([item.grad for item in piece], scratch)
@@ -56,7 +58,7 @@ class ForeachEngine(BucketEngine):
                 u = -u
             first = 0  # the index in item.states of the rule's first state tensor
             for r, ((rule, hp), names) in enumerate(zip(active, layout)):
-                stored = {k: TensorList([item.states[first + j] for item in piece], scratch)
+                stored = {k: store.gather([item.states[first + j] for item in piece], scratch)
                           for j, k in enumerate(names)}
                 first += len(names)
                 work = {k: store.load(v) for k, v in stored.items()}
@@ -69,7 +71,7 @@ class ForeachEngine(BucketEngine):
             w.add_(u)
         return bucket.ran(self.name)
 
-    def store(self, store: Store, stored: TensorList, work: TensorList, piece: list[Item],
+    def store(self, store: Store, stored: Any, work: TensorList, piece: list[Item],
               seeds: dict[int, int] | None) -> None:
         """``store.store_`` for every tensor of a chunk, in scratch buffers where they fit.
 
