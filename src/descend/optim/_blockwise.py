@@ -98,6 +98,12 @@ def code_table(code: str, signed: bool = True) -> Tensor:
     return linear_code() if code == "linear" else dynamic_code(signed)
 
 
+def lookup(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` for a 1-D ``table`` and an integer ``index`` of any shape (``index_select``: on the CPU
+    about ten times faster than indexing with a tensor)."""
+    return torch.index_select(table, 0, index.reshape(-1)).view(index.shape)
+
+
 #: Leading bits of a float32 (sign, exponent, 3 of the mantissa) that :func:`index_below` reads.
 _PREFIX_BITS = 12
 
@@ -131,10 +137,10 @@ def index_below(y: Tensor, table: Tensor, code: str, signed: bool) -> Tensor:
     if spread > 2:  # a finer code (linear): the search is cheaper than the corrections
         return torch.bucketize(y, table, right=True, out_int32=True) - 1
     prefix = (y.view(torch.int32) >> (32 - _PREFIX_BITS)) & ((1 << _PREFIX_BITS) - 1)
-    low = guesses[prefix]
+    low = lookup(guesses, prefix)
     last = table.numel() - 1
     for _ in range(spread):
-        low = (low + (table[(low + 1).clamp(max=last)] <= y)).clamp(max=last)
+        low = (low + (lookup(table, (low + 1).clamp(max=last)) <= y)).clamp(max=last)
     return low
 
 
@@ -157,9 +163,10 @@ def quantize(x: Tensor, code: str, signed: bool = True, noise: Tensor | None = N
         y = y.clamp(min=0)
     # the code at or below each value, and the one above it
     low = index_below(y, table, code, signed).clamp(0, table.numel() - 2)
-    below, above = table[low], table[low + 1]
-    gap = above - below
-    position = torch.where(gap > 0, (y - below) / torch.where(gap > 0, gap, torch.ones_like(gap)), torch.zeros_like(y))
+    below, above = lookup(table, low), lookup(table, low + 1)
+    # a gap of 0 (the repeated code values: -0 and +0, the linear code's -1) is never below a value: the index is
+    # that of the last of equal values
+    position = (y - below) / (above - below)
     if stochastic:
         if noise is None:
             noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
@@ -176,7 +183,7 @@ def dequantize(codes: Tensor, scales: Tensor, code: str, signed: bool = True, ta
     if table is None:
         table = code_table(code, signed).to(codes.device)
     flat = codes.reshape(-1)
-    return (table[flat.int()] * per_element(scales, flat.numel())).view(codes.shape)
+    return (lookup(table, flat.int()) * per_element(scales, flat.numel())).view(codes.shape)
 
 
 def round_trip(x: Tensor, code: str, signed: bool = True, noise: Tensor | None = None,
