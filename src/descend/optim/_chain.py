@@ -148,7 +148,7 @@ class ChainOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: ParamsT, rules: Sequence[Rule], *, lr: float = 1e-3, maximize: bool = False,
-                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False,
+                 engine: str = "auto", state_dtype: torch.dtype | str | None = None, flat: bool = False,
                  foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, **hyper: Any) -> None:
         engine = torch_engine_flags(engine, foreach, fused, capturable, differentiable)
@@ -426,7 +426,7 @@ class ChainOptimizer(torch.optim.Optimizer):
 
 
 def chain(params: ParamsT, *rules: Rule, lr: float = 1e-3, maximize: bool = False, engine: str = "auto",
-          state_dtype: torch.dtype | None = None, flat: bool = False, foreach: bool | None = None,
+          state_dtype: torch.dtype | str | None = None, flat: bool = False, foreach: bool | None = None,
           fused: bool | None = None, **hyper: Any) -> ChainOptimizer:
     """Compose rules into an optimizer (the step: :mod:`descend.optim`), e.g. Signum with decoupled decay::
 
