@@ -151,3 +151,20 @@ def test_an_int8_state_of_another_size_is_refused() -> None:
     p.grad = torch.randn(600)
     with pytest.raises(RuntimeError, match=r"'exp_avg_scales' .* expected shape \(3,\)"):
         opt.step()
+
+
+def test_a_nan_makes_its_block_nan_and_leaves_the_others() -> None:
+    """A NaN gradient: its block of 256 state values reads back NaN (not clipped to a scale that ignores it), the
+    other blocks as without it."""
+    p, opt = _trained("int8", 1)
+    clean = optim.Adam([nn.Parameter(p.detach().clone())], lr=1e-2, state_dtype="int8")
+    clean.load_state_dict(opt.state_dict())
+    q = clean.param_groups[0]["params"][0]
+    g = torch.randn(600)
+    p.grad, q.grad = g.clone(), g.clone()
+    p.grad[5] = float("nan")
+    opt.step()
+    clean.step()
+    values = dequantize(opt.state[p]["exp_avg"], opt.state[p]["exp_avg_scales"], "dynamic", True)
+    assert bool(values[:256].isnan().all()) and bool(p[5].isnan())
+    assert torch.equal(opt.state[p]["exp_avg"][256:], clean.state[q]["exp_avg"][256:])

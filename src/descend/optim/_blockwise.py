@@ -73,7 +73,9 @@ def linear_code() -> Tensor:
 
 
 def block_scales(x: Tensor) -> Tensor:
-    """Per block, ``max|x|`` (float32); 1 for an all-zero block, so that dividing by it is safe.
+    """Per block, ``max|x|`` (float32); 1 for an all-zero block, so that dividing by it is safe; NaN for a block
+    holding a NaN (``amax`` propagates it), so the whole block reads back as NaN rather than as values clipped
+    to a scale that ignores it.
 
     The whole blocks and the shorter last one are reduced apart rather than padded to whole blocks:
     inductor mis-compiles the padding when ``x`` was updated in place in the same graph (an optimizer step).
@@ -83,7 +85,7 @@ def block_scales(x: Tensor) -> Tensor:
     scales = flat[:whole].view(-1, BLOCK).amax(dim=1)
     if whole < flat.numel():
         scales = torch.cat([scales, flat[whole:].amax().reshape(1)])
-    return torch.where(scales > 0, scales, torch.ones_like(scales))
+    return torch.where(scales == 0, torch.ones_like(scales), scales)
 
 
 def per_element(scales: Tensor, n: int) -> Tensor:
