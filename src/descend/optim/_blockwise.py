@@ -72,59 +72,120 @@ def linear_code() -> Tensor:
     return ((torch.arange(256, dtype=torch.float32) - 128) / 127).clamp(-1, 1)
 
 
-def _blocks(x: Tensor) -> Tensor:
-    """``x`` flattened and zero-padded to whole blocks, as ``[blocks, BLOCK]``."""
-    flat = x.reshape(-1)
-    pad = (-flat.numel()) % BLOCK
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.view(-1, BLOCK)
-
-
 def block_scales(x: Tensor) -> Tensor:
-    """Per block, ``max|x|`` (float32); 1 for an all-zero block, so that dividing by it is safe."""
-    scales = _blocks(x.float()).abs().amax(dim=1)
-    return torch.where(scales > 0, scales, torch.ones_like(scales))
+    """Per block, ``max|x|`` (float32); 1 for an all-zero block, so that dividing by it is safe; NaN for a block
+    holding a NaN (``amax`` propagates it), so the whole block reads back as NaN rather than as values clipped
+    to a scale that ignores it.
+
+    The whole blocks and the shorter last one are reduced apart rather than padded to whole blocks:
+    inductor mis-compiles the padding when ``x`` was updated in place in the same graph (an optimizer step).
+    """
+    flat = x.reshape(-1).float().abs()
+    whole = flat.numel() - flat.numel() % BLOCK
+    scales = flat[:whole].view(-1, BLOCK).amax(dim=1)
+    if whole < flat.numel():
+        scales = torch.cat([scales, flat[whole:].amax().reshape(1)])
+    return torch.where(scales == 0, torch.ones_like(scales), scales)
+
+
+def per_element(scales: Tensor, n: int) -> Tensor:
+    """The block scale of each of ``n`` elements: ``scales[i // BLOCK]``."""
+    return scales[:, None].expand(-1, BLOCK).reshape(-1)[:n]
+
+
+def code_table(code: str, signed: bool = True) -> Tensor:
+    """The 256 values of ``code`` (:func:`linear_code` or :func:`dynamic_code`); shared: read it, never write to it."""
+    if code not in CODES:
+        raise ValueError(f"code must be one of {', '.join(CODES)}, got {code!r}")
+    return linear_code() if code == "linear" else dynamic_code(signed)
+
+
+def lookup(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` for a 1-D ``table`` and an integer ``index`` of any shape (``index_select``: on the CPU
+    about ten times faster than indexing with a tensor)."""
+    return torch.index_select(table, 0, index.reshape(-1)).view(index.shape)
+
+
+#: Leading bits of a float32 (sign, exponent, 3 of the mantissa) that :func:`index_below` reads.
+_PREFIX_BITS = 12
+
+
+@functools.cache
+def _prefix_guesses(code: str, signed: bool, device: torch.device) -> tuple[Tensor, int]:
+    """Per leading-bits prefix of a float32 in ``[-1, 1]``, the index of the largest code value at or below the
+    smallest float with that prefix; and how many code values at most lie between a prefix's smallest and
+    largest float (the corrections :func:`index_below` needs)."""
+    table = code_table(code, signed)
+    shift = 32 - _PREFIX_BITS
+    prefixes = torch.arange(1 << _PREFIX_BITS, dtype=torch.int64)
+    ends = [(prefixes << shift) | fill for fill in (0, (1 << shift) - 1)]
+    a, b = (torch.where(e >= 1 << 31, e - (1 << 32), e).to(torch.int32).view(torch.float32) for e in ends)
+    low, high = torch.minimum(a, b), torch.maximum(a, b)  # NaN where either is
+    first = torch.bucketize(low, table, right=True) - 1
+    inside = (low.abs() <= 1) & (high.abs() <= 1)
+    spread = int((torch.bucketize(high, table, right=True) - 1 - first)[inside].max())
+    return first.to(device, torch.int32), spread
+
+
+def index_below(y: Tensor, table: Tensor, code: str, signed: bool) -> Tensor:
+    """Per element of ``y`` (float32 in ``[-1, 1]``, or NaN), the index of the largest value of ``table`` (the
+    code's) at or below it: ``torch.bucketize(y, table, right=True) - 1``, exactly.
+
+    A binary search per element is most of the quantiser's time on the CPU; instead the float's leading bits
+    give the index at the bottom of their range, and one comparison per code value that range can hold
+    moves it up (two at most for the dynamic codes).
+    """
+    guesses, spread = _prefix_guesses(code, signed, y.device)
+    if spread > 2:  # a finer code (linear): the search is cheaper than the corrections
+        return torch.bucketize(y, table, right=True, out_int32=True) - 1
+    prefix = (y.view(torch.int32) >> (32 - _PREFIX_BITS)) & ((1 << _PREFIX_BITS) - 1)
+    low = lookup(guesses, prefix)
+    last = table.numel() - 1
+    for _ in range(spread):
+        low = (low + (lookup(table, (low + 1).clamp(max=last)) <= y)).clamp(max=last)
+    return low
 
 
 def quantize(x: Tensor, code: str, signed: bool = True, noise: Tensor | None = None,
-             stochastic: bool = True) -> tuple[Tensor, Tensor]:
+             stochastic: bool = True, table: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``x`` (float32) as ``(codes, scales)``: uint8 codes shaped like ``x`` and float32 block scales.
 
     Each value rounds to one of the two codes around it: stochastically (``stochastic``, up with the
     probability of its distance from the lower one, so that the stored value is unbiased) using
     ``noise``, 16 random bits per element (int32 in ``[0, 65536)`` shaped like ``x``:
     :func:`descend.optim.engines.store.element_noise`; drawn from torch's generator if omitted), or to
-    the nearest.
+    the nearest. ``table``: :func:`code_table` of ``code`` already on ``x``'s device (else copied there).
     """
-    if code not in CODES:
-        raise ValueError(f"code must be one of {', '.join(CODES)}, got {code!r}")
+    if table is None:
+        table = code_table(code, signed).to(x.device)
     scales = block_scales(x)
-    y = _blocks(x.float()) / scales[:, None]  # in [-1, 1]
+    flat = x.reshape(-1)
+    y = flat.float() / per_element(scales, flat.numel())  # in [-1, 1]
     if not signed:
         y = y.clamp(min=0)
-    table = (linear_code() if code == "linear" else dynamic_code(signed)).to(x.device)
     # the code at or below each value, and the one above it
-    low = (torch.bucketize(y, table, right=True) - 1).clamp(0, table.numel() - 2)
-    below, above = table[low], table[low + 1]
-    gap = above - below
-    position = torch.where(gap > 0, (y - below) / torch.where(gap > 0, gap, torch.ones_like(gap)), torch.zeros_like(y))
+    low = index_below(y, table, code, signed).clamp(0, table.numel() - 2)
+    below, above = lookup(table, low), lookup(table, low + 1)
+    # a gap of 0 (the repeated code values: -0 and +0, the linear code's -1) is never below a value: the index is
+    # that of the last of equal values
+    position = (y - below) / (above - below)
     if stochastic:
         if noise is None:
             noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
-        up = _blocks(noise.float()) / 65536.0 < position
+        up = noise.reshape(-1).float() / 65536.0 < position
     else:
         up = position >= 0.5
-    q = low + up.long()
-    codes = q.to(torch.uint8).reshape(-1)[: x.numel()].view(x.shape)
-    return codes, scales
+    q = low + up
+    return q.to(torch.uint8).view(x.shape), scales
 
 
-def dequantize(codes: Tensor, scales: Tensor, code: str, signed: bool = True) -> Tensor:
-    """The float32 values ``scales[block] * code[q]`` of ``(codes, scales)``, shaped like ``codes``."""
-    table = (linear_code() if code == "linear" else dynamic_code(signed)).to(codes.device)
-    values = _blocks(table[codes.long()])
-    return (values * scales[:, None]).reshape(-1)[: codes.numel()].view(codes.shape)
+def dequantize(codes: Tensor, scales: Tensor, code: str, signed: bool = True, table: Tensor | None = None) -> Tensor:
+    """The float32 values ``scales[block] * code[q]`` of ``(codes, scales)``, shaped like ``codes``
+    (``table`` as in :func:`quantize`), a fresh contiguous tensor."""
+    if table is None:
+        table = code_table(code, signed).to(codes.device)
+    flat = codes.reshape(-1)
+    return (lookup(table, flat.int()) * per_element(scales, flat.numel())).view(codes.shape)
 
 
 def round_trip(x: Tensor, code: str, signed: bool = True, noise: Tensor | None = None,

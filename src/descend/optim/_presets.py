@@ -35,7 +35,7 @@ class _Preset(ChainOptimizer):
     def __init__(self, params: ParamsT, core: list[Rule], *, lr: float, weight_decay: float,
                  decoupled_weight_decay: bool, constraint: str | None, radius: float | None,
                  max_grad_norm: float | None, maximize: bool, engine: str,
-                 state_dtype: torch.dtype | None, flat: bool, foreach: bool | None = None,
+                 state_dtype: torch.dtype | str | None, flat: bool, foreach: bool | None = None,
                  param_rounding: str = "stochastic",
                  fused: bool | None = None, capturable: bool = False, differentiable: bool = False) -> None:
         rules: list[Rule] = []
@@ -76,7 +76,7 @@ class SGD(_Preset):
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  decoupled_weight_decay: bool = False, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None, flat: bool = False, foreach: bool | None = None,
+                 state_dtype: torch.dtype | str | None = None, flat: bool = False, foreach: bool | None = None,
                  param_rounding: str = "stochastic",
                  fused: bool | None = None, capturable: bool = False, differentiable: bool = False) -> None:
         super().__init__(params, [heavy_ball(momentum, dampening, nesterov)], **_options(locals()))
@@ -91,7 +91,7 @@ class Momentum(_Preset):
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["momentum"], beta: float = 0.9,
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = False,
                  constraint: str | None = None, radius: float | None = None, max_grad_norm: float | None = None,
-                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False,
+                 engine: str = "auto", state_dtype: torch.dtype | str | None = None, flat: bool = False,
                  param_rounding: str = "stochastic") -> None:
         super().__init__(params, [ema(beta)], **_options(locals()))
 
@@ -102,7 +102,7 @@ class SignSGD(_Preset):
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["signsgd"], weight_decay: float = 0.0, *,
                  maximize: bool = False, decoupled_weight_decay: bool = True, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None, flat: bool = False,
+                 state_dtype: torch.dtype | str | None = None, flat: bool = False,
                  param_rounding: str = "stochastic") -> None:
         super().__init__(params, [sign()], **_options(locals()))
 
@@ -113,7 +113,7 @@ class Signum(_Preset):
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["signum"], beta: float = 0.9,
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
                  constraint: str | None = None, radius: float | None = None, max_grad_norm: float | None = None,
-                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False,
+                 engine: str = "auto", state_dtype: torch.dtype | str | None = None, flat: bool = False,
                  param_rounding: str = "stochastic") -> None:
         super().__init__(params, [ema(beta), sign()], **_options(locals()))
 
@@ -128,7 +128,7 @@ class Softsign(_Preset):
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["softsign"], beta: float = 0.9, eps: float = 1e-8,
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
                  constraint: str | None = None, radius: float | None = None, max_grad_norm: float | None = None,
-                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False,
+                 engine: str = "auto", state_dtype: torch.dtype | str | None = None, flat: bool = False,
                  param_rounding: str = "stochastic") -> None:
         super().__init__(params, [ema(beta), softsign(eps)], **_options(locals()))
 
@@ -139,7 +139,7 @@ class Lion(_Preset):
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["lion"], betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
                  constraint: str | None = None, radius: float | None = None, max_grad_norm: float | None = None,
-                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False,
+                 engine: str = "auto", state_dtype: torch.dtype | str | None = None, flat: bool = False,
                  param_rounding: str = "stochastic") -> None:
         super().__init__(params, [lion(betas)], **_options(locals()))
 
@@ -152,7 +152,7 @@ class Adam(_Preset):
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
                  maximize: bool = False, decoupled_weight_decay: bool = False, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None, flat: bool = False, foreach: bool | None = None,
+                 state_dtype: torch.dtype | str | None = None, flat: bool = False, foreach: bool | None = None,
                  param_rounding: str = "stochastic",
                  fused: bool | None = None, capturable: bool = False, differentiable: bool = False) -> None:
         super().__init__(params, [scale_by_adam(betas, eps, amsgrad)], **_options(locals()))
@@ -166,7 +166,7 @@ class AdamW(_Preset):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, decoupled_weight_decay: bool = True, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None, flat: bool = False, foreach: bool | None = None,
+                 state_dtype: torch.dtype | str | None = None, flat: bool = False, foreach: bool | None = None,
                  param_rounding: str = "stochastic",
                  fused: bool | None = None, capturable: bool = False, differentiable: bool = False) -> None:
         super().__init__(params, [scale_by_adam(betas, eps, amsgrad)], **_options(locals()))
