@@ -1,6 +1,7 @@
 """Every engine against the reference engine on generated optimizers, parameters, gradients and schedules.
 
-Hypothesis draws an optimizer (a preset, or a random chain of the rules, with bfloat16 state or not), a
+Hypothesis draws an optimizer (a preset, or a random chain of the rules, with bfloat16 state or not, bfloat16
+parameters rounded stochastically or to nearest), a
 parameter set (0-d, empty, sizes around the native loop's thread threshold and vector width, several
 groups, non-contiguous and channels_last layouts, views of one buffer that may overlap), gradients with
 NaN, +-inf, +-0 and None, hyperparameter changes between steps (numbers and tensors, as schedulers set
@@ -73,12 +74,13 @@ def chains(draw: st.DrawFn) -> Callable[[], list[Rule]]:
 
 
 @st.composite
-def optimizers(draw: st.DrawFn) -> tuple[str, Callable[..., torch.optim.Optimizer], torch.dtype | None]:
-    """A description, a factory ``(params, engine=...) -> optimizer`` and its state dtype."""
+def optimizers(draw: st.DrawFn) -> tuple[str, Callable[..., torch.optim.Optimizer], torch.dtype | None, str]:
+    """A description, a factory ``(params, engine=...) -> optimizer``, its state dtype and param rounding."""
     lr = draw(st.sampled_from([1e-3, 0.1, 1.0]))
     maximize = draw(st.booleans())
-    state_dtype = draw(st.sampled_from([None, None, torch.bfloat16]))
-    common: dict[str, Any] = {"lr": lr, "maximize": maximize, "state_dtype": state_dtype}
+    state_dtype = draw(st.sampled_from([None, None, torch.bfloat16, torch.float32]))
+    rounding = draw(st.sampled_from(["stochastic", "stochastic", "nearest"]))
+    common: dict[str, Any] = {"lr": lr, "maximize": maximize, "state_dtype": state_dtype, "param_rounding": rounding}
     if draw(st.booleans()):
         name = draw(st.sampled_from(sorted(optim.OPTIMIZERS)))
         kw: dict[str, Any] = {"weight_decay": draw(DECAY)}
@@ -93,10 +95,10 @@ def optimizers(draw: st.DrawFn) -> tuple[str, Callable[..., torch.optim.Optimize
             kw["amsgrad"] = draw(st.booleans())
         kw.update(common)
         cls = optim.OPTIMIZERS[name]
-        return f"{name}({kw})", lambda params, **k: cls(params, **kw, **k), state_dtype
+        return f"{name}({kw})", lambda params, **k: cls(params, **kw, **k), state_dtype, rounding
     make = draw(chains())
     return (f"chain({[r.name for r in make()]}, {common})",
-            lambda params, **k: optim.chain(params, *make(), **common, **k), state_dtype)
+            lambda params, **k: optim.chain(params, *make(), **common, **k), state_dtype, rounding)
 
 
 # -- parameters -----------------------------------------------------------------------------------------------
@@ -132,12 +134,16 @@ class Scenario:
     grad_scale: float | None
     threads: int
     flat: bool
+    param_rounding: str = "stochastic"
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> Scenario:
-    description, factory, state_dtype = draw(optimizers())
-    dtype = draw(st.sampled_from([torch.float32] * 6 + [torch.float64, torch.bfloat16, torch.float16]))
+def scenarios(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Scenario:
+    """A scenario; ``dtype``: its parameters' dtype (drawn if None)."""
+    description, factory, state_dtype, rounding = draw(optimizers())
+    if dtype is None:
+        dtype = draw(st.sampled_from([torch.float32] * 6 + [torch.float64, torch.bfloat16, torch.bfloat16,
+                                                            torch.float16]))
     groups = draw(st.integers(1, 3))
     specs: list[ParamSpec] = []
     buffer = 0
@@ -179,7 +185,8 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         seed=draw(st.integers(0, 2**31 - 1)), missing=missing, specials=specials,
         grad_contiguous=draw(st.booleans()), changes=changes,
         round_trip=round_trip, grad_scale=draw(st.sampled_from([None, None, 1.0, 1024.0])),
-        threads=draw(st.sampled_from([1, 2, 3])), flat=draw(st.sampled_from([False, False, False, True])))
+        threads=draw(st.sampled_from([1, 2, 3])), flat=draw(st.sampled_from([False, False, False, True])),
+        param_rounding=rounding)
 
 
 def build_params(s: Scenario) -> list[list[nn.Parameter]]:
@@ -327,8 +334,16 @@ def outcome(fn: Callable[[], Any]) -> tuple[str, str] | None:
     return None
 
 
+def half_precision_arithmetic(s: Scenario) -> bool:
+    """Whether the scenario steps in half-precision arithmetic (float16; bfloat16 unless its chain runs in
+    float32, which stochastic rounding does where the state has a dtype of its own)."""
+    if s.dtype == torch.float16:
+        return True
+    return s.dtype == torch.bfloat16 and (s.param_rounding == "nearest" or s.state_dtype is None)
+
+
 def check(s: Scenario, engines: list[str]) -> None:
-    if s.dtype in (torch.float16, torch.bfloat16):  # test_compiled_half_precision_adam
+    if half_precision_arithmetic(s):  # test_compiled_half_precision_adam
         engines = [e for e in engines if e != "compiled"]
         if s.round_trip is not None and s.round_trip[1] == "compiled":
             s.round_trip = (s.round_trip[0], "foreach")
@@ -402,6 +417,13 @@ def test_every_engine_equals_the_reference(s: Scenario) -> None:
 @given(scenarios())
 def test_the_compiled_engine_equals_the_reference(s: Scenario) -> None:
     check(s, ["compiled"])
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(scenarios(dtype=torch.bfloat16))
+def test_every_engine_equals_the_reference_on_bfloat16_parameters(s: Scenario) -> None:
+    """bfloat16 parameters, mostly rounded stochastically: every engine draws the reference's noise."""
+    check(s, ["foreach", "native", "auto", "compiled"])
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from descend.optim._flat import FlatLayout
 from descend.optim.engines import ENGINES as ENGINE_CLASSES
 from descend.optim.engines import KernelRun, Plan, make_engine
 from descend.optim.engines.plan import check_state, traced_plans
+from descend.optim.engines.store import PARAM_ROUNDINGS
 from descend.optim.rules.base import Rule, WeightRule, step_dtype
 from descend.optim.rules.descent import ScaleByLR
 
@@ -128,6 +129,13 @@ class ChainOptimizer(torch.optim.Optimizer):
         state_dtype: dtype of the optimizer state (default: the parameter's dtype), e.g.
             ``torch.bfloat16`` to halve the state memory, updated in float32 and stored with stochastic
             rounding (:mod:`descend.optim.engines.store`).
+        param_rounding: how a bfloat16 parameter's new value is rounded. ``"stochastic"`` (default): the
+            chain and ``w <- weight_factor*w + u`` are computed in float32 and the result rounded
+            stochastically to bfloat16 (unbiased, so updates below half a bf16 ulp survive on average:
+            pure-bfloat16 training without a float32 copy of the weights); the rules run in float32
+            unless the state is kept in the parameter's dtype (``state_dtype=None``), whose in-place
+            updates then stay in bfloat16. ``"nearest"``: torch.optim's bfloat16 arithmetic, rounding
+            to nearest. Other dtypes are stepped as torch steps them either way.
         flat: keep each param group's parameters, gradients and state as views of one flat buffer each
             (per device and dtype), stepped as one tensor (:mod:`descend.optim._flat`). ``zero_grad``
             keeps the gradient views, as ``zero_grad(set_to_none=False)``. Create the optimizer after
@@ -145,13 +153,16 @@ class ChainOptimizer(torch.optim.Optimizer):
     def __init__(self, params: ParamsT, rules: Sequence[Rule], *, lr: float = 1e-3, maximize: bool = False,
                  engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False,
                  foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False, **hyper: Any) -> None:
+                 differentiable: bool = False, param_rounding: str = "stochastic", **hyper: Any) -> None:
         engine = torch_engine_flags(engine, foreach, fused, capturable, differentiable)
         if engine not in (*ENGINES, "fused"):
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, fused; got {engine!r}")
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
                                             and state_dtype.is_floating_point):
             raise ValueError(f"state_dtype must be a floating torch.dtype or None, got {state_dtype!r}")
+        if param_rounding not in PARAM_ROUNDINGS:
+            raise ValueError(f"param_rounding must be one of {', '.join(map(repr, PARAM_ROUNDINGS))}, "
+                             f"got {param_rounding!r}")
         self.rules, self.decays, self.projections = _normalise(rules)
         defaults = {"lr": lr, "maximize": maximize, **_assign_keys(self.all_rules)}
         unknown = sorted(set(hyper) - set(defaults))
@@ -167,6 +178,7 @@ class ChainOptimizer(torch.optim.Optimizer):
             raise ValueError(f"flat must be True or False, got {flat!r}")
         self.engine = engine
         self.state_dtype = state_dtype
+        self.param_rounding = param_rounding
         self.flat = flat
         self.flat_layout: FlatLayout | None = FlatLayout() if flat else None
         super().__init__(params, defaults)
@@ -175,7 +187,8 @@ class ChainOptimizer(torch.optim.Optimizer):
 
     def plan(self) -> Plan:
         """What the engine runs: the chain's rules, its weight rules, the state dtype and the flat layout."""
-        return Plan(tuple(self.rules), tuple(self.decays), tuple(self.projections), self.state_dtype, self.flat_layout)
+        return Plan(tuple(self.rules), tuple(self.decays), tuple(self.projections), self.state_dtype, self.flat_layout,
+                    self.param_rounding)
 
     @property
     def last_step_kernels(self) -> tuple[KernelRun, ...]:
@@ -378,7 +391,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         # torch.optim.Optimizer pickles only defaults/state/param_groups; a chain also needs its rules.
         state = super().__getstate__()
         state.update(rules=self.rules, decays=self.decays, projections=self.projections, engine=self.engine,
-                     state_dtype=self.state_dtype, flat=self.flat)
+                     state_dtype=self.state_dtype, flat=self.flat, param_rounding=self.param_rounding)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -394,6 +407,7 @@ class ChainOptimizer(torch.optim.Optimizer):
         self.momentum_rule = momentum_rule(self.all_rules)
         self._momentum_seen = self.synced_momentum()
         self.flat = state.get("flat", False)
+        self.param_rounding = state.get("param_rounding", "nearest")  # pickled before it existed: torch's rounding
         self.flat_layout = None
         if self.flat:  # a copy (pickle, deepcopy) lays out its own parameters anew
             self.flat_layout = FlatLayout()
@@ -410,7 +424,7 @@ class ChainOptimizer(torch.optim.Optimizer):
 
 def chain(params: ParamsT, *rules: Rule, lr: float = 1e-3, maximize: bool = False, engine: str = "auto",
           state_dtype: torch.dtype | None = None, flat: bool = False, foreach: bool | None = None,
-          fused: bool | None = None, **hyper: Any) -> ChainOptimizer:
+          fused: bool | None = None, param_rounding: str = "stochastic", **hyper: Any) -> ChainOptimizer:
     """Compose rules into an optimizer (the step: :mod:`descend.optim`), e.g. Signum with decoupled decay::
 
         opt = chain(model.parameters(), ema(0.9), sign(), decoupled_decay(0.1), lr=1e-3)
@@ -419,4 +433,4 @@ def chain(params: ParamsT, *rules: Rule, lr: float = 1e-3, maximize: bool = Fals
     it stands. See :class:`ChainOptimizer`.
     """
     return ChainOptimizer(params, rules, lr=lr, maximize=maximize, engine=engine, state_dtype=state_dtype,
-                          flat=flat, foreach=foreach, fused=fused, **hyper)
+                          flat=flat, foreach=foreach, fused=fused, param_rounding=param_rounding, **hyper)

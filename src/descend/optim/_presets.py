@@ -7,7 +7,7 @@ Common keyword-only arguments of every preset:
   (``AdamW``, Lion). For sign methods decoupled decay bounds the weights: ``||w||_inf <= 1/lambda``.
 - ``constraint`` (``"box"`` or ``"ball"``) and ``radius``: project ``w`` after every step.
 - ``max_grad_norm``: clip the gradients by their global norm first.
-- ``maximize``, ``engine``, ``state_dtype``, ``flat``: see :class:`~descend.optim.ChainOptimizer`.
+- ``maximize``, ``engine``, ``state_dtype``, ``param_rounding``, ``flat``: see :class:`~descend.optim.ChainOptimizer`.
 - ``lr``: each preset's default is its entry of :data:`descend._options.DEFAULT_LR`, the one table the
   command line (``descend optimizers``, ``descend train``) reads too; tuned for an MLP on standardised
   data with minibatches of 32. ``SGD``'s default (0.1) differs from ``torch.optim.SGD``'s (1e-3).
@@ -36,6 +36,7 @@ class _Preset(ChainOptimizer):
                  decoupled_weight_decay: bool, constraint: str | None, radius: float | None,
                  max_grad_norm: float | None, maximize: bool, engine: str,
                  state_dtype: torch.dtype | None, flat: bool, foreach: bool | None = None,
+                 param_rounding: str = "stochastic",
                  fused: bool | None = None, capturable: bool = False, differentiable: bool = False) -> None:
         rules: list[Rule] = []
         if max_grad_norm is not None:
@@ -52,7 +53,8 @@ class _Preset(ChainOptimizer):
             raise ValueError("radius is set but constraint is None; pass constraint='box' or 'ball'")
         self.decoupled_weight_decay = decoupled_weight_decay
         super().__init__(params, rules, lr=lr, maximize=maximize, engine=engine, state_dtype=state_dtype, flat=flat,
-                         foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
+                         param_rounding=param_rounding, foreach=foreach, fused=fused, capturable=capturable,
+                         differentiable=differentiable)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "decoupled_weight_decay": self.decoupled_weight_decay}
@@ -60,7 +62,7 @@ class _Preset(ChainOptimizer):
 
 def _options(kw: dict[str, Any]) -> dict[str, Any]:
     names = ("lr", "weight_decay", "decoupled_weight_decay", "constraint", "radius", "max_grad_norm", "maximize",
-             "engine", "state_dtype", "flat", "foreach", "fused", "capturable", "differentiable")
+             "engine", "state_dtype", "param_rounding", "flat", "foreach", "fused", "capturable", "differentiable")
     return {k: kw[k] for k in names if k in kw}
 
 
@@ -75,6 +77,7 @@ class SGD(_Preset):
                  decoupled_weight_decay: bool = False, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
                  state_dtype: torch.dtype | None = None, flat: bool = False, foreach: bool | None = None,
+                 param_rounding: str = "stochastic",
                  fused: bool | None = None, capturable: bool = False, differentiable: bool = False) -> None:
         super().__init__(params, [heavy_ball(momentum, dampening, nesterov)], **_options(locals()))
 
@@ -88,7 +91,8 @@ class Momentum(_Preset):
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["momentum"], beta: float = 0.9,
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = False,
                  constraint: str | None = None, radius: float | None = None, max_grad_norm: float | None = None,
-                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
+                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False,
+                 param_rounding: str = "stochastic") -> None:
         super().__init__(params, [ema(beta)], **_options(locals()))
 
 
@@ -98,7 +102,8 @@ class SignSGD(_Preset):
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["signsgd"], weight_decay: float = 0.0, *,
                  maximize: bool = False, decoupled_weight_decay: bool = True, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
-                 state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
+                 state_dtype: torch.dtype | None = None, flat: bool = False,
+                 param_rounding: str = "stochastic") -> None:
         super().__init__(params, [sign()], **_options(locals()))
 
 
@@ -108,7 +113,8 @@ class Signum(_Preset):
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["signum"], beta: float = 0.9,
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
                  constraint: str | None = None, radius: float | None = None, max_grad_norm: float | None = None,
-                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
+                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False,
+                 param_rounding: str = "stochastic") -> None:
         super().__init__(params, [ema(beta), sign()], **_options(locals()))
 
 
@@ -122,7 +128,8 @@ class Softsign(_Preset):
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["softsign"], beta: float = 0.9, eps: float = 1e-8,
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
                  constraint: str | None = None, radius: float | None = None, max_grad_norm: float | None = None,
-                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
+                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False,
+                 param_rounding: str = "stochastic") -> None:
         super().__init__(params, [ema(beta), softsign(eps)], **_options(locals()))
 
 
@@ -132,7 +139,8 @@ class Lion(_Preset):
     def __init__(self, params: ParamsT, lr: float = DEFAULT_LR["lion"], betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, decoupled_weight_decay: bool = True,
                  constraint: str | None = None, radius: float | None = None, max_grad_norm: float | None = None,
-                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False) -> None:
+                 engine: str = "auto", state_dtype: torch.dtype | None = None, flat: bool = False,
+                 param_rounding: str = "stochastic") -> None:
         super().__init__(params, [lion(betas)], **_options(locals()))
 
 
@@ -145,6 +153,7 @@ class Adam(_Preset):
                  maximize: bool = False, decoupled_weight_decay: bool = False, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
                  state_dtype: torch.dtype | None = None, flat: bool = False, foreach: bool | None = None,
+                 param_rounding: str = "stochastic",
                  fused: bool | None = None, capturable: bool = False, differentiable: bool = False) -> None:
         super().__init__(params, [scale_by_adam(betas, eps, amsgrad)], **_options(locals()))
 
@@ -158,6 +167,7 @@ class AdamW(_Preset):
                  maximize: bool = False, decoupled_weight_decay: bool = True, constraint: str | None = None,
                  radius: float | None = None, max_grad_norm: float | None = None, engine: str = "auto",
                  state_dtype: torch.dtype | None = None, flat: bool = False, foreach: bool | None = None,
+                 param_rounding: str = "stochastic",
                  fused: bool | None = None, capturable: bool = False, differentiable: bool = False) -> None:
         super().__init__(params, [scale_by_adam(betas, eps, amsgrad)], **_options(locals()))
 

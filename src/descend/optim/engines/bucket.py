@@ -292,7 +292,7 @@ class BucketEngine(Engine):
                 item = Item(local(p), local(g), [local(t) for t in states])
             else:  # a 0-d parameter as a 1-element view, like the reference engine (step_param)
                 item = Item(torch.atleast_1d(p), torch.atleast_1d(g), [torch.atleast_1d(t) for t in states])
-            if stochastic:
+            if stochastic or plan.rounds_params(p.dtype):
                 item.ordinal, item.offset = self.noise_position(p)
             bucket = buckets.setdefault((p.device, p.dtype, g.dtype), ([], [], []))
             bucket[0].append(item)

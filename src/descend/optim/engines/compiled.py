@@ -22,7 +22,7 @@ from descend.optim._flat import LANES
 from descend.optim.engines.bucket import Bucket, BucketEngine, apply_projections
 from descend.optim.engines.foreach import ForeachEngine
 from descend.optim.engines.plan import KernelRun, Plan, Source, as_tensors, scales_weights, state_layout, with_scalars
-from descend.optim.engines.store import Store
+from descend.optim.engines.store import Store, param_seeds, param_store
 from descend.optim.rules.base import Rule, WeightRule
 
 logger = logging.getLogger("descend.optim")
@@ -44,7 +44,8 @@ def _bucket_step(rules: tuple[Rule, ...], projections: tuple[WeightRule, ...], m
                  layout: tuple[tuple[str, ...], ...], params: list[Tensor], grads: list[Tensor],
                  states: list[list[list[Tensor]]], hps: list[dict[str, Any]], phps: list[dict[str, Any]],
                  factor: Tensor | None, step: Tensor, grad_scale: Tensor | None, seeds: list[list[Tensor]],
-                 offsets: list[int], lanes: Tensor | None) -> None:
+                 offsets: list[int], lanes: Tensor | None, work_dtype: torch.dtype | None = None,
+                 weight_seeds: Tensor | None = None) -> None:
     """The chain over every parameter of a bucket, written for ``torch.compile`` to fuse.
 
     ``states[r][j]`` holds rule ``r``'s state tensor called ``layout[r][j]`` for every parameter: flat
@@ -52,10 +53,15 @@ def _bucket_step(rules: tuple[Rule, ...], projections: tuple[WeightRule, ...], m
     every call. ``seeds[r][j]`` (int32, one per parameter) seed that tensor's noise when the store
     rounds stochastically (empty otherwise); ``offsets`` give each tensor's first flat index for it, and
     ``lanes`` (``arange(LANES)``) lets a flat buffer's ``[rows, LANES]`` view build that index cheaply.
+    ``work_dtype``: the dtype of the chain (:meth:`Plan.update_dtype`); ``weight_seeds`` (int32, one per
+    parameter): the seeds of bfloat16 parameters rounded stochastically (None: the weights are updated in place).
     """
-    for i, (w, g) in enumerate(zip(params, grads)):
+    for i, (p, g) in enumerate(zip(params, grads)):
         u = g / grad_scale if grad_scale is not None else g
         u = -u if maximize else u
+        w = p
+        if work_dtype is not None:
+            u, w = u.to(work_dtype), w.to(work_dtype)
         for r, rule in enumerate(rules):
             stored = {k: states[r][j][i] for j, k in enumerate(layout[r])}
             work = {k: store.load(v) for k, v in stored.items()}
@@ -63,11 +69,15 @@ def _bucket_step(rules: tuple[Rule, ...], projections: tuple[WeightRule, ...], m
             for j, (k, v) in enumerate(stored.items()):
                 if work[k] is not v:
                     store.store_(v, work[k], seeds[r][j][i] if seeds else 0, offsets[i] if seeds else 0, lanes=lanes)
+        new = w.float() if weight_seeds is not None and w.dtype != torch.float32 else w
         if factor is not None:
-            w.mul_(factor)
-        w.add_(u)
+            new = new * factor if weight_seeds is not None else new.mul_(factor)
+        if weight_seeds is not None:
+            param_store().store_(p, new + u, weight_seeds[i], offsets[i], lanes=lanes)
+        else:
+            new.add_(u)
         for projection, php in zip(projections, phps):
-            projection.project_(w, php)
+            projection.project_(p, php)
 
 
 def _fresh_function(fn: Callable[..., Any], tag: int) -> Callable[..., Any]:
@@ -156,18 +166,22 @@ class CompiledEngine(BucketEngine):
         states = [[[item.states[first[r] + j] for item in items] for j in range(len(names))]
                   for r, names in enumerate(layout)]
         seeds = store.seeds(bucket.step, [item.ordinal for item in items], layout, params[0].device)
+        rounded = self.plan.rounds_params(params[0].dtype)
+        weight_seeds = param_seeds(bucket.step, [item.ordinal for item in items], params[0].device) if rounded else None
+        noisy = bool(seeds) or rounded
         try:  # torch.compile itself raises where dynamo is unsupported (some Python versions, platforms)
             fn = self.cache.get(key)
             if fn is None:
                 backend = self.backend or BACKEND
-                options = inductor_options(store.stochastic) if backend == "inductor" else None
+                options = inductor_options(store.stochastic or rounded) if backend == "inductor" else None
                 fn = torch.compile(_fresh_function(_bucket_step, len(self.cache)), backend=backend,
                                    fullgraph=True, dynamic=False, options=options)
                 self.cache[key] = fn
             fn(rules, projections, bool(group["maximize"]), store, layout, params, [item.grad for item in items],
                states, hps, phps, factor, bucket.step, scale, seeds,
-               [item.offset for item in items] if seeds else [],
-               self.lanes_on(params[0].device) if seeds else None)
+               [item.offset for item in items] if noisy else [],
+               self.lanes_on(params[0].device) if noisy else None,
+               self.plan.update_dtype(params[0].dtype, any(layout)), weight_seeds)
         except Exception as err:  # no compiler, an unsupported op: run the same rules without one
             message = (f"descend: engine='compiled' could not compile the optimizer step "
                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "

@@ -11,7 +11,7 @@ import torch
 
 from descend.optim.engines.bucket import Bucket, BucketEngine, Item, chunks
 from descend.optim.engines.plan import KernelRun, Plan, Source, scales_weights, state_layout, with_scalars
-from descend.optim.engines.store import Store
+from descend.optim.engines.store import Store, param_seeds, param_store
 from descend.optim.engines.tensorlist import Scratch, TensorList
 
 #: Largest number of elements the foreach engine hands to one multi-tensor operation (1 MiB of float32):
@@ -46,6 +46,12 @@ class ForeachEngine(BucketEngine):
         # per rule, per state tensor: {ordinal: seed}
         seeds = [[dict(zip(ordinals, s.tolist())) for s in per_rule]
                  for per_rule in store.seeds(bucket.step, ordinals, layout, torch.device("cpu"))]
+        # a bfloat16 parameter rounded stochastically (as the reference engine steps it): {ordinal: seed}
+        dtype = items[0].param.dtype
+        rounded = self.plan.rounds_params(dtype)
+        work_dtype = self.plan.update_dtype(dtype, any(layout))
+        param_seed = (dict(zip(ordinals, param_seeds(bucket.step, ordinals, torch.device("cpu")).tolist()))
+                      if rounded else None)
         for piece in chunks(items, self.chunk):
             scratch.reset()  # every temporary of the previous chunk is dead
             w = TensorList([item.param for item in piece], scratch)
@@ -54,6 +60,8 @@ class ForeachEngine(BucketEngine):
                 u = u / scale
             if bucket.group["maximize"]:
                 u = -u
+            if work_dtype is not None:
+                u, w = u.to(work_dtype), w.to(work_dtype)
             first = 0  # the index in item.states of the rule's first state tensor
             for r, ((rule, hp), names) in enumerate(zip(active, layout)):
                 stored = {k: TensorList([item.states[first + j] for item in piece], scratch)
@@ -64,9 +72,12 @@ class ForeachEngine(BucketEngine):
                 for j, (k, v) in enumerate(stored.items()):
                     if work[k] is not v:
                         self.store(store, v, work[k], piece, seeds[r][j] if seeds else None)
+            new = w.float() if rounded and w.dtype != torch.float32 else w
             if scales_weights(bucket.weight_factor):
-                w.mul_(bucket.weight_factor)
-            w.add_(u)
+                new.mul_(bucket.weight_factor)
+            new.add_(u)
+            if rounded:
+                self.store(param_store(), TensorList([item.param for item in piece]), new, piece, param_seed)
         return bucket.ran(self.name)
 
     def store(self, store: Store, stored: TensorList, work: TensorList, piece: list[Item],

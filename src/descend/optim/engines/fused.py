@@ -52,10 +52,13 @@ def torch_kernel(plan: Plan, bucket: Bucket) -> Callable[[], None] | None:
     no ``grad_scale`` (torch's kernels unscale ``.grad`` in place; the chain leaves it as it is), no L2
     beside decoupled decay, and a store that keeps state as it is (torch's kernels round to nearest);
     and parameters, gradients and state share one dtype on a device torch has fused kernels for. Not
-    SGD in half precision on the CPU: torch 2.13's kernel leaves such weights unchanged.
+    bfloat16 parameters rounded stochastically (:meth:`Plan.rounds_params`; torch's kernels round to
+    nearest), nor SGD in half precision on the CPU: torch 2.13's kernel leaves such weights unchanged.
     """
     items, group = bucket.items, bucket.group
     if bucket.grad_scale is not None or plan.projections or not items or not plan.store.as_is:
+        return None
+    if plan.rounds_params(items[0].param.dtype):
         return None
     rules = [rule for rule, _ in bucket.active]
     hps = [hp for _, hp in bucket.active]

@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment,misc]
 
 from descend.optim._flat import FlatLayout
-from descend.optim.engines.store import Store, store_for
+from descend.optim.engines.store import Store, rounds_params, store_for
 from descend.optim.rules.base import Rule, WeightRule
 
 #: A param group's active rules, each with its hyperparameters (by the rule's own names) this step.
@@ -36,6 +36,9 @@ class Plan:
         projections: weight rules applied to ``w`` after the step (:attr:`WeightRule.projects`).
         state_dtype: dtype of the optimizer state (None: the parameter's).
         layout: the flat buffers (``flat=True``), or None.
+        param_rounding: how a new bfloat16 parameter value is rounded: ``"stochastic"`` (computed in float32,
+            rounded with the hash noise of :mod:`~descend.optim.engines.store`) or ``"nearest"`` (torch's
+            bfloat16 arithmetic).
     """
 
     rules: tuple[Rule, ...]
@@ -43,11 +46,27 @@ class Plan:
     projections: tuple[WeightRule, ...] = ()
     state_dtype: torch.dtype | None = None
     layout: FlatLayout | None = None
+    param_rounding: str = "stochastic"
 
     @property
     def store(self) -> Store:
         """How the state is loaded for the rules and stored back (:mod:`~descend.optim.engines.store`)."""
         return store_for(self.state_dtype)
+
+    def rounds_params(self, dtype: torch.dtype) -> bool:
+        """Whether parameters of ``dtype`` are stepped in float32 and stored rounded stochastically."""
+        return rounds_params(self.param_rounding, dtype)
+
+    def update_dtype(self, dtype: torch.dtype, stateful: bool) -> torch.dtype | None:
+        """The dtype the chain computes the update in for parameters of ``dtype`` (None: the gradient's).
+
+        float32 for a parameter whose new value is rounded stochastically (:meth:`rounds_params`), unless
+        its state is kept in the parameter's own dtype (``state_dtype=None``, ``stateful``), which the rules
+        update in place in that dtype, as torch does.
+        """
+        if not self.rounds_params(dtype) or (stateful and self.state_dtype is None):
+            return None
+        return torch.float32
 
     def describe(self) -> str:
         return " -> ".join(rule.name for rule in (*self.rules, *self.decays, *self.projections))

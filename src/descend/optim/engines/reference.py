@@ -25,14 +25,18 @@ from descend.optim.engines.plan import (
     traced_scalars,
     with_scalars,
 )
-from descend.optim.engines.store import NoisePositions
+from descend.optim.engines.store import NoisePositions, param_seeds, param_store
 from descend.optim.rules.base import step_dtype
 
 
 class ReferenceEngine(Engine):
     """Per parameter: ``u <- g`` (``-g`` when maximising, divided by ``grad_scale`` if given), each active
     rule in turn on its state (loaded and stored by the plan's store), ``w <- weight_factor*w + u``, then
-    the projections. Hyperparameters are Python numbers (or the tensors the user set)."""
+    the projections. Hyperparameters are Python numbers (or the tensors the user set).
+
+    A bfloat16 parameter under ``param_rounding="stochastic"`` (:meth:`Plan.rounds_params`): ``u`` and the
+    ``w`` the rules see in float32 (:meth:`Plan.update_dtype`), ``factor*w + u`` in float32, stored in
+    ``w`` rounded stochastically (:func:`~descend.optim.engines.store.param_store`)."""
 
     name = "reference"
 
@@ -77,8 +81,13 @@ class ReferenceEngine(Engine):
         # traced by torch.compile the count stays a tensor (float64: as exact as the number), which the graph
         # reads instead of specialising on each value
         step = state["step"].double() if torch.compiler.is_compiling() else int(state["step"].item())
-        ordinal, offset = self.noise_position(p) if store.stochastic else (0, 0)
-        seeds = store.seeds(state["step"], [ordinal], state_layout(active), p.device)
+        rounded = plan.rounds_params(p.dtype)
+        ordinal, offset = self.noise_position(p) if store.stochastic or rounded else (0, 0)
+        layout = state_layout(active)
+        seeds = store.seeds(state["step"], [ordinal], layout, p.device)
+        work_dtype = plan.update_dtype(p.dtype, any(layout))
+        if work_dtype is not None:  # the chain in float32, on a float32 copy of the weights
+            u, w = u.to(work_dtype), w.to(work_dtype)
         scaled = with_scalars(active, step) if isinstance(step, int) else traced_scalars(active, step)
         for r, (rule, hp) in enumerate(scaled):
             stored, fresh = rule_state(rule, state, p, hp, plan.state_dtype)
@@ -89,8 +98,12 @@ class ReferenceEngine(Engine):
             for j, (k, v) in enumerate(stored.items()):
                 if work[k] is not v:
                     store.store_(v, work[k], seeds[r][j][0] if seeds else 0, offset)
+        new = w.float() if rounded and w.dtype != torch.float32 else w  # w itself is a float32 copy if rounded
         if scales_weights(factor):  # decoupled decay: w <- factor*w + u
-            w.mul_(factor)
-        w.add_(u)
+            new.mul_(factor)
+        new.add_(u)
+        if rounded:
+            w = torch.atleast_1d(p)
+            param_store().store_(w, new, param_seeds(state["step"], [ordinal], p.device)[0], offset)
         for projection in plan.projections:
             projection.project_(w, projection.read(group))

@@ -265,3 +265,35 @@ class NoisePositions:
             params = (q for group in self.source.param_groups for q in group["params"])
             self.ordinals = {q: i for i, q in enumerate(params)}
         return self.ordinals[p], 0
+
+
+# -- bfloat16 parameters ------------------------------------------------------------------------------------------
+#
+# A bfloat16 parameter is stepped like bfloat16 state: its new value ``factor*w + u`` is computed in float32
+# and stored rounded stochastically, with the element's hash noise (:func:`element_noise`) under a seed of its
+# own (:data:`PARAM_SLOT`, apart from every :func:`state_slot`), at the position :class:`NoisePositions` gives.
+# Rounding to nearest loses every update below half a bf16 ulp (``|u| < |w|/256``): a pure-bf16 model whose
+# updates have become small stops training. ``param_rounding="nearest"`` keeps torch.optim's arithmetic.
+
+#: The seed slot of a parameter's own rounding noise (state slots, :func:`state_slot`, are 0 and up).
+PARAM_SLOT = -1
+#: The values of an optimizer's ``param_rounding``: how a new bfloat16 parameter value is rounded.
+PARAM_ROUNDINGS = ("stochastic", "nearest")
+
+
+def rounds_params(param_rounding: str, dtype: torch.dtype) -> bool:
+    """Whether parameters of ``dtype`` are stepped in float32 and stored with stochastic rounding: bfloat16
+    ones under ``param_rounding="stochastic"`` (float16 keeps torch's arithmetic: its 10-bit mantissa loses
+    far fewer updates, and float16 training keeps float32 master weights anyway)."""
+    return param_rounding == "stochastic" and dtype == torch.bfloat16
+
+
+def param_seeds(step: Tensor, ordinals: Sequence[int], device: torch.device) -> Tensor:
+    """int32 ``[n]``: this step's rounding seed of each parameter (by ordinal), on ``device``."""
+    return rounding_seeds(step.cpu(), torch.tensor(list(ordinals), dtype=torch.int32), PARAM_SLOT).to(device)
+
+
+def param_store() -> StochasticBF16:
+    """How a bfloat16 parameter's new value is stored (and its C: ``c_load``, ``c_store``, ``c_helpers``): as
+    bfloat16 state is."""
+    return _BF16

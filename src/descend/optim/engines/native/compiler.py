@@ -87,6 +87,7 @@ class Kernel:
         self.function.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
         self.pointers = pointers  # per tensor: w, g, then the state tensors
+        self.seed_columns = pointers - 2  # per tensor: a seed per state tensor (and one for w if it is rounded)
         self.path = path
 
     def __call__(self, pointers: Sequence[int], sizes: Sequence[int], scalars: Sequence[float],
@@ -95,8 +96,9 @@ class Kernel:
         """Step ``len(sizes)`` tensors: ``pointers`` holds, per tensor, the addresses of ``w``, ``g`` and its
         state (contiguous, ``sizes[t]`` elements each); ``scalars`` the hyperparameters in trace order.
 
-        With bfloat16 state: ``offsets[t]``, the flat index of tensor ``t``'s first element in what its
-        rounding noise is drawn over, and ``seeds`` (int32 ``[count, states]``, contiguous) its seeds.
+        With bfloat16 state or parameters: ``offsets[t]``, the flat index of tensor ``t``'s first element in
+        what its rounding noise is drawn over, and ``seeds`` (int32 ``[count, seed_columns]``, contiguous) its
+        seeds, per state tensor and then for ``w``.
         ``counters`` (a contiguous float32 or float64 CPU tensor: step counters) is incremented by 1
         first, in the same call.
         """
@@ -106,7 +108,7 @@ class Kernel:
         values = _as_array(scalars or [0.0], "d")  # a chain without hyperparameters still passes one
         starts = _as_array(offsets, "q") if offsets is not None else None
         if seeds is not None and (seeds.dtype != torch.int32 or not seeds.is_contiguous()
-                                  or seeds.numel() != len(counts) * (self.pointers - 2)):
+                                  or seeds.numel() != len(counts) * self.seed_columns):
             raise ValueError("seeds must be a contiguous int32 tensor of one seed per tensor and state")
         wide = False
         if counters is not None:

@@ -6,7 +6,8 @@
 The loop runs over every tensor of a bucket in one call (OpenMP threads share the elements), on
 float32 CPU tensors; state is loaded and stored as the optimizer's store says
 (:class:`~descend.optim.engines.store.Store`: its ``c_load`` and ``c_store``), bfloat16 state with
-the stochastic rounding every engine uses.
+the stochastic rounding every engine uses. A bfloat16 parameter rounded stochastically is loaded and
+stored the same way (:func:`~descend.optim.engines.store.param_store`), under its own seed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from descend.optim.engines.native.tracer import (
     symbolic_hyper,
 )
 from descend.optim.engines.plan import ActiveRules, scales_weights, with_scalars
-from descend.optim.engines.store import Store
+from descend.optim.engines.store import Store, param_store
 
 #: Fewest elements (over a bucket's tensors) for which the loop uses more than the calling thread, as
 #: torch's own ``at::parallel_for`` grain: below it, waking threads costs more than the work (and the
@@ -32,7 +33,7 @@ from descend.optim.engines.store import Store
 PARALLEL_MIN = 32768
 
 def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shapes: Sequence[tuple[Any, ...]],
-                maximize: bool, decays: bool, store: Store) -> str:
+                maximize: bool, decays: bool, store: Store, rounded: bool = False, grad_bf16: bool = False) -> str:
     """The C source of the chain's step for one bucket layout.
 
     Args:
@@ -43,7 +44,11 @@ def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shape
         decays: whether the weight factor (decoupled decay) is the last scalar: ``w <- weight_factor*w + u``.
         store: how state is loaded and stored (its ``c_type``, ``c_load``, ``c_store``); a stochastic store
             takes ``seeds`` (per tensor and state slot) and ``offsets[t] + i``, the element's flat index.
+        rounded: the parameters are bfloat16, stored rounded stochastically with the seed in the column after
+            the state's (:func:`~descend.optim.engines.store.param_store`).
+        grad_bf16: the gradients are bfloat16 (widened to float on load).
     """
+    weight = param_store()
     code = Code()
     w = Element(code, "w")
     g = Element(code, "g")
@@ -63,9 +68,11 @@ def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shape
             raise NotTraceable(f"{rule.name}.update returned a {type(u).__name__}")
         stores += [(f"P{slot - len(names) + j}", state[name]) for j, name in enumerate(names)]
     states = slot - 2
+    state_seeds = states if store.stochastic else 0
+    columns = state_seeds + rounded  # seeds per tensor: the state's, then the weight's
 
     def store_line(pointer: str, value: Element, k: int) -> str:
-        return store.c_store(f"{pointer}[i]", value.name, "(uint32_t)(offset + i)", f"seeds[t * {states} + {k}]")
+        return store.c_store(f"{pointer}[i]", value.name, "(uint32_t)(offset + i)", f"seeds[t * {columns} + {k}]")
 
     if decays:
         factor = Scalar(code, f"s{index}")
@@ -75,6 +82,11 @@ def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shape
     else:
         w_new = w + u
     pointers = slot
+    helpers = store.c_helpers
+    if (rounded or grad_bf16) and weight.c_helpers not in helpers:
+        helpers += weight.c_helpers
+    write_w = (weight.c_store("P0[i]", w_new.name, "(uint32_t)(offset + i)", f"seeds[t * {columns} + {state_seeds}]")
+               if rounded else f"P0[i] = {w_new.name};")
     lines = [
         "#include <math.h>",
         "#include <stdint.h>",
@@ -86,7 +98,7 @@ def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shape
         "/* The tensors' elements, end to end, are cut into one contiguous range per thread (at multiples",
         "   of 16 elements, so no two threads write one cache line); each thread walks its range. A small",
         "   bucket runs on the calling thread alone: waking others would cost more than its work. */",
-        *store.c_helpers.splitlines(),
+        *helpers.splitlines(),
         "void descend_step(int64_t count, void *const *ptrs, const int64_t *sizes, const double *s, int threads,",
         "                  const int64_t *offsets, const uint32_t *seeds, void *counters, int64_t ncounters,",
         "                  int counters_double) {",
@@ -111,18 +123,18 @@ def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shape
         "      const int64_t n = sizes[t];",
         "      if (base + n <= lo) continue;",
         "      const int64_t start = lo > base ? lo - base : 0, stop = hi < base + n ? hi - base : n;",
-        f"      float *restrict P0 = ptrs[t * {pointers}];",
-        f"      const float *restrict P1 = ptrs[t * {pointers} + 1];",
+        f"      {weight.c_type if rounded else 'float'} *restrict P0 = ptrs[t * {pointers}];",
+        f"      const {weight.c_type if grad_bf16 else 'float'} *restrict P1 = ptrs[t * {pointers} + 1];",
         *(f"      {store.c_type} *restrict P{k} = ptrs[t * {pointers} + {k}];"
           for k in range(2, pointers)),
-        *(["      const int64_t offset = offsets[t];"] if store.stochastic else []),
+        *(["      const int64_t offset = offsets[t];"] if store.stochastic or rounded else []),
         "      for (int64_t i = start; i < stop; i++) {",
-        "        const float w = P0[i];",
-        "        const float g = P1[i];",
+        f"        const float w = {weight.c_load('P0[i]') if rounded else 'P0[i]'};",
+        f"        const float g = {weight.c_load('P1[i]') if grad_bf16 else 'P1[i]'};",
         *(f"        {line}" for line in loads),
         *(f"        {line}" for line in code.body),
         *(f"        {store_line(ptr, value, k)}" for k, (ptr, value) in enumerate(stores)),
-        f"        P0[i] = {w_new.name};",
+        f"        {write_w}",
         "      }",
         "    }",
         "  }",

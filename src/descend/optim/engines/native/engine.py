@@ -1,4 +1,5 @@
-"""``engine="native"``: the chain of a bucket as one generated C loop, on float32 CPU tensors."""
+"""``engine="native"``: the chain of a bucket as one generated C loop, on float32 CPU tensors (and bfloat16
+parameters rounded stochastically)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from descend.optim.engines.native.emit import step_scalars, trace_chain
 from descend.optim.engines.native.groups import NativeGroup
 from descend.optim.engines.native.tracer import NotTraceable
 from descend.optim.engines.plan import ActiveRules, KernelRun, Plan, Source, state_layout
+from descend.optim.engines.store import param_seeds
 
 logger = logging.getLogger("descend.optim")
 
@@ -75,6 +77,7 @@ class NativeEngine(BucketEngine):
         """Remember group ``index`` if its step was one loop over every parameter with a gradient."""
         runs = [run for run in report if run.group == index]
         if (grad_scale is None and not self.plan.store.stochastic
+                and not any(self.plan.rounds_params(p.dtype) for p in stepped.params[:1])
                 and runs == [KernelRun(index, self.name, len(stepped.items))]
                 and len(stepped.items) + len(stepped.without_grad) == len(group["params"])
                 and all(item.param is p or item.param._base is p for item, p in zip(stepped.items, stepped.params))):
@@ -84,12 +87,17 @@ class NativeEngine(BucketEngine):
 
     # -- one bucket ---------------------------------------------------------------------------------
     def supports(self, bucket: Bucket) -> bool:
-        """Whether the loop may step this bucket: float32 CPU parameters and gradients, a store the loop
-        can express, no unscaling (:meth:`split` checks each tensor)."""
+        """Whether the loop may step this bucket: float32 CPU parameters and gradients (or bfloat16 ones
+        rounded stochastically, whose chain runs in float32), a store the loop can express, no unscaling
+        (:meth:`split` checks each tensor)."""
         if self.broken or bucket.grad_scale is not None or self.plan.store.c_type is None:
             return False
-        p0 = bucket.items[0].param
-        return p0.device.type == "cpu" and p0.dtype == torch.float32 and bucket.items[0].grad.dtype == torch.float32
+        p0, g0 = bucket.items[0].param, bucket.items[0].grad
+        if p0.device.type != "cpu" or g0.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        if p0.dtype == torch.float32:
+            return g0.dtype == torch.float32
+        return self.plan.update_dtype(p0.dtype, any(state_layout(bucket.active))) == torch.float32
 
     def split(self, items: list[Item]) -> tuple[list[Item], list[int], list[int], list[Item]]:
         """The items the loop can step (every tensor contiguous, the state of the optimizer's state dtype)
@@ -117,23 +125,26 @@ class NativeEngine(BucketEngine):
                 rest.append(item)
         return ready, pointers, sizes, rest
 
-    def kernel(self, active: ActiveRules, maximize: bool, decays: bool,
-               shapes: tuple[tuple[Any, ...], ...]) -> Kernel | None:
-        """The compiled loop for this chain and hyperparameter shape (None: the tracer cannot express it)."""
+    def kernel(self, active: ActiveRules, maximize: bool, decays: bool, shapes: tuple[tuple[Any, ...], ...],
+               rounded: bool = False, grad_bf16: bool = False) -> Kernel | None:
+        """The compiled loop for this chain and hyperparameter shape (None: the tracer cannot express it);
+        ``rounded``: for bfloat16 parameters rounded stochastically; ``grad_bf16``: bfloat16 gradients."""
         rules = tuple(rule for rule, _ in active)
         store = self.plan.store
-        key = (rules, maximize, decays, shapes, store)
+        key = (rules, maximize, decays, shapes, store, rounded, grad_bf16)
         if key not in self.kernels:
             layout = state_layout(active)
             try:
-                source = trace_chain(rules, layout, shapes, maximize, decays, store)
+                source = trace_chain(rules, layout, shapes, maximize, decays, store, rounded, grad_bf16)
             except NotTraceable as err:
                 logger.info("descend: engine=%r runs %s on the foreach engine: %s",
                             self.name, self.plan.describe(), err)
                 self.kernels[key] = None
                 return None
             try:
-                self.kernels[key] = compile_kernel(source, 2 + sum(len(names) for names in layout))
+                kernel = compile_kernel(source, 2 + sum(len(names) for names in layout))
+                kernel.seed_columns = (kernel.pointers - 2 if store.stochastic else 0) + rounded
+                self.kernels[key] = kernel
             except (RuntimeError, OSError) as err:
                 message = (f"descend: engine='native' could not compile the optimizer step ({err}); "
                            "using engine='foreach'")
@@ -145,15 +156,15 @@ class NativeEngine(BucketEngine):
                 return None
         return self.kernels[key]
 
-    def prepare(self, group: dict[str, Any], active: ActiveRules, factor: Any,
-                step: int) -> tuple[Kernel, list[float]] | None:
+    def prepare(self, group: dict[str, Any], active: ActiveRules, factor: Any, step: int, rounded: bool = False,
+                grad_bf16: bool = False) -> tuple[Kernel, list[float]] | None:
         """The compiled loop for this chain and its scalars at step number ``step`` (see
-        :func:`step_scalars`); None if the chain has no loop."""
+        :func:`step_scalars`; ``rounded``, ``grad_bf16``: see :meth:`kernel`); None if the chain has no loop."""
         try:
             scalars, shapes, decays = step_scalars(active, factor, step)
         except NotTraceable:
             return None
-        kernel = self.kernel(active, bool(group["maximize"]), decays, shapes)
+        kernel = self.kernel(active, bool(group["maximize"]), decays, shapes, rounded, grad_bf16)
         return None if kernel is None else (kernel, scalars)
 
     def run_bucket(self, bucket: Bucket) -> list[KernelRun]:
@@ -168,15 +179,19 @@ class NativeEngine(BucketEngine):
     def run_native(self, bucket: Bucket, items: list[Item], pointers: Sequence[int], sizes: Sequence[int]) -> bool:
         """Step ``items`` (at ``pointers``: per item ``w``, ``g``, its state tensors) with the compiled
         loop; False (nothing done) if the chain has none."""
-        prepared = self.prepare(bucket.group, bucket.active, bucket.weight_factor, int(bucket.step.item()))
+        rounded = self.plan.rounds_params(items[0].param.dtype)
+        prepared = self.prepare(bucket.group, bucket.active, bucket.weight_factor, int(bucket.step.item()),
+                                rounded, items[0].grad.dtype == torch.bfloat16)
         if prepared is None:
             return False
         kernel, scalars = prepared
         store = self.plan.store
-        if store.stochastic:  # per tensor and state, the seeds of its rounding noise
-            seeds = store.seeds(bucket.step, [item.ordinal for item in items], state_layout(bucket.active),
-                                torch.device("cpu"))
+        if store.stochastic or rounded:  # per tensor: the seeds of each state's rounding noise, then w's
+            ordinals = [item.ordinal for item in items]
+            seeds = store.seeds(bucket.step, ordinals, state_layout(bucket.active), torch.device("cpu"))
             columns = [s for per_rule in seeds for s in per_rule]
+            if rounded:
+                columns.append(param_seeds(bucket.step, ordinals, torch.device("cpu")))
             stacked = torch.stack(columns, dim=1).contiguous() if columns else None
             kernel(pointers, sizes, scalars, [item.offset for item in items], stacked)
         else:
