@@ -115,7 +115,7 @@ TARGET_ADAMW = _descend_name("AdamW", "int8", "float32", True)
 TARGET_LION = _descend_name("Lion", "int8", "bfloat16", True)
 STATE_TARGETS = {TARGET_ADAMW: 6.0, TARGET_LION: 3.0}
 #: rows measured at 1B by default: the targets' configurations and torch's float32 AdamW
-ROWS_1B = (REFERENCE, _descend_name("AdamW", "float32", "float32", True), TARGET_ADAMW, TARGET_LION)
+ROWS_1B = (REFERENCE, _descend_name("AdamW", "bfloat16", "float32", True), TARGET_ADAMW, TARGET_LION)
 TIME_TARGET, TIME_SIZE = 1.15, "100M"
 #: rows of --quick: the reference, autocast, one peer and descend's float32 and lean modes
 QUICK_ROWS = (REFERENCE, "torch AdamW, bf16 autocast", "bitsandbytes AdamW8bit",
@@ -385,7 +385,8 @@ def table(args: argparse.Namespace, limit: int | None, previous: list[dict[str, 
                 spec = {"row": name, "size": size, "steps": args.steps, "threads": args.threads,
                         "device": args.device, "lr": 1e-4}
                 result = run_child(spec, limit)
-            record = {"row": name, "size": size, "parameters": parameter_count(size), **asdict(row), **result}
+            record = {"row": name, "size": size, "parameters": parameter_count(size), **asdict(row),
+                      "address_space_cap_bytes": limit, **result}
             record.pop("name")
             if name == REFERENCE:
                 base = record
@@ -579,7 +580,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "with --two-billion)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cap-gib", type=float, default=14.0, help="address-space cap of every child (GiB)")
+    parser.add_argument("--cap-gib", type=float, default=12.0, help="address-space cap of every child (GiB)")
     parser.add_argument("--quick", action="store_true", help="small sizes and models: a smoke run of seconds")
     parser.add_argument("--table", action="store_true", help="measure the memory table (the default part)")
     parser.add_argument("--two-billion", action="store_true", help="the 2B-parameter run of the two lean "
@@ -610,7 +611,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parts = {"table": True, "two_billion": args.quick, "quality": args.quick}
     out_path = Path(args.out)
     result: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    result["machine"] = machine(args.device)
+
+    def save(part: str) -> None:
+        """Write ``result[part]`` into ``--out``, keeping the other parts as the file holds them now (another
+        part may have been written meanwhile)."""
+        held = json.loads(out_path.read_text()) if out_path.is_file() else {}
+        write_json(out_path, {**held, "machine": machine(args.device), part: result[part]})
+
     limit = None if args.device.startswith("cuda") else memory_limit(args.cap_gib)
     if parts["table"]:
         started = time.time()
@@ -618,15 +625,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["table"] = table(args, limit, previous)
         result["table"]["wall_seconds"] = time.time() - started
         print_targets(result["table"]["targets"])
-        write_json(out_path, result)
+        save("table")
     if parts["two_billion"]:
         fitted = [r for r in result.get("table", {}).get("rows", []) if r["row"] == REFERENCE and r.get("fits")]
         source = max(fitted, key=lambda r: r["parameters"]) if fitted else None
         result["two_billion"] = two_billion(args, source)
-        write_json(out_path, result)
+        save("two_billion")
     if parts["quality"]:
         result["quality"] = quality(args, {} if args.quick else result.get("quality", {}))
-        write_json(out_path, result)
+        save("quality")
     return result
 
 

@@ -429,8 +429,9 @@ def memory(name: str | None) -> str:
     name = name or "memory.json"
     d = load_result(name)
     t = d["table"]
-    limit = t.get("memory_limit_bytes")
-    cap = f"each row in its own process, its address space capped at {_gib(limit)} GiB; " if limit else ""
+    caps = sorted({r.get("address_space_cap_bytes") or t.get("memory_limit_bytes") or 0 for r in t["rows"]})
+    capped = " to ".join(f"{c / 2**30:.1f}" for c in (caps[0], caps[-1])[:len(set((caps[0], caps[-1])))])
+    cap = f"each row in its own process, its address space capped at {capped} GiB; " if caps[-1] else ""
     caption = (
         f"One training step of a `TransformerLM` (vocabulary 256) on {t['batch']} x {t['context']} bytes: a warm-up "
         f"step, then the peak over {t['steps']} timed steps ({cap}{t['threads']} thread(s)). Peak: resident set "
