@@ -1,7 +1,7 @@
 """Every engine against the reference engine on generated optimizers, parameters, gradients and schedules.
 
-Hypothesis draws an optimizer (a preset, or a random chain of the rules, with bfloat16 state or not, bfloat16
-parameters rounded stochastically or to nearest), a
+Hypothesis draws an optimizer (a preset, or a random chain of the rules, with float, bfloat16 or 8-bit state,
+bfloat16 parameters rounded stochastically or to nearest), a
 parameter set (0-d, empty, sizes around the native loop's thread threshold and vector width, several
 groups, non-contiguous and channels_last layouts, views of one buffer that may overlap), gradients with
 NaN, +-inf, +-0 and None, hyperparameter changes between steps (numbers and tensors, as schedulers set
@@ -78,7 +78,7 @@ def optimizers(draw: st.DrawFn) -> tuple[str, Callable[..., torch.optim.Optimize
     """A description, a factory ``(params, engine=...) -> optimizer``, its state dtype and param rounding."""
     lr = draw(st.sampled_from([1e-3, 0.1, 1.0]))
     maximize = draw(st.booleans())
-    state_dtype = draw(st.sampled_from([None, None, torch.bfloat16, torch.float32]))
+    state_dtype = draw(st.sampled_from([None, None, torch.bfloat16, torch.float32, "int8"]))
     rounding = draw(st.sampled_from(["stochastic", "stochastic", "nearest"]))
     common: dict[str, Any] = {"lr": lr, "maximize": maximize, "state_dtype": state_dtype, "param_rounding": rounding}
     if draw(st.booleans()):
@@ -119,7 +119,7 @@ class ParamSpec:
 class Scenario:
     description: str
     factory: Callable[..., torch.optim.Optimizer]
-    state_dtype: torch.dtype | None
+    state_dtype: torch.dtype | str | None
     dtype: torch.dtype
     specs: list[ParamSpec]
     buffer: int  # size of the shared buffer the views live in
@@ -291,8 +291,9 @@ def compare(opt: torch.optim.Optimizer, ref: torch.optim.Optimizer, ulps: int, e
         assert_same(p, q, f"{engine}, step {step}, parameter {i}", 2 * ulps, torch.nan_to_num(step_size, nan=0.0))
         state, ref_state = opt.state.get(p, {}), ref.state.get(q, {})
         assert sorted(state) == sorted(ref_state), f"{engine}, step {step}, parameter {i}: state keys differ"
-        for key, value in ref_state.items():
-            assert_same(state[key], value, f"{engine}, step {step}, parameter {i}, state {key!r}", ulps)
+        for key, value in ref_state.items():  # 8-bit codes exactly: the state Adam's ulp reaches is not stored
+            assert_same(state[key], value, f"{engine}, step {step}, parameter {i}, state {key!r}",
+                         ulps if value.is_floating_point() else 0)
 
 
 def align(opt: torch.optim.Optimizer, ref: torch.optim.Optimizer) -> None:

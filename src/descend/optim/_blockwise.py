@@ -72,38 +72,50 @@ def linear_code() -> Tensor:
     return ((torch.arange(256, dtype=torch.float32) - 128) / 127).clamp(-1, 1)
 
 
-def _blocks(x: Tensor) -> Tensor:
-    """``x`` flattened and zero-padded to whole blocks, as ``[blocks, BLOCK]``."""
-    flat = x.reshape(-1)
-    pad = (-flat.numel()) % BLOCK
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.view(-1, BLOCK)
-
-
 def block_scales(x: Tensor) -> Tensor:
-    """Per block, ``max|x|`` (float32); 1 for an all-zero block, so that dividing by it is safe."""
-    scales = _blocks(x.float()).abs().amax(dim=1)
+    """Per block, ``max|x|`` (float32); 1 for an all-zero block, so that dividing by it is safe.
+
+    The whole blocks and the shorter last one are reduced apart rather than padded to whole blocks:
+    inductor mis-compiles the padding when ``x`` was updated in place in the same graph (an optimizer step).
+    """
+    flat = x.reshape(-1).float().abs()
+    whole = flat.numel() - flat.numel() % BLOCK
+    scales = flat[:whole].view(-1, BLOCK).amax(dim=1)
+    if whole < flat.numel():
+        scales = torch.cat([scales, flat[whole:].amax().reshape(1)])
     return torch.where(scales > 0, scales, torch.ones_like(scales))
 
 
+def per_element(scales: Tensor, n: int) -> Tensor:
+    """The block scale of each of ``n`` elements: ``scales[i // BLOCK]`` (an index, which inductor fuses into
+    the elementwise loop; it mis-compiles ``repeat_interleave`` of a partly filled last block)."""
+    return scales[torch.arange(n, dtype=torch.int32, device=scales.device) // BLOCK]
+
+
+def code_table(code: str, signed: bool = True) -> Tensor:
+    """The 256 values of ``code`` (:func:`linear_code` or :func:`dynamic_code`); shared: read it, never write to it."""
+    if code not in CODES:
+        raise ValueError(f"code must be one of {', '.join(CODES)}, got {code!r}")
+    return linear_code() if code == "linear" else dynamic_code(signed)
+
+
 def quantize(x: Tensor, code: str, signed: bool = True, noise: Tensor | None = None,
-             stochastic: bool = True) -> tuple[Tensor, Tensor]:
+             stochastic: bool = True, table: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``x`` (float32) as ``(codes, scales)``: uint8 codes shaped like ``x`` and float32 block scales.
 
     Each value rounds to one of the two codes around it: stochastically (``stochastic``, up with the
     probability of its distance from the lower one, so that the stored value is unbiased) using
     ``noise``, 16 random bits per element (int32 in ``[0, 65536)`` shaped like ``x``:
     :func:`descend.optim.engines.store.element_noise`; drawn from torch's generator if omitted), or to
-    the nearest.
+    the nearest. ``table``: :func:`code_table` of ``code`` already on ``x``'s device (else copied there).
     """
-    if code not in CODES:
-        raise ValueError(f"code must be one of {', '.join(CODES)}, got {code!r}")
+    if table is None:
+        table = code_table(code, signed).to(x.device)
     scales = block_scales(x)
-    y = _blocks(x.float()) / scales[:, None]  # in [-1, 1]
+    flat = x.reshape(-1)
+    y = flat.float() / per_element(scales, flat.numel())  # in [-1, 1]
     if not signed:
         y = y.clamp(min=0)
-    table = (linear_code() if code == "linear" else dynamic_code(signed)).to(x.device)
     # the code at or below each value, and the one above it
     low = (torch.bucketize(y, table, right=True) - 1).clamp(0, table.numel() - 2)
     below, above = table[low], table[low + 1]
@@ -112,19 +124,20 @@ def quantize(x: Tensor, code: str, signed: bool = True, noise: Tensor | None = N
     if stochastic:
         if noise is None:
             noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
-        up = _blocks(noise.float()) / 65536.0 < position
+        up = noise.reshape(-1).float() / 65536.0 < position
     else:
         up = position >= 0.5
     q = low + up.long()
-    codes = q.to(torch.uint8).reshape(-1)[: x.numel()].view(x.shape)
-    return codes, scales
+    return q.to(torch.uint8).view(x.shape), scales
 
 
-def dequantize(codes: Tensor, scales: Tensor, code: str, signed: bool = True) -> Tensor:
-    """The float32 values ``scales[block] * code[q]`` of ``(codes, scales)``, shaped like ``codes``."""
-    table = (linear_code() if code == "linear" else dynamic_code(signed)).to(codes.device)
-    values = _blocks(table[codes.long()])
-    return (values * scales[:, None]).reshape(-1)[: codes.numel()].view(codes.shape)
+def dequantize(codes: Tensor, scales: Tensor, code: str, signed: bool = True, table: Tensor | None = None) -> Tensor:
+    """The float32 values ``scales[block] * code[q]`` of ``(codes, scales)``, shaped like ``codes``
+    (``table`` as in :func:`quantize`), a fresh contiguous tensor."""
+    if table is None:
+        table = code_table(code, signed).to(codes.device)
+    flat = codes.reshape(-1)
+    return (table[flat.long()] * per_element(scales, flat.numel())).view(codes.shape)
 
 
 def round_trip(x: Tensor, code: str, signed: bool = True, noise: Tensor | None = None,

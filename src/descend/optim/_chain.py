@@ -12,7 +12,7 @@ from descend.optim._flat import FlatLayout
 from descend.optim.engines import ENGINES as ENGINE_CLASSES
 from descend.optim.engines import KernelRun, Plan, make_engine
 from descend.optim.engines.plan import check_state, traced_plans
-from descend.optim.engines.store import PARAM_ROUNDINGS
+from descend.optim.engines.store import PARAM_ROUNDINGS, resolve_state_dtype, state_family, store_for
 from descend.optim.rules.base import Rule, WeightRule, step_dtype
 from descend.optim.rules.descent import ScaleByLR
 
@@ -126,9 +126,13 @@ class ChainOptimizer(torch.optim.Optimizer):
             kernels; only for torch's chains). What each does and when ``auto`` picks it:
             ``docs/guide/engines.md`` (:mod:`descend.optim.engines`); which one stepped what in the last
             step: :attr:`last_step_kernels`.
-        state_dtype: dtype of the optimizer state (default: the parameter's dtype), e.g.
-            ``torch.bfloat16`` to halve the state memory, updated in float32 and stored with stochastic
-            rounding (:mod:`descend.optim.engines.store`).
+        state_dtype: how the optimizer state is kept (default: in the parameter's dtype): a floating
+            dtype (a ``torch.dtype`` or its name), e.g. ``torch.bfloat16`` to halve the state memory,
+            updated in float32 and stored with stochastic rounding; or ``"int8"``: 8-bit blockwise state,
+            1 byte per value plus a float32 scale per 256 values (AdamW: 2.03 bytes of state per
+            parameter instead of 8), rounded stochastically (:mod:`descend.optim.engines.store`).
+            ``state_dict()`` then holds each state's uint8 codes and, under ``<key>_scales``, its block
+            scales; ``load_state_dict`` converts a state saved in another ``state_dtype``.
         param_rounding: how a bfloat16 parameter's new value is rounded. ``"stochastic"`` (default): the
             chain and ``w <- weight_factor*w + u`` are computed in float32 and the result rounded
             stochastically to bfloat16 (unbiased, so updates below half a bf16 ulp survive on average:
@@ -157,9 +161,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         engine = torch_engine_flags(engine, foreach, fused, capturable, differentiable)
         if engine not in (*ENGINES, "fused"):
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, fused; got {engine!r}")
-        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
-                                            and state_dtype.is_floating_point):
-            raise ValueError(f"state_dtype must be a floating torch.dtype or None, got {state_dtype!r}")
+        state_dtype = resolve_state_dtype(state_dtype)
+        if flat is True and store_for(state_dtype).granule > 1:
+            raise ValueError(f"flat=True does not take state_dtype={state_dtype!r} (its blocks would span "
+                             "parameters); use flat=False")
         if param_rounding not in PARAM_ROUNDINGS:
             raise ValueError(f"param_rounding must be one of {', '.join(map(repr, PARAM_ROUNDINGS))}, "
                              f"got {param_rounding!r}")
@@ -350,9 +355,12 @@ class ChainOptimizer(torch.optim.Optimizer):
         parameter: another shape (a checkpoint of a resized layer), dtype or device.
         """
         state_dtype = self.state_dtype
+        store = store_for(state_dtype)
         before = {"state": self.state, "param_groups": self.param_groups}
         super().load_state_dict(state_dict)
-        keys = [rule.state_names.get(n, n) for rule in self.rules for n in rule.all_state_keys()]
+        signed = {rule.state_names.get(n, n): n not in rule.nonnegative_state
+                  for rule in self.rules for n in rule.all_state_keys()}
+        keys = list(signed)
         # the saved state of each parameter, by position as torch maps it
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
@@ -373,11 +381,19 @@ class ChainOptimizer(torch.optim.Optimizer):
                     if step is not None and not (torch.is_tensor(step) and step.dim() == 0 and step.is_cpu
                                                  and step.is_floating_point()):
                         state["step"] = torch.tensor(float(step), dtype=step_dtype())
-                    if state_dtype is not None:  # torch casts loaded state to the parameter dtype, which may
-                        # lose range (bfloat16 state through a float16 parameter): cast what was saved instead
-                        saved = saved_of.get(id(p), {})
+                    # torch casts loaded state to the parameter dtype, which may lose range (bfloat16 state through
+                    # a float16 parameter) or turn 8-bit codes into numbers: convert what was saved instead
+                    saved = saved_of.get(id(p), {})
+                    for key, sign in signed.items():
+                        converted = store.convert(saved, key, sign, p)
+                        if converted is not None:
+                            for old in state_family(key):
+                                state.pop(old, None)
+                            state.update(converted)
+                    if isinstance(state_dtype, torch.dtype):  # the state of no rule of this chain, as saved
                         for key, value in state.items():
-                            if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                            if (key != "step" and key not in signed and torch.is_tensor(value)
+                                    and value.is_floating_point()):
                                 original = saved.get(key, value)
                                 state[key] = original.to(device=value.device, dtype=state_dtype, copy=True)
                     check_state(p, state, keys, state_dtype)

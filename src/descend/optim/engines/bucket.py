@@ -35,10 +35,11 @@ from descend.optim.engines.plan import (
     check_state,
     clip_coefficients,
     state_keys,
+    state_signed,
     weight_factor,
 )
 from descend.optim.engines.reference import ReferenceEngine
-from descend.optim.engines.store import NoisePositions
+from descend.optim.engines.store import NoisePositions, Store
 from descend.optim.engines.tensorlist import TensorList
 from descend.optim.rules.base import WeightRule
 
@@ -61,10 +62,10 @@ class Item:
         self.offset = offset  # flat index of this piece's first element in what ``ordinal`` names
         self.whole_param = whole_param  # one whole parameter (a ball projection may act on it alone)
 
-    def piece(self, start: int, stop: int) -> Item:
-        """Elements ``start:stop`` of this item's flattened (contiguous) tensors."""
+    def piece(self, start: int, stop: int, store: Store) -> Item:
+        """Elements ``start:stop`` of this item's flattened (contiguous) tensors, its state cut by ``store``."""
         return Item(self.param.view(-1)[start:stop], self.grad.view(-1)[start:stop],
-                    [t.view(-1)[start:stop] for t in self.states], self.ordinal, self.offset + start, False)
+                    [store.piece(t, start, stop) for t in self.states], self.ordinal, self.offset + start, False)
 
 
 @dataclass
@@ -192,19 +193,22 @@ def tensors_overlap(tensors: Sequence[Tensor]) -> bool:
     return any(start < end for (_, end), (start, _) in pairwise(spans))
 
 
-def chunks(items: list[Item], limit: int) -> Iterator[list[Item]]:
-    """The bucket in pieces of at most ``limit`` elements; contiguous tensors are cut as flat views."""
+def chunks(items: list[Item], limit: int, store: Store) -> Iterator[list[Item]]:
+    r"""The bucket in pieces of at most ``limit`` elements (rounded down to whole :attr:`Store.granule`\ s);
+    contiguous tensors are cut as flat views."""
+    limit = max(store.granule, limit - limit % store.granule)
     piece: list[Item] = []
     size = 0
     for item in items:
         n = item.param.numel()
-        if n > limit and all(t.is_contiguous() for t in (item.param, item.grad, *item.states)):
+        if (n > limit and item.param.is_contiguous() and item.grad.is_contiguous()
+                and all(store.contiguous(t) for t in item.states)):
             for start in range(0, n, limit):
                 stop = min(start + limit, n)
                 if size + (stop - start) > limit and piece:
                     yield piece
                     piece, size = [], 0
-                piece.append(item.piece(start, stop))
+                piece.append(item.piece(start, stop, store))
                 size += stop - start
             continue
         if size + n > limit and piece:
@@ -254,6 +258,9 @@ class BucketEngine(Engine):
         active = active_rules(plan, group, clip_coef)
         factor = weight_factor(plan, group)
         keys = state_keys(active)
+        store = plan.store
+        kept = store.kept_keys(keys)  # the optimizer-state keys of the state tensors
+        signed = state_signed(active)
         one_by_one = group["params"]  # the parameters not stepped as part of a flat buffer
         layout = plan.layout
         if layout is not None:
@@ -271,11 +278,11 @@ class BucketEngine(Engine):
             # order (a bucket steps them together, the native loop even on several threads at once)
             self.step_by_reference(index, stepping, group, active, factor, grad_scale)
             return None
-        stochastic = plan.store.stochastic
+        stochastic = store.stochastic
         one_at_a_time = 0  # parameters stepped on the reference path (first steps, zero-size)
         # per (device, dtype, grad dtype): the items, their parameters and their state dicts
         buckets: dict[tuple[Any, ...], tuple[list[Item], list[Tensor], list[dict[str, Any]]]] = {}
-        needed = {"step", *keys}
+        needed = {"step", *kept}
         all_state = self.source.state
         for p in stepping:
             g = p.grad
@@ -286,12 +293,13 @@ class BucketEngine(Engine):
                 self.reference.step_param(p, group, active, factor, grad_scale)
                 one_at_a_time += 1
                 continue
-            states = [state[k] for k in keys]
-            self.check_fits(p, state, keys, states)
+            tensors = [state[k] for k in kept]
+            self.check_fits(p, state, keys, tensors)
+            states = store.bind(tensors, signed)
             if isinstance(p, DTensor):  # the rules are elementwise: a sharded parameter steps on its shard
-                item = Item(local(p), local(g), [local(t) for t in states])
+                item = Item(local(p), local(g), [store.map(t, local) for t in states])
             else:  # a 0-d parameter as a 1-element view, like the reference engine (step_param)
-                item = Item(torch.atleast_1d(p), torch.atleast_1d(g), [torch.atleast_1d(t) for t in states])
+                item = Item(torch.atleast_1d(p), torch.atleast_1d(g), [store.map(t, torch.atleast_1d) for t in states])
             if stochastic or plan.rounds_params(p.dtype):
                 item.ordinal, item.offset = self.noise_position(p)
             bucket = buckets.setdefault((p.device, p.dtype, g.dtype), ([], [], []))

@@ -1,7 +1,9 @@
 """``engine="compiled"``: the whole chain of a bucket traced by ``torch.compile`` into one fused pass.
 
 Gradient unscaling, ``maximize``, the state's store (stochastic rounding included) and projections
-are inside the pass. Hyperparameters and the per-step scalars of :meth:`Rule.scalars
+are inside the pass; a store that ``torch.compile`` cannot trace
+(:attr:`~descend.optim.engines.store.Store.traceable`: 8-bit state) runs its buckets on the foreach engine.
+Hyperparameters and the per-step scalars of :meth:`Rule.scalars
 <descend.optim.rules.base.Rule.scalars>` enter as 0-d float64 tensors, so a scheduler triggers no
 recompile; scalar expressions are evaluated in double precision and converted to the parameter's
 dtype before they meet the elements. If compiling fails the engine runs the foreach engine instead.
@@ -122,6 +124,7 @@ class CompiledEngine(BucketEngine):
         self.backend = backend
         self.quiet = quiet
         self.fallback: ForeachEngine | None = None
+        self.eager: ForeachEngine | None = None  # steps the buckets whose store torch.compile cannot trace
         self.cache: dict[tuple[Any, ...], Callable[..., None]] = {}
         self.outside: list[WeightRule] = []  # projections the last compiled step left to project()
         self.lanes: dict[torch.device, Tensor] = {}
@@ -135,12 +138,18 @@ class CompiledEngine(BucketEngine):
     def reset(self) -> None:
         super().reset()
         self.cache.clear()
+        if self.eager is not None:
+            self.eager.reset()
 
     def run_bucket(self, bucket: Bucket) -> list[KernelRun]:
         if self.fallback is not None:
             return self.fallback.run_bucket(bucket)
         items = bucket.items
         group, store = bucket.group, self.plan.store
+        if not store.traceable:  # (8-bit state) the foreach engine steps the bucket, projections after it
+            self.eager = self.eager or ForeachEngine(self.plan, self.source)
+            self.outside = list(self.plan.projections)
+            return self.eager.run_bucket(bucket)
         rules = tuple(rule for rule, _ in bucket.active)
         # a ball projection needs each parameter whole: a flat buffer's are applied after the step
         whole_params = all(item.whole_param for item in items)
@@ -158,7 +167,7 @@ class CompiledEngine(BucketEngine):
                # the bucket shares device and dtypes; shapes and strides per tensor. dynamo's own guards
                # check every input as well, so a difference this key misses recompiles instead of failing.
                params[0].device, params[0].dtype, items[0].grad.dtype,
-               tuple(t.dtype for t in items[0].states),
+               tuple(t.dtype for t in items[0].states),  # (8-bit state: its codes' dtype)
                tuple((p.shape, p.stride()) for p in params))
         scale = None if bucket.grad_scale is None else bucket.grad_scale.to(params[0].device, torch.float32)
         layout = state_layout(active)

@@ -7,6 +7,8 @@ of large tensors go to reused scratch buffers (:class:`~descend.optim.engines.te
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from descend.optim.engines.bucket import Bucket, BucketEngine, Item, chunks
@@ -52,7 +54,7 @@ class ForeachEngine(BucketEngine):
         work_dtype = self.plan.update_dtype(dtype, any(layout))
         param_seed = (dict(zip(ordinals, param_seeds(bucket.step, ordinals, torch.device("cpu")).tolist()))
                       if rounded else None)
-        for piece in chunks(items, self.chunk):
+        for piece in chunks(items, self.chunk, store):
             scratch.reset()  # every temporary of the previous chunk is dead
             w = TensorList([item.param for item in piece], scratch)
             u = TensorList([item.grad for item in piece], scratch)
@@ -64,7 +66,7 @@ class ForeachEngine(BucketEngine):
                 u, w = u.to(work_dtype), w.to(work_dtype)
             first = 0  # the index in item.states of the rule's first state tensor
             for r, ((rule, hp), names) in enumerate(zip(active, layout)):
-                stored = {k: TensorList([item.states[first + j] for item in piece], scratch)
+                stored = {k: store.gather([item.states[first + j] for item in piece], scratch)
                           for j, k in enumerate(names)}
                 first += len(names)
                 work = {k: store.load(v) for k, v in stored.items()}
@@ -80,7 +82,7 @@ class ForeachEngine(BucketEngine):
                 self.store(param_store(), TensorList([item.param for item in piece]), new, piece, param_seed)
         return bucket.ran(self.name)
 
-    def store(self, store: Store, stored: TensorList, work: TensorList, piece: list[Item],
+    def store(self, store: Store, stored: Any, work: TensorList, piece: list[Item],
               seeds: dict[int, int] | None) -> None:
         """``store.store_`` for every tensor of a chunk, in scratch buffers where they fit.
 

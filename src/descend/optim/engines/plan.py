@@ -34,7 +34,7 @@ class Plan:
         rules: the update rules in order (``scale_by_lr`` included).
         decays: weight rules folded into ``w <- weight_factor * w + u`` (:attr:`WeightRule.scales_weights`).
         projections: weight rules applied to ``w`` after the step (:attr:`WeightRule.projects`).
-        state_dtype: dtype of the optimizer state (None: the parameter's).
+        state_dtype: dtype of the optimizer state (None: the parameter's; ``"int8"``: 8-bit blocks).
         layout: the flat buffers (``flat=True``), or None.
         param_rounding: how a new bfloat16 parameter value is rounded: ``"stochastic"`` (computed in float32,
             rounded with the hash noise of :mod:`~descend.optim.engines.store`) or ``"nearest"`` (torch's
@@ -44,7 +44,7 @@ class Plan:
     rules: tuple[Rule, ...]
     decays: tuple[WeightRule, ...] = ()
     projections: tuple[WeightRule, ...] = ()
-    state_dtype: torch.dtype | None = None
+    state_dtype: torch.dtype | str | None = None
     layout: FlatLayout | None = None
     param_rounding: str = "stochastic"
 
@@ -92,26 +92,31 @@ def check_grad(p: Tensor) -> Tensor:
     return g
 
 
-def check_state(p: Tensor, state: dict[str, Any], keys: Iterable[str], state_dtype: torch.dtype | None) -> None:
-    """Raise ``RuntimeError`` unless each of ``state[key]`` (those present) fits ``p``: a tensor of ``p``'s
-    shape on ``p``'s device, of the optimizer's state dtype (``state_dtype``, else ``p``'s).
+def check_state(p: Tensor, state: dict[str, Any], keys: Iterable[str], state_dtype: torch.dtype | str | None) -> None:
+    """Raise ``RuntimeError`` unless each of ``state[key]`` (those present) fits ``p``: tensors on ``p``'s
+    device of the shapes and dtypes the optimizer's store keeps (:meth:`Store.parts`: ``p``'s shape, in
+    ``state_dtype``, else ``p``'s dtype; 8-bit state: uint8 codes and their block scales).
 
     Every engine checks this before it touches a state tensor: the native loop walks ``p.numel()``
     elements of each, so a state of another size would be read and written out of bounds.
     """
-    dtype = state_dtype or p.dtype
+    store = store_for(state_dtype)
     for key in keys:
-        t = state.get(key)
-        if t is None:
+        if state.get(key) is None:
             continue
-        if not torch.is_tensor(t) or t.shape != p.shape or t.device != p.device or t.dtype != dtype:
-            found = (f"shape {tuple(t.shape)}, {t.dtype} on {t.device}" if torch.is_tensor(t)
-                     else f"a {type(t).__name__}")
-            raise RuntimeError(
-                f"optimizer state {key!r} ({found}) does not fit its parameter (shape {tuple(p.shape)}, {dtype} "
-                f"on {p.device}): the state belongs to other parameters (a checkpoint of a resized model?); "
-                "load a state_dict saved for these parameters, or drop this parameter's state "
-                "(optimizer.state.pop(param))")
+        for name, shape, dtype in store.parts(key, p):
+            check_tensor(p, name, state.get(name), shape, dtype)
+
+
+def check_tensor(p: Tensor, key: str, t: Any, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """:func:`check_state` for one tensor ``t`` (``state[key]``) that should have ``shape`` and ``dtype``."""
+    if not torch.is_tensor(t) or t.shape != shape or t.device != p.device or t.dtype != dtype:
+        found = f"shape {tuple(t.shape)}, {t.dtype} on {t.device}" if torch.is_tensor(t) else f"a {type(t).__name__}"
+        raise RuntimeError(
+            f"optimizer state {key!r} ({found}) does not fit its parameter (shape {tuple(p.shape)}, {dtype} "
+            f"on {p.device}{'' if shape == tuple(p.shape) else f'; expected shape {shape}'}): the state belongs "
+            "to other parameters (a checkpoint of a resized model?); load a state_dict saved for these "
+            "parameters, or drop this parameter's state (optimizer.state.pop(param))")
 
 
 def clip_coefficients(plan: Plan, groups: list[dict[str, Any]], grad_scale: Tensor | None = None) -> list[Any] | None:
@@ -236,15 +241,22 @@ def state_keys(active: ActiveRules) -> list[str]:
     return [rule.state_names.get(n, n) for (rule, _), names in zip(active, state_layout(active)) for n in names]
 
 
+def state_signed(active: ActiveRules) -> list[bool]:
+    """Per state tensor in the order of :func:`state_keys`, whether it may be negative
+    (:attr:`Rule.nonnegative_state <descend.optim.rules.base.Rule.nonnegative_state>`)."""
+    return [n not in rule.nonnegative_state for (rule, _), names in zip(active, state_layout(active)) for n in names]
+
+
 def rule_state(rule: Rule, state: dict[str, Any], w: Tensor, hp: dict[str, Any],
-               dtype: torch.dtype | None) -> tuple[dict[str, Tensor], bool]:
-    """The rule's view of a parameter's state (by the rule's own names), created if missing; whether it was."""
+               store: Store) -> tuple[dict[str, Any], bool]:
+    """The rule's view of a parameter's state (by the rule's own names, as ``store`` loads it), created if
+    missing; whether it was."""
     names = rule.state_keys(hp)
     fresh = any(rule.state_names.get(n, n) not in state for n in names)
     if fresh:
-        for name, value in rule.init_state(w, hp, dtype).items():
-            state[rule.state_names.get(name, name)] = value
-    return {n: state[rule.state_names.get(n, n)] for n in names}, fresh
+        for name, value in rule.init_state(w, hp, store.init_dtype).items():
+            state.update(store.create(rule.state_names.get(name, name), value, name not in rule.nonnegative_state))
+    return {n: store.stored(state, rule.state_names.get(n, n), n not in rule.nonnegative_state) for n in names}, fresh
 
 
 @dataclass(frozen=True)

@@ -90,9 +90,9 @@ class ReferenceEngine(Engine):
             u, w = u.to(work_dtype), w.to(work_dtype)
         scaled = with_scalars(active, step) if isinstance(step, int) else traced_scalars(active, step)
         for r, (rule, hp) in enumerate(scaled):
-            stored, fresh = rule_state(rule, state, p, hp, plan.state_dtype)
+            stored, fresh = rule_state(rule, state, p, hp, store)
             if w is not p:
-                stored = {k: torch.atleast_1d(v) for k, v in stored.items()}
+                stored = {k: store.map(v, torch.atleast_1d) for k, v in stored.items()}
             work = {k: store.load(v) for k, v in stored.items()}
             u = (rule.first_update if fresh else rule.update)(u, w, work, hp, step)
             for j, (k, v) in enumerate(stored.items()):

@@ -30,6 +30,18 @@ re-expands such expressions rather than keeping a temporary. A hash is elementwi
 CPU loop scalar), every engine draws the same bits for the same element, and a resumed run draws what
 an uninterrupted one draws, with no generator state to checkpoint.
 
+Where a format keeps more than one tensor per state (:class:`Blockwise8`: codes and block scales), the
+engines reach it only through the store: :meth:`Store.stored` gathers what :meth:`Store.load` reads,
+:meth:`Store.piece` cuts a part of it and :attr:`Store.granule` says where parts may start.
+
+:class:`Blockwise8` (``state_dtype="int8"``): 1 byte per value plus one float32 scale per block of
+:data:`~descend.optim._blockwise.BLOCK` = 256 values (1 + 4/256 bytes per value), in the dynamic code of
+:mod:`descend.optim._blockwise`: signed for signed state, unsigned (twice the resolution) for the state a
+rule declares non-negative (:attr:`Rule.nonnegative_state <descend.optim.rules.base.Rule.nonnegative_state>`).
+Loading dequantises a state tensor to float32 (a transient working copy, 4 bytes per value of the tensor
+or of the chunk an engine steps); storing takes each block's new ``max|x|`` as its scale and rounds each
+value stochastically to one of the two codes around it, with the same hash noise as bfloat16 state.
+
 A new storage format is one more subclass of :class:`Store` (its attributes and methods are what
 the engines use) and one more case in :func:`store_for`; the engines do not change.
 """
@@ -37,11 +49,17 @@ the engines use) and one more case in :func:`store_for`; the engines do not chan
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from descend.optim._blockwise import BLOCK, code_table, dequantize, quantize
+from descend.optim.engines.tensorlist import TensorList
+
+#: The ``state_dtype`` of 8-bit blockwise state (:class:`Blockwise8`).
+INT8 = "int8"
 
 # lowbias32's odd multipliers, as unsigned 32-bit words (C) and as wrapping int32 constants (torch).
 HASH_MUL1 = 0x7FEB352D
@@ -134,9 +152,71 @@ class Store:
     #: (None: the native engine leaves such state to the foreach engine).
     c_helpers = ""
 
+    #: ``torch.compile`` may trace :meth:`load` and :meth:`store_` (False: the compiled engine steps such state
+    #: on the foreach engine, and a traced step runs them eagerly, outside its graph).
+    traceable = True
+    #: Parts of a state tensor that an engine steps separately (chunks) start at multiples of this many
+    #: elements (a format of blocks keeps each block whole).
+    granule = 1
+
     def __init__(self, dtype: torch.dtype | None) -> None:
         self.dtype = dtype
         self.c_type: str | None = "float" if dtype in (None, torch.float32) else None
+
+    @property
+    def init_dtype(self) -> torch.dtype | None:
+        """The dtype a rule creates fresh state in (:meth:`Rule.init_state`), before :meth:`create`."""
+        return self.dtype
+
+    def parts(self, key: str, p: Tensor) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """What the optimizer state keeps for state ``key`` of parameter ``p``: ``(state key, shape, dtype)``
+        of each tensor (the first shaped like ``p``)."""
+        return [(key, tuple(p.shape), self.dtype or p.dtype)]
+
+    def kept_keys(self, keys: Sequence[str]) -> list[str]:
+        """Every optimizer-state key that ``keys`` (state tensors) are kept under, in the order
+        :meth:`bind` takes their tensors."""
+        return list(keys)
+
+    def create(self, key: str, value: Tensor, signed: bool) -> dict[str, Tensor]:
+        """The optimizer-state entries of a fresh state tensor ``value`` (from :meth:`Rule.init_state`)."""
+        return {key: value}
+
+    def bind(self, tensors: Sequence[Tensor], signed: Sequence[bool]) -> list[Any]:
+        """What :meth:`load` and :meth:`store_` take for each state tensor, from the optimizer-state tensors
+        of :meth:`kept_keys` (``signed[i]``: whether the ``i``-th state may be negative)."""
+        return list(tensors)
+
+    def stored(self, state: Mapping[str, Tensor], key: str, signed: bool) -> Any:
+        """What :meth:`load` and :meth:`store_` take for state ``key`` of one parameter's ``state``."""
+        return self.bind([state[k] for k in self.kept_keys([key])], [signed])[0]
+
+    def map(self, stored: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+        """``stored`` with ``fn`` (a view: ``torch.atleast_1d``, a shard's local tensor) applied to its
+        parameter-shaped tensor."""
+        return fn(stored)
+
+    def piece(self, stored: Any, start: int, stop: int) -> Any:
+        """Elements ``start:stop`` of a contiguous ``stored`` (``start`` a multiple of :attr:`granule`)."""
+        return stored.view(-1)[start:stop]
+
+    def contiguous(self, stored: Any) -> bool:
+        """Whether :meth:`piece` may cut ``stored``."""
+        return stored.is_contiguous()
+
+    def gather(self, stored: list[Any], scratch: Any = None) -> Any:
+        """Many tensors' ``stored`` as one value :meth:`load` takes (the foreach engine's chunk)."""
+        return TensorList(stored, scratch)
+
+    def convert(self, saved: Mapping[str, Any], key: str, signed: bool, p: Tensor) -> dict[str, Tensor] | None:
+        """The optimizer-state entries of state ``key`` of ``p`` from a loaded state dict's entries ``saved``
+        (of any store: a state saved in another format is converted), or None if ``saved`` lacks it."""
+        value = saved.get(key)
+        if not torch.is_tensor(value) or not value.is_floating_point():
+            value = blockwise_value(saved, key, signed)
+            if value is None:
+                return None
+        return {key: value.to(device=p.device, dtype=self.dtype or p.dtype, copy=True)}
 
     def load(self, stored: Any) -> Any:
         """The working value the rules update in place (a tensor or a ``TensorList``)."""
@@ -233,14 +313,153 @@ static inline uint16_t descend_bf16_round(float x, uint32_t index, uint32_t seed
         return f"{element} = descend_bf16_round({value}, {index}, {seed});"
 
 
+class Blocks(NamedTuple):
+    """One 8-bit state tensor as :class:`Blockwise8` loads and stores it."""
+
+    codes: Tensor  # uint8, shaped like the parameter (contiguous)
+    scales: Tensor  # float32 [ceil(numel / BLOCK)]: each block's max |x|
+    signed: bool  # the signed code (False: the state is non-negative)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.codes.dtype
+
+
+class Gathered(NamedTuple):
+    """A chunk's :class:`Blocks` (:meth:`Blockwise8.gather`); ``tensors`` as a ``TensorList`` names them."""
+
+    tensors: list[Blocks]
+    scratch: Any
+
+
+def scales_key(key: str) -> str:
+    """The optimizer-state key of the block scales of 8-bit state ``key``."""
+    return f"{key}_scales"
+
+
+def state_family(key: str) -> tuple[str, ...]:
+    """Every optimizer-state key that state ``key`` is kept under in some store (a converted state drops them)."""
+    return key, scales_key(key)
+
+
+def blockwise_value(saved: Mapping[str, Any], key: str, signed: bool) -> Tensor | None:
+    """The float32 values of 8-bit state ``key`` in a state dict's entries ``saved``, or None if it has none."""
+    codes, scales = saved.get(key), saved.get(scales_key(key))
+    if not (torch.is_tensor(codes) and torch.is_tensor(scales) and codes.dtype == torch.uint8):
+        return None
+    return dequantize(codes, scales.float(), "dynamic", signed)
+
+
+class Blockwise8(Store):
+    """8-bit blockwise state (:mod:`descend.optim._blockwise`'s dynamic code, rounded stochastically with the
+    element's hash noise): ``state[key]`` holds the uint8 codes shaped like the parameter and
+    ``state[key + "_scales"]`` the float32 scale of each block of 256 values, both plain tensors.
+
+    The native loop does not express it (``c_type`` None) and inductor (torch 2.13) mis-compiles its block
+    maxima after the rules' in-place update (``traceable`` False): the native and compiled engines step it
+    on the foreach engine.
+    """
+
+    as_is = False
+    stochastic = True
+    traceable = False
+    granule = BLOCK
+
+    def __init__(self) -> None:
+        super().__init__(torch.uint8)
+        self.c_type = None
+        self.tables: dict[tuple[bool, torch.device], Tensor] = {}
+
+    def table(self, signed: bool, device: torch.device) -> Tensor:
+        """The dynamic code's values on ``device`` (copied there once)."""
+        key = (signed, device)
+        if key not in self.tables:
+            self.tables[key] = code_table("dynamic", signed).to(device)
+        return self.tables[key]
+
+    @property
+    def init_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def parts(self, key: str, p: Tensor) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        return [(key, tuple(p.shape), torch.uint8), (scales_key(key), (-(-p.numel() // BLOCK),), torch.float32)]
+
+    def kept_keys(self, keys: Sequence[str]) -> list[str]:
+        return [k for key in keys for k in (key, scales_key(key))]
+
+    def create(self, key: str, value: Tensor, signed: bool) -> dict[str, Tensor]:
+        codes, scales = quantize(value.float(), "dynamic", signed, stochastic=False,
+                                 table=self.table(signed, value.device))
+        return {key: codes, scales_key(key): scales}
+
+    def bind(self, tensors: Sequence[Tensor], signed: Sequence[bool]) -> list[Any]:
+        return [Blocks(tensors[2 * i], tensors[2 * i + 1], s) for i, s in enumerate(signed)]
+
+    def map(self, stored: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+        return stored._replace(codes=fn(stored.codes))
+
+    def piece(self, stored: Any, start: int, stop: int) -> Any:
+        return Blocks(stored.codes.view(-1)[start:stop], stored.scales[start // BLOCK:-(-stop // BLOCK)],
+                      stored.signed)
+
+    def contiguous(self, stored: Any) -> bool:
+        return stored.codes.is_contiguous()
+
+    def gather(self, stored: list[Any], scratch: Any = None) -> Any:
+        return Gathered(stored, scratch)
+
+    def convert(self, saved: Mapping[str, Any], key: str, signed: bool, p: Tensor) -> dict[str, Tensor] | None:
+        codes, scales = saved.get(key), saved.get(scales_key(key))
+        if torch.is_tensor(codes) and torch.is_tensor(scales) and codes.dtype == torch.uint8:
+            return {key: codes.to(device=p.device, copy=True),
+                    scales_key(key): scales.to(device=p.device, dtype=torch.float32, copy=True)}
+        if not torch.is_tensor(codes) or not codes.is_floating_point():
+            return None
+        return self.create(key, codes.to(device=p.device, dtype=torch.float32), signed)
+
+    @torch.compiler.disable
+    def load(self, stored: Any) -> Any:
+        if isinstance(stored, Gathered):
+            return TensorList([self.load(b) for b in stored.tensors], stored.scratch)
+        return dequantize(stored.codes, stored.scales, "dynamic", stored.signed,
+                          table=self.table(stored.signed, stored.codes.device))
+
+    @torch.compiler.disable
+    def store_(self, stored: Any, work: Tensor, seed: Tensor | int = 0, offset: int = 0, *,
+               lanes: Tensor | None = None, buffers: Sequence[Tensor] | None = None) -> None:
+        codes, scales = quantize(work, "dynamic", stored.signed, element_noise(seed, work, offset, lanes),
+                                 table=self.table(stored.signed, work.device))
+        stored.codes.copy_(codes)
+        stored.scales.copy_(scales)
+
+
 _BF16 = StochasticBF16()
+_INT8 = Blockwise8()
+
+#: The names ``state_dtype`` accepts besides a floating ``torch.dtype`` (and None).
+STATE_DTYPES = ("float32", "bfloat16", "float16", "float64", INT8)
+
+
+def resolve_state_dtype(state_dtype: Any) -> torch.dtype | str | None:
+    """An optimizer's ``state_dtype`` as the store takes it: None, a floating ``torch.dtype`` (also by name, e.g.
+    ``"bfloat16"``) or ``"int8"``; ``ValueError`` naming the accepted values otherwise."""
+    if state_dtype is None or state_dtype == INT8:
+        return state_dtype
+    if isinstance(state_dtype, str) and state_dtype in STATE_DTYPES:
+        return getattr(torch, state_dtype)
+    if isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point:
+        return state_dtype
+    names = ", ".join(map(repr, STATE_DTYPES))
+    raise ValueError(f"state_dtype must be None, a floating torch.dtype or one of {names}; got {state_dtype!r}")
 
 
 @functools.cache
-def store_for(state_dtype: torch.dtype | None) -> Store:
-    """The store of an optimizer's ``state_dtype`` (None: the parameter's dtype); one object per dtype (a
-    compiled step specialises on it)."""
-    return _BF16 if state_dtype == torch.bfloat16 else Store(state_dtype)
+def store_for(state_dtype: torch.dtype | str | None) -> Store:
+    """The store of an optimizer's ``state_dtype`` (None: the parameter's dtype; ``"int8"``: 8-bit blocks);
+    one object per dtype (a compiled step specialises on it)."""
+    if state_dtype == INT8:
+        return _INT8
+    return _BF16 if state_dtype == torch.bfloat16 else Store(state_dtype)  # type: ignore[arg-type]
 
 
 class NoisePositions:

@@ -97,6 +97,11 @@ class Rule:
     #: The hyperparameter that is a momentum coefficient under another name (``ema``'s ``beta``); a chain
     #: with no ``momentum`` or ``betas`` of its own lets torch's momentum-cycling schedulers set it as ``momentum``.
     momentum_name: ClassVar[str | None] = None
+    #: The state tensors (by the rule's own names) that are never negative: each starts at 0 and
+    #: :meth:`update` maps a state ``s >= 0`` to a new ``s >= 0`` whatever ``u`` is (Adam's
+    #: ``v <- b2*v + (1-b2)*u^2`` and ``max(v_max, v)``). A store may keep them in an unsigned code (8-bit
+    #: state: twice the resolution of a signed one), which stores a negative value as 0.
+    nonnegative_state: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, **hyper: Any) -> None:
         self.hyper: dict[str, Any] = dict(hyper)

@@ -44,6 +44,7 @@ class ScaleByAdam(Rule):
 
     name = "adam"
     static = ("amsgrad",)
+    nonnegative_state = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, amsgrad: bool = False) -> None:
         super().__init__(betas=betas, eps=eps, amsgrad=amsgrad)
