@@ -37,12 +37,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -284,6 +284,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             grads = max(grads, g)
             if i:
                 times.append(time.perf_counter() - t0)
+            elif time.perf_counter() - t0 > spec.get("first_step_budget", math.inf):
+                times.append(time.perf_counter() - t0)  # too slow to time more: the first step stands for all
+                break
         eval_loss = None
         if spec.get("evaluate"):
             with torch.no_grad():
@@ -305,7 +308,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "first_step_peak_bytes": first_peak, "parameter_bytes": param_bytes, "gradient_bytes": grads,
         "state_bytes": state_bytes, "rest_bytes": rest, "state_bytes_per_parameter": held / n,
         "peak_bytes_per_parameter": (peak - baseline) / n, "step_seconds": statistics.median(times),
-        "losses": losses, "wall_seconds": time.perf_counter() - start,
+        "losses": losses, "wall_seconds": time.perf_counter() - start, "timed_steps": len(losses) - 1,
     }
     if eval_loss is not None:
         out["eval_loss"] = eval_loss
@@ -383,7 +386,7 @@ def table(args: argparse.Namespace, limit: int | None, previous: list[dict[str, 
                 result: dict[str, Any] = {"available": False, "reason": reason}
             else:
                 spec = {"row": name, "size": size, "steps": args.steps, "threads": args.threads,
-                        "device": args.device, "lr": 1e-4}
+                        "device": args.device, "lr": 1e-4, "first_step_budget": args.first_step_budget}
                 result = run_child(spec, limit)
             record = {"row": name, "size": size, "parameters": parameter_count(size), **asdict(row),
                       "address_space_cap_bytes": limit, **result}
@@ -454,7 +457,7 @@ def print_targets(found: list[dict[str, Any]]) -> None:
               f"{'met' if t['met'] else 'NOT met'}{why}")
 
 
-def two_billion(args: argparse.Namespace, extrapolate_from: dict[str, Any] | None) -> dict[str, Any]:
+def two_billion(args: argparse.Namespace) -> dict[str, Any]:
     """The 2B run: each target configuration in a capped child, ``args.steps`` steps on a repeated batch."""
     size = "1M" if args.quick else "2B"
     runs = []
@@ -480,70 +483,105 @@ def two_billion(args: argparse.Namespace, extrapolate_from: dict[str, Any] | Non
         runs.append(record)
     out: dict[str, Any] = {"size": size, "shape": SIZES[size], "runs": runs, "batch": BATCH, "context": CONTEXT,
                            "threads": args.threads}
-    if extrapolate_from:  # torch's float32 AdamW at this size, from its bytes per parameter where it fitted
-        n = parameter_count(size)
-        peak = extrapolate_from["baseline_bytes"] + extrapolate_from["peak_bytes_per_parameter"] * n
-        memory = machine(args.device).get("memory_bytes")
-        out["torch_adamw"] = {"from_size": extrapolate_from["size"],
-                              "peak_bytes_per_parameter": extrapolate_from["peak_bytes_per_parameter"],
-                              "predicted_peak_bytes": peak, "machine_memory_bytes": memory,
-                              "fits": memory is not None and peak < memory}
-        print(f"torch AdamW at {n:,} parameters: {extrapolate_from['peak_bytes_per_parameter']:.1f} B/param "
-              f"(measured at {extrapolate_from['size']}) -> {peak / GIB:.1f} GiB, machine "
-              f"{(memory or 0) / GIB:.1f} GiB", flush=True)
     return out
+
+
+def extrapolate_torch(result: dict[str, Any], device: str) -> None:
+    """torch's float32 AdamW at the 2B run's size, from its peak bytes per parameter at the largest size of
+    the table where it fitted: ``result["two_billion"]["torch_adamw"]`` (nothing if it never fitted)."""
+    fitted = [r for r in result["table"]["rows"] if r["row"] == REFERENCE and r.get("fits")]
+    if not fitted:
+        return
+    src = max(fitted, key=lambda r: r["parameters"])
+    tb = result["two_billion"]
+    n = parameter_count(tb["size"])
+    peak = src["baseline_bytes"] + src["peak_bytes_per_parameter"] * n
+    memory = machine(device).get("memory_bytes")
+    tb["torch_adamw"] = {"from_size": src["size"], "parameters": n,
+                         "peak_bytes_per_parameter": src["peak_bytes_per_parameter"], "predicted_peak_bytes": peak,
+                         "machine_memory_bytes": memory, "fits": memory is not None and peak < memory}
 
 
 # --------------------------------------------------------------------------------------------- quality
 
-QUALITY_MODES: dict[str, tuple[str, list[str]]] = {
-    # name -> (the float32 mode it is compared with, descend train flags)
-    "AdamW float32": ("AdamW float32", ["--optimizer", "adamw"]),
-    "AdamW bfloat16 state": ("AdamW float32", ["--optimizer", "adamw", "--state-dtype", "bfloat16"]),
-    "AdamW int8 state, step in backward": ("AdamW float32", ["--optimizer", "adamw", "--state-dtype", "int8",
-                                                             "--step-in-backward"]),
-    "AdamW bfloat16 params, int8 state": ("AdamW float32", ["--optimizer", "adamw", "--state-dtype", "int8",
-                                                            "--param-dtype", "bfloat16"]),
-    "Lion float32": ("Lion float32", ["--optimizer", "lion"]),
-    "Lion bfloat16 params, int8 state, step in backward": (
-        "Lion float32", ["--optimizer", "lion", "--state-dtype", "int8", "--param-dtype", "bfloat16",
-                         "--step-in-backward"]),
+#: name -> (the float32 mode it is compared with, the row of ROWS it trains with)
+QUALITY_MODES: dict[str, tuple[str, str]] = {
+    "AdamW float32": ("AdamW float32", _descend_name("AdamW", "float32", "float32", False)),
+    "AdamW bfloat16 state": ("AdamW float32", _descend_name("AdamW", "bfloat16", "float32", False)),
+    "AdamW int8 state": ("AdamW float32", _descend_name("AdamW", "int8", "float32", False)),
+    "AdamW int8 state, step in backward": ("AdamW float32", TARGET_ADAMW),
+    "AdamW bfloat16 params, int8 state, step in backward": (
+        "AdamW float32", _descend_name("AdamW", "int8", "bfloat16", True)),
+    "Lion float32": ("Lion float32", _descend_name("Lion", "float32", "float32", False)),
+    "Lion int8 state": ("Lion float32", _descend_name("Lion", "int8", "float32", False)),
+    "Lion bfloat16 params, int8 state, step in backward": ("Lion float32", TARGET_LION),
 }
 
 
+def train_text(row: Row, seed: int, shape: tuple[int, ...], threads: int) -> float:
+    """Train a ``TransformerLM`` on stdlib-text (the split of seed 0; ``seed`` draws the initial weights and
+    the batches) with ``row``'s optimizer and mode at descend's default learning rate; the final validation
+    loss (nats per byte) on 256 validation windows spread evenly over the split."""
+    import torch
+    import torch.nn.functional as F
+
+    from descend import optim
+    from descend._options import DEFAULT_LR
+    from descend.data.text import load_stdlib_text
+    from descend.nn import TransformerLM
+    from descend.train import seed_everything
+
+    torch.set_num_threads(threads)
+    width, depth, heads, context, batch, steps = shape
+    data = load_stdlib_text(0, context=context, train_bytes=400_000, val_bytes=24_000, test_bytes=24_000)
+    x, y = data.train.inputs[0], data.train.targets
+    pick = torch.arange(256) * len(data.val.targets) // 256
+    val_x, val_y = data.val.inputs[0][pick], data.val.targets[pick]
+    seed_everything(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, row.params))
+    try:
+        model = TransformerLM(VOCAB, context, width=width, depth=depth, heads=heads)
+    finally:
+        torch.set_default_dtype(old)
+    opt = make_optimizer(row, model.parameters(), DEFAULT_LR[row.optimizer.lower()])
+    hooks = optim.step_in_backward(opt) if row.in_backward else None
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = torch.randint(len(x), (batch,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[rows]).float().reshape(-1, VOCAB), y[rows].reshape(-1)).backward()
+        if hooks is None:
+            opt.step()
+    if hooks is not None:
+        hooks.remove()
+    with torch.no_grad():
+        return float(F.cross_entropy(model(val_x).float().reshape(-1, VOCAB), val_y.reshape(-1)))
+
+
 def quality(args: argparse.Namespace, previous: dict[str, Any]) -> dict[str, Any]:
-    """Each mode of :data:`QUALITY_MODES` (or ``args.quality_modes``) trained with ``descend train`` on
-    stdlib-text on every seed; the final validation loss of each, and whether each lean mode lands within 1%
-    of its float32 mode's mean or inside its range over the seeds. Modes not run again keep their
-    ``previous`` results when those were run with the same command."""
-    width, depth, heads, context, batch, steps = (32, 1, 2, 16, 8, 20) if args.quick else args.quality_shape
-    common = ["--data", "stdlib-text", "--model", "transformer", "--width", str(width), "--depth", str(depth),
-              "--heads", str(heads), "--context", str(context), "--batch-size", str(batch), "--steps", str(steps),
-              "--threads", str(args.threads), "--eval-every", str(steps), "--no-progress"]
+    """Each mode of :data:`QUALITY_MODES` (or ``args.quality_modes``) trained on stdlib-text on every seed
+    (:func:`train_text`); the final validation loss of each, and whether each lean mode lands within 1% of
+    its float32 mode's mean or inside its range over the seeds. Modes not run again keep their ``previous``
+    results when those were run with the same shape and seeds."""
+    shape = (32, 1, 2, 16, 8, 20) if args.quick else tuple(args.quality_shape)
     seeds = list(range(args.seeds))
-    command = "descend train " + " ".join(common) + " --seed S"
-    same = previous.get("command") == command and previous.get("seeds") == seeds
+    same = tuple(previous.get("shape", ())) == shape and previous.get("seeds") == seeds
     results: dict[str, Any] = dict(previous.get("modes", {})) if same else {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for mode, (_, flags) in QUALITY_MODES.items():
-            if args.quality_modes and mode not in args.quality_modes and mode in results:
-                continue
-            losses, reason = [], None
-            for seed in seeds:
-                out = Path(tmp) / f"{len(results)}-{seed}"
-                cmd = [sys.executable, "-m", "descend", "train", *common, *flags, "--seed", str(seed),
-                       "--out", str(out)]
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0:
-                    err = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-                    reason = f"not available in this build: {err[:200]}" if done.returncode == 2 else err[:200]
-                    break
-                losses.append(json.loads((out / "summary.json").read_text())["val"]["loss"])
-            results[mode] = {"flags": flags, "val_loss": losses} if reason is None else {"flags": flags,
-                                                                                           "reason": reason}
-            print(f"quality {mode}: {reason or ', '.join(f'{v:.4f}' for v in losses)}", flush=True)
+    for mode, (_, name) in QUALITY_MODES.items():
+        if args.quality_modes and mode not in args.quality_modes and mode in results:
+            continue
+        row = BY_NAME[name]
+        reason = available(row)
+        if reason is None:
+            started = time.perf_counter()
+            results[mode] = {"row": name, "val_loss": [train_text(row, s, shape, args.threads) for s in seeds],
+                             "seconds": time.perf_counter() - started}
+        else:
+            results[mode] = {"row": name, "reason": reason}
+        print(f"quality {mode}: {reason or ', '.join(f'{v:.4f}' for v in results[mode]['val_loss'])}", flush=True)
     for mode, (base, _) in QUALITY_MODES.items():
-        r, b = results[mode], results[base]
+        r, b = results.get(mode, {}), results.get(base, {})
         if mode == base or "val_loss" not in r or "val_loss" not in b:
             continue
         mean = statistics.mean(b["val_loss"])
@@ -552,18 +590,15 @@ def quality(args: argparse.Namespace, previous: dict[str, Any]) -> dict[str, Any
         r["within_1pct"] = [abs(v / mean - 1) <= 0.01 for v in r["val_loss"]]
         r["inside_range"] = [min(b["val_loss"]) <= v <= max(b["val_loss"]) for v in r["val_loss"]]
         r["met"] = [w or i for w, i in zip(r["within_1pct"], r["inside_range"])]
-    params = None
-    try:
-        import torch
+    import torch
 
-        from descend.nn import TransformerLM, count_parameters
+    from descend.nn import TransformerLM, count_parameters
 
-        with torch.device("meta"):
-            params = count_parameters(TransformerLM(VOCAB, context, width=width, depth=depth, heads=heads))
-    except ImportError:
-        pass
-    return {"command": command, "parameters": params, "seeds": seeds,
-            "width": width, "depth": depth, "heads": heads, "context": context, "batch": batch, "steps": steps,
+    width, depth, heads, context, batch, steps = shape
+    with torch.device("meta"):
+        params = count_parameters(TransformerLM(VOCAB, context, width=width, depth=depth, heads=heads))
+    return {"parameters": params, "seeds": seeds, "shape": list(shape), "width": width, "depth": depth,
+            "heads": heads, "context": context, "batch": batch, "steps": steps, "threads": args.threads,
             "modes": results}
 
 
@@ -581,14 +616,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cap-gib", type=float, default=12.0, help="address-space cap of every child (GiB)")
+    parser.add_argument("--first-step-budget", type=float, default=math.inf, help="seconds: a row whose first "
+                        "step takes longer is measured on that step alone (its peak includes construction)")
     parser.add_argument("--quick", action="store_true", help="small sizes and models: a smoke run of seconds")
     parser.add_argument("--table", action="store_true", help="measure the memory table (the default part)")
     parser.add_argument("--two-billion", action="store_true", help="the 2B-parameter run of the two lean "
                         "configurations")
-    parser.add_argument("--quality", action="store_true", help="the quality check with descend train")
+    parser.add_argument("--quality", action="store_true", help="the quality check: each lean mode trained on "
+                        "stdlib-text against float32")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quality-shape", type=lambda s: tuple(int(x) for x in s.split(",")),
-                        default=(128, 4, 4, 64, 16, 200),
+                        default=(64, 2, 2, 64, 16, 200),
                         help="width,depth,heads,context,batch,steps of the quality runs")
     parser.add_argument("--quality-modes", type=lambda s: [x.strip() for x in s.split(";")], default=None,
                         help="run only these quality modes again (';'-separated), keeping the others' results")
@@ -616,7 +654,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         """Write ``result[part]`` into ``--out``, keeping the other parts as the file holds them now (another
         part may have been written meanwhile)."""
         held = json.loads(out_path.read_text()) if out_path.is_file() else {}
-        write_json(out_path, {**held, "machine": machine(args.device), part: result[part]})
+        merged = {**held, "machine": machine(args.device), part: result[part]}
+        if "table" in merged and "two_billion" in merged:
+            extrapolate_torch(merged, args.device)
+        write_json(out_path, merged)
 
     limit = None if args.device.startswith("cuda") else memory_limit(args.cap_gib)
     if parts["table"]:
@@ -627,9 +668,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_targets(result["table"]["targets"])
         save("table")
     if parts["two_billion"]:
-        fitted = [r for r in result.get("table", {}).get("rows", []) if r["row"] == REFERENCE and r.get("fits")]
-        source = max(fitted, key=lambda r: r["parameters"]) if fitted else None
-        result["two_billion"] = two_billion(args, source)
+        result["two_billion"] = two_billion(args)
         save("two_billion")
     if parts["quality"]:
         result["quality"] = quality(args, {} if args.quick else result.get("quality", {}))
