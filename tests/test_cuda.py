@@ -102,6 +102,30 @@ def test_default_optimizers_on_cuda_match_the_reference_engine(name: str) -> Non
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("name", ["AdamW", "Lion"])
+def test_int8_state_on_cuda_equals_the_reference_engine_and_its_cpu_copy(name: str) -> None:
+    """8-bit state on CUDA through the Python engines: uint8 codes on the device, and each engine's step that of
+    the reference engine (torch's CUDA kernels may round a value of the state differently in the last bit,
+    which can pick the neighbouring code: nearly every code and parameter equal)."""
+    runs = {}
+    for engine in ("reference", "foreach", "compiled", "auto"):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, generator=gen, device="cuda")) for s in [(64, 33), (1000,), ()]]
+        opt = getattr(optim, name)(params, lr=1e-3, engine=engine, state_dtype="int8")
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, device="cuda")
+            opt.step()
+        state = opt.state[params[1]]
+        assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg"].is_cuda
+        assert state["exp_avg_scales"].shape == (4,)
+        codes = torch.cat([s["exp_avg"].reshape(-1).cpu() for s in opt.state.values()])
+        runs[engine] = ([p.detach().cpu() for p in params], codes)
+    for engine, (params, codes) in runs.items():
+        close = torch.cat([((a - b).abs() <= 1e-6).reshape(-1) for a, b in zip(params, runs["reference"][0])])
+        assert close.float().mean() > 0.99 and (codes == runs["reference"][1]).float().mean() > 0.99, engine
+
 def test_a_language_model_trains_and_samples_on_cuda_in_bf16(tmp_path: Path) -> None:
     """``descend train --device cuda --bf16`` on a text file, then ``descend generate`` on the same device."""
     from descend.cli import main

@@ -1,4 +1,5 @@
-"""Lean training modes in the trainer and the CLI: the step inside the backward pass, and bfloat16 optimizer state."""
+"""Lean training modes in the trainer and the CLI: the step inside the backward pass, and bfloat16 and 8-bit
+optimizer state."""
 
 from __future__ import annotations
 
@@ -78,11 +79,30 @@ def test_what_needs_every_gradient_is_refused(config: dict, message: str) -> Non
         _trainer(step_in_backward=True, **config)
 
 
-def test_bfloat16_state_from_the_options(tmp_path) -> None:
-    trainer = prepare(RunSpec(optimizer="adamw", state_dtype="bfloat16", steps=2, width=8, progress=False))
+@pytest.mark.parametrize("state_dtype,dtype", [("bfloat16", torch.bfloat16), ("int8", torch.uint8)])
+def test_low_precision_state_from_the_options(state_dtype: str, dtype: torch.dtype) -> None:
+    trainer = prepare(RunSpec(optimizer="adamw", state_dtype=state_dtype, steps=2, width=8, progress=False))
     trainer.fit()
     states = [s for s in trainer.optimizer.state.values()]
-    assert states and all(s["exp_avg"].dtype == torch.bfloat16 for s in states)
+    assert states and all(s["exp_avg"].dtype == dtype and s["exp_avg_sq"].dtype == dtype for s in states)
+
+
+def test_int8_state_trains_and_resumes_bit_for_bit_through_the_cli(tmp_path) -> None:
+    def descend(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "descend", *args], capture_output=True, text=True, timeout=300)
+
+    from safetensors.torch import load_file
+
+    opts = ["--batch-size", "16", "--width", "16", "--threads", "1", "--optimizer", "adamw", "--no-progress",
+            "--state-dtype", "int8"]
+    full = descend("train", *opts, "--steps", "8", "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    assert descend("train", *opts, "--steps", "4", "--out", str(tmp_path / "part")).returncode == 0
+    resumed = descend("train", "--resume", str(tmp_path / "part"), "--steps", "8")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["state_dtype"] == "int8"
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "part" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_cli_records_both_modes_and_refuses_a_clash(tmp_path) -> None:
@@ -101,13 +121,14 @@ def test_the_cli_records_both_modes_and_refuses_a_clash(tmp_path) -> None:
 
 @pytest.mark.parametrize("optimizer,state_dtype,per_parameter", [
     ("adamw", "float32", 8), ("adamw", "bfloat16", 4), ("lion", "float32", 4), ("lion", "bfloat16", 2),
+    ("adamw", "int8", 2 * (1 + 4 / 256)), ("lion", "int8", 1 + 4 / 256),
     ("momentum", "float32", 4), ("sgd", "float32", 0), ("gd", "float32", 0), ("signsgd", "float32", 0),
 ])
 def test_optimizer_state_bytes_are_counted_from_the_optimizer(optimizer: str, state_dtype: str,
                                                               per_parameter: int) -> None:
     from descend.train import state_bytes_per_parameter
 
-    extra = {"state_dtype": torch.bfloat16} if state_dtype == "bfloat16" else {}
+    extra = {"state_dtype": state_dtype} if state_dtype != "float32" else {}
     assert state_bytes_per_parameter(optimizer, **extra) == per_parameter
 
 
@@ -124,6 +145,8 @@ def test_the_memory_plan_follows_the_modes_and_matches_a_real_run() -> None:
     assert plain.parameters == n and plain.bytes_per_parameter == 16  # 4 weights + 4 gradients + 8 state
     assert lean.gradients < plain.gradients / 2 and lean.optimizer_state == plain.optimizer_state // 2
     assert lean.bytes_per_parameter < 10
+    eight = memory_plan(RunSpec(optimizer="adamw", steps=1, width=256, depth=8, state_dtype="int8"), data)
+    assert eight.optimizer_state == int(n * 2 * (1 + 4 / 256))  # codes and a float32 scale per 256 values
     assert "memory plan:" in plain.describe(10**10) and "optimizer state" in plain.describe()
 
 

@@ -240,7 +240,7 @@ OPTIONS: dict[str, Option] = _table(
     Option("optimizer", str, "adam", "the optimizer (`descend optimizers` lists them)", "NAME", choices=OPTIMIZER_NAMES),
     Option("lr", float, None, "learning rate", "LR", none_means="the optimizer's own, see `descend optimizers`", within="(0, inf)"),
     Option("weight_decay", float, None, "the optimizer's weight decay λ (decoupled for adamw and lion)", "FLOAT", none_means="the optimizer's own", within="[0, inf)"),
-    Option("state_dtype", str, "float32", "the optimizer state's precision (bfloat16: half the bytes, rounded stochastically)", "DTYPE", choices=("float32", "bfloat16")),
+    Option("state_dtype", str, "float32", "the optimizer state's precision (bfloat16: half the bytes, rounded stochastically; int8: 8-bit blocks, about a quarter)", "DTYPE", choices=("float32", "bfloat16", "int8")),
     Option("l2", float, 1e-3, "L2 penalty λ in the loss: loss + λ/2·‖w‖² (separate from --weight-decay)", "FLOAT", within="[0, inf)"),
     Option("clip_grad_norm", float, None, "clip the gradient's global norm to this value", "FLOAT", none_means="no clipping", within="(0, inf)"),
     Option("schedule", str, "constant", "learning-rate schedule", "NAME", choices=("constant", "cosine", "linear", "step")),

@@ -236,7 +236,7 @@ def prepare(spec: RunSpec, out_dir: Path | None = None, *, bundle: DataBundle | 
             raise RunError(
                 f"this run needs about {plan.total / 1e9:.3g} GB ({plan.describe()}) and this machine has "
                 f"{memory / 1e9:.3g} GB: choose a smaller --width/--depth/--batch-size, or a lean mode "
-                "(--step-in-backward, --state-dtype bfloat16, --checkpoint-activations)"
+                "(--step-in-backward, --state-dtype int8, --checkpoint-activations)"
             )
         model = build_model(
             spec.model, bundle, depth=spec.depth, width=spec.width, activation=spec.activation, heads=spec.heads,
@@ -244,7 +244,7 @@ def prepare(spec: RunSpec, out_dir: Path | None = None, *, bundle: DataBundle | 
         )
         if dd.world_size() > 1:  # every rank built the same model from the same seed
             model = dd.wrap(model, spec.strategy)
-        extra = {"state_dtype": torch.bfloat16} if spec.state_dtype == "bfloat16" else {}
+        extra = {"state_dtype": spec.state_dtype} if spec.state_dtype != "float32" else {}
         optimizer = make_optimizer(
             spec.optimizer, model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, **extra
         )

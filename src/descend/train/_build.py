@@ -118,14 +118,16 @@ def make_optimizer(name: str, params: Any, *, lr: float | None = None, weight_de
     return cls(params, lr=lr, **kwargs)
 
 
-def state_bytes_per_parameter(name: str, **options: Any) -> int:
-    """Bytes of optimizer state per parameter for optimizer ``name`` built with ``options`` (counted on one
-    parameter after one step: every state tensor the step keeps, at its dtype)."""
-    p = torch.zeros(1, requires_grad=True)
-    p.grad = torch.zeros(1)
+def state_bytes_per_parameter(name: str, **options: Any) -> float:
+    """Bytes of optimizer state per parameter for optimizer ``name`` built with ``options`` (counted on a
+    parameter of 256 elements after one step: every state tensor the step keeps, at its dtype; 8-bit state
+    ``1 + 4/256`` per state tensor, its codes and a scale per 256 values)."""
+    n = 256
+    p = torch.zeros(n, requires_grad=True)
+    p.grad = torch.zeros(n)
     opt = make_optimizer(name, [p], engine="reference", **options)  # no kernel to build for a count
     opt.step()
-    return sum(t.element_size() for k, t in opt.state[p].items() if k != "step" and torch.is_tensor(t))
+    return sum(t.nbytes for k, t in opt.state[p].items() if k != "step" and torch.is_tensor(t)) / n
 
 
 @dataclass(frozen=True)
@@ -177,8 +179,8 @@ def memory_plan(spec: Any, data: DataBundle) -> MemoryPlan:
         gradients = 4 * max(block, (inputs + 1) * width, (width + 1) * data.out_features)
     else:
         gradients = 4 * n
-    extra = {"state_dtype": torch.bfloat16} if spec.state_dtype == "bfloat16" else {}
-    state = n * state_bytes_per_parameter(spec.optimizer, lr=spec.lr, weight_decay=spec.weight_decay, **extra)
+    extra = {"state_dtype": spec.state_dtype} if spec.state_dtype != "float32" else {}
+    state = int(n * state_bytes_per_parameter(spec.optimizer, lr=spec.lr, weight_decay=spec.weight_decay, **extra))
     rows = spec.batch_size or spec.chunk_size or len(data.train)  # type: ignore[arg-type]
     tokens = int(data.info.get("context", 1)) if data.input_kind == "tokens" else 1
     if spec.model == "transformer":  # per token and block: q, k, v, attention out, 4x MLP in and out, 2 norms
