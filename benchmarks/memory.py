@@ -397,10 +397,7 @@ def table(args: argparse.Namespace, limit: int | None, previous: list[dict[str, 
                 record["vs_torch_adamw"] = record["step_seconds"] / base["step_seconds"]
             fresh.append(record)
             print(describe(record), flush=True)
-    done = {(r["row"], r["size"]) for r in fresh}
-    order = {(r.name, s): (i, j) for j, r in enumerate(ROWS) for i, s in enumerate(SIZES)}
-    out = sorted([r for r in previous if (r["row"], r["size"]) not in done] + fresh,
-                 key=lambda r: order[r["row"], r["size"]])
+    out = merge_rows(previous, fresh)
     # where torch's AdamW does not fit, its bytes per parameter at the largest size it fitted, extrapolated
     fitted = [r for r in out if r["row"] == REFERENCE and r.get("fits")]
     for r in out:
@@ -413,6 +410,13 @@ def table(args: argparse.Namespace, limit: int | None, previous: list[dict[str, 
     return {"rows": out, "steps": args.steps, "threads": args.threads, "batch": BATCH, "context": CONTEXT,
             "shapes": {s: SIZES[s] for s in {r["size"] for r in out}}, "memory_limit_bytes": limit,
             "targets": targets(out)}
+
+
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` rows with those of ``new`` in their place (same row and size), in the order of sizes and rows."""
+    done = {(r["row"], r["size"]) for r in new}
+    order = {(r.name, s): (i, j) for j, r in enumerate(ROWS) for i, s in enumerate(SIZES)}
+    return sorted([r for r in old if (r["row"], r["size"]) not in done] + new, key=lambda r: order[r["row"], r["size"]])
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -631,6 +635,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quality-modes", type=lambda s: [x.strip() for x in s.split(";")], default=None,
                         help="run only these quality modes again (';'-separated), keeping the others' results")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "memory.json"))
+    parser.add_argument("--merge", nargs="*", default=[], help="result files of other runs whose parts (table "
+                        "rows, 2B run, quality) are merged into --out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -645,7 +651,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.steps is None:
         args.steps = 10 if args.two_billion and not args.quick else (2 if args.quick else 3)
     parts = {"table": args.table, "two_billion": args.two_billion, "quality": args.quality}
-    if not any(parts.values()):
+    if not any(parts.values()) and not args.merge:
         parts = {"table": True, "two_billion": args.quick, "quality": args.quick}
     out_path = Path(args.out)
     result: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() else {}
@@ -654,11 +660,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         """Write ``result[part]`` into ``--out``, keeping the other parts as the file holds them now (another
         part may have been written meanwhile)."""
         held = json.loads(out_path.read_text()) if out_path.is_file() else {}
-        merged = {**held, "machine": machine(args.device), part: result[part]}
+        value = result[part]
+        if part == "table" and "table" in held:  # rows measured meanwhile by another run are kept
+            value = {**value, "rows": merge_rows(held["table"]["rows"], value["rows"])}
+            value["targets"] = targets(value["rows"])
+            value["shapes"] = {r["size"]: SIZES[r["size"]] for r in value["rows"]}
+        merged = {**held, "machine": machine(args.device), part: value}
         if "table" in merged and "two_billion" in merged:
             extrapolate_torch(merged, args.device)
         write_json(out_path, merged)
 
+    if args.merge:
+        for other in map(Path, args.merge):
+            theirs = json.loads(other.read_text())
+            for part in ("table", "two_billion", "quality"):
+                if part in theirs:
+                    result[part] = theirs[part]
+                    save(part)
+        return result
     limit = None if args.device.startswith("cuda") else memory_limit(args.cap_gib)
     if parts["table"]:
         started = time.time()
