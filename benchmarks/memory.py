@@ -122,7 +122,9 @@ QUICK_ROWS = (REFERENCE, "torch AdamW, bf16 autocast", "bitsandbytes AdamW8bit",
               _descend_name("AdamW", "float32", "float32", False), _descend_name("AdamW", "bfloat16", "float32", True),
               TARGET_ADAMW, TARGET_LION)
 #: the 2B run: the targets' configurations, their peak bound (GiB) and learning rate
-TWO_B_RUNS = {TARGET_ADAMW: (14.0, 3e-4), TARGET_LION: (8.0, 1e-4)}
+TWO_B_RUNS = {TARGET_ADAMW: (14.0, 3e-4), TARGET_LION: (8.0, 1e-4),
+              # the Lion configuration with bfloat16 instead of 8-bit state (--rows picks it)
+              _descend_name("Lion", "bfloat16", "bfloat16", True): (8.0, 1e-4)}
 
 
 # ----------------------------------------------------------------------------------------------- child
@@ -464,14 +466,21 @@ def print_targets(found: list[dict[str, Any]]) -> None:
 def two_billion(args: argparse.Namespace) -> dict[str, Any]:
     """The 2B run: each target configuration in a capped child, ``args.steps`` steps on a repeated batch."""
     size = "1M" if args.quick else "2B"
+    names = args.rows or [TARGET_ADAMW, TARGET_LION]
+    unknown = [n for n in names if n not in TWO_B_RUNS]
+    if unknown:
+        raise SystemExit(f"--two-billion runs {'; '.join(TWO_B_RUNS)}; not {unknown[0]!r}")
+    previous = {r["row"]: r for r in args.previous_two_billion.get("runs", [])}
     runs = []
-    for name, (bound_gib, lr) in TWO_B_RUNS.items():
+    for name in names:
+        bound_gib, lr = TWO_B_RUNS[name]
         cap = memory_limit(bound_gib + 2.0)  # room for the address space torch maps and never touches
         spec = {"row": name, "size": size, "steps": args.steps, "threads": args.threads, "device": args.device,
                 "lr": lr, "evaluate": True}
         t0 = time.perf_counter()
         result = run_child(spec, None if args.device.startswith("cuda") else cap)
         record = {"row": name, "size": size, "parameters": parameter_count(size), "lr": lr, "steps": args.steps,
+                  "target": name in STATE_TARGETS,
                   "peak_bound_bytes": int(bound_gib * GIB), "address_space_cap_bytes": cap,
                   "process_wall_seconds": time.perf_counter() - t0, **result}
         if result.get("fits"):
@@ -485,6 +494,8 @@ def two_billion(args: argparse.Namespace) -> dict[str, Any]:
         else:
             print(f"{size} {name}: {result.get('reason') or result.get('error')}", flush=True)
         runs.append(record)
+        previous.pop(name, None)
+    runs += [r for r in previous.values() if r["size"] == size]  # runs of other configurations, kept
     out: dict[str, Any] = {"size": size, "shape": SIZES[size], "runs": runs, "batch": BATCH, "context": CONTEXT,
                            "threads": args.threads}
     return out
@@ -687,6 +698,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_targets(result["table"]["targets"])
         save("table")
     if parts["two_billion"]:
+        args.previous_two_billion = {} if args.quick else result.get("two_billion", {})
         result["two_billion"] = two_billion(args)
         save("two_billion")
     if parts["quality"]:

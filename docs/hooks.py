@@ -511,7 +511,8 @@ def memory_two_billion(name: str | None) -> str:
         lines.append(f"| {r['row']} | {r['parameters']:,} | {len(losses)} | {_gib(r['run_peak_bytes'])} | "
                      f"{_gib(r['peak_bound_bytes'])} | {r['state_bytes_per_parameter']:.2f} | "
                      f"{r['step_seconds']:.1f} | {r['process_wall_seconds']:.0f} | "
-                     f"{losses[0]:.3f} → {losses[-1]:.3f} | {'yes' if r['met'] else '**no**'} |")
+                     f"{losses[0]:.3f} → {losses[-1]:.3f} | {'yes' if r['met'] else '**no**'}"
+                     f"{'' if r.get('target', True) else ' (not a target configuration)'} |")
     ta = tb.get("torch_adamw")
     if ta:
         fits = "fits" if ta["fits"] else "does not fit"
