@@ -61,3 +61,19 @@ def test_the_dynamic_code_keeps_the_range_of_a_second_moment_that_the_linear_cod
 def test_an_unknown_code_is_refused() -> None:
     with pytest.raises(ValueError, match="code must be one of linear, dynamic"):
         quantize(torch.ones(3), "nf4")
+
+
+@pytest.mark.parametrize("code,signed", [("dynamic", True), ("dynamic", False), ("linear", True)])
+def test_the_code_below_a_value_is_the_binary_search_s(code: str, signed: bool) -> None:
+    """index_below reads the float's leading bits instead of searching: the same index as torch.bucketize on
+    every code value, its two float32 neighbours, values over 40 octaves, +-0, the smallest subnormals and NaN."""
+    from descend.optim._blockwise import code_table, index_below
+
+    table = code_table(code, signed)
+    gen = torch.Generator().manual_seed(0)
+    octaves = torch.randint(0, 40, (200_000,), generator=gen).float()
+    spread = (torch.rand(200_000, generator=gen) * 2 - 1) * torch.exp2(-octaves)
+    raw = torch.cat([table, torch.nextafter(table, torch.tensor(2.0)), torch.nextafter(table, torch.tensor(-2.0)),
+                     spread, torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0, float("nan")])])
+    y = torch.where(raw.isnan(), raw, raw.clamp(0 if not signed else -1, 1))
+    assert torch.equal(index_below(y, table, code, signed).long(), torch.bucketize(y, table, right=True) - 1)

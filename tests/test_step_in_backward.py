@@ -26,6 +26,7 @@ OPTIMIZERS = {
     "adamw": lambda p: optim.AdamW(p, lr=1e-2, weight_decay=0.1),
     "lion": lambda p: optim.Lion(p, lr=1e-3, weight_decay=0.5),
     "signum-bf16-state": lambda p: optim.Signum(p, lr=1e-2, state_dtype=torch.bfloat16),
+    "adamw-int8-state": lambda p: optim.AdamW(p, lr=1e-2, weight_decay=0.1, state_dtype="int8"),
     "chain": lambda p: optim.chain(p, optim.ema(0.9), optim.softsign(), optim.decoupled_decay(0.1), lr=1e-2),
     "adamw-reference": lambda p: optim.AdamW(p, lr=1e-2, engine="reference"),
     "torch-adamw": lambda p: torch.optim.AdamW(p, lr=1e-2),
