@@ -270,7 +270,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         opt = make_optimizer(row, model.parameters(), spec["lr"])
         hooks = optim.step_in_backward(opt) if row.in_backward else None
         idx = batch(1)
-        times, losses, grads = [], [], 0
+        times, losses, grads, first_peak = [], [], 0, 0
         for i in range(1 + spec["steps"]):
             if i == 1:  # the peak of the timed steps: the state exists, the first step's one-off work is over
                 first_peak = torch.cuda.max_memory_allocated(device) if cuda else peak_resident_bytes()
