@@ -217,14 +217,14 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     if reason is not None:
         return {"available": False, "reason": reason}
     cuda = device.type == "cuda"
-    param_dtype = getattr(torch, row.params)
+    param_dtype, use_autocast = getattr(torch, row.params), row.autocast
 
     def batch(seed: int) -> Any:
         g = torch.Generator().manual_seed(seed)
         return torch.randint(VOCAB, (BATCH, CONTEXT + 1), generator=g).to(device)
 
     def loss_of(model: Any, idx: Any) -> Any:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=row.autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
             logits = model(idx[:, :-1])  # (B, T, 256)
         return F.cross_entropy(logits.float().reshape(-1, VOCAB), idx[:, 1:].reshape(-1))
 
@@ -318,12 +318,15 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     if hooks is not None:
         hooks.remove()
     out["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    if spec.get("reference") and row.params == "float32" and row.name != REFERENCE and out["timed_steps"]:
-        # torch's float32 AdamW timed on the same model in the same process right after: a ratio that a
-        # shared machine's load, changing from one row's process to the next, does not skew
+    if spec.get("reference") and row.name != REFERENCE and out["timed_steps"]:
+        # torch's float32 AdamW timed on a fresh float32 model of the same shape in the same process right
+        # after the row: a ratio that a shared machine's load, changing from one process to the next, does
+        # not skew
         try:
-            del opt
+            del opt, model, params
             gc.collect()
+            param_dtype, use_autocast = torch.float32, False
+            model = build(width, depth, heads)
             ref = torch.optim.AdamW(model.parameters(), lr=spec["lr"], fused=True)
             ref_times = []
             for i in range(1 + spec["steps"]):
@@ -396,10 +399,11 @@ def table(args: argparse.Namespace, limit: int | None, previous: list[dict[str, 
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     rows = args.rows or (QUICK_ROWS if args.quick else [r.name for r in ROWS])
     fresh: list[dict[str, Any]] = []
+    run = time.strftime("%Y-%m-%dT%H:%M:%S")
     for size in sizes:
         names = [n for n in rows if n in ROWS_1B] if size == "1B" and not args.rows else rows
-        names = [REFERENCE] + [n for n in names if n != REFERENCE]  # the reference first: the others' ratio
-        base = None
+        if not args.rows:  # the reference first: every row's ratio where its own process could not time it
+            names = [REFERENCE] + [n for n in names if n != REFERENCE]
         for name in names:
             row = BY_NAME[name]
             reason = available(row) if row.library == "descend" else None  # a peer's import is the child's
@@ -411,14 +415,8 @@ def table(args: argparse.Namespace, limit: int | None, previous: list[dict[str, 
                         "reference": True}
                 result = run_child(spec, limit)
             record = {"row": name, "size": size, "parameters": parameter_count(size), **asdict(row),
-                      "address_space_cap_bytes": limit, **result}
+                      "address_space_cap_bytes": limit, "run": run, **result}
             record.pop("name")
-            if name == REFERENCE:
-                base = record
-            if record.get("reference_step_seconds"):
-                record["vs_torch_adamw"] = record["step_seconds"] / record["reference_step_seconds"]
-            elif record.get("fits") and base and base.get("fits"):
-                record["vs_torch_adamw"] = record["step_seconds"] / base["step_seconds"]
             fresh.append(record)
             print(describe(record), flush=True)
     out = merge_rows(previous, fresh)
@@ -437,10 +435,29 @@ def table(args: argparse.Namespace, limit: int | None, previous: list[dict[str, 
 
 
 def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``old`` rows with those of ``new`` in their place (same row and size), in the order of sizes and rows."""
+    """``old`` rows with those of ``new`` in their place (same row and size), in the order of sizes and rows,
+    each row's step time as a multiple of torch's float32 AdamW's: timed in the row's own process where it
+    was (``reference_step_seconds``), else the size's ``torch AdamW`` row if the same run measured both."""
     done = {(r["row"], r["size"]) for r in new}
     order = {(r.name, s): (i, j) for j, r in enumerate(ROWS) for i, s in enumerate(SIZES)}
-    return sorted([r for r in old if (r["row"], r["size"]) not in done] + new, key=lambda r: order[r["row"], r["size"]])
+    rows = sorted([r for r in old if (r["row"], r["size"]) not in done] + new,
+                  key=lambda r: order[r["row"], r["size"]])
+    ref = {r["size"]: r for r in rows if r["row"] == REFERENCE and r.get("fits")}
+    for r in rows:
+        if "run" not in r:  # measured before rows named their run: the ratio its run computed stands
+            continue
+        r.pop("vs_torch_adamw", None)
+        r.pop("ratio_note", None)
+        base = ref.get(r["size"])
+        if not r.get("fits"):
+            continue
+        if r.get("reference_step_seconds"):
+            r["vs_torch_adamw"] = r["step_seconds"] / r["reference_step_seconds"]
+        elif base and base.get("run") is not None and base.get("run") == r.get("run"):
+            r["vs_torch_adamw"] = r["step_seconds"] / base["step_seconds"]
+        else:
+            r["ratio_note"] = "timed in another run than the size's torch AdamW row: no ratio"
+    return rows
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -458,9 +475,10 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         lean = r["library"] == "descend" and (r["state"] != "float32" or r["params"] != "float32" or r["in_backward"])
         if r["size"] == TIME_SIZE and lean:
             value = r.get("vs_torch_adamw")
+            why = r.get("reason") or r.get("error") or r.get("ratio_note")
             out.append({"target": "step time vs torch AdamW", "row": r["row"], "size": r["size"], "value": value,
                         "limit": TIME_TARGET, "met": value is not None and value <= TIME_TARGET,
-                        **({} if r.get("fits") else {"why": r.get("reason") or r.get("error")})})
+                        **({"why": why} if why else {})})
     return out
 
 
