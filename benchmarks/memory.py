@@ -122,9 +122,9 @@ QUICK_ROWS = (REFERENCE, "torch AdamW, bf16 autocast", "bitsandbytes AdamW8bit",
               _descend_name("AdamW", "float32", "float32", False), _descend_name("AdamW", "bfloat16", "float32", True),
               TARGET_ADAMW, TARGET_LION)
 #: the 2B run: the targets' configurations, their peak bound (GiB) and learning rate
-TWO_B_RUNS = {TARGET_ADAMW: (14.0, 3e-4), TARGET_LION: (8.0, 1e-4),
+TWO_B_RUNS = {TARGET_ADAMW: (14.0, 3e-4), TARGET_LION: (8.0, 1e-5),
               # the Lion configuration with bfloat16 instead of 8-bit state (--rows picks it)
-              _descend_name("Lion", "bfloat16", "bfloat16", True): (8.0, 1e-4)}
+              _descend_name("Lion", "bfloat16", "bfloat16", True): (8.0, 1e-5)}
 
 
 # ----------------------------------------------------------------------------------------------- child
@@ -444,11 +444,11 @@ def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dic
                   key=lambda r: order[r["row"], r["size"]])
     ref = {r["size"]: r for r in rows if r["row"] == REFERENCE and r.get("fits")}
     for r in rows:
-        if "run" not in r:  # measured before rows named their run: the ratio its run computed stands
-            continue
+        base = ref.get(r["size"])
+        if "run" not in r and base is not None and "run" not in base:
+            continue  # both measured before rows named their run, in one run: the ratio that run computed stands
         r.pop("vs_torch_adamw", None)
         r.pop("ratio_note", None)
-        base = ref.get(r["size"])
         if not r.get("fits"):
             continue
         if r.get("reference_step_seconds"):

@@ -516,6 +516,20 @@ def memory_two_billion(name: str | None) -> str:
                      f"{r['step_seconds']:.1f} | {r['process_wall_seconds']:.0f} | "
                      f"{losses[0]:.3f} → {losses[-1]:.3f} | {'yes' if r['met'] else '**no**'}"
                      f"{'' if r.get('target', True) else ' (not a target configuration)'} |")
+    ran = {r["row"] for r in tb["runs"]}
+    n = tb["runs"][0]["parameters"] if tb["runs"] else None
+    for target in ("descend AdamW, int8 state, step in backward",
+                   "descend Lion, bfloat16 params, int8 state, step in backward"):
+        measured = [r for r in d.get("table", {}).get("rows", []) if r["row"] == target and r.get("fits")]
+        if target in ran or not measured or not n:
+            continue
+        src = max(measured, key=lambda r: r["parameters"])
+        step = src["step_seconds"] * n / src["parameters"]
+        lines += ["", f"*{target}* at {n:,} parameters: not run yet. Its step took {src['step_seconds']:.1f} s at "
+                      f"{src['size']} in the table; at this size, in proportion, about {step / 60:.0f} minutes a "
+                      f"step, {11 * step / 3600:.1f} hours for the run (8-bit state steps on the foreach engine on "
+                      f"the CPU). Its training state, {src['state_bytes_per_parameter']:.2f} bytes per parameter "
+                      f"at {src['size']}, would take {_gib(src['state_bytes_per_parameter'] * n)} GiB."]
     ta = tb.get("torch_adamw")
     if ta:
         fits = "fits" if ta["fits"] else "does not fit"
