@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from descend import optim
 from descend._io import write_json
+from descend._memory import mmap_large_allocations
 
 Factory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -81,17 +82,6 @@ def _status_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
-
-
-def _mmap_large_allocations() -> None:
-    """Make glibc serve every allocation over 64 KiB by mmap and return it on free, so RSS follows
-    the live tensors and its high-water mark measures a step's transient memory."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (fixing it also stops glibc raising it after frees)
-        libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
 
 
 def transient_bytes(opt: torch.optim.Optimizer, device: torch.device) -> float | None:
@@ -285,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.first_steps_of:
         print(time_first_steps(args.first_steps_of, args))
         return {}
-    _mmap_large_allocations()
+    mmap_large_allocations()
     device = torch.device(args.device)
     n = parse_count(args.params)
     load_before = os.getloadavg()

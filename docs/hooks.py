@@ -408,6 +408,169 @@ def state_codes(name: str | None) -> str:
     return "\n".join(lines)
 
 
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.2f}"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def _memory_machine(d: dict[str, Any]) -> str:
+    m = d.get("machine", {})
+    memory = f", {m['memory_bytes'] / 2**30:.1f} GiB" if m.get("memory_bytes") else ""
+    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores{memory}, torch {m.get('torch', '?')}, " \
+           f"device {m.get('device', 'cpu')}"
+
+
+def memory(name: str | None) -> str:
+    """Markdown tables of ``benchmarks/memory.py``'s result: one per model size, every row's peak memory split
+    into parameters, gradients, optimizer state and the rest, with bytes per parameter and step time."""
+    name = name or "memory.json"
+    d = load_result(name)
+    t = d["table"]
+    caps = sorted({r.get("address_space_cap_bytes") or t.get("memory_limit_bytes") or 0 for r in t["rows"]})
+    capped = " to ".join(f"{c / 2**30:.1f}" for c in (caps[0], caps[-1])[:len(set((caps[0], caps[-1])))])
+    cap = f"each row in its own process, its address space capped at {capped} GiB; " if caps[-1] else ""
+    caption = (
+        f"One training step of a `TransformerLM` (vocabulary 256) on {t['batch']} x {t['context']} bytes: a warm-up "
+        f"step, then the peak over {t['steps']} timed steps ({cap}{t['threads']} thread(s)). Peak: resident set "
+        f"(CPU) or `max_memory_allocated` (CUDA) minus the process's baseline (libraries loaded, one step of a tiny "
+        f"model taken). Parameters, gradients alive at the peak and optimizer state are counted from tensor sizes; "
+        f"*rest* is the peak less those three (activations, autograd's buffers, temporaries). Training state: "
+        f"parameters + gradients + state. Time: median step, and as a multiple of `torch.optim.AdamW(fused=True)` "
+        f"with float32 state: timed on the same model in the same process right after the row where the JSON has "
+        f"its `reference_step_seconds`, else the size's `torch AdamW` row of the same run (its own process, so a "
+        f"shared machine's changing load moves the ratio: each row records the load average); "
+        f"*(first step)*: a row too slow to time further, "
+        f"measured on its first step (state creation and, in its peak, construction included). "
+        f"Machine: {_memory_machine(d)}. "
+        f"Source: `benchmarks/results/{name}`."
+    )
+    lines = [caption]
+    sizes = list(dict.fromkeys(r["size"] for r in t["rows"]))
+    for size in sizes:
+        rows = [r for r in t["rows"] if r["size"] == size]
+        width, depth, heads = t["shapes"][size]
+        lines += ["", f"**{size}**: {rows[0]['parameters']:,} parameters (width {width}, depth {depth}, "
+                      f"{heads} heads)", "",
+                  "| optimizer and mode | peak − baseline MiB | params MiB | grads MiB | state MiB | rest MiB "
+                  "| training state B/param | peak B/param | s/step | × torch AdamW |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            if not r.get("available", True):
+                lines.append(f"| {r['row']} | {r['reason']} ||||||||| ")
+            elif not r.get("fits"):
+                why = f"does not fit: {r.get('error', '')}"
+                ex = r.get("extrapolated")
+                if ex:
+                    why += (f"; extrapolated from {ex['from_size']} ({ex['peak_bytes_per_parameter']:.1f} B/param): "
+                            f"peak {_gib(ex['peak_bytes'])} GiB")
+                lines.append(f"| {r['row']} | {why} ||||||||| ")
+            else:
+                ratio = f"{r['vs_torch_adamw']:.2f}x" if r.get("vs_torch_adamw") is not None else ""
+                first = r.get("timed_steps", 1) == 0  # too slow to time: the first step, construction in its peak
+                ratio += " (first step)" if first else ""
+                lines.append(
+                    f"| {r['row']} | {_mib(r['peak_bytes'] - r['baseline_bytes'])} | {_mib(r['parameter_bytes'])} | "
+                    f"{_mib(r['gradient_bytes'])} | {_mib(r['state_bytes'])} | {_mib(r['rest_bytes'])} | "
+                    f"{r['state_bytes_per_parameter']:.2f} | {r['peak_bytes_per_parameter']:.2f} | "
+                    f"{r['step_seconds']:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def memory_targets(name: str | None) -> str:
+    """Markdown table of the targets ``benchmarks/memory.py`` measured (its ``table.targets`` field)."""
+    name = name or "memory.json"
+    d = load_result(name)
+    lines = ["| target | size | descend configuration | measured | target | met |", "|---|---|---|---:|---:|---|"]
+    for t in d["table"]["targets"]:
+        value = "" if t["value"] is None else f"{t['value']:.2f}"
+        met = "yes" if t["met"] else ("**no**" if t["value"] is not None else f"not measured: {t.get('why', '')}")
+        lines.append(f"| {t['target']} | {t['size']} | {t['row']} | {value} | ≤ {t['limit']:g} | {met} |")
+    return "\n".join(lines)
+
+
+def memory_two_billion(name: str | None) -> str:
+    """Markdown table of ``benchmarks/memory.py --two-billion``: the 2B-parameter runs and torch's AdamW."""
+    name = name or "memory.json"
+    d = load_result(name)
+    tb = d.get("two_billion")
+    if not tb:
+        return f"*No 2B run in `benchmarks/results/{name}` yet: run `python benchmarks/memory.py --two-billion`.*"
+    width, depth, heads = tb["shape"]
+    lines = [f"`TransformerLM` of width {width}, depth {depth}, {heads} heads, {tb['batch']} x {tb['context']} bytes "
+             f"a step (one repeated batch), {tb['threads']} thread(s); each run in its own process under an "
+             f"address-space cap. Peak: the resident set over the process's whole life (construction, training and "
+             f"one evaluation batch). Machine: {_memory_machine(d)}. Source: `benchmarks/results/{name}`.", "",
+             "| configuration | parameters | steps | peak RSS GiB | bound GiB | training state B/param | s/step "
+             "| wall s | loss first → last | met |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in tb["runs"]:
+        if not r.get("fits"):
+            lines.append(f"| {r['row']} | {r['parameters']:,} | | {r.get('reason') or r.get('error')} ||||||| ")
+            continue
+        losses = r["losses"]
+        lines.append(f"| {r['row']} | {r['parameters']:,} | {len(losses)} | {_gib(r['run_peak_bytes'])} | "
+                     f"{_gib(r['peak_bound_bytes'])} | {r['state_bytes_per_parameter']:.2f} | "
+                     f"{r['step_seconds']:.1f} | {r['process_wall_seconds']:.0f} | "
+                     f"{losses[0]:.3f} → {losses[-1]:.3f} | {'yes' if r['met'] else '**no**'}"
+                     f"{'' if r.get('target', True) else ' (not a target configuration)'} |")
+    ran = {r["row"] for r in tb["runs"]}
+    n = tb["runs"][0]["parameters"] if tb["runs"] else None
+    for target in ("descend AdamW, int8 state, step in backward",
+                   "descend Lion, bfloat16 params, int8 state, step in backward"):
+        measured = [r for r in d.get("table", {}).get("rows", []) if r["row"] == target and r.get("fits")]
+        if target in ran or not measured or not n:
+            continue
+        src = max(measured, key=lambda r: r["parameters"])
+        step = src["step_seconds"] * n / src["parameters"]
+        lines += ["", f"*{target}* at {n:,} parameters: not run yet. Its step took {src['step_seconds']:.1f} s at "
+                      f"{src['size']} in the table; at this size, in proportion, about {step / 60:.0f} minutes a "
+                      f"step, {11 * step / 3600:.1f} hours for the run (8-bit state steps on the foreach engine on "
+                      f"the CPU). Its training state, {src['state_bytes_per_parameter']:.2f} bytes per parameter "
+                      f"at {src['size']}, would take {_gib(src['state_bytes_per_parameter'] * n)} GiB."]
+    ta = tb.get("torch_adamw")
+    if ta:
+        fits = "fits" if ta["fits"] else "does not fit"
+        per = ta["peak_bytes_per_parameter"]
+        lines += ["", f"`torch.optim.AdamW` (float32) at this size, from its measured {per:.1f} bytes per parameter "
+                      f"at {ta['from_size']}: a peak of about {_gib(ta['predicted_peak_bytes'])} GiB against the "
+                      f"machine's {_gib(ta['machine_memory_bytes'] or 0)} GiB: it {fits}."]
+    return "\n".join(lines)
+
+
+def memory_quality(name: str | None) -> str:
+    """Markdown table of ``benchmarks/memory.py --quality``: final validation loss of each mode, per seed."""
+    name = name or "memory.json"
+    d = load_result(name)
+    q = d.get("quality")
+    if not q:
+        return f"*No quality run in `benchmarks/results/{name}` yet: run `python benchmarks/memory.py --quality`.*"
+    seeds = q["seeds"]
+    lines = [f"A `TransformerLM` of {q['parameters']:,} parameters (width {q['width']}, depth {q['depth']}, "
+             f"{q['heads']} heads, context {q['context']}) trained on `stdlib-text` for {q['steps']} steps of "
+             f"{q['batch']} windows at descend's default learning rate (AdamW 1e-3, Lion 3e-4), the data split "
+             f"fixed, the seed drawing the initial weights and the batches; seeds {', '.join(map(str, seeds))}. "
+             f"Final validation loss (nats per byte, 256 windows). A lean mode passes on a seed when its loss is "
+             f"within 1% of its float32 mode's mean over the seeds or inside that mode's range. Machine: "
+             f"{_memory_machine(d)}. Source: `benchmarks/results/{name}`.", "",
+             "| mode | " + " | ".join(f"seed {s}" for s in seeds) + " | vs float32 mean | passes on |",
+             "|---|" + "---:|" * len(seeds) + "---:|---|"]
+    for mode, r in q["modes"].items():
+        if "val_loss" not in r:
+            lines.append(f"| {mode} | {r.get('reason', '')} |" + " |" * (len(seeds) + 1))
+            continue
+        losses = " | ".join(f"{v:.4f}" for v in r["val_loss"])
+        if "relative_to_mean" in r:
+            rel = ", ".join(f"{100 * v:+.2f}%" for v in r["relative_to_mean"])
+            passes = f"{sum(r['met'])} of {len(r['met'])} seeds (against {r['against']})"
+        else:
+            rel, passes = "", "the reference"
+        lines.append(f"| {mode} | {losses} | {rel} | {passes} |")
+    return "\n".join(lines)
+
+
 def bf16_params(name: str | None) -> str:
     """Markdown table of ``benchmarks/bf16_params.py``'s result: step time of bfloat16 parameters per engine."""
     name = name or "bf16_params.json"
@@ -636,6 +799,10 @@ GENERATORS: dict[str, Callable[[str | None], str]] = {
     "bf16-params": bf16_params,
     "lm-hand-loop": lm_hand_loop,
     "distributed-equivalence": distributed_equivalence,
+    "memory": memory,
+    "memory-targets": memory_targets,
+    "memory-two-billion": memory_two_billion,
+    "memory-quality": memory_quality,
 }
 
 

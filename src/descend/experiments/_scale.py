@@ -7,7 +7,6 @@ import gc
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from descend import optim
+from descend._memory import address_space_cap, available_memory, peak_resident_bytes, reset_peak
 from descend._random import generator
 from descend.experiments._common import PALETTE, Outcome, band, finding, new_figure, span
 from descend.nn import TransformerLM, count_parameters
@@ -57,26 +57,6 @@ def _shape_params(shape: tuple[int, int, int], context: int) -> int:
         return count_parameters(TransformerLM(256, context, width=width, depth=depth, heads=heads))
 
 
-def _peak_bytes() -> int:
-    """This process's peak resident set since the last :func:`_reset_peak` (``VmHWM``, Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the peak of the process's whole life
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-    except OSError:
-        pass  # then the peak is the process's own; sizes run in increasing order, so it is still this size's
-
-
 def _child(config: str, sizes: Sequence[int], seeds: Sequence[int], repeats: int) -> None:
     """Part 1 in a child process: for each shape index in ``sizes`` (increasing) and each seed, one warm-up
     step and ``repeats`` timed steps of ``config``; prints one JSON line per (size, seed), or one saying the
@@ -88,7 +68,7 @@ def _child(config: str, sizes: Sequence[int], seeds: Sequence[int], repeats: int
         width, depth, heads = SHAPES[index]
         for seed in seeds:
             gc.collect()
-            _reset_peak()
+            reset_peak()
             try:
                 seed_everything(seed)
                 model = TransformerLM(256, STEP_CONTEXT, width=width, depth=depth, heads=heads)
@@ -106,7 +86,7 @@ def _child(config: str, sizes: Sequence[int], seeds: Sequence[int], repeats: int
                     if i:
                         times.append(time.perf_counter() - start)
                 row = {"size": index, "seed": seed, "seconds": sorted(times)[len(times) // 2],
-                       "peak_bytes": _peak_bytes(), "fits": True}
+                       "peak_bytes": peak_resident_bytes(), "fits": True}
                 if hooks is not None:
                     hooks.remove()
                 del model, opt, hooks, logits
@@ -119,33 +99,19 @@ def _child(config: str, sizes: Sequence[int], seeds: Sequence[int], repeats: int
 
 def _memory_limit() -> int:
     """The address-space limit of part 1's children: ``MEMORY_CAP`` or 80% of the memory now available."""
-    available = MEMORY_CAP
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(min(MEMORY_CAP, 0.8 * available))
+    return int(min(MEMORY_CAP, 0.8 * available_memory(MEMORY_CAP)))
 
 
 def _step_costs(sizes: Sequence[int], seeds: Sequence[int], repeats: int, limit: int,
                 configs: Sequence[str] = tuple(CONFIGS)) -> dict[str, list[dict]]:
     """Part 1: each configuration in its own child process under an address-space ``limit``; its rows."""
-
-    def cap() -> None:
-        try:
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        except (ValueError, OSError):  # a system without an address-space limit: the sizes still run in order
-            pass
-
     out: dict[str, list[dict]] = {}
     for config in configs:
         code = (f"from descend.experiments._scale import _child; "
                 f"_child({config!r}, {list(sizes)!r}, {list(seeds)!r}, {repeats})")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=cap, env=env)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              preexec_fn=address_space_cap(limit), env=env)
         rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         measured = {(r["size"], r["seed"]) for r in rows}
         if done.returncode != 0:  # killed past the limit (an abort, not an exception): the next size does not fit

@@ -7,7 +7,7 @@ import os
 from descend._options import MODELS, OptionError
 
 #: The largest model (parameters) a run may allocate; beyond it a run refuses to start.
-MAX_PARAMETERS = 2_000_000_000
+MAX_PARAMETERS = 10_000_000_000
 
 
 def parameter_estimate(model: str, depth: int, width: int, inputs: int, outputs: int) -> int:
