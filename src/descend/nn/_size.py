@@ -29,13 +29,13 @@ def parameter_estimate(model: str, depth: int, width: int, inputs: int, outputs:
 
 
 def check_model_size(model: str, depth: int, width: int, inputs: int, outputs: int, memory_bytes: int | None,
-                     bytes_per_parameter: int = 16) -> None:
+                     bytes_per_parameter: float = 16) -> None:
     """Refuse, before allocation, a model whose weights, gradients and optimizer state
     (``bytes_per_parameter``: 16 for float32 weights, gradients and two state tensors) would not fit in
     half of ``memory_bytes`` (or beyond :data:`MAX_PARAMETERS`): :class:`~descend._options.OptionError`."""
     n = parameter_estimate(model, depth, width, inputs, outputs)
-    per = max(1, bytes_per_parameter)
-    budget = MAX_PARAMETERS if memory_bytes is None else min(MAX_PARAMETERS, memory_bytes // 2 // per)
+    per = max(1.0, bytes_per_parameter)
+    budget = MAX_PARAMETERS if memory_bytes is None else min(MAX_PARAMETERS, int(memory_bytes / 2 / per))
     if n > budget:
         raise OptionError(
             f"--depth {depth} --width {width} gives model {model!r} about {n:.3g} parameters "

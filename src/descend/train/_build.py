@@ -31,7 +31,7 @@ __all__ = [
 def build_model(name: str, data: DataBundle, *, depth: int = OPTIONS["depth"].default,
                 width: int = OPTIONS["width"].default, activation: str = OPTIONS["activation"].default,
                 heads: int = OPTIONS["heads"].default, checkpoint_activations: bool = False,
-                bytes_per_parameter: int = 16) -> nn.Module:
+                bytes_per_parameter: float = 16) -> nn.Module:
     """The model ``name`` shaped for ``data`` (inputs, outputs); ``ValueError`` if it cannot fit it.
 
     The model's size is checked before anything is allocated (see
@@ -151,9 +151,9 @@ class MemoryPlan:
         return self.weights + self.gradients + self.optimizer_state + self.activations
 
     @property
-    def bytes_per_parameter(self) -> int:
-        """Weights, gradients and optimizer state per parameter (activations excluded), rounded up."""
-        return -(-(self.weights + self.gradients + self.optimizer_state) // max(1, self.parameters))
+    def bytes_per_parameter(self) -> float:
+        """Weights, gradients and optimizer state per parameter (activations excluded)."""
+        return (self.weights + self.gradients + self.optimizer_state) / max(1, self.parameters)
 
     def describe(self, memory: int | None = None) -> str:
         def size(n: float) -> str:
