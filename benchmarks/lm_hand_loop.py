@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shutil
 import subprocess
@@ -184,6 +185,7 @@ def main() -> None:
     params = count_parameters(TransformerLM(256, args.context, width=args.width, depth=args.depth, heads=args.heads))
     loops: dict[str, list[list[dict[str, float]]]] = {"descend train": [], "hand loop": []}
     order = [("descend train", "hand loop")[(i + i // 2) % 2] for i in range(2 * args.repeats)]  # ABBA ABBA ...
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(order):
             work = Path(tmp) / str(i)
@@ -194,6 +196,7 @@ def main() -> None:
             if name == "descend train" and len(loops[name]) == 1 and args.keep_run is not None:
                 shutil.rmtree(args.keep_run, ignore_errors=True)
                 shutil.copytree(work, args.keep_run)
+    load_after = os.getloadavg()
     target = max(repeat[-1]["val_loss"] for repeats in loops.values() for repeat in repeats)
     reached = {name: [time_to(rows, target) for rows in repeats] for name, repeats in loops.items()}
     mean = {name: sum(v) / len(v) for name, v in reached.items()}
@@ -226,6 +229,7 @@ def main() -> None:
             "target_bits_per_byte": target / math.log(2), "seconds_to_target": reached,
             "mean_seconds_to_target": mean, "ratio": ratio,
             "mean_wall_seconds": wall, "wall_ratio": wall_ratio, "curves": loops, "sample": drawn,
+            "load_average_before": load_before, "load_average_after": load_after,
         })
 
 

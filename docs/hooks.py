@@ -348,7 +348,7 @@ def lm_hand_loop(name: str | None) -> str:
         f"{d['heads']} heads, context {d['context']}) on `stdlib-text`, AdamW lr {d['lr']:g}, {d['steps']} steps of "
         f"{d['batch_size']} x {d['context']} bytes ({d['tokens']:,} tokens), evaluated every {d['eval_every']} steps "
         f"on {d['eval_tokens']:,} validation bytes; {d['repeats']} runs of each loop in the order "
-        f"{', '.join(d['order'])}. Machine: {_machine(d)}. Source: `benchmarks/results/{name}`."
+        f"{', '.join(d['order'])}. Machine: {_machine(d)}.{_load(d)} Source: `benchmarks/results/{name}`."
     )
     lines = [caption, "", f"| loop | wall time of each run (s) | final validation bits/byte | seconds to "
              f"{d['target_bits_per_byte']:.3f} bits/byte (mean) |", "|---|---:|---:|---:|"]
@@ -356,7 +356,9 @@ def lm_hand_loop(name: str | None) -> str:
         seconds = ", ".join(f"{r[-1]['seconds']:.1f}" for r in runs)
         bits = ", ".join(f"{r[-1]['val_loss'] / math.log(2):.3f}" for r in runs)
         lines.append(f"| {loop} | {seconds} | {bits} | {d['mean_seconds_to_target'][loop]:.1f} |")
-    lines += ["", f"descend train / hand loop, time to the same validation loss: **{d['ratio']:.3f}**"]
+    met = "met" if d["ratio"] <= 1.05 else "not met"
+    lines += ["", f"descend train / hand loop, time to the same validation loss: **{d['ratio']:.3f}** "
+              f"(target at most 1.05: {met})"]
     if d.get("wall_ratio"):
         lines[-1] += f"; wall time of the same steps and evaluations: **{d['wall_ratio']:.3f}**"
     if d.get("sample"):
