@@ -408,31 +408,40 @@ class Blockwise8(Store):
         for signed, tag in ((True, "s"), (False, "u")):
             values = ", ".join(f"{v.hex()}f" for v in code_table("dynamic", signed).tolist())
             guesses, spread = prefix_search("dynamic", signed)
+            # clamp(min=0) on the bits: a value below 0 (-0 and NaN are not) becomes +0
+            clamp = "" if signed else ("\n    u = (u > 0x80000000u) & (u <= 0xFF800000u) ? 0u : u;"
+                                       "\n    memcpy(&y, &u, sizeof y);")
             starts = ", ".join(map(str, guesses.tolist()))
             parts.append(f"""
 static const float descend_q8_code_{tag}[256] = {{{values}}};
-static const int16_t descend_q8_start_{tag}[{guesses.numel()}] = {{{starts}}};
+static const int32_t descend_q8_start_{tag}[{guesses.numel()}] = {{{starts}}};
 
 /* values[0:n] (n <= {BLOCK}) as one block: scale max|x| (NaN if any is NaN, 1 if all are 0), each value
    rounded stochastically to one of the two codes around value/scale with the element's hash noise */
 static void descend_q8_store_{tag}(const float *values, int64_t n, uint8_t *codes, float *scale,
                                  uint32_t index, uint32_t seed) {{
-  float m = 0.0f;
+  /* max|x| on the bits: |x|'s bits order as its values do, a NaN's above the infinity's */
+  uint32_t top = 0;
   for (int64_t i = 0; i < n; i++) {{
-    const float a = fabsf(values[i]);
-    m = (a > m || a != a) ? a : m;
+    uint32_t bits;
+    memcpy(&bits, values + i, sizeof bits);
+    bits &= 0x7FFFFFFFu;
+    top = bits > top ? bits : top;
   }}
-  if (m == 0.0f) m = 1.0f;
+  float m;
+  memcpy(&m, &top, sizeof m);
+  if (top > 0x7F800000u) m = NAN;
+  else if (top == 0) m = 1.0f;
   *scale = m;
   for (int64_t i = 0; i < n; i++) {{
     float y = values[i] / m;
-    {"" if signed else "if (y < 0.0f) y = 0.0f;  /* as clamp(min=0): NaN and -0 stay */"}
     uint32_t u;
-    memcpy(&u, &y, sizeof u);
+    memcpy(&u, &y, sizeof u);{clamp}
     int32_t low = descend_q8_start_{tag}[(u >> {32 - PREFIX_BITS}) & {(1 << PREFIX_BITS) - 1}];
     for (int r = 0; r < {spread}; r++) {{
-      low += descend_q8_code_{tag}[low + 1 > 255 ? 255 : low + 1] <= y;
-      if (low > 255) low = 255;
+      const int32_t next = low + 1 > 255 ? 255 : low + 1;
+      low += descend_q8_code_{tag}[next] <= y;
+      low = low > 255 ? 255 : low;
     }}
     low = low < 0 ? 0 : low > 254 ? 254 : low;
     const float below = descend_q8_code_{tag}[low], above = descend_q8_code_{tag}[low + 1];
