@@ -542,11 +542,11 @@ def test_native_float64_tensor_weight_decay() -> None:
 #: Whole blocks, a short last block, one element, and one tensor large enough that two threads split the bucket.
 INT8_SIZES = [1, 255, 256, 257, 1000, PARALLEL_MIN + 300]
 INT8_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adamw": lambda params, **k: optim.AdamW(params, lr=1e-2, weight_decay=0.1, **k),
-    "adam_amsgrad": lambda params, **k: optim.Adam(params, lr=1e-2, amsgrad=True, **k),
-    "lion": lambda params, **k: optim.Lion(params, lr=1e-3, **k),
-    "signum": lambda params, **k: optim.Signum(params, lr=1e-3, **k),
-    "momentum": lambda params, **k: optim.SGD(params, lr=1e-2, momentum=0.9, nesterov=True, **k),
+    "adamw": lambda params, **k: optim.AdamW(params, lr=1e-2, weight_decay=0.1, state_dtype="int8", **k),
+    "adam_amsgrad": lambda params, **k: optim.Adam(params, lr=1e-2, amsgrad=True, state_dtype="int8", **k),
+    "lion": lambda params, **k: optim.Lion(params, lr=1e-3, state_dtype="int8", **k),
+    "signum": lambda params, **k: optim.Signum(params, lr=1e-3, state_dtype="int8", **k),
+    "momentum": lambda params, **k: optim.SGD(params, lr=1e-2, momentum=0.9, nesterov=True, state_dtype="int8", **k),
 }
 
 
