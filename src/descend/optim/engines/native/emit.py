@@ -6,8 +6,9 @@
 The loop runs over every tensor of a bucket in one call (OpenMP threads share the elements), on
 float32 CPU tensors; state is loaded and stored as the optimizer's store says
 (:class:`~descend.optim.engines.store.Store`: its ``c_load`` and ``c_store``), bfloat16 state with
-the stochastic rounding every engine uses. A bfloat16 parameter rounded stochastically is loaded and
-stored the same way (:func:`~descend.optim.engines.store.param_store`), under its own seed.
+the stochastic rounding every engine uses, 8-bit state block by block (the store's block hooks: the
+reference's codes). A bfloat16 parameter rounded stochastically is loaded and stored the same way
+(:func:`~descend.optim.engines.store.param_store`), under its own seed.
 """
 
 from __future__ import annotations
