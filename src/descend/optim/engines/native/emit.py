@@ -192,7 +192,7 @@ def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shape
         f"    const int64_t lo = (total * id / nt){align};",
         f"    const int64_t hi = id == nt - 1 ? total : (total * (id + 1) / nt){align};",
         "    int64_t base = 0;",
-        "    for (int64_t t = 0; t < count && base < hi; base += units_of(t), t++) {",
+        f"    for (int64_t t = 0; t < count && base < hi; base += {units}, t++) {{",
         *walk,
         f"      {weight.c_type if rounded else 'float'} *restrict P0 = ptrs[t * {pointers}];",
         f"      const {weight.c_type if grad_bf16 else 'float'} *restrict P1 = ptrs[t * {pointers} + 1];",
@@ -204,7 +204,7 @@ def trace_chain(rules: Sequence[Any], state_keys: Sequence[Sequence[str]], shape
         "}",
         "",
     ]
-    return "\n".join(lines).replace("units_of(t)", units)
+    return "\n".join(lines)
 
 
 def step_scalars(active: ActiveRules, factor: Any, step: int) -> tuple[list[float], tuple[Any, ...], bool]:
