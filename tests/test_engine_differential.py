@@ -368,6 +368,10 @@ def run_all(s: Scenario, engines: list[str]) -> None:
         assume(False)
     adam = any(isinstance(r, ScaleByAdam) for r in ref.rules)
     ulps = 1 if adam else 0
+    if s.state_dtype == "int8" and adam_feeds_state(ref.rules):
+        # the native loop's Adam output, within 1 ulp, is a later rule's input: its 8-bit state may then
+        # round to the neighbouring code, which no bound in ulps covers (Adam's own state is exact)
+        engines = [e for e in engines if e not in ("native", "auto")]
     runs = {engine: make(s, engine, build_params(s)) for engine in engines}
     scale = None if s.grad_scale is None else torch.tensor(s.grad_scale)
     for step in range(s.steps):
@@ -396,6 +400,12 @@ def run_all(s: Scenario, engines: list[str]) -> None:
                 runs[engine] = again
         if expected is not None:
             return
+
+
+def adam_feeds_state(rules: list[Rule]) -> bool:
+    """Whether a rule that keeps state follows an Adam rule in the chain (it takes Adam's output as its input)."""
+    first = next((i for i, r in enumerate(rules) if isinstance(r, ScaleByAdam)), len(rules))
+    return any(r.all_state_keys() for r in rules[first + 1:])
 
 
 SETTINGS = {"deadline": None, "derandomize": True, "print_blob": True,
@@ -526,3 +536,43 @@ def test_native_float64_tensor_weight_decay() -> None:
         return p.detach()
 
     assert torch.equal(run("native"), run("reference"))
+
+
+# -- 8-bit state in the native loop ------------------------------------------------------------------------------
+#: Whole blocks, a short last block, one element, and one tensor large enough that two threads split the bucket.
+INT8_SIZES = [1, 255, 256, 257, 1000, PARALLEL_MIN + 300]
+INT8_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adamw": lambda params, **k: optim.AdamW(params, lr=1e-2, weight_decay=0.1, state_dtype="int8", **k),
+    "adam_amsgrad": lambda params, **k: optim.Adam(params, lr=1e-2, amsgrad=True, state_dtype="int8", **k),
+    "lion": lambda params, **k: optim.Lion(params, lr=1e-3, state_dtype="int8", **k),
+    "signum": lambda params, **k: optim.Signum(params, lr=1e-3, state_dtype="int8", **k),
+    "momentum": lambda params, **k: optim.SGD(params, lr=1e-2, momentum=0.9, nesterov=True, state_dtype="int8", **k),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(INT8_OPTIMIZERS))
+def test_native_int8_state_is_the_reference_bit_for_bit(name: str, dtype: torch.dtype, threads: int) -> None:
+    """Several tensors in one bucket, sizes that are and are not multiples of the block, a NaN and an infinity in
+    a gradient (their blocks' scales turn non-finite): the native loop's codes and scales are the reference's."""
+    s = Scenario(description=name, factory=INT8_OPTIMIZERS[name], state_dtype="int8", dtype=dtype,
+                 specs=[ParamSpec("vector", (n,), 0) for n in INT8_SIZES], buffer=0, group_lr=[1e-2], steps=4,
+                 seed=8, missing=set(), specials=[(2, 4, 3, float("nan")), (1, 3, 700, float("inf"))],
+                 grad_contiguous=True, changes={}, round_trip=None, grad_scale=None, threads=threads, flat=False,
+                 param_rounding="stochastic")
+    check(s, ["native"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_engine_steps_int8_state_itself(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(n, generator=gen).to(dtype)) for n in (300, 512)]
+    opt = optim.AdamW(params, lr=1e-3, state_dtype="int8", engine="native")
+    kernels = []
+    for _ in range(3):  # the first step creates the state (on the reference engine, as for any state)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        opt.step()
+        kernels.append([(run.kernel, run.tensors) for run in opt.last_step_kernels])
+    assert kernels[1:] == [[("native", 2)]] * 2

@@ -107,7 +107,7 @@ def lookup(table: Tensor, index: Tensor) -> Tensor:
 
 
 #: Leading bits of a float32 (sign, exponent, 3 of the mantissa) that :func:`index_below` reads.
-_PREFIX_BITS = 12
+PREFIX_BITS = 12
 
 
 @functools.cache
@@ -116,8 +116,8 @@ def _prefix_guesses(code: str, signed: bool, device: torch.device) -> tuple[Tens
     smallest float with that prefix; and how many code values at most lie between a prefix's smallest and
     largest float (the corrections :func:`index_below` needs)."""
     table = code_table(code, signed)
-    shift = 32 - _PREFIX_BITS
-    prefixes = torch.arange(1 << _PREFIX_BITS, dtype=torch.int64)
+    shift = 32 - PREFIX_BITS
+    prefixes = torch.arange(1 << PREFIX_BITS, dtype=torch.int64)
     ends = [(prefixes << shift) | fill for fill in (0, (1 << shift) - 1)]
     a, b = (torch.where(e >= 1 << 31, e - (1 << 32), e).to(torch.int32).view(torch.float32) for e in ends)
     low, high = torch.minimum(a, b), torch.maximum(a, b)  # NaN where either is
@@ -125,6 +125,12 @@ def _prefix_guesses(code: str, signed: bool, device: torch.device) -> tuple[Tens
     inside = (low.abs() <= 1) & (high.abs() <= 1)
     spread = int((torch.bucketize(high, table, right=True) - 1 - first)[inside].max())
     return first.to(device, torch.int32), spread
+
+
+def prefix_search(code: str, signed: bool) -> tuple[Tensor, int]:
+    """What :func:`index_below` starts from (int32 ``[2**PREFIX_BITS]`` on the CPU, one index per leading-bits
+    prefix of a float32) and how many corrections it makes: the native loop's quantiser takes both as constants."""
+    return _prefix_guesses(code, signed, torch.device("cpu"))
 
 
 def index_below(y: Tensor, table: Tensor, code: str, signed: bool) -> Tensor:
@@ -138,7 +144,7 @@ def index_below(y: Tensor, table: Tensor, code: str, signed: bool) -> Tensor:
     guesses, spread = _prefix_guesses(code, signed, y.device)
     if spread > 2:  # a finer code (linear): the search is cheaper than the corrections
         return torch.bucketize(y, table, right=True, out_int32=True) - 1
-    prefix = (y.view(torch.int32) >> (32 - _PREFIX_BITS)) & ((1 << _PREFIX_BITS) - 1)
+    prefix = (y.view(torch.int32) >> (32 - PREFIX_BITS)) & ((1 << PREFIX_BITS) - 1)
     low = lookup(guesses, prefix)
     last = table.numel() - 1
     for _ in range(spread):

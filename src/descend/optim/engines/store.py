@@ -55,7 +55,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from descend.optim._blockwise import BLOCK, code_table, dequantize, quantize
+from descend.optim._blockwise import BLOCK, PREFIX_BITS, code_table, dequantize, prefix_search, quantize
 from descend.optim.engines.tensorlist import TensorList
 
 #: The ``state_dtype`` of 8-bit blockwise state (:class:`Blockwise8`).
@@ -148,8 +148,8 @@ class Store:
     as_is = True
     #: :meth:`store_` takes noise: engines compute :meth:`seeds` per tensor and state slot, and offsets.
     stochastic = False
-    #: C functions that :meth:`c_load` and :meth:`c_store` call; ``c_type`` is the C element type
-    #: (None: the native engine leaves such state to the foreach engine).
+    #: C functions that :meth:`c_load` and :meth:`c_store` (or the block hooks) call; ``c_type`` is the C element
+    #: type (None: the native engine leaves such state, e.g. float16, to the foreach engine).
     c_helpers = ""
 
     #: ``torch.compile`` may trace :meth:`load` and :meth:`store_` (False: the compiled engine steps such state
@@ -246,6 +246,18 @@ class Store:
         return [[rounding_seeds(step, ordinal, state_slot(r, j)).to(device) for j in range(len(names))]
                 for r, names in enumerate(layout)]
 
+    @property
+    def c_arrays(self) -> tuple[str, ...]:
+        """The C element types of the arrays one state tensor is kept in (their addresses: :meth:`c_addresses`)."""
+        return (self.c_type,) if self.c_type else ()
+
+    def c_addresses(self, stored: Any) -> list[int] | None:
+        """The addresses of ``stored``'s arrays (:attr:`c_arrays`), or None if the native loop cannot step it
+        (another dtype, not contiguous)."""
+        if stored.dtype != (self.dtype or torch.float32) or not stored.is_contiguous():
+            return None
+        return [stored.data_ptr()]
+
     def c_load(self, element: str) -> str:
         """C: the float32 value of the stored ``element`` (e.g. ``P2[i]``)."""
         return element
@@ -254,6 +266,24 @@ class Store:
         """C: the statement that stores the float ``value`` into ``element``; ``index`` (uint32) and ``seed``
         are the element's flat index and its tensor's seed, as :meth:`store_` takes them."""
         return f"{element} = {value};"
+
+    # A store of blocks (granule > 1) is stepped block by block: the loop opens each block of every state
+    # tensor (``c_block_open``), loads each element (``c_block_load``), runs the rules, keeps the new values
+    # in a float buffer per state tensor, then stores each buffer whole (``c_block_store``). In the C, ``blk``
+    # is the block's number in its tensor, ``b0`` its first element, ``i`` the element's.
+    def c_block_open(self, arrays: Sequence[str], signed: bool) -> str:
+        """C: the statements that open block ``blk`` of the state tensor kept in ``arrays`` (pointers)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no blocks")
+
+    def c_block_load(self, arrays: Sequence[str], signed: bool) -> str:
+        """C: the float32 value of element ``i`` of the opened block."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no blocks")
+
+    def c_block_store(self, arrays: Sequence[str], signed: bool, values: str, count: str, index: str,
+                      seed: str) -> str:
+        """C: the statement that stores ``values`` (``count`` floats) as block ``blk``; ``index`` (uint32) is the
+        flat index of the block's first element and ``seed`` the tensor's, as :meth:`store_` takes them."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no blocks")
 
 
 class StochasticBF16(Store):
@@ -355,9 +385,9 @@ class Blockwise8(Store):
     element's hash noise): ``state[key]`` holds the uint8 codes shaped like the parameter and
     ``state[key + "_scales"]`` the float32 scale of each block of 256 values, both plain tensors.
 
-    The native loop does not express it (``c_type`` None) and inductor (torch 2.13) mis-compiles its block
-    maxima after the rules' in-place update (``traceable`` False): the native and compiled engines step it
-    on the foreach engine.
+    The native loop steps it block by block (:meth:`c_block_open`, :meth:`c_block_load`, :meth:`c_block_store`:
+    the same codes, bit for bit). inductor (torch 2.13) mis-compiles its block maxima after the rules' in-place
+    update (``traceable`` False): the compiled engine steps it on the foreach engine.
     """
 
     as_is = False
@@ -367,8 +397,85 @@ class Blockwise8(Store):
 
     def __init__(self) -> None:
         super().__init__(torch.uint8)
-        self.c_type = None
+        self.c_type = "uint8_t"
         self.tables: dict[tuple[bool, torch.device], Tensor] = {}
+
+    @functools.cached_property
+    def c_helpers(self) -> str:  # type: ignore[override]
+        """The code tables and the search table of :func:`~descend.optim._blockwise.index_below`, as constants,
+        and the quantiser of a block: :func:`~descend.optim._blockwise.quantize` element for element."""
+        parts = []
+        for signed, tag in ((True, "s"), (False, "u")):
+            values = ", ".join(f"{v.hex()}f" for v in code_table("dynamic", signed).tolist())
+            guesses, spread = prefix_search("dynamic", signed)
+            # clamp(min=0) on the bits: a value below 0 (-0 and NaN are not) becomes +0
+            clamp = "" if signed else ("\n    u = (u > 0x80000000u) & (u <= 0xFF800000u) ? 0u : u;"
+                                       "\n    memcpy(&y, &u, sizeof y);")
+            starts = ", ".join(map(str, guesses.tolist()))
+            parts.append(f"""
+static const float descend_q8_code_{tag}[256] = {{{values}}};
+static const int32_t descend_q8_start_{tag}[{guesses.numel()}] = {{{starts}}};
+
+/* values[0:n] (n <= {BLOCK}) as one block: scale max|x| (NaN if any is NaN, 1 if all are 0), each value
+   rounded stochastically to one of the two codes around value/scale with the element's hash noise */
+static void descend_q8_store_{tag}(const float *values, int64_t n, uint8_t *codes, float *scale,
+                                 uint32_t index, uint32_t seed) {{
+  /* max|x| on the bits: |x|'s bits order as its values do, a NaN's above the infinity's */
+  uint32_t top = 0;
+  for (int64_t i = 0; i < n; i++) {{
+    uint32_t bits;
+    memcpy(&bits, values + i, sizeof bits);
+    bits &= 0x7FFFFFFFu;
+    top = bits > top ? bits : top;
+  }}
+  float m;
+  memcpy(&m, &top, sizeof m);
+  if (top > 0x7F800000u) m = NAN;
+  else if (top == 0) m = 1.0f;
+  *scale = m;
+  for (int64_t i = 0; i < n; i++) {{
+    float y = values[i] / m;
+    uint32_t u;
+    memcpy(&u, &y, sizeof u);{clamp}
+    int32_t low = descend_q8_start_{tag}[(u >> {32 - PREFIX_BITS}) & {(1 << PREFIX_BITS) - 1}];
+    for (int r = 0; r < {spread}; r++) {{
+      const int32_t next = low + 1 > 255 ? 255 : low + 1;
+      low += descend_q8_code_{tag}[next] <= y;
+      low = low > 255 ? 255 : low;
+    }}
+    low = low < 0 ? 0 : low > 254 ? 254 : low;
+    const float below = descend_q8_code_{tag}[low], above = descend_q8_code_{tag}[low + 1];
+    const float position = (y - below) / (above - below);
+    uint32_t h = ((index + (uint32_t)i) ^ seed) * 0x{HASH_MUL1:X}u;
+    h = (h ^ (h >> 15)) * 0x{HASH_MUL2:X}u;
+    codes[i] = (uint8_t)(low + ((float)(h >> 16) / 65536.0f < position));
+  }}
+}}
+""")
+        return "".join(parts)
+
+    @property
+    def c_arrays(self) -> tuple[str, ...]:
+        return "uint8_t", "float"  # the codes, the block scales
+
+    def c_addresses(self, stored: Any) -> list[int] | None:
+        codes, scales = stored.codes, stored.scales
+        if (codes.dtype != torch.uint8 or not codes.is_contiguous() or scales.dtype != torch.float32
+                or not scales.is_contiguous() or scales.numel() != -(-codes.numel() // BLOCK)):
+            return None
+        return [codes.data_ptr(), scales.data_ptr()]
+
+    def c_block_open(self, arrays: Sequence[str], signed: bool) -> str:
+        return f"const float {arrays[0]}_scale = {arrays[1]}[blk];"
+
+    def c_block_load(self, arrays: Sequence[str], signed: bool) -> str:
+        return f"descend_q8_code_{'s' if signed else 'u'}[{arrays[0]}[i]] * {arrays[0]}_scale"
+
+    def c_block_store(self, arrays: Sequence[str], signed: bool, values: str, count: str, index: str,
+                      seed: str) -> str:
+        codes, scales = arrays
+        return (f"descend_q8_store_{'s' if signed else 'u'}({values}, {count}, {codes} + b0, {scales} + blk, "
+                f"{index}, {seed});")
 
     def table(self, signed: bool, device: torch.device) -> Tensor:
         """The dynamic code's values on ``device`` (copied there once)."""

@@ -100,10 +100,11 @@ class NativeEngine(BucketEngine):
         return self.plan.update_dtype(p0.dtype, any(state_layout(bucket.active))) == torch.float32
 
     def split(self, items: list[Item]) -> tuple[list[Item], list[int], list[int], list[Item]]:
-        """The items the loop can step (every tensor contiguous, the state of the optimizer's state dtype)
-        with the addresses of their ``w``, ``g`` and state and their sizes; and the rest. A bucket shares
+        """The items the loop can step (every tensor contiguous, the state as the store keeps it:
+        :meth:`Store.c_addresses`) with the addresses of their ``w``, ``g`` and state arrays and their sizes;
+        and the rest. A bucket shares
         ``w``'s and ``g``'s dtypes, which :meth:`supports` has checked (float32)."""
-        state_dtype = self.plan.state_dtype or torch.float32
+        store = self.plan.store
         ready: list[Item] = []
         pointers: list[int] = []
         sizes: list[int] = []
@@ -113,10 +114,11 @@ class NativeEngine(BucketEngine):
             ok = w.is_contiguous() and g.is_contiguous()
             addresses = [w.data_ptr(), g.data_ptr()] if ok else []
             for t in item.states if ok else ():
-                if t.dtype != state_dtype or not t.is_contiguous():
+                arrays = store.c_addresses(t)
+                if arrays is None:
                     ok = False
                     break
-                addresses.append(t.data_ptr())
+                addresses += arrays
             if ok:
                 ready.append(item)
                 pointers += addresses
@@ -142,8 +144,9 @@ class NativeEngine(BucketEngine):
                 self.kernels[key] = None
                 return None
             try:
-                kernel = compile_kernel(source, 2 + sum(len(names) for names in layout))
-                kernel.seed_columns = (kernel.pointers - 2 if store.stochastic else 0) + rounded
+                states = sum(len(names) for names in layout)
+                kernel = compile_kernel(source, 2 + len(store.c_arrays) * states)
+                kernel.seed_columns = (states if store.stochastic else 0) + rounded
                 self.kernels[key] = kernel
             except (RuntimeError, OSError) as err:
                 message = (f"descend: engine='native' could not compile the optimizer step ({err}); "
