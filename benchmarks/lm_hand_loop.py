@@ -16,7 +16,8 @@ both clocks start at the first step and stop after each evaluation, before its c
 written (descend's clock in ``metrics.jsonl`` does the same).
 
 The machine may be shared, so the two loops alternate: ``--repeats 2`` runs descend, hand, hand,
-descend (ABBA), and each loop's time is its mean over its repeats, so a slow spell falls on both.
+descend (ABBA), ``--repeats 4`` adds hand, descend, descend, hand (BAAB), and each loop's time is its
+mean over its repeats, so a slow spell, and the first run's warm-up, falls on both.
 Reported: each loop's wall time, the validation loss at each evaluation, and the time each took to
 reach the higher of the two final validation losses (the target both reach; linear in time between
 evaluations); the ratio of those times is the trainer's overhead on a real model (target: at most
@@ -184,7 +185,8 @@ def main() -> None:
     device = resolve(args.device)
     params = count_parameters(TransformerLM(256, args.context, width=args.width, depth=args.depth, heads=args.heads))
     loops: dict[str, list[list[dict[str, float]]]] = {"descend train": [], "hand loop": []}
-    order = [("descend train", "hand loop")[(i + i // 2) % 2] for i in range(2 * args.repeats)]  # ABBA ABBA ...
+    # ABBA, then BAAB, ...: a drift over the runs, and whatever the first run of all pays, falls on both loops
+    order = [("descend train", "hand loop")[(i + i // 2 + i // 4) % 2] for i in range(2 * args.repeats)]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(order):
@@ -205,7 +207,7 @@ def main() -> None:
     wall_ratio = wall["descend train"] / wall["hand loop"]
     tokens = args.steps * args.batch_size * args.context
     print(f"TransformerLM {params / 1e6:.1f}M parameters, {args.steps} steps of {args.batch_size} x {args.context} "
-          f"tokens ({tokens:,} tokens), {describe(device)} ({args.threads} threads), {args.repeats} repeats (ABBA)")
+          f"tokens ({tokens:,} tokens), {describe(device)} ({args.threads} threads), {args.repeats} repeats, alternating")
     for name, repeats in loops.items():
         final, times = [r[-1]["val_loss"] for r in repeats], [r[-1]["seconds"] for r in repeats]
         print(f"  {name:>13}: {', '.join(f'{t:.1f}' for t in times)} s; final validation loss "

@@ -493,13 +493,22 @@ def memory_targets(name: str | None) -> str:
     return "\n".join(lines)
 
 
-def memory_two_billion(name: str | None) -> str:
-    """Markdown table of ``benchmarks/memory.py --two-billion``: the 2B-parameter runs and torch's AdamW."""
+def _memory_part(name: str | None, part: str) -> tuple[str, dict[str, Any], Any]:
+    """``benchmarks/memory.py``'s result file name, its contents and its ``part`` (None when not run yet)."""
     name = name or "memory.json"
     d = load_result(name)
-    tb = d.get("two_billion")
+    return name, d, d.get(part)
+
+
+def _not_run(what: str, name: str, flag: str) -> str:
+    return f"*No {what} in `benchmarks/results/{name}` yet: run `python benchmarks/memory.py {flag}`.*"
+
+
+def memory_two_billion(name: str | None) -> str:
+    """Markdown table of ``benchmarks/memory.py --two-billion``: the 2B-parameter runs and torch's AdamW."""
+    name, d, tb = _memory_part(name, "two_billion")
     if not tb:
-        return f"*No 2B run in `benchmarks/results/{name}` yet: run `python benchmarks/memory.py --two-billion`.*"
+        return _not_run("2B run", name, "--two-billion")
     width, depth, heads = tb["shape"]
     lines = [f"`TransformerLM` of width {width}, depth {depth}, {heads} heads, {tb['batch']} x {tb['context']} bytes "
              f"a step (one repeated batch), {tb['threads']} thread(s); each run in its own process under an "
@@ -544,11 +553,9 @@ def memory_two_billion(name: str | None) -> str:
 
 def memory_quality(name: str | None) -> str:
     """Markdown table of ``benchmarks/memory.py --quality``: final validation loss of each mode, per seed."""
-    name = name or "memory.json"
-    d = load_result(name)
-    q = d.get("quality")
+    name, d, q = _memory_part(name, "quality")
     if not q:
-        return f"*No quality run in `benchmarks/results/{name}` yet: run `python benchmarks/memory.py --quality`.*"
+        return _not_run("quality run", name, "--quality")
     seeds = q["seeds"]
     lines = [f"A `TransformerLM` of {q['parameters']:,} parameters (width {q['width']}, depth {q['depth']}, "
              f"{q['heads']} heads, context {q['context']}) trained on `stdlib-text` for {q['steps']} steps of "
