@@ -207,7 +207,8 @@ def main() -> None:
     wall_ratio = wall["descend train"] / wall["hand loop"]
     tokens = args.steps * args.batch_size * args.context
     print(f"TransformerLM {params / 1e6:.1f}M parameters, {args.steps} steps of {args.batch_size} x {args.context} "
-          f"tokens ({tokens:,} tokens), {describe(device)} ({args.threads} threads), {args.repeats} repeats, alternating")
+          f"tokens ({tokens:,} tokens), {describe(device)} ({args.threads} threads), {args.repeats} repeats, "
+          "alternating")
     for name, repeats in loops.items():
         final, times = [r[-1]["val_loss"] for r in repeats], [r[-1]["seconds"] for r in repeats]
         print(f"  {name:>13}: {', '.join(f'{t:.1f}' for t in times)} s; final validation loss "
