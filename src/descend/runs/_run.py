@@ -50,7 +50,7 @@ from descend.checkpoint._tensorfile import sha256_file
 from descend.data._base import DataBundle
 from descend.data.registry import load_data
 from descend.nn import physical_memory
-from descend.train._build import build_model, make_optimizer, memory_plan, resolved_weight_decay
+from descend.train._build import build_model, make_optimizer, memory_plan, resolved_weight_decay, state_options
 from descend.train._trainer import Trainer, seed_everything
 
 __all__ = ["RUN_FILES", "RunError", "RunLock", "RunSpec", "check_out_dir", "load_run_spec", "prepare", "run_training"]
@@ -246,11 +246,8 @@ def prepare(spec: RunSpec, out_dir: Path | None = None, *, bundle: DataBundle | 
             model.to(torch.bfloat16)
         if dd.world_size() > 1:  # every rank built the same model from the same seed
             model = dd.wrap(model, spec.strategy)
-        # the state's dtype is given whenever it is not the parameters' own (bfloat16 parameters keep float32 state)
-        keep_own = spec.state_dtype == "float32" and spec.param_dtype != "bfloat16"
-        extra = {} if keep_own else {"state_dtype": spec.state_dtype}
         optimizer = make_optimizer(
-            spec.optimizer, model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, **extra
+            spec.optimizer, model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, **state_options(spec)
         )
         return Trainer(
             model,

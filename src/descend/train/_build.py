@@ -130,6 +130,13 @@ def state_bytes_per_parameter(name: str, **options: Any) -> float:
     return sum(t.nbytes for k, t in opt.state[p].items() if k != "step" and torch.is_tensor(t)) / n
 
 
+def state_options(spec: Any) -> dict[str, Any]:
+    """The ``state_dtype`` keyword of a run's optimizer: given whenever the state is not kept in the parameters'
+    own dtype (bfloat16 parameters keep float32 state unless ``--state-dtype`` says otherwise)."""
+    keep_own = spec.state_dtype == "float32" and spec.param_dtype != "bfloat16"
+    return {} if keep_own else {"state_dtype": spec.state_dtype}
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """What a training run holds in memory beside the data, worked out before anything is allocated (bytes).
@@ -180,9 +187,8 @@ def memory_plan(spec: Any, data: DataBundle) -> MemoryPlan:
         gradients = size * max(block, (inputs + 1) * width, (width + 1) * data.out_features)
     else:
         gradients = size * n
-    keep_own = spec.state_dtype == "float32" and spec.param_dtype != "bfloat16"
-    extra = {} if keep_own else {"state_dtype": spec.state_dtype}
-    state = int(n * state_bytes_per_parameter(spec.optimizer, lr=spec.lr, weight_decay=spec.weight_decay, **extra))
+    state = int(n * state_bytes_per_parameter(spec.optimizer, lr=spec.lr, weight_decay=spec.weight_decay,
+                                              **state_options(spec)))
     rows = spec.batch_size or spec.chunk_size or len(data.train)  # type: ignore[arg-type]
     tokens = int(data.info.get("context", 1)) if data.input_kind == "tokens" else 1
     if spec.model == "transformer":  # per token and block: q, k, v, attention out, 4x MLP in and out, 2 norms
