@@ -63,17 +63,39 @@ def test_an_unknown_code_is_refused() -> None:
         quantize(torch.ones(3), "nf4")
 
 
-@pytest.mark.parametrize("code,signed", [("dynamic", True), ("dynamic", False), ("linear", True)])
-def test_the_code_below_a_value_is_the_binary_search_s(code: str, signed: bool) -> None:
-    """index_below reads the float's leading bits instead of searching: the same index as torch.bucketize on
-    every code value, its two float32 neighbours, values over 40 octaves, +-0, the smallest subnormals and NaN."""
-    from descend.optim._blockwise import code_table, index_below
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_the_dynamic_code_of_a_value_is_the_one_a_search_of_the_grid_finds(signed: bool, stochastic: bool) -> None:
+    """quantize reads the code from the float's bits; an oracle searches the grid in float64 instead: the
+    magnitude below z = |x|/s * TOP, the fraction of the way to the next (in units of 2^-20, the noise's
+    resolution times 16), up if 16 * noise is below it (or it is at least a half). On every code value,
+    its float32 neighbours, values over 40 octaves, +-0, subnormal floats and values outside the code."""
+    from descend.optim._blockwise import TOP, dynamic_grid
 
-    table = code_table(code, signed)
+    grid = dynamic_grid(signed).double()
+    magnitudes = grid[grid >= 0].unique()  # ascending, +0 once
     gen = torch.Generator().manual_seed(0)
-    octaves = torch.randint(0, 40, (200_000,), generator=gen).float()
-    spread = (torch.rand(200_000, generator=gen) * 2 - 1) * torch.exp2(-octaves)
-    raw = torch.cat([table, torch.nextafter(table, torch.tensor(2.0)), torch.nextafter(table, torch.tensor(-2.0)),
-                     spread, torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0, float("nan")])])
-    y = torch.where(raw.isnan(), raw, raw.clamp(0 if not signed else -1, 1))
-    assert torch.equal(index_below(y, table, code, signed).long(), torch.bucketize(y, table, right=True) - 1)
+    octaves = torch.randint(0, 40, (100_000,), generator=gen).float()
+    spread = (torch.rand(100_000, generator=gen) * 2 - 1) * torch.exp2(-octaves)
+    codes = dynamic_grid(signed) / TOP
+    raw = torch.cat([codes, torch.nextafter(codes, torch.tensor(2.0)), torch.nextafter(codes, torch.tensor(-2.0)),
+                     spread, torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, -3e-39])]).clamp(-1, 1)
+    # blocks that each start with 1.0: every scale is 1
+    body = raw[: raw.numel() // (BLOCK - 1) * (BLOCK - 1)].view(-1, BLOCK - 1)
+    x = torch.cat([torch.ones(body.shape[0], 1), body], dim=1).reshape(-1)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, generator=gen)
+    q, scales = quantize(x, "dynamic", signed, noise, stochastic=stochastic)
+    assert torch.equal(scales, torch.ones_like(scales))
+
+    z = (x.abs() * TOP).double()  # what quantize rounds: |x|/1 * TOP in float32
+    k = (torch.bucketize(z, magnitudes, right=True) - 1).clamp(max=magnitudes.numel() - 1)
+    upper = magnitudes[(k + 1).clamp(max=magnitudes.numel() - 1)]
+    fraction = torch.where(k == magnitudes.numel() - 1, 0.0, (z - magnitudes[k]) / (upper - magnitudes[k]))
+    r = torch.round(fraction * 2**20)
+    up = (noise.double() * 16 < r) if stochastic else (r >= 2**19)
+    magnitude = k + up
+    if signed:
+        expected = torch.where(x.view(torch.int32) < 0, 127 - magnitude, 128 + magnitude)
+    else:
+        expected = torch.where(x.view(torch.int32) < 0, 0, magnitude)
+    assert torch.equal(q.long(), expected)

@@ -30,6 +30,7 @@ The functions are pure tensor code: quantise a float32 tensor to ``(codes, scale
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,31 +39,38 @@ from torch import Tensor
 BLOCK = 256
 
 CODES = ("linear", "dynamic")
+#: The dynamic code's largest magnitude, ``1 + 7/8``: a value ``x`` of a block of scale ``s`` is ``z = |x|/s * TOP``
+#: in grid units (:func:`dynamic_grid`).
+TOP = 1.875
 
 
 @functools.cache
-def dynamic_code(signed: bool) -> Tensor:
-    """The 256 values (float32, ascending) of the dynamic code in ``[-1, 1]`` (``[0, 1]`` if not ``signed``),
-    built once and shared: read it, never write to it.
+def dynamic_grid(signed: bool) -> Tensor:
+    """The 256 values (float32, ascending, exact) of the dynamic code in *grid units*, ``[-TOP, TOP]``
+    (``[0, TOP]`` if not ``signed``), built once and shared: read it, never write to it.
 
     Exponent bits ``e`` (4 signed, 5 unsigned; ``E`` their largest value) and 3 mantissa bits ``m``:
     ``2^(e - E) * (1 + m/8)`` for ``e > 0`` and the subnormals ``2^(1 - E) * m/8`` (0 among them) for
-    ``e = 0``, all divided by the largest, ``1 + 7/8``, so that the top code is exactly 1.
+    ``e = 0``; the largest is ``TOP = 1 + 7/8``. Code ``q`` of a signed code is ``128 + k`` for the ``k``-th
+    magnitude and ``127 - k`` for minus it; of an unsigned code, ``k``.
     """
     exponent_bits = 4 if signed else 5
     top = (1 << exponent_bits) - 1
     values = []
     for e in range(top + 1):
         for m in range(8):
-            if e == 0:
-                values.append(2.0 ** (1 - top) * m / 8)
-            else:
-                values.append(2.0 ** (e - top) * (1 + m / 8))
-    magnitudes = torch.tensor(values, dtype=torch.float64)
-    magnitudes = magnitudes / magnitudes.max()
+            values.append(2.0 ** (1 - top) * m / 8 if e == 0 else 2.0 ** (e - top) * (1 + m / 8))
+    magnitudes = torch.tensor(values, dtype=torch.float32)
     if not signed:
-        return magnitudes.float()
-    return torch.cat([-magnitudes.flip(0), magnitudes]).float()  # -0 and +0 both present: 256 entries
+        return magnitudes
+    return torch.cat([-magnitudes.flip(0), magnitudes])  # -0 and +0 both present: 256 entries
+
+
+@functools.cache
+def dynamic_code(signed: bool) -> Tensor:
+    """The 256 values of the dynamic code in ``[-1, 1]`` (``[0, 1]`` if not ``signed``): :func:`dynamic_grid`
+    divided by its largest, ``TOP``; shared, as :func:`dynamic_grid`."""
+    return dynamic_grid(signed) / TOP
 
 
 @functools.cache
@@ -106,74 +114,95 @@ def lookup(table: Tensor, index: Tensor) -> Tensor:
     return torch.index_select(table, 0, index.reshape(-1)).view(index.shape)
 
 
-#: Leading bits of a float32 (sign, exponent, 3 of the mantissa) that :func:`index_below` reads.
-PREFIX_BITS = 12
+class DynamicLayout(NamedTuple):
+    """Where a value falls in the dynamic code, read from float32 bits (:func:`dynamic_layout`).
+
+    In *grid units* ``z = (|x| / s) * TOP`` the code's magnitudes are exact floats with 3 mantissa bits,
+    ``2^(e - E) * (1 + m/8)``, and below ``2^(1 - E)`` the subnormals ``2^(1 - E) * m/8``. So a normal
+    ``z``'s bits say which two magnitudes it lies between and how far up: ``(bits >> 20) - bias`` is the
+    index of the one at or below it (its exponent and leading 3 mantissa bits) and ``bits & 0xFFFFF`` the
+    way to the next in units of 2^-20 (the other 20 mantissa bits). A subnormal ``z`` is first moved to
+    ``z * subnormal_scale + 8`` in ``[8, 16)`` (rounded to a multiple of 2^-20: the 16-bit noise never
+    resolves finer), whose bits say the same with the bias :data:`SUBNORMAL_BIAS`.
+    """
+
+    last: int  # the largest magnitude index (127 signed, 255 unsigned)
+    bias: int  # (bits(z) >> 20) - bias is a normal z's magnitude index
+    normal_min_bits: int  # the float32 bits of 2^(1 - E): a z below them is subnormal in the code
+    subnormal_scale: float  # 2^(E + 2): a subnormal z times it is its index plus its fraction
+
+
+#: ``(bits(y + 8) >> 20) - SUBNORMAL_BIAS`` is ``floor(y)`` for ``y`` in ``[0, 8)`` (8 is 2^3: biased exponent 130).
+SUBNORMAL_BIAS = 130 << 3
 
 
 @functools.cache
-def _prefix_guesses(code: str, signed: bool, device: torch.device) -> tuple[Tensor, int]:
-    """Per leading-bits prefix of a float32 in ``[-1, 1]``, the index of the largest code value at or below the
-    smallest float with that prefix; and how many code values at most lie between a prefix's smallest and
-    largest float (the corrections :func:`index_below` needs)."""
-    table = code_table(code, signed)
-    shift = 32 - PREFIX_BITS
-    prefixes = torch.arange(1 << PREFIX_BITS, dtype=torch.int64)
-    ends = [(prefixes << shift) | fill for fill in (0, (1 << shift) - 1)]
-    a, b = (torch.where(e >= 1 << 31, e - (1 << 32), e).to(torch.int32).view(torch.float32) for e in ends)
-    low, high = torch.minimum(a, b), torch.maximum(a, b)  # NaN where either is
-    first = torch.bucketize(low, table, right=True) - 1
-    inside = (low.abs() <= 1) & (high.abs() <= 1)
-    spread = int((torch.bucketize(high, table, right=True) - 1 - first)[inside].max())
-    return first.to(device, torch.int32), spread
+def dynamic_layout(signed: bool) -> DynamicLayout:
+    """The constants of :class:`DynamicLayout` for the signed (4 exponent bits) or unsigned (5) dynamic code."""
+    exponent_bits = 4 if signed else 5
+    top = (1 << exponent_bits) - 1
+    return DynamicLayout(last=(8 << exponent_bits) - 1, bias=(127 - top) << 3,
+                         normal_min_bits=(128 - top) << 23, subnormal_scale=2.0 ** (top + 2))
 
 
-def prefix_search(code: str, signed: bool) -> tuple[Tensor, int]:
-    """What :func:`index_below` starts from (int32 ``[2**PREFIX_BITS]`` on the CPU, one index per leading-bits
-    prefix of a float32) and how many corrections it makes: the native loop's quantiser takes both as constants."""
-    return _prefix_guesses(code, signed, torch.device("cpu"))
+def _dynamic_codes(flat: Tensor, scales: Tensor, signed: bool, noise: Tensor | None, stochastic: bool) -> Tensor:
+    """The dynamic code of each value of ``flat`` (float32) under its block's scale (int32 codes).
 
-
-def index_below(y: Tensor, table: Tensor, code: str, signed: bool) -> Tensor:
-    """Per element of ``y`` (float32 in ``[-1, 1]``, or NaN), the index of the largest value of ``table`` (the
-    code's) at or below it: ``torch.bucketize(y, table, right=True) - 1``, exactly.
-
-    A binary search per element is most of the quantiser's time on the CPU; instead the float's leading bits
-    give the index at the bottom of their range, and one comparison per code value that range can hold
-    moves it up (two at most for the dynamic codes).
+    ``z = (|x| / s) * TOP`` (two float32 roundings) lies between the magnitudes of index ``k`` and ``k + 1``,
+    ``r / 2^20`` of the way up (:class:`DynamicLayout`); the magnitude is ``k + 1`` if ``16 * noise < r``
+    (``stochastic``: with probability ``r / 2^20``) or ``r >= 2^19`` (nearest), else ``k``. ``z`` at or above
+    the top (and NaN: a block whose scale is NaN) takes the top. A negative value takes the code of minus its
+    magnitude; in the unsigned code every negative value takes 0. A NaN counts as positive, whatever its sign
+    bit (which engines need not agree on).
     """
-    guesses, spread = _prefix_guesses(code, signed, y.device)
-    if spread > 2:  # a finer code (linear): the search is cheaper than the corrections
-        return torch.bucketize(y, table, right=True, out_int32=True) - 1
-    prefix = (y.view(torch.int32) >> (32 - PREFIX_BITS)) & ((1 << PREFIX_BITS) - 1)
-    low = lookup(guesses, prefix)
-    last = table.numel() - 1
-    for _ in range(spread):
-        low = (low + (lookup(table, (low + 1).clamp(max=last)) <= y)).clamp(max=last)
-    return low
+    layout = dynamic_layout(signed)
+    bits = flat.view(torch.int32)
+    z = (flat.abs() / per_element(scales, flat.numel())) * TOP
+    zbits = z.view(torch.int32) & 0x7FFFFFFF
+    moved = (z * layout.subnormal_scale + 8.0).view(torch.int32)
+    small = zbits < layout.normal_min_bits
+    k = torch.where(small, (moved >> 20) - SUBNORMAL_BIAS, (zbits >> 20) - layout.bias)
+    r = torch.where(small, moved, zbits) & 0xFFFFF
+    if stochastic:
+        if noise is None:
+            noise = torch.randint(0, 1 << 16, flat.shape, dtype=torch.int32, device=flat.device)
+        up = (noise.reshape(-1) << 4) < r
+    else:
+        up = r >= 1 << 19
+    magnitude = k.clamp(max=layout.last) + (up & (k < layout.last))
+    negative = (bits < 0) & ~flat.isnan()
+    if signed:
+        return torch.where(negative, 127 - magnitude, 128 + magnitude)
+    return torch.where(negative, 0, magnitude)
 
 
 def quantize(x: Tensor, code: str, signed: bool = True, noise: Tensor | None = None,
              stochastic: bool = True, table: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``x`` (float32) as ``(codes, scales)``: uint8 codes shaped like ``x`` and float32 block scales.
 
-    Each value rounds to one of the two codes around it: stochastically (``stochastic``, up with the
-    probability of its distance from the lower one, so that the stored value is unbiased) using
+    Each value rounds to one of the two codes around it: stochastically (``stochastic``, away from the
+    lower one with the probability of its distance from it, so that the stored value is unbiased) using
     ``noise``, 16 random bits per element (int32 in ``[0, 65536)`` shaped like ``x``:
     :func:`descend.optim.engines.store.element_noise`; drawn from torch's generator if omitted), or to
-    the nearest. ``table``: :func:`code_table` of ``code`` already on ``x``'s device (else copied there).
+    the nearest. The dynamic code rounds magnitudes, from the float's bits (:func:`_dynamic_codes`); the
+    linear code searches its table, ``table``: :func:`code_table` of ``code`` already on ``x``'s device
+    (else copied there; the dynamic code needs none).
     """
+    code_table(code, signed)  # refuses an unknown code
+    scales = block_scales(x)
+    flat = x.reshape(-1).float()
+    if code == "dynamic":
+        return _dynamic_codes(flat, scales, signed, noise, stochastic).to(torch.uint8).view(x.shape), scales
     if table is None:
         table = code_table(code, signed).to(x.device)
-    scales = block_scales(x)
-    flat = x.reshape(-1)
-    y = flat.float() / per_element(scales, flat.numel())  # in [-1, 1]
+    y = flat / per_element(scales, flat.numel())  # in [-1, 1]
     if not signed:
         y = y.clamp(min=0)
     # the code at or below each value, and the one above it
-    low = index_below(y, table, code, signed).clamp(0, table.numel() - 2)
+    low = (torch.bucketize(y, table, right=True, out_int32=True) - 1).clamp(0, table.numel() - 2)
     below, above = lookup(table, low), lookup(table, low + 1)
-    # a gap of 0 (the repeated code values: -0 and +0, the linear code's -1) is never below a value: the index is
-    # that of the last of equal values
+    # a gap of 0 (the linear code's repeated -1) is never below a value: the index is that of the last of equal
+    # values
     position = (y - below) / (above - below)
     if stochastic:
         if noise is None:
@@ -186,12 +215,17 @@ def quantize(x: Tensor, code: str, signed: bool = True, noise: Tensor | None = N
 
 
 def dequantize(codes: Tensor, scales: Tensor, code: str, signed: bool = True, table: Tensor | None = None) -> Tensor:
-    """The float32 values ``scales[block] * code[q]`` of ``(codes, scales)``, shaped like ``codes``
-    (``table`` as in :func:`quantize`), a fresh contiguous tensor."""
+    """The float32 values of ``(codes, scales)``, shaped like ``codes``, a fresh contiguous tensor:
+    ``scales[block] * code[q]`` in the linear code; ``(scales[block] / TOP) * grid[q]`` in the dynamic code
+    (:func:`dynamic_grid`: within an ulp of ``scales[block] * code[q]``, and the native loop computes
+    ``grid[q]`` from ``q``'s bits, exactly, instead of looking it up). ``table``: ``code_table(code)``, or
+    ``dynamic_grid`` for the dynamic code, already on ``codes``' device (else copied there)."""
+    dynamic = code == "dynamic"
     if table is None:
-        table = code_table(code, signed).to(codes.device)
+        table = (dynamic_grid(signed) if dynamic else code_table(code, signed)).to(codes.device)
     flat = codes.reshape(-1)
-    return (lookup(table, flat.int()) * per_element(scales, flat.numel())).view(codes.shape)
+    step = scales / TOP if dynamic else scales
+    return (lookup(table, flat.int()) * per_element(step, flat.numel())).view(codes.shape)
 
 
 def round_trip(x: Tensor, code: str, signed: bool = True, noise: Tensor | None = None,

@@ -55,7 +55,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from descend.optim._blockwise import BLOCK, PREFIX_BITS, code_table, dequantize, prefix_search, quantize
+from descend.optim._blockwise import BLOCK, SUBNORMAL_BIAS, TOP, dequantize, dynamic_grid, dynamic_layout, quantize
 from descend.optim.engines.tensorlist import TensorList
 
 #: The ``state_dtype`` of 8-bit blockwise state (:class:`Blockwise8`).
@@ -402,24 +402,37 @@ class Blockwise8(Store):
 
     @functools.cached_property
     def c_helpers(self) -> str:  # type: ignore[override]
-        """The code tables and the search table of :func:`~descend.optim._blockwise.index_below`, as constants,
-        and the quantiser of a block: :func:`~descend.optim._blockwise.quantize` element for element."""
+        """The decoder of a code (its grid value from its bits) and the quantiser of a block:
+        :func:`~descend.optim._blockwise.quantize` element for element (the dynamic code's magnitudes read
+        from the float's bits, :class:`~descend.optim._blockwise.DynamicLayout`)."""
         parts = []
         for signed, tag in ((True, "s"), (False, "u")):
-            values = ", ".join(f"{v.hex()}f" for v in code_table("dynamic", signed).tolist())
-            guesses, spread = prefix_search("dynamic", signed)
-            # clamp(min=0) on the bits: a value below 0 (-0 and NaN are not) becomes +0
-            clamp = "" if signed else ("\n    u = (u > 0x80000000u) & (u <= 0xFF800000u) ? 0u : u;"
-                                       "\n    memcpy(&y, &u, sizeof y);")
-            starts = ", ".join(map(str, guesses.tolist()))
+            layout = dynamic_layout(signed)
+            exponent_top = (1 << (4 if signed else 5)) - 1
+            # minus a magnitude is 127 - it, 255 - (128 + it); a negative value in the unsigned code is 0
+            code = ("(uint32_t)(128 + magnitude) ^ (0u - negative)" if signed
+                    else "(uint32_t)magnitude & (negative - 1u)")
+            index = "q & 0x80u ? q & 0x7Fu : 0x7Fu - q" if signed else "q"
+            sign = "(~q & 0x80u) << 24" if signed else "0u"
             parts.append(f"""
-static const float descend_q8_code_{tag}[256] = {{{values}}};
-static const int32_t descend_q8_start_{tag}[{guesses.numel()}] = {{{starts}}};
+/* grid[q] (dynamic_grid): the magnitude of index k = e*8 + m built from its bits, 2^(e - {exponent_top})*(1 + m/8),
+   or the subnormal m * 2^-{exponent_top + 2} for e = 0; negative for a signed q below 128 */
+static inline float descend_q8_grid_{tag}(uint32_t q) {{
+  const uint32_t k = {index};
+  const float subnormal = (float)(int32_t)k * 0x1p-{exponent_top + 2}f;
+  uint32_t subnormal_bits;
+  memcpy(&subnormal_bits, &subnormal, sizeof subnormal_bits);
+  const uint32_t bits = (k < 8 ? subnormal_bits : (k << 20) + ({127 - exponent_top}u << 23)) | {sign};
+  float value;
+  memcpy(&value, &bits, sizeof value);
+  return value;
+}}
 
-/* values[0:n] (n <= {BLOCK}) as one block: scale max|x| (NaN if any is NaN, 1 if all are 0), each value
-   rounded stochastically to one of the two codes around value/scale with the element's hash noise */
-static void descend_q8_store_{tag}(const float *values, int64_t n, uint8_t *codes, float *scale,
-                                 uint32_t index, uint32_t seed) {{
+/* values[0:n] (n <= {BLOCK}) as one block: scale max|x| (NaN if any is NaN, 1 if all are 0), each value's
+   magnitude z = |x|/scale*{TOP} rounded stochastically to one of the two codes around it with the element's
+   hash noise */
+static void descend_q8_store_{tag}(const float *restrict values, int64_t n, uint8_t *restrict codes,
+                                 float *scale, uint32_t index, uint32_t seed) {{
   /* max|x| on the bits: |x|'s bits order as its values do, a NaN's above the infinity's */
   uint32_t top = 0;
   for (int64_t i = 0; i < n; i++) {{
@@ -434,21 +447,22 @@ static void descend_q8_store_{tag}(const float *values, int64_t n, uint8_t *code
   else if (top == 0) m = 1.0f;
   *scale = m;
   for (int64_t i = 0; i < n; i++) {{
-    float y = values[i] / m;
-    uint32_t u;
-    memcpy(&u, &y, sizeof u);{clamp}
-    int32_t low = descend_q8_start_{tag}[(u >> {32 - PREFIX_BITS}) & {(1 << PREFIX_BITS) - 1}];
-    for (int r = 0; r < {spread}; r++) {{
-      const int32_t next = low + 1 > 255 ? 255 : low + 1;
-      low += descend_q8_code_{tag}[next] <= y;
-      low = low > 255 ? 255 : low;
-    }}
-    low = low < 0 ? 0 : low > 254 ? 254 : low;
-    const float below = descend_q8_code_{tag}[low], above = descend_q8_code_{tag}[low + 1];
-    const float position = (y - below) / (above - below);
+    uint32_t bits, zbits, moved;
+    memcpy(&bits, values + i, sizeof bits);
+    const uint32_t abs_bits = bits & 0x7FFFFFFFu, negative = (bits >> 31) & (abs_bits <= 0x7F800000u);
+    float a;
+    memcpy(&a, &abs_bits, sizeof a);
+    const float z = a / m * {TOP}f, shifted = z * {layout.subnormal_scale:.1f}f + 8.0f;
+    memcpy(&zbits, &z, sizeof zbits);
+    memcpy(&moved, &shifted, sizeof moved);
+    zbits &= 0x7FFFFFFFu;
+    const int small = zbits < 0x{layout.normal_min_bits:X}u;
+    const int32_t k = small ? (int32_t)(moved >> 20) - {SUBNORMAL_BIAS} : (int32_t)(zbits >> 20) - {layout.bias};
+    const uint32_t r = (small ? moved : zbits) & 0xFFFFFu;
     uint32_t h = ((index + (uint32_t)i) ^ seed) * 0x{HASH_MUL1:X}u;
     h = (h ^ (h >> 15)) * 0x{HASH_MUL2:X}u;
-    codes[i] = (uint8_t)(low + ((float)(h >> 16) / 65536.0f < position));
+    const int32_t magnitude = (k < {layout.last} ? k : {layout.last}) + (((h >> 16) << 4) < r && k < {layout.last});
+    codes[i] = (uint8_t)({code});
   }}
 }}
 """)
@@ -466,10 +480,10 @@ static void descend_q8_store_{tag}(const float *values, int64_t n, uint8_t *code
         return [codes.data_ptr(), scales.data_ptr()]
 
     def c_block_open(self, arrays: Sequence[str], signed: bool) -> str:
-        return f"const float {arrays[0]}_scale = {arrays[1]}[blk];"
+        return f"const float {arrays[0]}_step = {arrays[1]}[blk] / {TOP}f;"
 
     def c_block_load(self, arrays: Sequence[str], signed: bool) -> str:
-        return f"descend_q8_code_{'s' if signed else 'u'}[{arrays[0]}[i]] * {arrays[0]}_scale"
+        return f"descend_q8_grid_{'s' if signed else 'u'}({arrays[0]}[i]) * {arrays[0]}_step"
 
     def c_block_store(self, arrays: Sequence[str], signed: bool, values: str, count: str, index: str,
                       seed: str) -> str:
@@ -478,10 +492,11 @@ static void descend_q8_store_{tag}(const float *values, int64_t n, uint8_t *code
                 f"{index}, {seed});")
 
     def table(self, signed: bool, device: torch.device) -> Tensor:
-        """The dynamic code's values on ``device`` (copied there once)."""
+        """The dynamic code's grid (:func:`~descend.optim._blockwise.dynamic_grid`) on ``device`` (copied there
+        once): what :func:`~descend.optim._blockwise.dequantize` looks codes up in."""
         key = (signed, device)
         if key not in self.tables:
-            self.tables[key] = code_table("dynamic", signed).to(device)
+            self.tables[key] = dynamic_grid(signed).to(device)
         return self.tables[key]
 
     @property
@@ -495,8 +510,7 @@ static void descend_q8_store_{tag}(const float *values, int64_t n, uint8_t *code
         return [k for key in keys for k in (key, scales_key(key))]
 
     def create(self, key: str, value: Tensor, signed: bool) -> dict[str, Tensor]:
-        codes, scales = quantize(value.float(), "dynamic", signed, stochastic=False,
-                                 table=self.table(signed, value.device))
+        codes, scales = quantize(value.float(), "dynamic", signed, stochastic=False)
         return {key: codes, scales_key(key): scales}
 
     def bind(self, tensors: Sequence[Tensor], signed: Sequence[bool]) -> list[Any]:
@@ -534,8 +548,7 @@ static void descend_q8_store_{tag}(const float *values, int64_t n, uint8_t *code
     @torch.compiler.disable
     def store_(self, stored: Any, work: Tensor, seed: Tensor | int = 0, offset: int = 0, *,
                lanes: Tensor | None = None, buffers: Sequence[Tensor] | None = None) -> None:
-        codes, scales = quantize(work, "dynamic", stored.signed, element_noise(seed, work, offset, lanes),
-                                 table=self.table(stored.signed, work.device))
+        codes, scales = quantize(work, "dynamic", stored.signed, element_noise(seed, work, offset, lanes))
         stored.codes.copy_(codes)
         stored.scales.copy_(scales)
 
