@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -614,15 +615,40 @@ def train_text(row: Row, seed: int, shape: tuple[int, ...], threads: int) -> flo
         return float(F.cross_entropy(model(val_x).float().reshape(-1, VOCAB), val_y.reshape(-1)))
 
 
-def quality(args: argparse.Namespace, previous: dict[str, Any]) -> dict[str, Any]:
+def quality(args: argparse.Namespace, previous: dict[str, Any],
+            progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Each mode of :data:`QUALITY_MODES` (or ``args.quality_modes``) trained on stdlib-text on every seed
     (:func:`train_text`); the final validation loss of each, and whether each lean mode lands within 1% of
     its float32 mode's mean or inside its range over the seeds. Modes not run again keep their ``previous``
-    results when those were run with the same shape and seeds."""
+    results when those were run with the same shape and seeds; ``progress`` is handed the results after each
+    mode, so a run stopped part way keeps the modes it finished (``--quality-modes`` runs the others)."""
     shape = (32, 1, 2, 16, 8, 20) if args.quick else tuple(args.quality_shape)
     seeds = list(range(args.seeds))
     same = tuple(previous.get("shape", ())) == shape and previous.get("seeds") == seeds
     results: dict[str, Any] = dict(previous.get("modes", {})) if same else {}
+    import torch
+
+    from descend.nn import TransformerLM, count_parameters
+
+    width, depth, heads, context, batch, steps = shape
+    with torch.device("meta"):
+        params = count_parameters(TransformerLM(VOCAB, context, width=width, depth=depth, heads=heads))
+
+    def summary() -> dict[str, Any]:
+        for mode, (base, _) in QUALITY_MODES.items():
+            r, b = results.get(mode, {}), results.get(base, {})
+            if mode == base or "val_loss" not in r or "val_loss" not in b:
+                continue
+            mean = statistics.mean(b["val_loss"])
+            r["against"] = base
+            r["relative_to_mean"] = [v / mean - 1 for v in r["val_loss"]]
+            r["within_1pct"] = [abs(v / mean - 1) <= 0.01 for v in r["val_loss"]]
+            r["inside_range"] = [min(b["val_loss"]) <= v <= max(b["val_loss"]) for v in r["val_loss"]]
+            r["met"] = [w or i for w, i in zip(r["within_1pct"], r["inside_range"])]
+        return {"parameters": params, "seeds": seeds, "shape": list(shape), "width": width, "depth": depth,
+                "heads": heads, "context": context, "batch": batch, "steps": steps, "threads": args.threads,
+                "modes": results}
+
     for mode, (_, name) in QUALITY_MODES.items():
         if args.quality_modes and mode not in args.quality_modes and mode in results:
             continue
@@ -635,26 +661,9 @@ def quality(args: argparse.Namespace, previous: dict[str, Any]) -> dict[str, Any
         else:
             results[mode] = {"row": name, "reason": reason}
         print(f"quality {mode}: {reason or ', '.join(f'{v:.4f}' for v in results[mode]['val_loss'])}", flush=True)
-    for mode, (base, _) in QUALITY_MODES.items():
-        r, b = results.get(mode, {}), results.get(base, {})
-        if mode == base or "val_loss" not in r or "val_loss" not in b:
-            continue
-        mean = statistics.mean(b["val_loss"])
-        r["against"] = base
-        r["relative_to_mean"] = [v / mean - 1 for v in r["val_loss"]]
-        r["within_1pct"] = [abs(v / mean - 1) <= 0.01 for v in r["val_loss"]]
-        r["inside_range"] = [min(b["val_loss"]) <= v <= max(b["val_loss"]) for v in r["val_loss"]]
-        r["met"] = [w or i for w, i in zip(r["within_1pct"], r["inside_range"])]
-    import torch
-
-    from descend.nn import TransformerLM, count_parameters
-
-    width, depth, heads, context, batch, steps = shape
-    with torch.device("meta"):
-        params = count_parameters(TransformerLM(VOCAB, context, width=width, depth=depth, heads=heads))
-    return {"parameters": params, "seeds": seeds, "shape": list(shape), "width": width, "depth": depth,
-            "heads": heads, "context": context, "batch": batch, "steps": steps, "threads": args.threads,
-            "modes": results}
+        if progress is not None:
+            progress(summary())
+    return summary()
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -742,7 +751,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["two_billion"] = two_billion(args)
         save("two_billion")
     if parts["quality"]:
-        result["quality"] = quality(args, {} if args.quick else result.get("quality", {}))
+
+        def progress(part: dict[str, Any]) -> None:
+            result["quality"] = part
+            save("quality")
+
+        result["quality"] = quality(args, {} if args.quick else result.get("quality", {}), progress)
         save("quality")
     return result
 
