@@ -3,8 +3,8 @@
 A state tensor is read as a flat sequence cut into blocks of :data:`BLOCK` consecutive elements (the
 last one may be shorter). A block keeps its absolute maximum ``s = max|x|`` as a float32 scale and each
 element a byte ``q``; the element's value is ``s * code[q]`` for a table ``code`` of 256 values in
-``[-1, 1]`` (computed as ``(s / TOP) * grid[q]`` in the dynamic code, :func:`dequantize`). Per element that is 1 + 4/BLOCK bytes instead of 4. Small blocks bound the damage of one
-outlier to its own block.
+``[-1, 1]`` (computed as ``(s / TOP) * grid[q]`` in the dynamic code, :func:`dequantize`). Per element
+that is 1 + 4/BLOCK bytes instead of 4. Small blocks bound the damage of one outlier to its own block.
 
 Two codes:
 
