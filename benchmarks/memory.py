@@ -690,7 +690,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "stdlib-text against float32")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quality-shape", type=lambda s: tuple(int(x) for x in s.split(",")),
-                        default=(64, 2, 2, 64, 16, 200),
+                        default=(384, 6, 6, 64, 8, 250),
                         help="width,depth,heads,context,batch,steps of the quality runs")
     parser.add_argument("--quality-modes", type=lambda s: [x.strip() for x in s.split(";")], default=None,
                         help="run only these quality modes again (';'-separated), keeping the others' results")

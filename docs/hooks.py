@@ -551,6 +551,13 @@ def memory_two_billion(name: str | None) -> str:
     return "\n".join(lines)
 
 
+def _minutes(q: dict[str, Any]) -> str:
+    """How long a quality run's training took, from its modes' recorded seconds."""
+    seconds = sum(r.get("seconds", 0.0) for r in q["modes"].values())
+    threads = q.get("threads", 1)
+    return f"{seconds / 60:.0f} minutes of training on {threads} thread{'s' if threads != 1 else ''}"
+
+
 def memory_quality(name: str | None) -> str:
     """Markdown table of ``benchmarks/memory.py --quality``: final validation loss of each mode, per seed."""
     name, d, q = _memory_part(name, "quality")
@@ -563,7 +570,7 @@ def memory_quality(name: str | None) -> str:
              f"fixed, the seed drawing the initial weights and the batches; seeds {', '.join(map(str, seeds))}. "
              f"Final validation loss (nats per byte, 256 windows). A lean mode passes on a seed when its loss is "
              f"within 1% of its float32 mode's mean over the seeds or inside that mode's range. Machine: "
-             f"{_memory_machine(d)}. Source: `benchmarks/results/{name}`.", "",
+             f"{_memory_machine(d)}; {_minutes(q)}. Source: `benchmarks/results/{name}`.", "",
              "| mode | " + " | ".join(f"seed {s}" for s in seeds) + " | vs float32 mean | passes on |",
              "|---|" + "---:|" * len(seeds) + "---:|---|"]
     for mode, r in q["modes"].items():

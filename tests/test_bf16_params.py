@@ -197,3 +197,21 @@ def test_auto_off_the_cpu_never_picks_torchs_kernel_for_stochastic_rounding(monk
     bucket = Bucket(0, group, active_rules(plan, group, None), weight_factor(plan, group),
                     [Item(p, torch.empty_like(p), states)], [p], torch.tensor(1.0), None)
     assert engine.engine_for(bucket).name == picked
+
+
+@pytest.mark.parametrize("engine", ["reference", "native", "auto"])
+def test_the_default_state_of_a_bfloat16_parameter_is_bfloat16_rounded_stochastically(engine: str) -> None:
+    """``state_dtype=None`` keeps a bfloat16 parameter's state in bfloat16, stored as ``state_dtype=torch.bfloat16``
+    stores it (updated in float32, rounded stochastically): the same weights and state bit for bit, and the native
+    loop steps it (a bfloat16 model needs no option for the fast path)."""
+    default = train(lambda p: optim.AdamW(p, lr=1e-3, engine=engine), bf16_params(), steps=4)
+    explicit = train(lambda p: optim.AdamW(p, lr=1e-3, engine="reference", state_dtype=torch.bfloat16),
+                     bf16_params(), steps=4)
+    pairs = zip(default.param_groups[0]["params"], explicit.param_groups[0]["params"])
+    for p, q in pairs:
+        assert torch.equal(p.view(torch.int16), q.view(torch.int16))
+        for key in ("exp_avg", "exp_avg_sq"):
+            a, b = default.state[p][key], explicit.state[q][key]
+            assert a.dtype == torch.bfloat16 and torch.equal(a.view(torch.int16), b.view(torch.int16))
+    if engine != "reference":
+        assert {run.kernel for run in default.last_step_kernels} == {"native"}

@@ -3,8 +3,8 @@
 A state tensor is read as a flat sequence cut into blocks of :data:`BLOCK` consecutive elements (the
 last one may be shorter). A block keeps its absolute maximum ``s = max|x|`` as a float32 scale and each
 element a byte ``q``; the element's value is ``s * code[q]`` for a table ``code`` of 256 values in
-``[-1, 1]``. Per element that is 1 + 4/BLOCK bytes instead of 4. Small blocks bound the damage of one
-outlier to its own block.
+``[-1, 1]`` (computed as ``(s / TOP) * grid[q]`` in the dynamic code, :func:`dequantize`). Per element
+that is 1 + 4/BLOCK bytes instead of 4. Small blocks bound the damage of one outlier to its own block.
 
 Two codes:
 
@@ -15,10 +15,11 @@ Two codes:
 ``dynamic``
     A floating-point byte relative to the block's maximum: ``q = sign | exponent | mantissa`` with
     ``exponent`` bits counting halvings from 1 and ``mantissa`` bits within each halving (subnormal
-    at the bottom), rounded to the nearest code. For a signed code (Adam's first moment) 1 + 4 + 3
+    at the bottom). For a signed code (Adam's first moment) 1 + 4 + 3
     bits span ``[2^-18, 1]``; for a non-negative code (Adam's second moment, a running mean of
     squares whose values span many decades) 5 + 3 bits span ``[2^-34, 1]``. The values a
     linear code rounds to 0 keep their magnitude here: ``docs/design/state-codes.md`` has the measurement.
+    A value's code is read off its float bits (:class:`DynamicLayout`), with no table search.
 
 Either code rounds stochastically (unbiased: an exponential moving average keeps following its input,
 as with bfloat16 state, where rounding to nearest makes it stall once a step's change is below half

@@ -136,10 +136,10 @@ class ChainOptimizer(torch.optim.Optimizer):
         param_rounding: how a bfloat16 parameter's new value is rounded. ``"stochastic"`` (default): the
             chain and ``w <- weight_factor*w + u`` are computed in float32 and the result rounded
             stochastically to bfloat16 (unbiased, so updates below half a bf16 ulp survive on average:
-            pure-bfloat16 training without a float32 copy of the weights); the rules run in float32
-            unless the state is kept in the parameter's dtype (``state_dtype=None``), whose in-place
-            updates then stay in bfloat16. ``"nearest"``: torch.optim's bfloat16 arithmetic, rounding
-            to nearest. Other dtypes are stepped as torch steps them either way.
+            pure-bfloat16 training without a float32 copy of the weights); the rules run in float32,
+            and state kept in the parameter's dtype (``state_dtype=None``) is stored rounded
+            stochastically as well. ``"nearest"``: torch.optim's bfloat16 arithmetic, rounding to
+            nearest. Other dtypes are stepped as torch steps them either way.
         flat: keep each param group's parameters, gradients and state as views of one flat buffer each
             (per device and dtype), stepped as one tensor (:mod:`descend.optim._flat`). ``zero_grad``
             keeps the gradient views, as ``zero_grad(set_to_none=False)``. Create the optimizer after

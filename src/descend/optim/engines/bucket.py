@@ -258,8 +258,6 @@ class BucketEngine(Engine):
         active = active_rules(plan, group, clip_coef)
         factor = weight_factor(plan, group)
         keys = state_keys(active)
-        store = plan.store
-        kept = store.kept_keys(keys)  # the optimizer-state keys of the state tensors
         signed = state_signed(active)
         one_by_one = group["params"]  # the parameters not stepped as part of a flat buffer
         layout = plan.layout
@@ -278,18 +276,18 @@ class BucketEngine(Engine):
             # order (a bucket steps them together, the native loop even on several threads at once)
             self.step_by_reference(index, stepping, group, active, factor, grad_scale)
             return None
-        stochastic = store.stochastic
         one_at_a_time = 0  # parameters stepped on the reference path (first steps, zero-size)
         # per (device, dtype, grad dtype): the items, their parameters and their state dicts
         buckets: dict[tuple[Any, ...], tuple[list[Item], list[Tensor], list[dict[str, Any]]]] = {}
-        needed = {"step", *kept}
         all_state = self.source.state
         for p in stepping:
+            store = plan.store_of(p.dtype)
+            kept = store.kept_keys(keys)  # the optimizer-state keys of the state tensors
             g = p.grad
             if g.is_sparse or p.is_complex():
                 check_grad(p)  # raises
             state = all_state[p]
-            if p.numel() == 0 or not needed <= state.keys():
+            if p.numel() == 0 or "step" not in state or not all(k in state for k in kept):
                 self.reference.step_param(p, group, active, factor, grad_scale)
                 one_at_a_time += 1
                 continue
@@ -300,7 +298,7 @@ class BucketEngine(Engine):
                 item = Item(local(p), local(g), [store.map(t, local) for t in states])
             else:  # a 0-d parameter as a 1-element view, like the reference engine (step_param)
                 item = Item(torch.atleast_1d(p), torch.atleast_1d(g), [store.map(t, torch.atleast_1d) for t in states])
-            if stochastic or plan.rounds_params(p.dtype):
+            if store.stochastic or plan.rounds_params(p.dtype):
                 item.ordinal, item.offset = self.noise_position(p)
             bucket = buckets.setdefault((p.device, p.dtype, g.dtype), ([], [], []))
             bucket[0].append(item)

@@ -145,7 +145,7 @@ class CompiledEngine(BucketEngine):
         if self.fallback is not None:
             return self.fallback.run_bucket(bucket)
         items = bucket.items
-        group, store = bucket.group, self.plan.store
+        group, store = bucket.group, self.plan.store_of(bucket.items[0].param.dtype)
         if not store.traceable:  # (8-bit state) the foreach engine steps the bucket, projections after it
             self.eager = self.eager or ForeachEngine(self.plan, self.source)
             self.outside = list(self.plan.projections)
@@ -190,7 +190,7 @@ class CompiledEngine(BucketEngine):
                states, hps, phps, factor, bucket.step, scale, seeds,
                [item.offset for item in items] if noisy else [],
                self.lanes_on(params[0].device) if noisy else None,
-               self.plan.update_dtype(params[0].dtype, any(layout)), weight_seeds)
+               self.plan.update_dtype(params[0].dtype), weight_seeds)
         except Exception as err:  # no compiler, an unsupported op: run the same rules without one
             message = (f"descend: engine='compiled' could not compile the optimizer step "
                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "

@@ -39,7 +39,8 @@ class ForeachEngine(BucketEngine):
         self.scratch = Scratch(self.chunk, self.scratch_min_mean)
 
     def run_bucket(self, bucket: Bucket) -> list[KernelRun]:
-        items, store, scratch = bucket.items, self.plan.store, self.scratch
+        items, scratch = bucket.items, self.scratch
+        store = self.plan.store_of(items[0].param.dtype)
         step = int(bucket.step.item())
         active = with_scalars(bucket.active, step)
         scale = None if bucket.grad_scale is None else bucket.grad_scale.to(items[0].param.device, torch.float32)
@@ -51,7 +52,7 @@ class ForeachEngine(BucketEngine):
         # a bfloat16 parameter rounded stochastically (as the reference engine steps it): {ordinal: seed}
         dtype = items[0].param.dtype
         rounded = self.plan.rounds_params(dtype)
-        work_dtype = self.plan.update_dtype(dtype, any(layout))
+        work_dtype = self.plan.update_dtype(dtype)
         param_seed = (dict(zip(ordinals, param_seeds(bucket.step, ordinals, torch.device("cpu")).tolist()))
                       if rounded else None)
         for piece in chunks(items, self.chunk, store):

@@ -56,7 +56,7 @@ def torch_kernel(plan: Plan, bucket: Bucket) -> Callable[[], None] | None:
     nearest), nor SGD in half precision on the CPU: torch 2.13's kernel leaves such weights unchanged.
     """
     items, group = bucket.items, bucket.group
-    if bucket.grad_scale is not None or plan.projections or not items or not plan.store.as_is:
+    if bucket.grad_scale is not None or plan.projections or not items or not plan.store_of(items[0].param.dtype).as_is:
         return None
     if plan.rounds_params(items[0].param.dtype):
         return None

@@ -48,25 +48,23 @@ class Plan:
     layout: FlatLayout | None = None
     param_rounding: str = "stochastic"
 
-    @property
-    def store(self) -> Store:
-        """How the state is loaded for the rules and stored back (:mod:`~descend.optim.engines.store`)."""
+    def store_of(self, dtype: torch.dtype) -> Store:
+        """How the state of parameters of ``dtype`` is loaded for the rules and stored back
+        (:mod:`~descend.optim.engines.store`): the ``state_dtype``'s store; with ``state_dtype=None`` (the
+        parameter's dtype), a parameter rounded stochastically (:meth:`rounds_params`) keeps its state in
+        bfloat16 rounded stochastically too, updated in float32 as the parameter is."""
+        if self.state_dtype is None and self.rounds_params(dtype):
+            return store_for(torch.bfloat16)
         return store_for(self.state_dtype)
 
     def rounds_params(self, dtype: torch.dtype) -> bool:
         """Whether parameters of ``dtype`` are stepped in float32 and stored rounded stochastically."""
         return rounds_params(self.param_rounding, dtype)
 
-    def update_dtype(self, dtype: torch.dtype, stateful: bool) -> torch.dtype | None:
-        """The dtype the chain computes the update in for parameters of ``dtype`` (None: the gradient's).
-
-        float32 for a parameter whose new value is rounded stochastically (:meth:`rounds_params`), unless
-        its state is kept in the parameter's own dtype (``state_dtype=None``, ``stateful``), which the rules
-        update in place in that dtype, as torch does.
-        """
-        if not self.rounds_params(dtype) or (stateful and self.state_dtype is None):
-            return None
-        return torch.float32
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype the chain computes the update in for parameters of ``dtype`` (None: the gradient's):
+        float32 for a parameter whose new value is rounded stochastically (:meth:`rounds_params`)."""
+        return torch.float32 if self.rounds_params(dtype) else None
 
     def describe(self) -> str:
         return " -> ".join(rule.name for rule in (*self.rules, *self.decays, *self.projections))

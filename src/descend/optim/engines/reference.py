@@ -66,7 +66,7 @@ class ReferenceEngine(Engine):
                    grad_scale: Tensor | None = None) -> None:
         """One step of one parameter (also the first step of every parameter under the other engines)."""
         plan = self.plan
-        store = plan.store
+        store = plan.store_of(p.dtype)
         g = check_grad(p)
         # a 0-d parameter steps as a 1-element tensor: torch computes two 0-d operands (the parameter and a
         # 0-d tensor hyperparameter or grad scale) in the wider dtype, a 1-element tensor in its own
@@ -85,7 +85,7 @@ class ReferenceEngine(Engine):
         ordinal, offset = self.noise_position(p) if store.stochastic or rounded else (0, 0)
         layout = state_layout(active)
         seeds = store.seeds(state["step"], [ordinal], layout, p.device)
-        work_dtype = plan.update_dtype(p.dtype, any(layout))
+        work_dtype = plan.update_dtype(p.dtype)
         if work_dtype is not None:  # the chain in float32, on a float32 copy of the weights
             u, w = u.to(work_dtype), w.to(work_dtype)
         scaled = with_scalars(active, step) if isinstance(step, int) else traced_scalars(active, step)

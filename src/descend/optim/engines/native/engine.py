@@ -76,8 +76,8 @@ class NativeEngine(BucketEngine):
                        report: list[KernelRun]) -> None:
         """Remember group ``index`` if its step was one loop over every parameter with a gradient."""
         runs = [run for run in report if run.group == index]
-        if (grad_scale is None and not self.plan.store.stochastic
-                and not (stepped.params and self.plan.rounds_params(stepped.params[0].dtype))
+        if (grad_scale is None and stepped.params and not self.plan.store_of(stepped.params[0].dtype).stochastic
+                and not self.plan.rounds_params(stepped.params[0].dtype)
                 and runs == [KernelRun(index, self.name, len(stepped.items))]
                 and len(stepped.items) + len(stepped.without_grad) == len(group["params"])
                 and all(item.param is p or item.param._base is p for item, p in zip(stepped.items, stepped.params))):
@@ -90,21 +90,21 @@ class NativeEngine(BucketEngine):
         """Whether the loop may step this bucket: float32 CPU parameters and gradients (or bfloat16 ones
         rounded stochastically, whose chain runs in float32), a store the loop can express, no unscaling
         (:meth:`split` checks each tensor)."""
-        if self.broken or bucket.grad_scale is not None or self.plan.store.c_type is None:
-            return False
         p0, g0 = bucket.items[0].param, bucket.items[0].grad
+        if self.broken or bucket.grad_scale is not None or self.plan.store_of(p0.dtype).c_type is None:
+            return False
         if p0.device.type != "cpu" or g0.dtype not in (torch.float32, torch.bfloat16):
             return False
         if p0.dtype == torch.float32:
             return g0.dtype == torch.float32
-        return self.plan.update_dtype(p0.dtype, any(state_layout(bucket.active))) == torch.float32
+        return self.plan.update_dtype(p0.dtype) == torch.float32
 
     def split(self, items: list[Item]) -> tuple[list[Item], list[int], list[int], list[Item]]:
         """The items the loop can step (every tensor contiguous, the state as the store keeps it:
         :meth:`Store.c_addresses`) with the addresses of their ``w``, ``g`` and state arrays and their sizes;
         and the rest. A bucket shares
         ``w``'s and ``g``'s dtypes, which :meth:`supports` has checked (float32)."""
-        store = self.plan.store
+        store = self.plan.store_of(items[0].param.dtype)
         ready: list[Item] = []
         pointers: list[int] = []
         sizes: list[int] = []
@@ -132,7 +132,7 @@ class NativeEngine(BucketEngine):
         """The compiled loop for this chain and hyperparameter shape (None: the tracer cannot express it);
         ``rounded``: for bfloat16 parameters rounded stochastically; ``grad_bf16``: bfloat16 gradients."""
         rules = tuple(rule for rule, _ in active)
-        store = self.plan.store
+        store = self.plan.store_of(torch.bfloat16 if rounded else torch.float32)  # the loop's two parameter dtypes
         key = (rules, maximize, decays, shapes, store, rounded, grad_bf16)
         if key not in self.kernels:
             layout = state_layout(active)
@@ -188,7 +188,7 @@ class NativeEngine(BucketEngine):
         if prepared is None:
             return False
         kernel, scalars = prepared
-        store = self.plan.store
+        store = self.plan.store_of(items[0].param.dtype)
         if store.stochastic or rounded:  # per tensor: the seeds of each state's rounding noise, then w's
             ordinals = [item.ordinal for item in items]
             seeds = store.seeds(bucket.step, ordinals, state_layout(bucket.active), torch.device("cpu"))
