@@ -20,9 +20,9 @@ The peak is split into the parameters, the gradients alive at the peak (every pa
 ordinary backward pass; the largest parameter's when the step runs inside the backward pass) and the
 optimizer state (the bytes of every tensor the optimizer keeps, codes and scales included), each counted
 from tensor sizes, and the rest: the peak minus the baseline minus those (activations, autograd's buffers,
-the step's temporaries). *Training state* is the first three. Step time is the median of the timed steps,
-reported as a multiple of ``torch.optim.AdamW(fused=True)`` with float32 state at the same size in the same
-run.
+the step's temporaries). *Training state* is the first three. Step time is the median of the timed steps;
+its ratio to ``torch.optim.AdamW(fused=True)`` with float32 state at the same size comes from
+:data:`REFERENCE_PAIRS` more steps of the row alternated with as many of torch's, in the row's process.
 
 ``--two-billion`` trains a ``TransformerLM`` of about 2B parameters for ``--steps`` (default 10) steps on one
 repeated batch, then evaluates it on another batch, in the two lean configurations of the targets (AdamW:
@@ -71,6 +71,8 @@ SIZES: dict[str, tuple[int, int, int]] = {
 DEFAULT_SIZES = ("10M", "100M", "1B")
 QUICK_SIZES = ("100k", "1M")
 REFERENCE = "torch AdamW"
+#: Steps of a row alternated with as many of torch's AdamW in the row's process: its step-time ratio.
+REFERENCE_PAIRS = 6
 
 
 @dataclass(frozen=True)
@@ -224,23 +226,24 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         g = torch.Generator().manual_seed(seed)
         return torch.randint(VOCAB, (BATCH, CONTEXT + 1), generator=g).to(device)
 
-    def loss_of(model: Any, idx: Any) -> Any:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+    def loss_of(model: Any, idx: Any, autocast: bool | None = None) -> Any:
+        enabled = use_autocast if autocast is None else autocast
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
             logits = model(idx[:, :-1])  # (B, T, 256)
         return F.cross_entropy(logits.float().reshape(-1, VOCAB), idx[:, 1:].reshape(-1))
 
-    def build(width: int, depth: int, heads: int) -> Any:
+    def build(width: int, depth: int, heads: int, dtype: Any = None) -> Any:
         old = torch.get_default_dtype()
-        torch.set_default_dtype(param_dtype)  # built in its dtype: never a float32 copy of a bfloat16 model
+        torch.set_default_dtype(dtype or param_dtype)  # built in its dtype: never a float32 copy of a bfloat16 model
         try:
             with torch.device(device):
                 return TransformerLM(VOCAB, CONTEXT, width=width, depth=depth, heads=heads)
         finally:
             torch.set_default_dtype(old)
 
-    def train_step(model: Any, opt: Any, hooks: Any, idx: Any) -> tuple[float, int]:
+    def train_step(model: Any, opt: Any, hooks: Any, idx: Any, autocast: bool | None = None) -> tuple[float, int]:
         opt.zero_grad(set_to_none=True)
-        loss = loss_of(model, idx)
+        loss = loss_of(model, idx, autocast)
         loss.backward()
         grads = sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)
         if hooks is None:
@@ -316,30 +319,33 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     if eval_loss is not None:
         out["eval_loss"] = eval_loss
         out["run_peak_bytes"] = max(peak, first_peak)
-    if hooks is not None:
-        hooks.remove()
     out["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if spec.get("reference") and row.name != REFERENCE and out["timed_steps"]:
-        # torch's float32 AdamW timed on a fresh float32 model of the same shape in the same process right
-        # after the row: a ratio that a shared machine's load, changing from one process to the next, does
-        # not skew
+        # torch's float32 AdamW on a float32 model of the same shape in the same process, its steps alternated
+        # with the row's (row, torch, row, torch, ...), so that a shared machine's load, which changes from one
+        # second to the next, falls on both alike; where both do not fit, the ratio is against the size's
+        # reference row
         try:
-            del opt, model, params
-            gc.collect()
-            param_dtype, use_autocast = torch.float32, False
-            model = build(width, depth, heads)
-            ref = torch.optim.AdamW(model.parameters(), lr=spec["lr"], fused=True)
-            ref_times = []
-            for i in range(1 + spec["steps"]):
-                sync()
-                t0 = time.perf_counter()
-                train_step(model, ref, None, idx)
-                sync()
-                if i:
-                    ref_times.append(time.perf_counter() - t0)
+            ref_model = build(width, depth, heads, torch.float32)
+            ref = torch.optim.AdamW(ref_model.parameters(), lr=spec["lr"], fused=True)
+            train_step(ref_model, ref, None, idx, autocast=False)  # its first step: the state is created
+            paired, ref_times = [], []
+            for _ in range(REFERENCE_PAIRS):
+                for which, times_of in ((model, paired), (ref_model, ref_times)):
+                    sync()
+                    t0 = time.perf_counter()
+                    if which is model:
+                        train_step(model, opt, hooks, idx)
+                    else:
+                        train_step(ref_model, ref, None, idx, autocast=False)
+                    sync()
+                    times_of.append(time.perf_counter() - t0)
+            out["paired_step_seconds"] = statistics.median(paired)
             out["reference_step_seconds"] = statistics.median(ref_times)
         except (MemoryError, RuntimeError):
-            pass  # no room for its state beside the row's: the ratio is against the size's reference row
+            pass
+    if hooks is not None:
+        hooks.remove()
     return out
 
 
@@ -452,8 +458,8 @@ def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dic
         r.pop("ratio_note", None)
         if not r.get("fits"):
             continue
-        if r.get("reference_step_seconds"):
-            r["vs_torch_adamw"] = r["step_seconds"] / r["reference_step_seconds"]
+        if r.get("reference_step_seconds"):  # alternated with the row's own steps, or (older runs) after them
+            r["vs_torch_adamw"] = r.get("paired_step_seconds", r["step_seconds"]) / r["reference_step_seconds"]
         elif base and base.get("run") is not None and base.get("run") == r.get("run"):
             r["vs_torch_adamw"] = r["step_seconds"] / base["step_seconds"]
         else:
