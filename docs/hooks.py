@@ -463,14 +463,14 @@ def memory(name: str | None) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             if not r.get("available", True):
-                lines.append(f"| {r['row']} | {r['reason']} ||||||||| ")
+                lines.append(f"| {r['row']}: {r['reason']} |" + "|" * 9)  # the text where it wraps
             elif not r.get("fits"):
-                why = f"does not fit: {r.get('error', '')}"
+                limit = r.get("address_space_cap_bytes")
+                why = f"does not fit ({limit / 2**30:.0f} GiB cap)" if limit else f"does not fit: {r.get('error', '')}"
                 ex = r.get("extrapolated")
                 if ex:
-                    why += (f"; extrapolated from {ex['from_size']} ({ex['peak_bytes_per_parameter']:.1f} B/param): "
-                            f"peak {_gib(ex['peak_bytes'])} GiB")
-                lines.append(f"| {r['row']} | {why} ||||||||| ")
+                    why += f"; about {_gib(ex['peak_bytes'])} GiB at {ex['peak_bytes_per_parameter']:.1f} B/param"
+                lines.append(f"| {r['row']}: {why} |" + "|" * 9)
             else:
                 ratio = f"{r['vs_torch_adamw']:.2f}x" if r.get("vs_torch_adamw") is not None else ""
                 first = r.get("timed_steps", 1) == 0  # too slow to time: the first step, construction in its peak
