@@ -408,21 +408,20 @@ class Blockwise8(Store):
         parts = []
         for signed, tag in ((True, "s"), (False, "u")):
             layout = dynamic_layout(signed)
-            exponent_top = (1 << (4 if signed else 5)) - 1
             # minus a magnitude is 127 - it, 255 - (128 + it); a negative value in the unsigned code is 0
             code = ("(uint32_t)(128 + magnitude) ^ (0u - negative)" if signed
                     else "(uint32_t)magnitude & (negative - 1u)")
             index = "q & 0x80u ? q & 0x7Fu : 0x7Fu - q" if signed else "q"
             sign = "(~q & 0x80u) << 24" if signed else "0u"
             parts.append(f"""
-/* grid[q] (dynamic_grid): the magnitude of index k = e*8 + m built from its bits, 2^(e - {exponent_top})*(1 + m/8),
-   or the subnormal m * 2^-{exponent_top + 2} for e = 0; negative for a signed q below 128 */
+/* grid[q] (dynamic_grid): the magnitude of index k built from its bits, the inverse of the quantiser's
+   (bits >> 20) - bias (the subnormals k < 8: k / subnormal_scale); negative for a signed q below 128 */
 static inline float descend_q8_grid_{tag}(uint32_t q) {{
   const uint32_t k = {index};
-  const float subnormal = (float)(int32_t)k * 0x1p-{exponent_top + 2}f;
+  const float subnormal = (float)(int32_t)k * {(1 / layout.subnormal_scale).hex()}f;
   uint32_t subnormal_bits;
   memcpy(&subnormal_bits, &subnormal, sizeof subnormal_bits);
-  const uint32_t bits = (k < 8 ? subnormal_bits : (k << 20) + ({127 - exponent_top}u << 23)) | {sign};
+  const uint32_t bits = (k < 8 ? subnormal_bits : (k + {layout.bias}u) << 20) | {sign};
   float value;
   memcpy(&value, &bits, sizeof value);
   return value;
