@@ -280,14 +280,19 @@ class BucketEngine(Engine):
         # per (device, dtype, grad dtype): the items, their parameters and their state dicts
         buckets: dict[tuple[Any, ...], tuple[list[Item], list[Tensor], list[dict[str, Any]]]] = {}
         all_state = self.source.state
+        # per parameter dtype: its store, the optimizer-state keys of its state tensors, and those with "step"
+        stores: dict[torch.dtype, tuple[Store, list[str], set[str]]] = {}
         for p in stepping:
-            store = plan.store_of(p.dtype)
-            kept = store.kept_keys(keys)  # the optimizer-state keys of the state tensors
+            if p.dtype not in stores:
+                store = plan.store_of(p.dtype)
+                kept = store.kept_keys(keys)
+                stores[p.dtype] = store, kept, {"step", *kept}
+            store, kept, needed = stores[p.dtype]
             g = p.grad
             if g.is_sparse or p.is_complex():
                 check_grad(p)  # raises
             state = all_state[p]
-            if p.numel() == 0 or "step" not in state or not all(k in state for k in kept):
+            if p.numel() == 0 or not needed <= state.keys():
                 self.reference.step_param(p, group, active, factor, grad_scale)
                 one_at_a_time += 1
                 continue
