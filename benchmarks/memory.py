@@ -329,15 +329,15 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             ref_model = build(width, depth, heads, torch.float32)
             ref = torch.optim.AdamW(ref_model.parameters(), lr=spec["lr"], fused=True)
             train_step(ref_model, ref, None, idx, autocast=False)  # its first step: the state is created
-            paired, ref_times = [], []
+            paired: list[float] = []
+            ref_times: list[float] = []
+            steps = ((paired, lambda: train_step(model, opt, hooks, idx)),
+                     (ref_times, lambda: train_step(ref_model, ref, None, idx, autocast=False)))
             for _ in range(REFERENCE_PAIRS):
-                for which, times_of in ((model, paired), (ref_model, ref_times)):
+                for times_of, step in steps:
                     sync()
                     t0 = time.perf_counter()
-                    if which is model:
-                        train_step(model, opt, hooks, idx)
-                    else:
-                        train_step(ref_model, ref, None, idx, autocast=False)
+                    step()
                     sync()
                     times_of.append(time.perf_counter() - t0)
             out["paired_step_seconds"] = statistics.median(paired)
