@@ -337,10 +337,10 @@ def outcome(fn: Callable[[], Any]) -> tuple[str, str] | None:
 
 def half_precision_arithmetic(s: Scenario) -> bool:
     """Whether the scenario steps in half-precision arithmetic (float16; bfloat16 unless its chain runs in
-    float32, which stochastic rounding does where the state has a dtype of its own)."""
+    float32, which stochastic rounding does)."""
     if s.dtype == torch.float16:
         return True
-    return s.dtype == torch.bfloat16 and (s.param_rounding == "nearest" or s.state_dtype is None)
+    return s.dtype == torch.bfloat16 and s.param_rounding == "nearest"
 
 
 def check(s: Scenario, engines: list[str]) -> None:
