@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from descend import optim
-from descend._memory import address_space_cap, available_memory, peak_resident_bytes, reset_peak
+from descend._memory import (
+    address_space_cap,
+    available_memory,
+    mmap_large_allocations,
+    peak_resident_bytes,
+    reset_peak,
+)
 from descend._random import generator
 from descend.experiments._common import PALETTE, Outcome, band, finding, new_figure, span
 from descend.nn import TransformerLM, count_parameters
@@ -62,6 +68,7 @@ def _child(config: str, sizes: Sequence[int], seeds: Sequence[int], repeats: int
     step and ``repeats`` timed steps of ``config``; prints one JSON line per (size, seed), or one saying the
     size does not fit under the process's memory limit, then stops."""
     torch.set_num_threads(1)
+    mmap_large_allocations()  # a freed model's memory leaves the resident set before the next size is measured
     preset, kwargs, in_backward = CONFIGS[config]
     kwargs = {k: getattr(torch, v) if k == "state_dtype" else v for k, v in kwargs.items()}
     for index in sizes:
@@ -223,19 +230,19 @@ def scale(*, quick: bool = False, seeds: Sequence[int] = (0, 1), max_params: flo
     """One training step costs time and memory in proportion to the parameters; at a fixed compute budget the
     best model size grows with the budget.
 
-    Part 1: one step (forward, backward, optimizer) of a ``TransformerLM`` on ``1 x 64`` bytes (a fixed
-    number of tokens per step, so the work grows with the parameters alone) at sizes about 3x apart from
-    about 1M parameters up to ``max_params`` (3e7 by default; ``run("scale", out, max_params=2e9)`` for
-    the big sweep), one thread, for four optimizer configurations: AdamW with float32 state, AdamW with
-    bfloat16 state, Lion, and AdamW stepped inside the backward pass (``descend.optim.step_in_backward``).
-    Time is the median of 2 timed steps after a warm-up one; memory is the peak resident set of the step,
-    measured in a child process per configuration whose address space is capped (16 GiB, or 80% of the
-    memory available), so a size that does not fit is reported as such. The slope of log time against
-    log parameters is fitted on each seed over the sizes from 5M up (theory: 1, linear), and the bytes
-    per parameter of each configuration is the slope of peak memory against parameters. Part 2: four
-    small ``TransformerLM`` (3k to 70k parameters) trained with AdamW (lr 3e-3, 32 x 32 bytes per step)
-    on stdlib-text, each to the same training compute ``6 x parameters x tokens`` (all parameters counted),
-    the validation loss (nats per byte, 64 fixed windows) at log-spaced steps; the frontier is the lowest
+    Part 1: one step (forward, backward, optimizer) of a ``TransformerLM`` on ``1 x 64`` bytes (a fixed number of
+    tokens per step, so the work grows with the parameters alone) at sizes about 3x apart from about 1M parameters
+    up to ``max_params`` (3e7 by default; ``run("scale", out, max_params=2e9)`` for the big sweep), one thread, for
+    four optimizer configurations: AdamW with float32 state, AdamW with bfloat16 state, Lion, and AdamW stepped
+    inside the backward pass (``descend.optim.step_in_backward``). Time is the median of 2 timed steps after a
+    warm-up one; memory is the peak resident set of the step, measured in a child process per configuration whose
+    address space is capped (16 GiB, or 80% of the memory available), so a size that does not fit is reported as
+    such, and whose C library returns every freed tensor to the system (so a smaller size's memory is not counted in
+    the next one's peak). The slope of log time against log parameters is fitted on each seed over the sizes from 5M
+    up (theory: 1, linear), and the bytes per parameter of each configuration is the slope of peak memory against
+    parameters. Part 2: four small ``TransformerLM`` (3k to 70k parameters) trained with AdamW (lr 3e-3, 32 x 32
+    bytes per step) on stdlib-text, each to the same training compute ``6 x parameters x tokens`` (all parameters
+    counted), the validation loss (nats per byte, 64 fixed windows) at log-spaced steps; the frontier is the lowest
     loss any size reaches for a given compute.
     """
     n = len(seeds)
