@@ -40,9 +40,11 @@ from torch import Tensor
 BLOCK = 256
 
 CODES = ("linear", "dynamic")
-#: The dynamic code's largest magnitude, ``1 + 7/8``: a value ``x`` of a block of scale ``s`` is ``z = |x|/s * TOP``
+#: The dynamic code's largest magnitude, ``1 + 7/8``: a value ``x`` of a block of scale ``s`` is ``z = |x| * (TOP/s)``
 #: in grid units (:func:`dynamic_grid`).
 TOP = 1.875
+#: The smallest block scale, float32's smallest normal number 2^-126: ``TOP / s`` stays finite.
+MIN_SCALE = 2.0**-126
 
 
 @functools.cache
@@ -82,9 +84,9 @@ def linear_code() -> Tensor:
 
 
 def block_scales(x: Tensor) -> Tensor:
-    """Per block, ``max|x|`` (float32); 1 for an all-zero block, so that dividing by it is safe; NaN for a block
-    holding a NaN (``amax`` propagates it), so the whole block reads back as NaN rather than as values clipped
-    to a scale that ignores it.
+    """Per block, ``max|x|`` (float32), at least :data:`MIN_SCALE` (an all-zero block's, so that ``TOP / s`` is
+    finite); NaN for a block holding a NaN (``amax`` propagates it), so the whole block reads back as NaN rather
+    than as values clipped to a scale that ignores it.
 
     The whole blocks and the shorter last one are reduced apart rather than padded to whole blocks:
     inductor mis-compiles the padding when ``x`` was updated in place in the same graph (an optimizer step).
@@ -94,7 +96,7 @@ def block_scales(x: Tensor) -> Tensor:
     scales = flat[:whole].view(-1, BLOCK).amax(dim=1)
     if whole < flat.numel():
         scales = torch.cat([scales, flat[whole:].amax().reshape(1)])
-    return torch.where(scales == 0, torch.ones_like(scales), scales)
+    return torch.where(scales < MIN_SCALE, torch.full_like(scales, MIN_SCALE), scales)
 
 
 def per_element(scales: Tensor, n: int) -> Tensor:
@@ -118,7 +120,7 @@ def lookup(table: Tensor, index: Tensor) -> Tensor:
 class DynamicLayout(NamedTuple):
     """Where a value falls in the dynamic code, read from float32 bits (:func:`dynamic_layout`).
 
-    In *grid units* ``z = (|x| / s) * TOP`` the code's magnitudes are exact floats with 3 mantissa bits,
+    In *grid units* ``z = |x| * (TOP / s)`` the code's magnitudes are exact floats with 3 mantissa bits,
     ``2^(e - E) * (1 + m/8)``, and below ``2^(1 - E)`` the subnormals ``2^(1 - E) * m/8``. So a normal
     ``z``'s bits say which two magnitudes it lies between and how far up: ``(bits >> 20) - bias`` is the
     index of the one at or below it (its exponent and leading 3 mantissa bits) and ``bits & 0xFFFFF`` the
@@ -149,16 +151,18 @@ def dynamic_layout(signed: bool) -> DynamicLayout:
 def _dynamic_codes(flat: Tensor, scales: Tensor, signed: bool, noise: Tensor | None, stochastic: bool) -> Tensor:
     """The dynamic code of each value of ``flat`` (float32) under its block's scale (int32 codes).
 
-    ``z = (|x| / s) * TOP`` (two float32 roundings) lies between the magnitudes of index ``k`` and ``k + 1``,
-    ``r / 2^20`` of the way up (:class:`DynamicLayout`); the magnitude is ``k + 1`` if ``16 * noise < r``
-    (``stochastic``: with probability ``r / 2^20``) or ``r >= 2^19`` (nearest), else ``k``. ``z`` at or above
-    the top (and NaN: a block whose scale is NaN) takes the top. A negative value takes the code of minus its
+    ``z = |x| * (TOP / s)`` (two float32 roundings, ``TOP / s`` once per block) lies between the magnitudes of
+    index ``k`` and ``k + 1``, ``r / 2^20`` of the way up (:class:`DynamicLayout`); the magnitude is ``k + 1`` if
+    ``16 * noise < r`` (``stochastic``: with probability ``r / 2^20``) or ``r >= 2^19`` (nearest), else ``k``.
+    ``z`` at or above the top (the block's largest value may round just above it; NaN: a block whose scale is
+    NaN) takes the top. A negative value takes the code of minus its
     magnitude; in the unsigned code every negative value takes 0. A NaN counts as positive, whatever its sign
     bit (which engines need not agree on).
     """
     layout = dynamic_layout(signed)
     bits = flat.view(torch.int32)
-    z = (flat.abs() / per_element(scales, flat.numel())) * TOP
+    inverse = torch.div(torch.full_like(scales, TOP), scales)  # a true division (``TOP / scales`` is TOP * 1/s)
+    z = flat.abs() * per_element(inverse, flat.numel())
     zbits = z.view(torch.int32) & 0x7FFFFFFF
     moved = (z * layout.subnormal_scale + 8.0).view(torch.int32)
     small = zbits < layout.normal_min_bits

@@ -55,7 +55,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from descend.optim._blockwise import BLOCK, SUBNORMAL_BIAS, TOP, dequantize, dynamic_grid, dynamic_layout, quantize
+from descend.optim._blockwise import (
+    BLOCK,
+    MIN_SCALE,
+    SUBNORMAL_BIAS,
+    TOP,
+    dequantize,
+    dynamic_grid,
+    dynamic_layout,
+    quantize,
+)
 from descend.optim.engines.tensorlist import TensorList
 
 #: The ``state_dtype`` of 8-bit blockwise state (:class:`Blockwise8`).
@@ -427,8 +436,8 @@ static inline float descend_q8_grid_{tag}(uint32_t q) {{
   return value;
 }}
 
-/* values[0:n] (n <= {BLOCK}) as one block: scale max|x| (NaN if any is NaN, 1 if all are 0), each value's
-   magnitude z = |x|/scale*{TOP} rounded stochastically to one of the two codes around it with the element's
+/* values[0:n] (n <= {BLOCK}) as one block: scale max|x| (NaN if any is NaN, at least 2^-126), each value's
+   magnitude z = |x|*({TOP}/scale) rounded stochastically to one of the two codes around it with the element's
    hash noise */
 static void descend_q8_store_{tag}(const float *restrict values, int64_t n, uint8_t *restrict codes,
                                  float *scale, uint32_t index, uint32_t seed) {{
@@ -443,15 +452,16 @@ static void descend_q8_store_{tag}(const float *restrict values, int64_t n, uint
   float m;
   memcpy(&m, &top, sizeof m);
   if (top > 0x7F800000u) m = NAN;
-  else if (top == 0) m = 1.0f;
+  else if (top < 0x00800000u) m = {MIN_SCALE.hex()}f;
   *scale = m;
+  const float inverse = {TOP}f / m;
   for (int64_t i = 0; i < n; i++) {{
     uint32_t bits, zbits, moved;
     memcpy(&bits, values + i, sizeof bits);
     const uint32_t abs_bits = bits & 0x7FFFFFFFu, negative = (bits >> 31) & (abs_bits <= 0x7F800000u);
     float a;
     memcpy(&a, &abs_bits, sizeof a);
-    const float z = a / m * {TOP}f, shifted = z * {layout.subnormal_scale:.1f}f + 8.0f;
+    const float z = a * inverse, shifted = z * {layout.subnormal_scale:.1f}f + 8.0f;
     memcpy(&zbits, &z, sizeof zbits);
     memcpy(&moved, &shifted, sizeof moved);
     zbits &= 0x7FFFFFFFu;
