@@ -16,7 +16,15 @@ from descend.optim.engines import compiled
 from descend.optim.engines import plan as plan_module
 from descend.optim.engines.auto import AutoEngine
 from descend.optim.engines.foreach import ForeachEngine
-from descend.optim.engines.store import Store, element_noise, rounding_seeds, stochastic_round, store_for
+from descend.optim.engines.store import (
+    Store,
+    element_noise,
+    mix32,
+    mix32_word,
+    rounding_seeds,
+    stochastic_round,
+    store_for,
+)
 from descend.optim.engines.tensorlist import TensorList
 
 SHAPES = [(3, 4), (5,), (2, 3, 2), (0,), (7,), (4, 1)]
@@ -473,13 +481,29 @@ def test_tensorlist_with_scratch_matches_fresh_results() -> None:
     assert len(scratch.buffers[(torch.float32, torch.device("cpu"))]) == held  # reused, not grown
 
 
+def test_the_seed_hash_on_python_integers_is_the_tensor_hash() -> None:
+    """mix32_word (Python integers, the eager path) and mix32 (tensor operations, what torch.compile traces)
+    give the same bits on every kind of word, and so rounding_seeds does on both paths."""
+    gen = torch.Generator().manual_seed(0)
+    words = torch.cat([torch.randint(-(2**31), 2**31, (20_000,), dtype=torch.int32, generator=gen),
+                       torch.tensor([0, 1, -1, 2**31 - 1, -(2**31)], dtype=torch.int32)])
+    as_signed = [w - (1 << 32) if w >> 31 else w for w in (mix32_word(int(x)) for x in words)]
+    assert torch.equal(torch.tensor(as_signed, dtype=torch.int32), mix32(words))
+
+    traced = torch.compile(rounding_seeds, backend="eager", fullgraph=True)
+    ordinals = [0, 1, 7, 1000, 2**20]
+    for step in (torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0e6, dtype=torch.float64)):
+        for slot in (-1, 0, 1, 17, 33):
+            assert torch.equal(traced(step, ordinals, slot), rounding_seeds(step, ordinals, slot))
+
+
 def test_hash_noise_is_uniform_and_unrelated_across_steps_and_neighbours() -> None:
     """16-bit noise from the index hash: uniform bins, no correlation between steps, parameters or neighbours."""
     like = torch.empty(1 << 16)
-    seeds = rounding_seeds(torch.tensor(7.0), torch.tensor([0, 1], dtype=torch.int32), 0)
+    seeds = rounding_seeds(torch.tensor(7.0), [0, 1], 0)
     a, b = (element_noise(int(seed), like).double() for seed in seeds)  # two parameters, same step
-    c = element_noise(int(rounding_seeds(torch.tensor(8.0), torch.tensor([0], dtype=torch.int32), 0)), like).double()
-    d = element_noise(int(rounding_seeds(torch.tensor(7.0), torch.tensor([0], dtype=torch.int32), 1)), like).double()
+    c = element_noise(int(rounding_seeds(torch.tensor(8.0), [0], 0)), like).double()
+    d = element_noise(int(rounding_seeds(torch.tensor(7.0), [0], 1)), like).double()
     assert a.min() >= 0 and a.max() < 65536
     counts = torch.bincount((a // 256).long(), minlength=256).double()  # 256 equal bins of 256 values
     chi2 = float(((counts - 256) ** 2 / 256).sum())

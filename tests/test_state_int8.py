@@ -40,7 +40,7 @@ def test_an_int8_adamw_step_is_dequantise_the_rule_quantise_with_the_hash_noise(
         vf = vf * b2 + g * (1 - b2) * g
         update = (mf / (1 - b1**t)) / ((vf / (1 - b2**t)).sqrt() + eps)
         w = w * (1 - lr * wd) - lr * update
-        seeds = [rounding_seeds(torch.tensor(float(t)), torch.tensor([0]), state_slot(0, j)) for j in (0, 1)]
+        seeds = [rounding_seeds(torch.tensor(float(t)), [0], state_slot(0, j)) for j in (0, 1)]
         m = quantize(mf, "dynamic", True, element_noise(seeds[0][0], mf))
         v = quantize(vf, "dynamic", False, element_noise(seeds[1][0], vf))
         state = opt.state[p]

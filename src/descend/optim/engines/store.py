@@ -99,16 +99,35 @@ def state_slot(rule_index: int, key_index: int) -> int:
     return 16 * rule_index + key_index
 
 
-def rounding_seeds(step: Tensor, ordinals: Tensor, slot: int) -> Tensor:
-    """int32 seeds, one per parameter: a hash of the step, each parameter's ordinal and the state slot.
+def mix32_word(x: int) -> int:
+    """:func:`mix32` of one 32-bit word in Python integers (``x`` taken modulo 2^32; the result unsigned): the
+    same bits, without the cost of a dozen tensor operations on a tensor of one element."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * HASH_MUL1) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * HASH_MUL2) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def rounding_seeds(step: Tensor, ordinals: Sequence[int], slot: int) -> Tensor:
+    """int32 seeds, one per parameter: a hash of the step, each parameter's ordinal and the state slot,
+    ``mix32(ordinal * c1 + mix32(step * c2 + slot * c3))`` in wrapping 32-bit arithmetic.
 
     Args:
         step: the 0-d step counter (any dtype; its value is used as an integer).
-        ordinals: int32 ``[n]``, each parameter's position in the optimizer (over all groups).
+        ordinals: each parameter's position in the optimizer (over all groups).
         slot: which state tensor of the parameter (:func:`state_slot`).
+
+    Returns an int32 ``[n]`` CPU tensor. Traced by ``torch.compile`` (the step a graph input) the hash runs as
+    tensor operations (:func:`mix32`), otherwise on Python integers (:func:`mix32_word`).
     """
-    step_hash = mix32(step.to(torch.int32) * _STEP_MUL + slot * _SLOT_MUL)
-    return mix32(ordinals.to(torch.int32) * _ORDINAL_MUL + step_hash)
+    if torch.compiler.is_compiling():
+        step_hash = mix32(step.to(torch.int32) * _STEP_MUL + slot * _SLOT_MUL)
+        return mix32(torch.tensor(list(ordinals), dtype=torch.int32) * _ORDINAL_MUL + step_hash)
+    step_hash = mix32_word(int(step.item()) * _STEP_MUL + slot * _SLOT_MUL)
+    words = [mix32_word(ordinal * _ORDINAL_MUL + step_hash) for ordinal in ordinals]
+    return torch.tensor([w - (1 << 32) if w >> 31 else w for w in words], dtype=torch.int32)
 
 
 def element_noise(seed: Tensor | int, like: Tensor, offset: int = 0, lanes: Tensor | None = None) -> Tensor:
@@ -250,9 +269,8 @@ class Store:
         this step, on ``device``; empty where storing takes no noise."""
         if not self.stochastic:
             return []
-        ordinal = torch.tensor(list(ordinals), dtype=torch.int32)
         step = step.cpu()
-        return [[rounding_seeds(step, ordinal, state_slot(r, j)).to(device) for j in range(len(names))]
+        return [[rounding_seeds(step, ordinals, state_slot(r, j)).to(device) for j in range(len(names))]
                 for r, names in enumerate(layout)]
 
     @property
@@ -638,7 +656,7 @@ def rounds_params(param_rounding: str, dtype: torch.dtype) -> bool:
 
 def param_seeds(step: Tensor, ordinals: Sequence[int], device: torch.device) -> Tensor:
     """int32 ``[n]``: this step's rounding seed of each parameter (by ordinal), on ``device``."""
-    return rounding_seeds(step.cpu(), torch.tensor(list(ordinals), dtype=torch.int32), PARAM_SLOT).to(device)
+    return rounding_seeds(step.cpu(), ordinals, PARAM_SLOT).to(device)
 
 
 def param_store() -> StochasticBF16:
