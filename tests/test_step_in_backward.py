@@ -102,6 +102,22 @@ def test_what_needs_every_gradient_is_refused_in_one_line() -> None:
         optim.step_in_backward(opt)
 
 
+def test_a_gradient_set_by_hand_between_backward_passes_is_refused() -> None:
+    """Each backward pass checks, before its first step, that no other parameter holds a gradient: a stale
+    gradient would otherwise be added to the next one and stepped twice."""
+    model = _model()
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batches(1)[0]
+    first = next(model.parameters())
+    with optim.step_in_backward(opt):
+        for _ in range(2):  # passes that each leave no gradient behind
+            nn.functional.cross_entropy(model(x), y).backward()
+            assert all(p.grad is None for p in model.parameters())
+        first.grad = torch.ones_like(first)  # the first layer's gradient is computed last in the backward pass
+        with pytest.raises(RuntimeError, match="another parameter holds a gradient"):
+            nn.functional.cross_entropy(model(x), y).backward()
+
+
 def test_removing_the_hooks_restores_the_ordinary_step() -> None:
     model = _model()
     opt = optim.SGD(model.parameters(), lr=0.1)
