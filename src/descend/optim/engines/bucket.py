@@ -12,7 +12,8 @@ import array
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from itertools import chain, pairwise
+from itertools import chain, compress, pairwise, repeat
+from operator import attrgetter, is_not, not_
 from typing import Any
 
 import torch
@@ -160,6 +161,9 @@ class StepCounters:
         return [(positions, self.advance([states[i] for i in positions])) for positions in by_count.values()]
 
 
+_grad_of = attrgetter("grad")
+
+
 def tensor_version(t: Tensor) -> int:
     """``t``'s version counter (advanced by every in-place operation on it or a view); -1 where torch keeps
     none (an inference tensor), which matches no recorded version."""
@@ -269,8 +273,13 @@ class BucketEngine(Engine):
                 if not self.step_flat(buffer, index, group, active, factor, keys, grad_scale):
                     buffer.invalidate()  # its parameters step one by one: their counts may part
                     one_by_one += buffer.params
-        without_grad = [p for p in one_by_one if p.grad is None]
-        stepping = [p for p in one_by_one if p.grad is not None] if without_grad else one_by_one
+        # C-level loops: a group stepped one parameter at a time (inside the backward pass) is scanned each time
+        has_grad = list(map(is_not, map(_grad_of, one_by_one), repeat(None)))
+        if not all(has_grad):
+            stepping = list(compress(one_by_one, has_grad))
+            without_grad = list(compress(one_by_one, map(not_, has_grad)))
+        else:
+            stepping, without_grad = one_by_one, []
         if len(stepping) > 1 and self.overlap(index, stepping):
             # parameters that share memory see each other's updates: step them in the reference engine's
             # order (a bucket steps them together, the native loop even on several threads at once)

@@ -41,10 +41,13 @@ class NativeEngine(BucketEngine):
         self.kernels: dict[tuple[Any, ...], Kernel | None] = {}
         self.broken = False  # compiling failed: no compiler here
         self.groups: dict[int, NativeGroup] = {}  # by group index
+        # by group index: which parameters its last step stepped (ids), to remember it once a step repeats them
+        self.last_stepped: dict[int, tuple[int, ...]] = {}
 
     def reset(self) -> None:
         super().reset()
         self.groups.clear()
+        self.last_stepped.clear()
         self.foreach.reset()
 
     # -- the param-group cache ----------------------------------------------------------------------
@@ -74,7 +77,13 @@ class NativeEngine(BucketEngine):
 
     def remember_group(self, index: int, group: dict[str, Any], stepped: SortedGroup, grad_scale: Tensor | None,
                        report: list[KernelRun]) -> None:
-        """Remember group ``index`` if its step was one loop over every parameter with a gradient."""
+        """Remember group ``index`` if its step was one loop over every parameter with a gradient, the same
+        parameters as its step before (a group stepped one parameter at a time, as inside the backward pass,
+        is never remembered: each step would forget the one before)."""
+        stepped_ids = tuple(map(id, stepped.params))
+        if self.last_stepped.get(index) != stepped_ids:
+            self.last_stepped[index] = stepped_ids
+            return
         runs = [run for run in report if run.group == index]
         if (grad_scale is None and stepped.params and not self.plan.store_of(stepped.params[0].dtype).stochastic
                 and not self.plan.rounds_params(stepped.params[0].dtype)
