@@ -227,8 +227,16 @@ def equivalence_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, obje
 def test_two_ranks_equal_one_process_after_20_steps(equivalence_runs: dict[str, object], strategy: str,
                                                     case: str) -> None:
     assert equivalence_runs["world_size"] == 2
-    reference = job.run_case(case, "none", job.STEPS)
+    # flat buffers draw bfloat16 state's rounding noise by their own positions: the reference is flat too
+    flat = strategy == "ddp_flat"
+    reference = job.run_case(case, "none", job.STEPS, "foreach" if flat else "auto", flat=flat)
     assert max_abs_diff(equivalence_runs[f"{strategy}/{case}"], reference) <= 1e-5
+
+
+@pytest.mark.slow
+def test_int8_state_is_refused_on_fsdp_shards_in_one_line(equivalence_runs: dict[str, object]) -> None:
+    error = equivalence_runs["fsdp_int8_error"]
+    assert isinstance(error, str) and "state_dtype='int8'" in error and "FSDP" in error and "\n" not in error
 
 
 def test_clipping_case_really_clips() -> None:
@@ -256,7 +264,7 @@ def test_fsdp_checkpoint_from_two_ranks_resumes_in_one_process(tmp_path: Path) -
     code, log, _ = torchrun(["checkpoint", "--steps", "10", "--ckpt", str(tmp_path), "--out",
                              str(tmp_path / "unused.pt")], timeout=240)
     assert code == 0, log[-4000:]
-    for name in ("sgd_momentum", "adamw", "lion"):
+    for name in job.CHECKPOINTED:
         model = dd.wrap(job.make_model(), "none")
         opt = job.OPTIMIZERS[name](model.parameters())
         extra = dd.load_checkpoint(tmp_path / name, model, opt)

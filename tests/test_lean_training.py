@@ -119,6 +119,9 @@ def test_the_cli_records_both_modes_and_refuses_a_clash(tmp_path) -> None:
     clash = descend("train", "--steps", "3", "--step-in-backward", "--clip-grad-norm", "1", "--out", str(tmp_path))
     assert clash.returncode == 2 and "step_in_backward: clipping" in clash.stderr
     assert clash.stderr.count("\n") == 1
+    sharded = descend("train", "--steps", "3", "--strategy", "fsdp", "--state-dtype", "int8", "--out", str(tmp_path))
+    assert sharded.returncode == 2 and "--state-dtype int8" in sharded.stderr and "FSDP" in sharded.stderr
+    assert sharded.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("optimizer,state_dtype,per_parameter", [

@@ -443,6 +443,9 @@ class RunSpec:
         validate(self)
         if self.steps is None and self.epochs is None:
             raise OptionError("give --steps or --epochs")
+        if self.strategy == "fsdp" and self.state_dtype == "int8":
+            raise OptionError("--state-dtype int8 keeps a scale per block of 256 values of a parameter, which FSDP's "
+                              "shards cut across: use --state-dtype bfloat16 with --strategy fsdp, or --strategy ddp")
 
     @property
     def resolved_lr(self) -> float:

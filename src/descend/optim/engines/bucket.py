@@ -19,11 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-try:  # torch builds without distributed support have no DTensor
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = ()  # type: ignore[assignment,misc]
-
 from descend.optim._flat import FlatBuffer
 from descend.optim.engines.plan import (
     ActiveRules,
@@ -40,6 +35,7 @@ from descend.optim.engines.plan import (
     weight_factor,
 )
 from descend.optim.engines.reference import ReferenceEngine
+from descend.optim.engines.shards import DTensor, local
 from descend.optim.engines.store import NoisePositions, Store
 from descend.optim.engines.tensorlist import TensorList
 from descend.optim.rules.base import WeightRule
@@ -171,11 +167,6 @@ def tensor_version(t: Tensor) -> int:
         return t._version
     except RuntimeError:
         return -1
-
-
-def local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (a view: updating it updates the DTensor); any other tensor as it is."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def tensors_overlap(tensors: Sequence[Tensor]) -> bool:

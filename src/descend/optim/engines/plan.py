@@ -11,12 +11,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-try:  # torch builds without distributed support have no DTensor
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = ()  # type: ignore[assignment,misc]
-
 from descend.optim._flat import FlatLayout
+from descend.optim.engines.shards import DTensor
 from descend.optim.engines.store import Store, rounds_params, store_for
 from descend.optim.rules.base import Rule, WeightRule
 

@@ -25,6 +25,7 @@ from descend.optim.engines.plan import (
     traced_scalars,
     with_scalars,
 )
+from descend.optim.engines.shards import DTensor, local
 from descend.optim.engines.store import NoisePositions, param_seeds, param_store
 from descend.optim.rules.base import step_dtype
 
@@ -69,8 +70,10 @@ class ReferenceEngine(Engine):
         store = plan.store_of(p.dtype)
         g = check_grad(p)
         # a 0-d parameter steps as a 1-element tensor: torch computes two 0-d operands (the parameter and a
-        # 0-d tensor hyperparameter or grad scale) in the wider dtype, a 1-element tensor in its own
-        w, g = torch.atleast_1d(p), torch.atleast_1d(g)
+        # 0-d tensor hyperparameter or grad scale) in the wider dtype, a 1-element tensor in its own; a sharded
+        # one steps its local shard (the rules are elementwise), its state as well
+        view = local if isinstance(p, DTensor) else torch.atleast_1d
+        w, g = view(p), view(g)
         u = g / grad_scale.to(g.device) if grad_scale is not None else g
         u = -u if group["maximize"] else u
         state = self.source.state[p]
@@ -92,7 +95,7 @@ class ReferenceEngine(Engine):
         for r, (rule, hp) in enumerate(scaled):
             stored, fresh = rule_state(rule, state, p, hp, store)
             if w is not p:
-                stored = {k: store.map(v, torch.atleast_1d) for k, v in stored.items()}
+                stored = {k: store.map(v, view) for k, v in stored.items()}
             work = {k: store.load(v) for k, v in stored.items()}
             u = (rule.first_update if fresh else rule.update)(u, w, work, hp, step)
             for j, (k, v) in enumerate(stored.items()):
@@ -103,7 +106,7 @@ class ReferenceEngine(Engine):
             new.mul_(factor)
         new.add_(u)
         if rounded:
-            w = torch.atleast_1d(p)
+            w = view(p)
             param_store().store_(w, new, param_seeds(state["step"], [ordinal], p.device)[0], offset)
-        for projection in plan.projections:
-            projection.project_(w, projection.read(group))
+        for projection in plan.projections:  # a ball's norm is the whole tensor's: a DTensor reduces its shards
+            projection.project_(p if view is local else w, projection.read(group))

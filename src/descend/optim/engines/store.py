@@ -65,6 +65,7 @@ from descend.optim._blockwise import (
     dynamic_layout,
     quantize,
 )
+from descend.optim.engines.shards import DTensor, shard_offset
 from descend.optim.engines.tensorlist import TensorList
 
 #: The ``state_dtype`` of 8-bit blockwise state (:class:`Blockwise8`).
@@ -537,6 +538,11 @@ static void descend_q8_store_{tag}(const float *restrict values, int64_t n, uint
         return [k for key in keys for k in (key, scales_key(key))]
 
     def create(self, key: str, value: Tensor, signed: bool) -> dict[str, Tensor]:
+        if isinstance(value, DTensor):
+            raise ValueError(
+                "state_dtype='int8' keeps a scale per block of 256 consecutive values of a parameter, which "
+                "FSDP2's shards would cut across: use state_dtype=torch.bfloat16 with FSDP, or DDP"
+            )
         codes, scales = quantize(value.float(), "dynamic", signed, stochastic=False)
         return {key: codes, scales_key(key): scales}
 
@@ -615,7 +621,8 @@ class NoisePositions:
     The ordinal is the parameter's position among the optimizer's parameters (over all groups), the
     offset the flat index of its first element. A parameter in a flat buffer (``flat=True``) takes the
     buffer's ordinal and its offset in the buffer, so stepping it alone draws the noise that stepping
-    the whole buffer draws.
+    the whole buffer draws. A sharded parameter (DTensor) steps its local shard, whose offset is where the
+    shard starts in the whole tensor: each element draws the noise it draws unsharded.
     """
 
     def __init__(self, source: Any, layout: Any) -> None:
@@ -630,7 +637,7 @@ class NoisePositions:
         if p not in self.ordinals:
             params = (q for group in self.source.param_groups for q in group["params"])
             self.ordinals = {q: i for i, q in enumerate(params)}
-        return self.ordinals[p], 0
+        return self.ordinals[p], shard_offset(p)
 
 
 # -- bfloat16 parameters ------------------------------------------------------------------------------------------
