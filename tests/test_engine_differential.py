@@ -424,12 +424,14 @@ def test_every_engine_equals_the_reference(s: Scenario) -> None:
     check(s, ["foreach", "native", "auto"])
 
 
+@pytest.mark.filterwarnings("error:descend. engine='compiled' could not compile:RuntimeWarning")  # no fallback
 @settings(max_examples=8, **SETTINGS)
 @given(scenarios())
 def test_the_compiled_engine_equals_the_reference(s: Scenario) -> None:
     check(s, ["compiled"])
 
 
+@pytest.mark.filterwarnings("error:descend. engine='compiled' could not compile:RuntimeWarning")  # no fallback
 @settings(max_examples=30, **SETTINGS)
 @given(scenarios(dtype=torch.bfloat16))
 def test_every_engine_equals_the_reference_on_bfloat16_parameters(s: Scenario) -> None:
@@ -438,6 +440,7 @@ def test_every_engine_equals_the_reference_on_bfloat16_parameters(s: Scenario) -
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("error:descend. engine='compiled' could not compile:RuntimeWarning")  # no fallback
 @settings(max_examples=300, **SETTINGS)
 @given(scenarios())
 def test_every_engine_equals_the_reference_on_many_examples(s: Scenario) -> None:

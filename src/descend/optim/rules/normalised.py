@@ -67,7 +67,8 @@ class ScaleByAdam(Rule):
         lerp_(m, g, 1 - beta1)
         v.mul_(beta2).add_(g * (1 - beta2) * g)
         if hp["amsgrad"]:
-            v = torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
+            # maximum, then copy_: torch.compile refuses out= on a non-contiguous tensor (a transposed parameter's)
+            v = state["max_exp_avg_sq"].copy_(torch.maximum(state["max_exp_avg_sq"], v))
         # (m/bias1) / (sqrt(v)/bias2_sqrt + eps), with the scalar factors gathered: one division per element
         bias2_sqrt = hp["bias2_sqrt"]
         return (m * (bias2_sqrt / hp["bias1"]) / (v.sqrt() + hp["eps"] * bias2_sqrt)).to(u.dtype)
