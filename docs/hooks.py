@@ -590,6 +590,10 @@ def memory_quality(name: str | None) -> str:
         if "relative_to_mean" in r:
             rel = ", ".join(f"{100 * v:+.2f}%" for v in r["relative_to_mean"])
             passes = f"{sum(r['met'])} of {len(r['met'])} seeds (against {r['against']})"
+            misses = [v for ok, v in zip(r["met"], r["relative_to_mean"]) if not ok]
+            below = sum(v < 0 for v in misses)
+            if below:  # a miss can be a lower loss than float32's: say which way they went
+                passes += f"; {below} of its {len(misses)} misses a lower loss"
         else:
             rel, passes = "", "the reference"
         lines.append(f"| {mode} | {losses} | {rel} | {passes} |")
