@@ -116,6 +116,20 @@ def test_a_gradient_set_by_hand_between_backward_passes_is_refused() -> None:
         first.grad = torch.ones_like(first)  # the first layer's gradient is computed last in the backward pass
         with pytest.raises(RuntimeError, match="another parameter holds a gradient"):
             nn.functional.cross_entropy(model(x), y).backward()
+        # a backward pass that fails after its check (here in a hook of its own) leaves the next one checking
+        opt.zero_grad(set_to_none=True)
+
+        def fail(_: torch.Tensor) -> None:
+            raise ValueError("a failure late in the backward pass")
+
+        handle = first.register_post_accumulate_grad_hook(fail)
+        with pytest.raises(ValueError, match="late in the backward"):
+            nn.functional.cross_entropy(model(x), y).backward()
+        handle.remove()
+        opt.zero_grad(set_to_none=True)
+        first.grad = torch.ones_like(first)
+        with pytest.raises(RuntimeError, match="another parameter holds a gradient"):
+            nn.functional.cross_entropy(model(x), y).backward()
 
 
 def test_removing_the_hooks_restores_the_ordinary_step() -> None:

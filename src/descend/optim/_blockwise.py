@@ -155,9 +155,8 @@ def _dynamic_codes(flat: Tensor, scales: Tensor, signed: bool, noise: Tensor | N
     index ``k`` and ``k + 1``, ``r / 2^20`` of the way up (:class:`DynamicLayout`); the magnitude is ``k + 1`` if
     ``16 * noise < r`` (``stochastic``: with probability ``r / 2^20``) or ``r >= 2^19`` (nearest), else ``k``.
     ``z`` at or above the top (the block's largest value may round just above it; NaN: a block whose scale is
-    NaN) takes the top. A negative value takes the code of minus its
-    magnitude; in the unsigned code every negative value takes 0. A NaN counts as positive, whatever its sign
-    bit (which engines need not agree on).
+    NaN) takes the top. A negative value takes the code of minus its magnitude; in the unsigned code every
+    negative value takes 0. A NaN counts as positive, whatever its sign bit (which engines need not agree on).
     """
     layout = dynamic_layout(signed)
     bits = flat.view(torch.int32)

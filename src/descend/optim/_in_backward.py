@@ -43,25 +43,22 @@ class StepInBackward:
                 "before step_in_backward, so that each step sees only its own parameter's gradient"
             )
         self.handles = [p.register_post_accumulate_grad_hook(self._step) for p in self.params]
-        self.checked = False  # whether this backward pass has checked that no other gradient is held
+        self.checked: int | None = None  # the backward pass (autograd's graph task) that checked for gradients
 
     def _step(self, param: Tensor) -> None:
-        if not self.checked:  # once per backward pass: between two hooks no other code sets a gradient
+        task = _graph_task()
+        if task is None or task != self.checked:  # once per backward pass: between its hooks no code sets one
             if any(p.grad is not None for p in self.params if p is not param):
                 raise RuntimeError(
                     "another parameter holds a gradient while one is stepped in the backward pass (a gradient "
                     "set by hand?); call optimizer.zero_grad(set_to_none=True) before backward()"
                 )
-            self.checked = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+            self.checked = task
         if self.l2:
             with torch.no_grad():
                 param.grad.add_(param.detach(), alpha=self.l2)  # type: ignore[union-attr]
         self.optimizer.step()
         param.grad = None
-
-    def _backward_done(self) -> None:
-        self.checked = False
 
     def remove(self) -> None:
         """Unregister the hooks: ``backward()`` accumulates gradients again and ``step()`` applies them."""
@@ -74,6 +71,13 @@ class StepInBackward:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def _graph_task() -> int | None:
+    """The id of the backward pass running this hook (autograd's graph task); None where torch does not say, and
+    every hook then checks."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return None if current is None else int(current())
 
 
 def _check(optimizer: Any) -> None:
