@@ -408,6 +408,9 @@ def adam_feeds_state(rules: list[Rule]) -> bool:
     return any(r.all_state_keys() for r in rules[first + 1:])
 
 
+#: A compiled-engine test fails where the engine falls back to foreach (its RuntimeWarning) instead of compiling.
+NO_COMPILED_FALLBACK = pytest.mark.filterwarnings("error:descend. engine='compiled' could not compile:RuntimeWarning")
+
 SETTINGS = {"deadline": None, "derandomize": True, "print_blob": True,
             "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]}
 
@@ -424,14 +427,14 @@ def test_every_engine_equals_the_reference(s: Scenario) -> None:
     check(s, ["foreach", "native", "auto"])
 
 
-@pytest.mark.filterwarnings("error:descend. engine='compiled' could not compile:RuntimeWarning")  # no fallback
+@NO_COMPILED_FALLBACK
 @settings(max_examples=8, **SETTINGS)
 @given(scenarios())
 def test_the_compiled_engine_equals_the_reference(s: Scenario) -> None:
     check(s, ["compiled"])
 
 
-@pytest.mark.filterwarnings("error:descend. engine='compiled' could not compile:RuntimeWarning")  # no fallback
+@NO_COMPILED_FALLBACK
 @settings(max_examples=30, **SETTINGS)
 @given(scenarios(dtype=torch.bfloat16))
 def test_every_engine_equals_the_reference_on_bfloat16_parameters(s: Scenario) -> None:
@@ -440,7 +443,7 @@ def test_every_engine_equals_the_reference_on_bfloat16_parameters(s: Scenario) -
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("error:descend. engine='compiled' could not compile:RuntimeWarning")  # no fallback
+@NO_COMPILED_FALLBACK
 @settings(max_examples=300, **SETTINGS)
 @given(scenarios())
 def test_every_engine_equals_the_reference_on_many_examples(s: Scenario) -> None:

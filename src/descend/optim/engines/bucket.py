@@ -157,7 +157,8 @@ class StepCounters:
         return [(positions, self.advance([states[i] for i in positions])) for positions in by_count.values()]
 
 
-_grad_of = attrgetter("grad")
+#: A tensor's ``.grad``, as a C-level callable for ``map`` over many parameters.
+grad_of = attrgetter("grad")
 
 
 def tensor_version(t: Tensor) -> int:
@@ -265,7 +266,7 @@ class BucketEngine(Engine):
                     buffer.invalidate()  # its parameters step one by one: their counts may part
                     one_by_one += buffer.params
         # C-level loops: a group stepped one parameter at a time (inside the backward pass) is scanned each time
-        has_grad = list(map(is_not, map(_grad_of, one_by_one), repeat(None)))
+        has_grad = list(map(is_not, map(grad_of, one_by_one), repeat(None)))
         if not all(has_grad):
             stepping = list(compress(one_by_one, has_grad))
             without_grad = list(compress(one_by_one, map(not_, has_grad)))

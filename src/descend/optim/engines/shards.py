@@ -31,6 +31,6 @@ def shard_offset(t: Tensor) -> int:
     if not isinstance(t, DTensor) or t.dim() == 0 or compute_local_shape_and_global_offset is None:
         return 0
     shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    if any(o for o in offset[1:]) or tuple(shape[1:]) != tuple(t.shape[1:]):
+    if any(offset[1:]) or tuple(shape[1:]) != tuple(t.shape[1:]):
         return 0
     return offset[0] * math.prod(t.shape[1:])

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from descend.optim.engines.bucket import SortedGroup, tensor_version
+from descend.optim.engines.bucket import SortedGroup, grad_of, tensor_version
 from descend.optim.engines.native.compiler import Kernel
 from descend.optim.engines.native.emit import step_scalars
 from descend.optim.engines.plan import ActiveRules, Plan, active_rules, state_keys, weight_factor
@@ -27,7 +27,6 @@ def _is_number(value: Any) -> bool:
 
 
 
-_grad_of = attrgetter("grad")
 _nbytes_of = attrgetter("nbytes")
 
 
@@ -112,9 +111,9 @@ class NativeGroup:
         params, members = self.params, self.members
         if (group["params"] is not self.params_list or len(self.params_list) != len(members)
                 or not all(map(is_, self.params_list, members))
-                or (self.without_grad and not all(map(is_, map(_grad_of, self.without_grad), repeat(None))))):
+                or (self.without_grad and not all(map(is_, map(grad_of, self.without_grad), repeat(None))))):
             return None
-        grads = list(map(_grad_of, params))
+        grads = list(map(grad_of, params))
         try:  # a missing gradient (None) raises TypeError
             if not all(map(Tensor.is_contiguous, grads)) or array.array("q", map(_nbytes_of, grads)) != self.nbytes:
                 return None
